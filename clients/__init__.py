@@ -1,0 +1,1 @@
+"""END-device side: the Flower ClientApp (thin over fedlora.device)."""

@@ -1,0 +1,44 @@
+"""Flower ClientApp for END devices: decode a request, train locally, reply with the delta.
+
+The device's identity is its ``partition-id`` node setting (in simulation Flower sets it;
+on a real device, ``flower-supernode --node-config "partition-id=3 num-partitions=8"``).
+All the work is :func:`fedlora.device.train_round`.
+"""
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedlora import protocol
+from fedlora.device import train_round
+from fedlora.progress import quiet_libraries
+
+quiet_libraries()
+
+app = ClientApp()
+
+
+def _client_id(context: Context) -> int:
+    if "partition-id" not in context.node_config:
+        raise ValueError("this SuperNode has no partition-id in its node config (--node-config 'partition-id=N')")
+    return int(context.node_config["partition-id"])
+
+
+@app.query()
+def identify(msg: Message, context: Context) -> Message:
+    """Tell the server which client (data partition) this node is."""
+    record = ConfigRecord({protocol.CLIENT_ID_KEY: _client_id(context)})
+    return Message(RecordDict({protocol.IDENTITY: record}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    settings = protocol.decode_settings(str(msg.content[protocol.SETTINGS][protocol.SETTINGS_KEY]))
+    global_state = {k: a.numpy() for k, a in msg.content[protocol.ADAPTER].items()}
+    delta, metrics = train_round(settings, global_state, _client_id(context))
+    content = RecordDict(
+        {
+            protocol.ADAPTER: ArrayRecord({k: Array(v) for k, v in delta.items()}),
+            protocol.METRICS: MetricRecord({k: float(v) for k, v in metrics.items()}),
+        }
+    )
+    return Message(content, reply_to=msg)

@@ -1,0 +1,153 @@
+"""Server-side aggregation of adapter updates: weighted sums and strategies.
+
+Clients send *deltas* (their trained LoRA tensors minus the global ones) with an example
+count. Aggregation is split in two phases, as the cell hierarchy needs:
+
+1. :class:`WeightedSum` accumulates ``sum(n_u * delta_u)`` and ``sum(n_u)``. Sums compose:
+   an edge aggregator can add its children and forward one sum upward.
+2. A :class:`Strategy` turns the average delta into the next global adapter.
+
+Strategies (``strategy.name``):
+- ``fedavg``  FedIT: average A and B separately (approximate: mean(B)mean(A) != mean(BA)).
+- ``fedprox`` fedavg on the server; clients add a proximal term ``mu/2 ||w - w_global||^2``.
+- ``fedadam`` / ``fedyogi``: server optimiser on the average delta (Reddi et al., 2021),
+  with bias correction so the first round's step is ``server_lr`` sized.
+- ``ffa_lora``: A frozen at its shared initialisation, only B trained and sent; averaging B
+  is then exact (the product BA is linear in B).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedlora.adapters import AdapterState
+from fedlora.config import StrategyConfig
+
+
+@dataclass
+class WeightedSum:
+    """Running ``sum(weight * delta)`` and ``sum(weight)`` over client updates."""
+
+    total: AdapterState = field(default_factory=dict)
+    weight: float = 0.0
+    count: int = 0
+
+    def add(self, delta: AdapterState, weight: float) -> None:
+        if weight <= 0:
+            raise ValueError(f"weight must be positive, got {weight}")
+        for key, value in delta.items():
+            scaled = value.astype(np.float64) * weight
+            if key in self.total:
+                self.total[key] += scaled
+            else:
+                self.total[key] = scaled
+        self.weight += weight
+        self.count += 1
+
+    def merge(self, other: WeightedSum) -> None:
+        """Add another (child) sum into this one."""
+        for key, value in other.total.items():
+            self.total[key] = self.total[key] + value if key in self.total else value.copy()
+        self.weight += other.weight
+        self.count += other.count
+
+    def mean(self) -> AdapterState:
+        if self.count == 0:
+            raise ValueError("no updates to average")
+        return {k: (v / self.weight).astype(np.float32) for k, v in self.total.items()}
+
+
+class Strategy:
+    """FedAvg family: next global = global + average delta."""
+
+    name = "fedavg"
+
+    def __init__(self, cfg: StrategyConfig):
+        self.cfg = cfg
+
+    def client_settings(self) -> dict[str, float | bool]:
+        """What clients must do differently under this strategy."""
+        return {"proximal_mu": 0.0, "freeze_a": False}
+
+    def apply(self, global_state: AdapterState, mean_delta: AdapterState) -> AdapterState:
+        out = dict(global_state)
+        for key, delta in mean_delta.items():
+            out[key] = (global_state[key] + delta).astype(np.float32)
+        return out
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Server-optimiser state to checkpoint (none for FedAvg)."""
+        return {}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        del state
+
+
+class FedProx(Strategy):
+    name = "fedprox"
+
+    def client_settings(self) -> dict[str, float | bool]:
+        return {"proximal_mu": float(self.cfg.proximal_mu), "freeze_a": False}
+
+
+class FFALoRA(Strategy):
+    name = "ffa_lora"
+
+    def client_settings(self) -> dict[str, float | bool]:
+        return {"proximal_mu": 0.0, "freeze_a": True}
+
+
+class FedOpt(Strategy):
+    """FedAdam / FedYogi: adaptive server optimiser on the pseudo-gradient (average delta)."""
+
+    def __init__(self, cfg: StrategyConfig, variant: str):
+        super().__init__(cfg)
+        self.name = variant
+        self.m: AdapterState = {}
+        self.v: AdapterState = {}
+        self.t = 0
+
+    def apply(self, global_state: AdapterState, mean_delta: AdapterState) -> AdapterState:
+        c = self.cfg
+        self.t += 1
+        out = dict(global_state)
+        for key, delta in mean_delta.items():
+            d = delta.astype(np.float64)
+            m = self.m.get(key, np.zeros_like(d))
+            v = self.v.get(key, np.zeros_like(d))
+            m = c.beta1 * m + (1 - c.beta1) * d
+            if self.name == "fedyogi":
+                v = v - (1 - c.beta2) * d * d * np.sign(v - d * d)
+            else:
+                v = c.beta2 * v + (1 - c.beta2) * d * d
+            self.m[key], self.v[key] = m, v
+            m_hat = m / (1 - c.beta1**self.t)
+            v_hat = v / (1 - c.beta2**self.t)
+            step = c.server_lr * m_hat / (np.sqrt(v_hat) + c.tau)
+            out[key] = (global_state[key] + step).astype(np.float32)
+        return out
+
+    def state(self) -> dict[str, np.ndarray]:
+        out = {f"m/{k}": v for k, v in self.m.items()}
+        out.update({f"v/{k}": v for k, v in self.v.items()})
+        out["t"] = np.array(self.t)
+        return out
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        self.t = int(state.get("t", 0))
+        self.m = {k[2:]: v for k, v in state.items() if k.startswith("m/")}
+        self.v = {k[2:]: v for k, v in state.items() if k.startswith("v/")}
+
+
+def make_strategy(cfg: StrategyConfig) -> Strategy:
+    if cfg.name == "fedavg":
+        return Strategy(cfg)
+    if cfg.name == "fedprox":
+        return FedProx(cfg)
+    if cfg.name == "ffa_lora":
+        return FFALoRA(cfg)
+    if cfg.name in ("fedadam", "fedyogi"):
+        return FedOpt(cfg, cfg.name)
+    raise ValueError(f"strategy.name={cfg.name!r} is not a known strategy")

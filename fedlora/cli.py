@@ -1,0 +1,224 @@
+"""The ``fedlora`` command.
+
+    fedlora run [hydra overrides] [--multirun]   federated fine-tuning (Flower simulation)
+    fedlora resume RUN_DIR                       continue an interrupted run
+    fedlora eval RUN_DIR|ADAPTER [overrides]     held-out loss and perplexity of an adapter
+    fedlora generate RUN_DIR|ADAPTER --prompt P  what the adapter answers (or a small chat)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+USAGE = __doc__
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for; printed as one line, exit code 2."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from fedlora.config import ConfigError
+    from fedlora.data import DataError
+    from fedlora.federation import FederationError
+    from fedlora.model import ModelError
+
+    return (UserError, ConfigError, DataError, ModelError, FederationError)
+
+
+def _setup_logging() -> None:
+    from fedlora.progress import quiet_libraries
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    quiet_libraries()
+
+
+def cmd_run(argv: list[str]) -> None:
+    """Hydra app: compose conf/ with the overrides, run the simulation in Hydra's output dir."""
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import DictConfig
+
+    from fedlora.config import conf_dir, register_schema, to_typed
+
+    register_schema()
+
+    @hydra.main(config_path=str(conf_dir()), config_name="config", version_base=None)
+    def job(raw: DictConfig) -> float | None:
+        from fedlora.progress import quiet_libraries
+        from server.simulation import simulate
+
+        quiet_libraries()
+        try:
+            cfg = to_typed(raw)
+            summary = simulate(cfg, Path(HydraConfig.get().runtime.output_dir))
+        except _user_errors() as exc:
+            print(f"fedlora: error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        return summary.get("final_eval_loss")
+
+    sys.argv = ["fedlora run", *argv]
+    job()
+
+
+def cmd_resume(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="fedlora resume", description="Continue an interrupted run from its last checkpoint.")
+    parser.add_argument("run_dir", type=Path)
+    args = parser.parse_args(argv)
+    from fedlora.config import load_yaml
+    from server.simulation import simulate
+
+    if not (args.run_dir / "config.yaml").is_file():
+        raise UserError(f"{args.run_dir} is not a run directory (no config.yaml)")
+    simulate(load_yaml(args.run_dir / "config.yaml"), args.run_dir, resume=True)
+
+
+def _adapter_and_config(target: Path, overrides: list[str]):
+    """(adapter dir, config) for a run directory or an adapter directory."""
+    from omegaconf import OmegaConf
+
+    from fedlora.config import compose, load_yaml, to_dict, to_typed
+
+    adapter = target / "adapter" if (target / "adapter").is_dir() else target
+    if not (adapter / "adapter_config.json").is_file():
+        raise UserError(f"{target} is neither a run directory nor a PEFT adapter directory (no adapter_config.json)")
+    run_config = adapter.parent / "config.yaml"
+    if run_config.is_file():
+        cfg = load_yaml(run_config)
+        if overrides:
+            cfg = to_typed(OmegaConf.merge(OmegaConf.create(to_dict(cfg)), OmegaConf.from_dotlist(_dotlist(overrides))))
+    else:
+        cfg = compose(overrides)
+    return adapter, cfg
+
+
+def _dotlist(overrides: list[str]) -> list[str]:
+    """Group selections like ``data=medical`` expanded to that group file's keys."""
+    from omegaconf import OmegaConf
+
+    from fedlora.config import conf_dir
+
+    out = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        group_file = conf_dir() / key / f"{value}.yaml"
+        if "." not in key and group_file.is_file():
+            node = OmegaConf.load(group_file)
+            out.extend(f"{key}.{k}={OmegaConf.to_yaml(v).strip() if not isinstance(v, str) else v}" for k, v in node.items())
+        else:
+            out.append(item)
+    return out
+
+
+def _load_adapted(adapter: Path, cfg):
+    from peft import PeftModel
+
+    from fedlora.model import load_base_model
+
+    base, tokenizer = load_base_model(cfg.model)
+    return PeftModel.from_pretrained(base, str(adapter)), tokenizer
+
+
+def cmd_eval(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="fedlora eval", description="Held-out loss and perplexity of an adapter.")
+    parser.add_argument("target", type=Path, help="run directory or PEFT adapter directory")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data=medical data.max_eval_examples=200")
+    args = parser.parse_args(argv)
+    import json
+
+    from fedlora.data import eval_examples, tokenize
+    from fedlora.report import perplexity
+    from fedlora.train import evaluate
+
+    adapter, cfg = _adapter_and_config(args.target, args.overrides)
+    model, tokenizer = _load_adapted(adapter, cfg)
+    held_out = tokenize(eval_examples(cfg.data, cfg.federation.num_clients, cfg.seed), tokenizer, cfg.train.max_seq_len)
+    loss, tokens = evaluate(model, held_out, cfg.train.eval_batch_size, pad_id=tokenizer.pad_token_id)
+    with model.disable_adapter():
+        base_loss, _ = evaluate(model, held_out, cfg.train.eval_batch_size, pad_id=tokenizer.pad_token_id)
+    result = {
+        "adapter": str(adapter),
+        "examples": len(held_out),
+        "answer_tokens": tokens,
+        "base_eval_loss": base_loss,
+        "eval_loss": loss,
+        "base_perplexity": perplexity(base_loss),
+        "perplexity": perplexity(loss),
+    }
+    print(json.dumps(result, indent=2))
+
+
+def cmd_generate(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="fedlora generate", description="Answer prompts with a fine-tuned adapter.")
+    parser.add_argument("target", type=Path, help="run directory or PEFT adapter directory")
+    parser.add_argument("--prompt", action="append", help="a prompt (repeatable); without one, an interactive chat")
+    parser.add_argument("--max-new-tokens", type=int, default=120)
+    parser.add_argument("--compare-base", action="store_true", help="also show the base model's answer")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    import torch
+
+    adapter, cfg = _adapter_and_config(args.target, args.overrides)
+    model, tokenizer = _load_adapted(adapter, cfg)
+
+    def answer(prompt: str) -> str:
+        messages = [{"role": "user", "content": prompt}]
+        if tokenizer.chat_template:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:
+            text = f"### Instruction:\n{prompt}\n\n### Response:\n"
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        return tokenizer.decode(out[0][ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+    def show(prompt: str) -> None:
+        print(f"> {prompt}\n[adapter] {answer(prompt)}")
+        if args.compare_base:
+            with model.disable_adapter():
+                print(f"[base]    {answer(prompt)}")
+        print()
+
+    if args.prompt:
+        for prompt in args.prompt:
+            show(prompt)
+        return
+    print("fedlora chat: type a message, empty line or Ctrl-D to quit")
+    while True:
+        try:
+            prompt = input("you> ").strip()
+        except EOFError:
+            break
+        if not prompt:
+            break
+        show(prompt)
+
+
+COMMANDS = {"run": cmd_run, "resume": cmd_resume, "eval": cmd_eval, "generate": cmd_generate}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        raise SystemExit(0 if argv else 2)
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"fedlora: unknown command {command!r}; one of: {', '.join(COMMANDS)}\n{USAGE}", file=sys.stderr)
+        raise SystemExit(2)
+    _setup_logging()
+    try:
+        COMMANDS[command](rest)
+    except _user_errors() as exc:
+        print(f"fedlora: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("\nfedlora: interrupted; continue with `fedlora resume <run dir>`", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

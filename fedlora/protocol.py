@@ -1,0 +1,28 @@
+"""Names of the records in fedlora's Flower messages, shared by the server and clients.
+
+A training request carries the global adapter (``ADAPTER``) and the round's settings as
+JSON (``SETTINGS``); the reply carries the client's delta (``ADAPTER``) and its
+``METRICS`` (example count, training loss, timings). An identity query is answered
+with the client's id (``IDENTITY``).
+"""
+
+import json
+from typing import Any
+
+ADAPTER = "adapter"
+SETTINGS = "settings"
+METRICS = "metrics"
+IDENTITY = "identity"
+SETTINGS_KEY = "json"
+CLIENT_ID_KEY = "client"
+
+
+def encode_settings(settings: dict[str, Any]) -> str:
+    return json.dumps(settings, sort_keys=True)
+
+
+def decode_settings(text: str) -> dict[str, Any]:
+    settings = json.loads(text)
+    if not isinstance(settings, dict) or "config" not in settings or "round" not in settings:
+        raise ValueError("training request settings lack 'config' or 'round'")
+    return settings

@@ -1,0 +1,150 @@
+"""The run directory: per-round records, checkpoints, plots and the final summary.
+
+Layout (the contract in docs/ARCHITECTURE):
+``config.yaml``, ``rounds.jsonl``, ``adapter/``, ``checkpoints/``, ``plots/*.png``,
+``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROUNDS = "rounds.jsonl"
+SUMMARY = "summary.json"
+CHECKPOINTS = "checkpoints"
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    _atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def read_rounds(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / ROUNDS
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def append_round(run_dir: Path, record: dict) -> None:
+    with open(Path(run_dir) / ROUNDS, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def truncate_rounds(run_dir: Path, last_round: int) -> None:
+    """Keep only records up to ``last_round`` (a resumed run redoes later rounds)."""
+    kept = [r for r in read_rounds(run_dir) if r["round"] <= last_round]
+    _atomic_write(Path(run_dir) / ROUNDS, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in kept)))
+
+
+def save_checkpoint(run_dir: Path, server_round: int, arrays: dict[str, np.ndarray], meta: dict) -> Path:
+    """Atomically save everything needed to continue after ``server_round``."""
+    ckpt_dir = Path(run_dir) / CHECKPOINTS
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    path = ckpt_dir / f"round-{server_round:05d}.npz"
+    _atomic_write(path, lambda p: np.savez(open(p, "wb"), **arrays))
+    write_json(ckpt_dir / "latest.json", {"round": server_round, "file": path.name, **meta})
+    for old in sorted(ckpt_dir.glob("round-*.npz"))[:-2]:
+        old.unlink()
+    return path
+
+
+def load_checkpoint(run_dir: Path) -> tuple[int, dict[str, np.ndarray], dict] | None:
+    """(round, arrays, meta) of the latest checkpoint, or None when there is none."""
+    latest = Path(run_dir) / CHECKPOINTS / "latest.json"
+    if not latest.exists():
+        return None
+    meta = json.loads(latest.read_text())
+    with np.load(Path(run_dir) / CHECKPOINTS / meta["file"]) as data:
+        arrays = {k: data[k] for k in data.files}
+    return int(meta["round"]), arrays, meta
+
+
+def perplexity(loss: float | None) -> float | None:
+    if loss is None:
+        return None
+    return float(math.exp(min(loss, 50.0)))
+
+
+def summarise(run_dir: Path, base_eval_loss: float | None, wall_s: float, extra: dict | None = None) -> dict:
+    """Write summary.json from rounds.jsonl and return it."""
+    rounds = read_rounds(run_dir)
+    final = next((r["eval_loss"] for r in reversed(rounds) if r.get("eval_loss") is not None), None)
+    totals: dict[str, dict[str, int]] = {"up": {}, "down": {}}
+    for r in rounds:
+        for direction in ("up", "down"):
+            for link, n in r["bytes"][direction].items():
+                totals[direction][link] = totals[direction].get(link, 0) + n
+    summary = {
+        "rounds": len(rounds),
+        "base_eval_loss": base_eval_loss,
+        "final_eval_loss": final,
+        "base_perplexity": perplexity(base_eval_loss),
+        "final_perplexity": perplexity(final),
+        "eval_loss_drop": None if final is None or base_eval_loss is None else base_eval_loss - final,
+        "final_train_loss": next((r["train_loss"] for r in reversed(rounds) if r.get("train_loss") is not None), None),
+        "total_bytes": {**totals, "all": sum(totals["up"].values()) + sum(totals["down"].values())},
+        "dropped_total": sum(len(r["dropped"]) for r in rounds),
+        "wall_s": wall_s,
+        **(extra or {}),
+    }
+    write_json(Path(run_dir) / SUMMARY, summary)
+    return summary
+
+
+def plot(run_dir: Path, base_eval_loss: float | None) -> list[Path]:
+    """Loss per round and bytes per round per link, as PNGs under plots/."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = read_rounds(run_dir)
+    out_dir = Path(run_dir) / "plots"
+    out_dir.mkdir(exist_ok=True)
+    if not rounds:
+        return []
+    xs = [r["round"] for r in rounds]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(xs, [r.get("train_loss") for r in rounds], "o-", label="train loss (clients)")
+    eval_x = ([0] if base_eval_loss is not None else []) + xs
+    eval_y = ([base_eval_loss] if base_eval_loss is not None else []) + [r.get("eval_loss") for r in rounds]
+    ax.plot(eval_x, eval_y, "s-", label="held-out loss (global adapter)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("loss (answer tokens)")
+    ax.set_title("Loss per round")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    paths = [out_dir / "loss.png"]
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    links = sorted({(d, link) for r in rounds for d in ("up", "down") for link in r["bytes"][d]})
+    width = 0.8 / max(1, len(links))
+    for i, (direction, link) in enumerate(links):
+        ys = [r["bytes"][direction].get(link, 0) / 1e6 for r in rounds]
+        ax.bar([x + (i - (len(links) - 1) / 2) * width for x in xs], ys, width, label=f"{link} ({direction})")
+    ax.set_xlabel("round")
+    ax.set_ylabel("MB")
+    ax.set_title("Bytes per round per link")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out_dir / "bytes.png")
+    fig.savefig(paths[1], dpi=120)
+    plt.close(fig)
+    return paths

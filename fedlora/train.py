@@ -1,0 +1,122 @@
+"""The local training and evaluation loops an END client (or the server) runs."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from fedlora.config import TrainConfig
+from fedlora.data import batches
+
+
+@dataclass
+class TrainResult:
+    loss: float  # mean training loss over the round's optimiser steps
+    steps: int
+    examples: int  # local training examples (the client's aggregation weight)
+    tokens: int  # answer tokens trained on
+    seconds: float  # pure training time
+
+
+def num_steps(cfg: TrainConfig, num_examples: int) -> int:
+    """Optimiser steps one local round takes."""
+    if cfg.local_steps > 0:
+        return cfg.local_steps
+    per_epoch = math.ceil(num_examples / (cfg.batch_size * cfg.grad_accum))
+    return max(1, math.ceil(per_epoch * cfg.epochs))
+
+
+def lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:
+    """Multiplier on the base learning rate at optimiser step ``step`` (0-based)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _micro_batches(tokenized: list[dict], cfg: TrainConfig, pad_id: int, seed: int):
+    """Endless stream of shuffled micro-batches, reshuffled every pass."""
+    epoch = 0
+    while True:
+        yield from batches(tokenized, cfg.batch_size, pad_id, shuffle=True, seed=seed * 1000 + epoch)
+        epoch += 1
+
+
+def train_local(
+    model: torch.nn.Module,
+    tokenized: list[dict],
+    cfg: TrainConfig,
+    *,
+    pad_id: int,
+    seed: int,
+    proximal_mu: float = 0.0,
+) -> TrainResult:
+    """Train the model's trainable (LoRA) parameters in place with AdamW.
+
+    A fresh optimiser each round (clients are stateless between rounds). With
+    ``proximal_mu > 0`` adds FedProx's ``mu/2 * ||w - w_start||^2`` on trainable tensors.
+    """
+    if not tokenized:
+        raise ValueError("no training examples")
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = num_steps(cfg, len(tokenized))
+    stream = _micro_batches(tokenized, cfg, pad_id, seed)
+    model.train()
+    losses, tokens = [], 0
+    for step in range(total):
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_factor(cfg.lr_schedule, step, total, cfg.warmup_steps)
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for _ in range(cfg.grad_accum):
+            batch = next(stream)
+            loss = model(**batch).loss / cfg.grad_accum
+            if proximal_mu > 0:
+                prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
+                loss = loss + proximal_mu / 2 * prox / cfg.grad_accum
+            loss.backward()
+            step_loss += float(loss.detach())
+            tokens += int((batch["labels"] != -100).sum())
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        losses.append(step_loss)
+    model.eval()
+    return TrainResult(
+        loss=float(sum(losses) / len(losses)),
+        steps=total,
+        examples=len(tokenized),
+        tokens=tokens,
+        seconds=time.perf_counter() - start,
+    )
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, tokenized: list[dict], batch_size: int, *, pad_id: int) -> tuple[float, int]:
+    """Token-weighted mean loss over answer tokens, and the number of those tokens."""
+    model.eval()
+    total_loss, total_tokens = 0.0, 0
+    for batch in batches(tokenized, batch_size, pad_id, shuffle=False, seed=0):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        logits = logits[:, :-1].float()
+        mask = labels != -100
+        losses = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).clamp(min=0), reduction="none"
+        )
+        total_loss += float((losses * mask.reshape(-1)).sum())
+        total_tokens += int(mask.sum())
+    if total_tokens == 0:
+        raise ValueError("no answer tokens to evaluate")
+    return total_loss / total_tokens, total_tokens

@@ -1,0 +1,1 @@
+"""Urban/cloud tier: the Flower ServerApp, its Flower transport and the simulation launcher."""

@@ -1,0 +1,43 @@
+"""Flower ServerApp for the urban/cloud tier: thin over fedlora.federation.run_federation.
+
+Run config keys (pyproject ``[tool.flwr.app.config]``, or ``--run-config``):
+- ``config-file``: a resolved fedlora config.yaml (``fedlora run`` sets it); when empty,
+  ``overrides`` (Hydra overrides, space-separated) are composed onto ``conf/``;
+- ``run-dir``: where the run directory goes (default ``<output_dir>/flwr-<time>``);
+- ``resume``: continue the run directory from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedlora.config import FedLoraConfig, compose, load_yaml
+from fedlora.federation import run_federation
+from fedlora.progress import make_progress
+from server.transport import FlowerTransport
+
+app = ServerApp()
+
+
+def settings_from_run_config(run_config: dict) -> tuple[FedLoraConfig, Path, bool]:
+    config_file = str(run_config.get("config-file", "") or "")
+    cfg = load_yaml(config_file) if config_file else compose(shlex.split(str(run_config.get("overrides", "") or "")))
+    run_dir = str(run_config.get("run-dir", "") or "")
+    path = Path(run_dir) if run_dir else Path(cfg.output_dir) / time.strftime("flwr-%Y%m%d-%H%M%S")
+    return cfg, path, bool(run_config.get("resume", False))
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg, run_dir, resume = settings_from_run_config(dict(context.run_config))
+    transport = FlowerTransport(grid, expected_clients=cfg.federation.num_clients, timeout_s=cfg.federation.round_timeout_s)
+    progress = make_progress(cfg.progress)
+    try:
+        run_federation(cfg, run_dir, transport, resume=resume, progress=progress)
+    finally:
+        progress.close()

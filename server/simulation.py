@@ -1,0 +1,65 @@
+"""Launch a fedlora run on Flower's simulation engine (Ray) from Python.
+
+``fedlora run`` and ``fedlora resume`` come here. The ServerApp (``server.app:app``) runs
+in a thread of this process, so its live progress shows in this terminal; virtual END
+clients (``clients.app:app``) run in Ray worker processes, each loading the base model
+once. This is the engine ``flwr run`` uses for local simulation, called the way Flower's
+own ``flwr-simulation`` process calls it (``_run_simulation``), with flwr pinned.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from fedlora.config import FedLoraConfig, save_yaml
+from fedlora.progress import quiet_libraries
+from fedlora.report import SUMMARY
+
+APP_DIR = Path(__file__).resolve().parent.parent
+log = logging.getLogger("fedlora")
+
+
+def backend_config(cfg: FedLoraConfig) -> dict:
+    return {
+        "client_resources": {"num_cpus": cfg.simulation.cpus_per_client, "num_gpus": 0.0},
+        "init_args": {
+            "num_cpus": os.cpu_count() or 1,
+            "include_dashboard": False,
+            "logging_level": logging.WARNING,
+            "log_to_driver": True,
+        },
+    }
+
+
+def simulate(cfg: FedLoraConfig, run_dir: Path, *, resume: bool = False) -> dict:
+    """Run (or resume) ``cfg`` in ``run_dir`` with Flower's simulation engine; return the summary."""
+    import json
+
+    quiet_libraries()  # before Ray starts, so its workers inherit the settings
+    from flwr.app import Context, RecordDict
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.telemetry import EventType
+
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        save_yaml(cfg, run_dir / "config.yaml")
+    run_config = {"config-file": str(run_dir / "config.yaml"), "run-dir": str(run_dir), "resume": resume, "overrides": ""}
+    context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    log.info("run directory: %s (%d virtual clients, Flower simulation engine)", run_dir, cfg.federation.num_clients)
+    _run_simulation(
+        num_supernodes=cfg.federation.num_clients,
+        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+        server_app_attr="server.app:app",
+        client_app_attr="clients.app:app",
+        backend_name="ray",
+        backend_config=backend_config(cfg),
+        server_app_context=context,
+        app_dir=str(APP_DIR),
+    )
+    summary_path = run_dir / SUMMARY
+    if not summary_path.exists():
+        raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")
+    return json.loads(summary_path.read_text())

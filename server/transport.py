@@ -1,0 +1,112 @@
+"""Flower's Grid as a fedlora Transport: requests out, replies (or their absence) back."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedlora import protocol
+from fedlora.adapters import AdapterState
+from fedlora.federation import ClientReply, FederationError, ReplyCallback
+
+log = logging.getLogger("fedlora")
+POLL_S = 0.05
+
+
+class FlowerTransport:
+    """Sends training requests through a Flower Grid and collects replies as they arrive."""
+
+    def __init__(self, grid: Grid, *, expected_clients: int, timeout_s: float, connect_timeout_s: float = 120.0):
+        self.grid = grid
+        self.expected = expected_clients
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.node_of: dict[int, int] = {}  # client id -> Flower node id
+
+    def clients(self) -> list[int]:
+        """Wait for the SuperNodes, ask each which client it is, return the client ids."""
+        deadline = time.time() + self.connect_timeout_s
+        nodes = list(self.grid.get_node_ids())
+        while len(nodes) < self.expected and time.time() < deadline:
+            time.sleep(0.5)
+            nodes = list(self.grid.get_node_ids())
+        if len(nodes) < self.expected:
+            log.warning("only %d of %d SuperNodes connected; going on with them", len(nodes), self.expected)
+        queries = [Message(RecordDict(), node, MessageType.QUERY) for node in nodes]
+        for reply in self._exchange(queries, self.connect_timeout_s, None):
+            if reply.has_error():
+                log.warning("node %d did not identify itself: %s", reply.metadata.src_node_id, reply.error.reason)
+                continue
+            try:
+                cid = int(reply.content[protocol.IDENTITY][protocol.CLIENT_ID_KEY])
+            except Exception as exc:  # a node answering nonsense is left out, not fatal
+                log.warning("node %d sent a malformed identity: %s", reply.metadata.src_node_id, exc)
+                continue
+            if cid in self.node_of:
+                log.warning("client id %d claimed by nodes %d and %d; keeping the first", cid, self.node_of[cid], reply.metadata.src_node_id)
+                continue
+            self.node_of[cid] = reply.metadata.src_node_id
+        if not self.node_of:
+            raise FederationError("no SuperNode identified itself as a client")
+        return sorted(self.node_of)
+
+    def train(self, server_round: int, clients: list[int], arrays: AdapterState, settings: dict, on_reply: ReplyCallback) -> list[ClientReply]:
+        client_of = {self.node_of[c]: c for c in clients}
+        messages = []
+        for cid in clients:
+            content = RecordDict(
+                {
+                    protocol.ADAPTER: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                    protocol.SETTINGS: ConfigRecord({protocol.SETTINGS_KEY: protocol.encode_settings(settings)}),
+                }
+            )
+            messages.append(Message(content, self.node_of[cid], MessageType.TRAIN, group_id=str(server_round)))
+        replies = []
+
+        def collect(msg: Message) -> None:
+            cid = client_of.get(msg.metadata.src_node_id)
+            if cid is None:
+                log.warning("ignoring a reply from unexpected node %d", msg.metadata.src_node_id)
+                return
+            reply = decode_reply(cid, msg)
+            replies.append(reply)
+            on_reply(reply)
+
+        self._exchange(messages, self.timeout_s, collect)
+        return replies
+
+    def _exchange(self, messages: list[Message], timeout_s: float, on_message) -> list[Message]:
+        """Push messages, pull replies until all arrived or the timeout; one reply per node."""
+        pending = set(self.grid.push_messages(messages))
+        seen_nodes: set[int] = set()
+        out = []
+        deadline = time.time() + timeout_s
+        while pending and time.time() < deadline:
+            for msg in self.grid.pull_messages(pending):
+                pending.discard(msg.metadata.reply_to_message_id)
+                if msg.metadata.src_node_id in seen_nodes:
+                    continue
+                seen_nodes.add(msg.metadata.src_node_id)
+                out.append(msg)
+                if on_message is not None:
+                    on_message(msg)
+            if pending:
+                time.sleep(POLL_S)
+        return out
+
+
+def decode_reply(cid: int, msg: Message) -> ClientReply:
+    """A reply as plain arrays and metrics; anything undecodable becomes an error reply."""
+    if msg.has_error():
+        return ClientReply(cid, error=f"client error: {msg.error.reason}")
+    try:
+        record = msg.content[protocol.ADAPTER]
+        update = {k: a.numpy() for k, a in record.items()}
+        metrics = dict(msg.content[protocol.METRICS])
+        bytes_up = sum(len(a.data) for a in record.values())
+    except Exception as exc:  # malformed or malicious content must not stop the run
+        return ClientReply(cid, error=f"malformed reply: {type(exc).__name__}: {exc}")
+    return ClientReply(cid, update, metrics, bytes_up=bytes_up)
