@@ -9,7 +9,9 @@ Run config keys (pyproject ``[tool.flwr.app.config]``, or ``--run-config``):
 
 from __future__ import annotations
 
+import logging
 import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -32,8 +34,19 @@ def settings_from_run_config(run_config: dict) -> tuple[FedLoraConfig, Path, boo
     return cfg, path, bool(run_config.get("resume", False))
 
 
+def _ensure_console_log() -> None:
+    """Under `flwr run` nothing configures logging; give fedlora's log a console handler."""
+    log = logging.getLogger("fedlora")
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s fedlora: %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    _ensure_console_log()
     cfg, run_dir, resume = settings_from_run_config(dict(context.run_config))
     transport = FlowerTransport(grid, expected_clients=cfg.federation.num_clients, timeout_s=cfg.federation.round_timeout_s)
     progress = make_progress(cfg.progress)

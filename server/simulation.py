@@ -49,17 +49,34 @@ def simulate(cfg: FedLoraConfig, run_dir: Path, *, resume: bool = False) -> dict
     run_config = {"config-file": str(run_dir / "config.yaml"), "run-dir": str(run_dir), "resume": resume, "overrides": ""}
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     log.info("run directory: %s (%d virtual clients, Flower simulation engine)", run_dir, cfg.federation.num_clients)
-    _run_simulation(
-        num_supernodes=cfg.federation.num_clients,
-        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        server_app_attr="server.app:app",
-        client_app_attr="clients.app:app",
-        backend_name="ray",
-        backend_config=backend_config(cfg),
-        server_app_context=context,
-        app_dir=str(APP_DIR),
-    )
+    try:
+        _run_simulation(
+            num_supernodes=cfg.federation.num_clients,
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            server_app_attr="server.app:app",
+            client_app_attr="clients.app:app",
+            backend_name="ray",
+            backend_config=backend_config(cfg),
+            server_app_context=context,
+            app_dir=str(APP_DIR),
+        )
+    except KeyboardInterrupt:
+        _hard_exit(run_dir)
     summary_path = run_dir / SUMMARY
     if not summary_path.exists():
         raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")
     return json.loads(summary_path.read_text())
+
+
+def _hard_exit(run_dir: Path) -> None:
+    """Ctrl-C: Flower's ServerApp thread and Ray's worker threads would keep the process
+    alive, so stop Ray and leave at once. Every finished round is checkpointed."""
+    import sys
+
+    import ray
+
+    print(f"\nfedlora: interrupted; continue with: fedlora resume {run_dir}", file=sys.stderr, flush=True)
+    ray.shutdown()
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(130)

@@ -101,7 +101,7 @@ class FlowerTransport:
 def decode_reply(cid: int, msg: Message) -> ClientReply:
     """A reply as plain arrays and metrics; anything undecodable becomes an error reply."""
     if msg.has_error():
-        return ClientReply(cid, error=f"client error: {msg.error.reason}")
+        return ClientReply(cid, error=f"client error: {short_reason(msg.error.reason)}")
     try:
         record = msg.content[protocol.ADAPTER]
         update = {k: a.numpy() for k, a in record.items()}
@@ -110,3 +110,13 @@ def decode_reply(cid: int, msg: Message) -> ClientReply:
     except Exception as exc:  # malformed or malicious content must not stop the run
         return ClientReply(cid, error=f"malformed reply: {type(exc).__name__}: {exc}")
     return ClientReply(cid, update, metrics, bytes_up=bytes_up)
+
+
+def short_reason(reason: str, limit: int = 300) -> str:
+    """The last meaningful line of a (Ray) traceback, without terminal colour codes."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", reason or "").replace("\\n", "\n")
+    lines = [line.strip(" '\">") for line in text.splitlines() if line.strip(" '\">")]
+    last = lines[-1] if lines else "unknown error"
+    return last if len(last) <= limit else last[: limit - 3] + "..."

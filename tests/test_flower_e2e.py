@@ -1,0 +1,133 @@
+"""End to end through Flower's simulation engine (Ray): both ways in give the same adapter.
+
+`fedlora run` (Hydra CLI, in-process engine) and `flwr run .` (Flower's CLI, local
+SuperLink) must leave the run-directory contract and the same adapter as the in-process
+loop on the same config and seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from fedlora.config import compose
+from fedlora.federation import InProcessTransport, run_federation
+
+pytestmark = pytest.mark.flower
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+OVERRIDES = [
+    "model=tiny",
+    "federation.num_clients=3",
+    "federation.rounds=2",
+    "federation.fraction=0.67",
+    "train.local_steps=2",
+    "train.max_seq_len=128",
+    "data.records_per_client=12",
+    "data.max_eval_examples=8",
+    "progress=false",
+]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    e = dict(os.environ)
+    e["FEDLORA_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    e["FLWR_TELEMETRY_ENABLED"] = "0"
+    e["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    return e
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, env):
+    """The same federation run in-process, without Flower."""
+    os.environ["FEDLORA_CACHE"] = env["FEDLORA_CACHE"]
+    run_dir = tmp_path_factory.mktemp("inprocess")
+    run_federation(compose(OVERRIDES), run_dir, InProcessTransport(3))
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def check_contract(run_dir: Path) -> None:
+    for name in ("config.yaml", "rounds.jsonl", "summary.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+        assert (run_dir / name).is_file(), name
+    rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(r["bytes"]["up"]["end->cloud"] > 0 for r in rounds)
+    assert {p.name for p in (run_dir / "plots").glob("*.png")} == {"loss.png", "bytes.png"}
+    assert any((run_dir / "checkpoints").iterdir())
+
+
+def same_adapter(run_dir: Path, reference: dict) -> None:
+    got = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    assert got.keys() == reference.keys()
+    for key in got:
+        np.testing.assert_allclose(got[key], reference[key], atol=1e-6, rtol=1e-5)
+
+
+def test_fedlora_run_through_flower_simulation(tmp_path, env, reference):
+    out = subprocess.run(
+        [str(BIN / "fedlora"), "run", *OVERRIDES, f"output_dir={tmp_path}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (run_dir,) = [d for d in tmp_path.iterdir() if d.is_dir()]
+    check_contract(run_dir)
+    same_adapter(run_dir, reference)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_ref = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_ref), str(run_dir / "adapter"))
+
+
+def test_flwr_run_dot_gives_the_same_result(tmp_path, env, reference):
+    """Flower users' way in: `flwr run .` with a local SuperLink, stopped afterwards."""
+    env = dict(env, FLWR_HOME=str(tmp_path / "flwr-home"))
+    run_dir = tmp_path / "run"
+    overrides = " ".join(OVERRIDES)
+    try:
+        out = subprocess.run(
+            [str(BIN / "flwr"), "run", ".", "--stream",
+             "--federation-config", "num-supernodes=3 client-resources-num-cpus=1",
+             "--run-config", f'overrides="{overrides}" run-dir="{run_dir}"'],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        )
+    finally:
+        _stop_superlink(tmp_path / "flwr-home")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert (run_dir / "summary.json").is_file(), out.stdout[-3000:] + out.stderr[-3000:]
+    check_contract(run_dir)
+    same_adapter(run_dir, reference)
+
+
+def _stop_superlink(flwr_home: Path) -> None:
+    """Stop the SuperLink `flwr run` started for this FLWR_HOME (it outlives the command)."""
+    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    for line in ps.splitlines():
+        if "flower-superlink" in line and str(flwr_home) in line:
+            os.kill(int(line.split()[0]), signal.SIGTERM)
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["lora.rr=4"], "rr"),
+        (["strategy.name=fedsgd"], "strategy.name"),
+        (["data=file", "data.path=/no/such/file.jsonl"], "data.path"),
+        (["model=local", "model.path=/no/such/model"], "model.path"),
+    ],
+)
+def test_cli_errors_are_one_clear_line(tmp_path, env, args, needle):
+    out = subprocess.run([str(BIN / "fedlora"), "run", *args, f"output_dir={tmp_path}"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert needle in out.stderr + out.stdout
+    assert "Traceback" not in out.stderr + out.stdout
