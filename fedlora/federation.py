@@ -190,10 +190,13 @@ def run_federation(
                 "round %d: only %d usable update(s), federation.min_clients=%d: global adapter unchanged",
                 server_round, total.count, cfg.federation.min_clients,
             )
+        t_eval = time.perf_counter()
+        round_eval_loss = eval_loss(global_state)
+        eval_s = time.perf_counter() - t_eval
         record = {
             "round": server_round,
             "train_loss": sum(l * n for l, n in losses) / sum(n for _, n in losses) if losses else None,
-            "eval_loss": eval_loss(global_state),
+            "eval_loss": round_eval_loss,
             "participants": participants,
             "dropped": dropped,
             "aggregated": aggregated,
@@ -204,6 +207,7 @@ def run_federation(
             },
             "sim_network_s": None,
             "client_train_s": {str(r.client): r.metrics.get("train_seconds") for r in replies if not r.error},
+            "eval_s": eval_s,
             "wall_s": time.perf_counter() - t0,
         }
         report.append_round(run_dir, record)

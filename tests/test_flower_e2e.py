@@ -110,10 +110,17 @@ def test_flwr_run_dot_gives_the_same_result(tmp_path, env, reference):
 
 def _stop_superlink(flwr_home: Path) -> None:
     """Stop the SuperLink `flwr run` started for this FLWR_HOME (it outlives the command)."""
-    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    for line in ps.splitlines():
-        if "flower-superlink" in line and str(flwr_home) in line:
-            os.kill(int(line.split()[0]), signal.SIGTERM)
+    stopped = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().decode(errors="replace").replace("\0", " ")
+        except OSError:
+            continue
+        if "flower-superlink" in args and str(flwr_home) in args:
+            pid = int(cmdline.parent.name)
+            os.kill(pid, signal.SIGTERM)
+            stopped.append(pid)
+    assert stopped, "the SuperLink started by `flwr run` was not found"
 
 
 @pytest.mark.parametrize(
@@ -131,3 +138,41 @@ def test_cli_errors_are_one_clear_line(tmp_path, env, args, needle):
     assert out.returncode != 0
     assert needle in out.stderr + out.stdout
     assert "Traceback" not in out.stderr + out.stdout
+
+
+def test_ctrl_c_then_fedlora_resume_matches_uninterrupted(tmp_path, env):
+    """SIGINT mid-run through the CLI, `fedlora resume`, same adapter as one clean run."""
+    import time
+
+    overrides = [o for o in OVERRIDES if not o.startswith(("federation.rounds", "train.local_steps"))]
+    overrides += ["federation.rounds=4", "train.local_steps=6"]
+    os.environ["FEDLORA_CACHE"] = env["FEDLORA_CACHE"]
+    clean = tmp_path / "clean"
+    run_federation(compose(overrides), clean, InProcessTransport(3))
+
+    proc = subprocess.Popen([str(BIN / "fedlora"), "run", *overrides, f"output_dir={tmp_path / 'runs'}"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    latest = None
+    while time.time() < deadline and proc.poll() is None:
+        found = list((tmp_path / "runs").glob("*/checkpoints/latest.json"))
+        if found and json.loads(found[0].read_text())["round"] >= 1:
+            latest = found[0]
+            break
+        time.sleep(0.2)
+    assert latest is not None, "the run never checkpointed a round"
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the interrupt landed")
+    assert proc.returncode == 130, output[-3000:]
+    assert "fedlora resume" in output
+    run_dir = latest.parent.parent
+    assert not (run_dir / "adapter").exists()
+
+    out = subprocess.run([str(BIN / "fedlora"), "resume", str(run_dir)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rounds = [json.loads(line)["round"] for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    assert rounds == [1, 2, 3, 4]
+    same_adapter(run_dir, load_file(str(clean / "adapter" / "adapter_model.safetensors")))
