@@ -10,7 +10,11 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-COLUMNS = ["run", "overrides", "base_eval_loss", "final_eval_loss", "eval_loss_drop", "final_perplexity", "total_bytes", "wall_s", "status"]
+COLUMNS = ["run", "swept", "base_eval_loss", "final_eval_loss", "eval_loss_drop", "final_perplexity", "total_bytes", "wall_s", "status"]
+
+
+HEADERS = {"base_eval_loss": "base loss", "final_eval_loss": "final loss", "eval_loss_drop": "drop",
+           "final_perplexity": "final ppl", "total_bytes": "bytes"}
 
 
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -34,13 +38,21 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
                 status="ok",
             )
         rows.append(row)
+    _mark_swept(rows)
     return rows
+
+
+def _mark_swept(rows: list[dict[str, Any]]) -> None:
+    """``swept``: the overrides that differ between jobs (those shared by all are noise)."""
+    shared = set.intersection(*(set(r["overrides"].split()) for r in rows)) if rows else set()
+    for row in rows:
+        row["swept"] = " ".join(o for o in row["overrides"].split() if o not in shared) or "(none)"
 
 
 def write(sweep_dir: Path, rows: list[dict[str, Any]]) -> Path:
     path = sweep_dir / "sweep_summary.csv"
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=[*COLUMNS, "overrides"])
         writer.writeheader()
         writer.writerows(rows)
     return path
@@ -52,7 +64,7 @@ def print_table(rows: list[dict[str, Any]], path: Path) -> None:
 
     table = Table(title=f"sweep summary ({path})")
     for col in COLUMNS:
-        table.add_column(col, justify="left" if col in ("run", "overrides", "status") else "right")
+        table.add_column(HEADERS.get(col, col), justify="left" if col in ("run", "swept", "status") else "right", overflow="fold")
     for row in rows:
         table.add_row(*(_cell(row.get(c)) for c in COLUMNS))
     Console().print(table)

@@ -106,7 +106,7 @@ def decode_reply(cid: int, msg: Message) -> ClientReply:
         record = msg.content[protocol.ADAPTER]
         update = {k: a.numpy() for k, a in record.items()}
         metrics = dict(msg.content[protocol.METRICS])
-        bytes_up = sum(len(a.data) for a in record.values())
+        bytes_up = sum(v.nbytes for v in update.values())  # payload, as counted downlink
     except Exception as exc:  # malformed or malicious content must not stop the run
         return ClientReply(cid, error=f"malformed reply: {type(exc).__name__}: {exc}")
     return ClientReply(cid, update, metrics, bytes_up=bytes_up)

@@ -176,3 +176,23 @@ def test_ctrl_c_then_fedlora_resume_matches_uninterrupted(tmp_path, env):
     rounds = [json.loads(line)["round"] for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
     assert rounds == [1, 2, 3, 4]
     same_adapter(run_dir, load_file(str(clean / "adapter" / "adapter_model.safetensors")))
+
+
+def test_multirun_sweep_writes_one_run_per_setting_and_a_summary(tmp_path, env):
+    out = subprocess.run(
+        [str(BIN / "fedlora"), "run", "--multirun", "lora.r=2,4",
+         *[o for o in OVERRIDES if not o.startswith("federation.rounds")], "federation.rounds=1", f"output_dir={tmp_path}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (sweep_dir,) = list(tmp_path.glob("multirun-*"))
+    import csv
+
+    rows = list(csv.DictReader(open(sweep_dir / "sweep_summary.csv")))
+    assert [r["swept"] for r in rows] == ["lora.r=2", "lora.r=4"]
+    assert all(r["status"] == "ok" for r in rows)
+    bytes_r2, bytes_r4 = (int(r["total_bytes"]) for r in rows)
+    assert bytes_r4 == 2 * bytes_r2  # LoRA tensors scale with the rank
+    for job in ("0", "1"):
+        assert (sweep_dir / job / "adapter" / "adapter_model.safetensors").is_file()
+    assert "sweep summary" in out.stdout
