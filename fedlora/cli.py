@@ -52,12 +52,18 @@ def cmd_run(argv: list[str]) -> None:
         from server.simulation import simulate
 
         quiet_libraries()
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
             cfg = to_typed(raw)
-            summary = simulate(cfg, Path(HydraConfig.get().runtime.output_dir))
+            summary = simulate(cfg, run_dir)
         except _user_errors() as exc:
             print(f"fedlora: error: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
+        print(
+            f"run directory: {run_dir}\n"
+            f"  wall time {summary['wall_s']:.0f}s, {summary['total_bytes']['all'] / 1e6:.1f} MB exchanged\n"
+            f"  next: fedlora eval {run_dir}   |   fedlora generate {run_dir} --compare-base --prompt '...'"
+        )
         return summary.get("final_eval_loss")
 
     sys.argv = ["fedlora run", *argv]

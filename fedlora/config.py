@@ -81,7 +81,7 @@ class DataConfig:
     # wearable: records each client generates (train + held-out).
     records_per_client: int = 64
     # Cap on the held-out examples the server evaluates the global adapter on.
-    max_eval_examples: int = 64
+    max_eval_examples: int = 32
 
 
 @dataclass
@@ -89,7 +89,7 @@ class TrainConfig:
     """The local training loop each END client runs per round."""
 
     # Optimiser steps per round; 0 means `epochs` passes over the local data instead.
-    local_steps: int = 8
+    local_steps: int = 5
     epochs: float = 1.0
     batch_size: int = 4
     grad_accum: int = 1

@@ -42,6 +42,8 @@ def simulate(cfg: FedLoraConfig, run_dir: Path, *, resume: bool = False) -> dict
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.telemetry import EventType
 
+    quiet_libraries()  # again: importing flwr resets its logger to DEBUG
+
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
