@@ -18,6 +18,8 @@ MODEL_SOURCES = ("smollm2", "local", "hub", "tiny")
 DATA_SOURCES = ("wearable", "file")
 PARTITIONERS = ("iid", "dirichlet", "natural")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "ffa_lora")
+TOPOLOGY_KINDS = ("flat", "tree")
+MOBILITY_MODELS = ("none", "random_walk", "trace")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -100,6 +102,9 @@ class TrainConfig:
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
     eval_batch_size: int = 8
+    # Recompute each decoder layer's activations in the backward pass instead of keeping
+    # them: much less memory (small devices), roughly a third more compute.
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -141,6 +146,110 @@ class SimulationConfig:
 
 
 @dataclass
+class DeviceProfileConfig:
+    """One kind of END device (``topology.profiles.<name>``).
+
+    ``compute_speed`` is relative to the reference machine the simulation measures on (a
+    2-core x86 box = 1.0): a device with 0.25 needs four times the measured training time.
+    """
+
+    compute_speed: float = 1.0
+    # Memory the device can give the model; data for samplers and launchers, the network
+    # model does not use it.
+    memory_gb: float = 8.0
+    # The device's own radio/NIC rates cap the first hop's link bandwidth.
+    uplink_mbps: float = 100.0
+    downlink_mbps: float = 100.0
+    # Access latency of the device (radio stack, scheduling); the first hop's latency is
+    # the larger of this and the link's.
+    latency_ms: float = 0.0
+    # Probability the device is reachable in a given round (battery, coverage, user).
+    availability: float = 1.0
+
+
+@dataclass
+class LinkConfig:
+    """One link between tiers: per-message rate and one-way latency (same both ways)."""
+
+    bandwidth_mbps: float = 1000.0
+    latency_ms: float = 1.0
+
+
+@dataclass
+class LinksConfig:
+    """Every link kind a topology can use; report names are ``end->cloud`` etc.
+
+    The defaults are illustrative ballpark figures; ``conf/topology/*.yaml`` states them.
+    """
+
+    # flat: a device straight to the cloud over the public internet.
+    end_cloud: LinkConfig = field(default_factory=lambda: LinkConfig(100.0, 20.0))
+    # 6G access (sub-THz / mmWave air interface), END device to its neighbourhood cell.
+    end_neighbourhood: LinkConfig = field(default_factory=lambda: LinkConfig(1000.0, 1.0))
+    # In-vehicle link, END device to its femto cell (car, bus).
+    end_femto: LinkConfig = field(default_factory=lambda: LinkConfig(1000.0, 0.5))
+    # Vehicle-mounted femto cell to its neighbourhood cell.
+    femto_neighbourhood: LinkConfig = field(default_factory=lambda: LinkConfig(1000.0, 1.0))
+    # Metro aggregation, neighbourhood cell to its sub-urban cell.
+    neighbourhood_suburban: LinkConfig = field(default_factory=lambda: LinkConfig(10000.0, 2.0))
+    # Backhaul, sub-urban cell to the urban/cloud tier.
+    suburban_cloud: LinkConfig = field(default_factory=lambda: LinkConfig(40000.0, 5.0))
+
+
+@dataclass
+class FemtoConfig:
+    """Optional femto tier: vehicles whose cell aggregates their passengers' devices."""
+
+    # Femto cells (vehicles) under every neighbourhood cell; 0 means no femto tier.
+    per_neighbourhood: int = 0
+    # Chance that an END client in a neighbourhood rides in one of its vehicles.
+    passenger_fraction: float = 0.0
+
+
+@dataclass
+class MobilityConfig:
+    """How END clients hand over between neighbourhood cells between rounds."""
+
+    # none | random_walk | trace
+    model: str = "none"
+    # random_walk: chance per client and round of a handover.
+    handover_prob: float = 0.0
+    # random_walk: chance that a handover goes to any other neighbourhood rather than a
+    # sibling under the same sub-urban cell.
+    far_prob: float = 0.1
+    # trace: CSV (header round,client,cell) or JSON list of {round, client, cell}; a row
+    # moves the client into that cell from that round on.
+    trace_path: str = ""
+
+
+@dataclass
+class TopologyConfig:
+    """The 6G cell tree between END clients and the cloud, as data (``conf/topology/``)."""
+
+    # flat: every END client talks to the cloud; tree: cloud > sub-urban > neighbourhood
+    # (> femto) > END.
+    kind: str = "flat"
+    suburban_cells: int = 2
+    neighbourhoods_per_suburban: int = 2
+    # Relative share of END clients per neighbourhood cell (one per cell, in id order);
+    # empty spreads them evenly.
+    neighbourhood_weights: list[float] = field(default_factory=list)
+    femto: FemtoConfig = field(default_factory=FemtoConfig)
+    # Profile name -> share of END clients; shares sum to 1 (zeros allowed, so one entry
+    # can be overridden at a time). Empty: every client is `reference`.
+    profile_mix: dict[str, float] = field(default_factory=dict)
+    # Profile name -> device profile; `reference` (the measuring machine) always exists.
+    profiles: dict[str, DeviceProfileConfig] = field(default_factory=lambda: {"reference": DeviceProfileConfig()})
+    links: LinksConfig = field(default_factory=LinksConfig)
+    # Simulated seconds after which a client's path counts as a straggler; 0 = no deadline.
+    deadline_s: float = 0.0
+    # HierFAVG period: neighbourhoods aggregate every round and sync with the cloud every
+    # k-th round. 1 equals flat FedAvg.
+    cloud_sync_every: int = 1
+    mobility: MobilityConfig = field(default_factory=MobilityConfig)
+
+
+@dataclass
 class FedLoraConfig:
     """Everything one federated fine-tuning run needs."""
 
@@ -154,6 +263,7 @@ class FedLoraConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
     # Show live progress bars (off for tests and non-interactive logs).
     progress: bool = True
 
@@ -289,3 +399,77 @@ def validate(cfg: FedLoraConfig) -> None:
         )
     _positive("simulation.cpus_per_client", cfg.simulation.cpus_per_client)
     _positive("simulation.threads_per_client", cfg.simulation.threads_per_client, zero_ok=True)
+    _validate_topology(cfg.topology, f.num_clients)
+
+
+def _fraction(name: str, value: float) -> None:
+    if not 0 <= value <= 1:
+        raise ConfigError(f"{name}={value} must be in [0, 1]")
+
+
+def _validate_topology(topo: TopologyConfig, num_clients: int) -> None:
+    """Topology values: tier sizes, profiles and their mix, links, deadline, mobility."""
+    _choice("topology.kind", topo.kind, TOPOLOGY_KINDS)
+    _choice("topology.mobility.model", topo.mobility.model, MOBILITY_MODELS)
+    _positive("topology.cloud_sync_every", topo.cloud_sync_every)
+    _positive("topology.deadline_s", topo.deadline_s, zero_ok=True)
+    if topo.kind == "flat":
+        # Nothing between the clients and the cloud: no cells to sync, ride in or move between.
+        if topo.cloud_sync_every != 1:
+            raise ConfigError(f"topology.cloud_sync_every={topo.cloud_sync_every} needs edge tiers; use topology.kind=tree")
+        if topo.femto.per_neighbourhood:
+            raise ConfigError("topology.femto.per_neighbourhood must be 0 when topology.kind=flat")
+        if topo.mobility.model != "none":
+            raise ConfigError(f"topology.mobility.model={topo.mobility.model} needs cells; use topology.kind=tree")
+    else:
+        _positive("topology.suburban_cells", topo.suburban_cells)
+        _positive("topology.neighbourhoods_per_suburban", topo.neighbourhoods_per_suburban)
+        cells = topo.suburban_cells * topo.neighbourhoods_per_suburban
+        weights = topo.neighbourhood_weights
+        if weights:
+            if len(weights) != cells:
+                raise ConfigError(
+                    f"topology.neighbourhood_weights has {len(weights)} entries; the tree has {cells} neighbourhood "
+                    f"cells (topology.suburban_cells x topology.neighbourhoods_per_suburban)"
+                )
+            if min(weights) < 0 or sum(weights) <= 0:
+                raise ConfigError("topology.neighbourhood_weights must be >= 0 with a positive sum")
+        elif num_clients < cells:
+            raise ConfigError(
+                f"federation.num_clients={num_clients} is fewer than the {cells} neighbourhood cells of the topology "
+                f"(topology.suburban_cells={topo.suburban_cells} x topology.neighbourhoods_per_suburban="
+                f"{topo.neighbourhoods_per_suburban}); raise federation.num_clients or shrink the tree"
+            )
+    _positive("topology.femto.per_neighbourhood", topo.femto.per_neighbourhood, zero_ok=True)
+    _fraction("topology.femto.passenger_fraction", topo.femto.passenger_fraction)
+    for name, p in topo.profiles.items():
+        key = f"topology.profiles.{name}"
+        _positive(f"{key}.compute_speed", p.compute_speed)
+        _positive(f"{key}.memory_gb", p.memory_gb)
+        _positive(f"{key}.uplink_mbps", p.uplink_mbps)
+        _positive(f"{key}.downlink_mbps", p.downlink_mbps)
+        _positive(f"{key}.latency_ms", p.latency_ms, zero_ok=True)
+        _fraction(f"{key}.availability", p.availability)
+    for name, share in topo.profile_mix.items():
+        if name not in topo.profiles:
+            raise ConfigError(
+                f"topology.profile_mix names unknown profile {name!r}; topology.profiles has: {', '.join(sorted(topo.profiles))}"
+            )
+        _positive(f"topology.profile_mix.{name}", share, zero_ok=True)
+    if topo.profile_mix and abs(sum(topo.profile_mix.values()) - 1) > 1e-6:
+        raise ConfigError(
+            f"topology.profile_mix shares sum to {sum(topo.profile_mix.values()):g}, must sum to 1 "
+            f"(entries merge on override: set unwanted profiles to 0)"
+        )
+    for link in ("end_cloud", "end_neighbourhood", "end_femto", "femto_neighbourhood", "neighbourhood_suburban", "suburban_cloud"):
+        spec: LinkConfig = getattr(topo.links, link)
+        _positive(f"topology.links.{link}.bandwidth_mbps", spec.bandwidth_mbps)
+        _positive(f"topology.links.{link}.latency_ms", spec.latency_ms, zero_ok=True)
+    m = topo.mobility
+    _fraction("topology.mobility.handover_prob", m.handover_prob)
+    _fraction("topology.mobility.far_prob", m.far_prob)
+    if m.model == "trace":
+        if not m.trace_path:
+            raise ConfigError("topology.mobility.trace_path must name a CSV/JSON trace when topology.mobility.model=trace")
+        if not Path(m.trace_path).expanduser().is_file():
+            raise ConfigError(f"topology.mobility.trace_path={m.trace_path!r} does not exist or is not a file")

@@ -41,6 +41,27 @@ def lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(sum of cross-entropy over answer tokens, number of answer tokens) for a batch.
+
+    Same value as the causal-LM loss transformers computes (mean = sum / count), but the
+    vocabulary projection runs only at answer positions: with a 49k-token vocabulary the
+    full logits of a 4 x 256 batch take ~200 MB per copy, most of it for prompt tokens whose
+    loss is masked anyway. Falls back to the model's own loss for architectures without a
+    separate decoder and output head.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder, head = getattr(inner, "model", None), inner.get_output_embeddings()
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    count = int(mask.sum())
+    if decoder is None or head is None:
+        return model(**batch).loss * count, count
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    logits = head(hidden[:, :-1][mask]).float()
+    return torch.nn.functional.cross_entropy(logits, labels[mask], reduction="sum"), count
+
+
 def _micro_batches(tokenized: list[dict], cfg: TrainConfig, pad_id: int, seed: int):
     """Endless stream of shuffled micro-batches, reshuffled every pass."""
     epoch = 0
@@ -72,6 +93,7 @@ def train_local(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = num_steps(cfg, len(tokenized))
     stream = _micro_batches(tokenized, cfg, pad_id, seed)
+    _set_checkpointing(model, cfg.gradient_checkpointing)
     model.train()
     losses, tokens = [], 0
     for step in range(total):
@@ -81,13 +103,14 @@ def train_local(
         step_loss = 0.0
         for _ in range(cfg.grad_accum):
             batch = next(stream)
-            loss = model(**batch).loss / cfg.grad_accum
+            loss_sum, count = answer_loss(model, batch)
+            loss = loss_sum / max(1, count) / cfg.grad_accum
             if proximal_mu > 0:
                 prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
                 loss = loss + proximal_mu / 2 * prox / cfg.grad_accum
             loss.backward()
             step_loss += float(loss.detach())
-            tokens += int((batch["labels"] != -100).sum())
+            tokens += count
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
@@ -102,21 +125,27 @@ def train_local(
     )
 
 
+def _set_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
+    """Turn activation checkpointing on or off (the model is shared across clients)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(inner, "supports_gradient_checkpointing", False):
+        return
+    if enabled:
+        # Non-reentrant checkpointing needs no gradient on the (frozen) inputs.
+        inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif inner.is_activation_checkpointing:
+        inner.activation_checkpointing_disable()
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, tokenized: list[dict], batch_size: int, *, pad_id: int) -> tuple[float, int]:
     """Token-weighted mean loss over answer tokens, and the number of those tokens."""
     model.eval()
     total_loss, total_tokens = 0.0, 0
     for batch in batches(tokenized, batch_size, pad_id, shuffle=False, seed=0):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        logits = logits[:, :-1].float()
-        mask = labels != -100
-        losses = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).clamp(min=0), reduction="none"
-        )
-        total_loss += float((losses * mask.reshape(-1)).sum())
-        total_tokens += int(mask.sum())
+        loss_sum, count = answer_loss(model, batch)
+        total_loss += float(loss_sum)
+        total_tokens += count
     if total_tokens == 0:
         raise ValueError("no answer tokens to evaluate")
     return total_loss / total_tokens, total_tokens
