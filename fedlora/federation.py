@@ -20,18 +20,18 @@ import numpy as np
 
 from fedlora import adapters, report
 from fedlora.adapters import AdapterState
-from fedlora.aggregation import WeightedSum, make_strategy
+from fedlora.aggregation import make_strategy
 from fedlora.config import FederationConfig, FedLoraConfig, save_yaml
 from fedlora.data import eval_examples, tokenize
 from fedlora.device import initial_adapter, lora_model, round_settings, stable_seed, train_round
+from fedlora.mobility import assignment_at, next_assignment
 from fedlora.model import resolve_model_dir
+from fedlora.netsim import simulate_round, unavailable
+from fedlora.topology import CellModels, aggregate_tree, build_tree
 from fedlora.progress import Progress
 from fedlora.train import evaluate
 
 log = logging.getLogger("fedlora")
-
-FLAT_LINK = "end->cloud"
-
 
 class FederationError(RuntimeError):
     """The run cannot go on (not enough clients, inconsistent run directory)."""
@@ -153,11 +153,22 @@ def run_federation(
         raise FederationError(
             f"only {len(available)} client(s) connected, federation.min_clients={cfg.federation.min_clients}"
         )
+    tree = build_tree(cfg.topology, cfg.federation.num_clients, cfg.seed)
+    hierfavg = tree.kind != "flat" and tree.cloud_sync_every > 1
+    cells = CellModels(tree)
+    if ckpt is not None:
+        cells.load_state({k[len("cells/"):]: v for k, v in ckpt[1].items() if k.startswith("cells/")})
+    cell_of = assignment_at(tree, done + 1, cfg.seed)
+    sent = {k: global_state[k] for k in trainable}
     progress.start(cfg.federation.rounds, done + 1)
     for server_round in range(done + 1, cfg.federation.rounds + 1):
         t0 = time.perf_counter()
+        if server_round > done + 1:
+            cell_of = next_assignment(tree, cell_of, server_round, cfg.seed)  # handovers between rounds
         selected = sample_clients(available, cfg.federation, cfg.seed, server_round)
-        progress.start_round(server_round, selected)
+        off = unavailable(tree, selected, server_round, cfg.seed)
+        training = [c for c in selected if c not in off]
+        progress.start_round(server_round, training)
         sent = {k: global_state[k] for k in trainable}
 
         def on_reply(reply: ClientReply) -> None:
@@ -165,8 +176,12 @@ def run_federation(
             detail = reason or f"loss {reply.metrics.get('train_loss', float('nan')):.4f} in {reply.metrics.get('train_seconds', 0):.1f}s"
             progress.client_done(reply.client, reason is None, detail)
 
-        replies = transport.train(server_round, selected, sent, round_settings(cfg, server_round, client_settings), on_reply)
-        total, dropped, losses = WeightedSum(), [], []
+        settings = round_settings(cfg, server_round, client_settings)
+        replies = []
+        # Between cloud syncs (HierFAVG) each neighbourhood's clients start from its cell model.
+        for group, start in _start_groups(training, cell_of, cells, global_state, hierfavg):
+            replies += transport.train(server_round, group, {k: start[k] for k in trainable}, settings, on_reply)
+        usable, dropped, losses = {}, [{"client": c, "reason": why} for c, why in off.items()], []
         answered = set()
         for reply in sorted(replies, key=lambda r: r.client):
             answered.add(reply.client)
@@ -175,21 +190,34 @@ def run_federation(
                 log.warning("round %d: dropped client %d: %s", server_round, reply.client, reason)
                 dropped.append({"client": reply.client, "reason": reason})
                 continue
-            n = float(reply.metrics["num_examples"])
-            total.add(reply.update, n)
-            losses.append((float(reply.metrics.get("train_loss", float("nan"))), n))
-        for cid in selected:
+            usable[reply.client] = reply
+        for cid in training:
             if cid not in answered:
                 dropped.append({"client": cid, "reason": "no reply before the round timeout"})
-        participants = sorted(set(selected) & answered - {d["client"] for d in dropped})
-        aggregated = total.count >= cfg.federation.min_clients
+        sync = not hierfavg or tree.syncs_with_cloud(server_round) or server_round == cfg.federation.rounds
+        net = simulate_round(
+            tree, cell_of, server_round, selected=selected,
+            train_s={c: float(r.metrics.get("train_seconds", 0.0)) for c, r in usable.items()},
+            adapter_bytes=adapters.nbytes(sent), up_bytes={c: r.bytes_up for c, r in usable.items()},
+            seed=cfg.seed, cloud_sync=sync,
+        )
+        dropped += [{"client": c, "reason": why} for c, why in net.stragglers.items() if c not in off]
+        kept = {c: (usable[c].update, float(usable[c].metrics["num_examples"])) for c in sorted(net.survivors)}
+        losses = [(float(usable[c].metrics.get("train_loss", float("nan"))), n) for c, (_, n) in kept.items()]
+        if hierfavg:
+            cells.absorb(aggregate_tree(tree, kept, cell_of, to_cloud=False), global_state)
+            total = cells.sync(global_state) if sync else None
+        else:
+            total = aggregate_tree(tree, kept, cell_of).cloud
+        aggregated = total is not None and total.count >= cfg.federation.min_clients
         if aggregated:
             global_state = strategy.apply(global_state, total.mean())
-        else:
+        elif total is not None:
             log.warning(
                 "round %d: only %d usable update(s), federation.min_clients=%d: global adapter unchanged",
                 server_round, total.count, cfg.federation.min_clients,
             )
+        participants = sorted(kept)
         t_eval = time.perf_counter()
         round_eval_loss = eval_loss(global_state)
         eval_s = time.perf_counter() - t_eval
@@ -198,24 +226,22 @@ def run_federation(
             "train_loss": sum(l * n for l, n in losses) / sum(n for _, n in losses) if losses else None,
             "eval_loss": round_eval_loss,
             "participants": participants,
-            "dropped": dropped,
+            "dropped": sorted(dropped, key=lambda d: d["client"]),
             "aggregated": aggregated,
-            "num_examples": total.weight,
-            "bytes": {
-                "up": {FLAT_LINK: int(sum(r.bytes_up for r in replies))},
-                "down": {FLAT_LINK: adapters.nbytes(sent) * len(selected)},
-            },
-            "sim_network_s": None,
+            "cloud_sync": sync,
+            "num_examples": sum(n for _, n in kept.values()),
+            "cell_of": {str(c): cell_of[c] for c in participants},
+            **net.record(),
             "client_train_s": {str(r.client): r.metrics.get("train_seconds") for r in replies if not r.error},
             "eval_s": eval_s,
             "wall_s": time.perf_counter() - t0,
         }
         report.append_round(run_dir, record)
-        _checkpoint(run_dir, server_round, global_state, strategy, base_loss, wall_before + time.perf_counter() - started)
+        _checkpoint(run_dir, server_round, global_state, strategy, base_loss, wall_before + time.perf_counter() - started, cells)
         progress.end_round(record)
 
     adapters.export_peft(model, global_state, run_dir / "adapter", resolve_model_dir(cfg.model))
-    report.plot(run_dir, base_loss)
+    report.plot(run_dir, base_loss, tree=tree)
     wall = wall_before + time.perf_counter() - started
     summary = report.summarise(
         run_dir,
@@ -234,7 +260,20 @@ def run_federation(
     return summary
 
 
-def _checkpoint(run_dir: Path, server_round: int, state: AdapterState, strategy, base_loss: float, wall_s: float) -> None:
+def _start_groups(clients, cell_of, cells, global_state, hierfavg):
+    """(clients, adapter they start from): one group, or one per neighbourhood under HierFAVG."""
+    if not hierfavg:
+        return [(list(clients), global_state)] if clients else []
+    groups: dict[str, list[int]] = {}
+    for c in clients:
+        groups.setdefault(cells.tree.neighbourhood_of(cell_of[c]), []).append(c)
+    return [(group, cells.start_from(cell_of[group[0]], global_state)) for _, group in sorted(groups.items())]
+
+
+def _checkpoint(run_dir: Path, server_round: int, state: AdapterState, strategy, base_loss: float, wall_s: float,
+                cells: CellModels | None = None) -> None:
     arrays = {f"adapter/{k}": v for k, v in state.items()}
     arrays.update({f"strategy/{k}": v for k, v in strategy.state().items()})
+    if cells is not None:
+        arrays.update({f"cells/{k}": v for k, v in cells.state().items()})
     report.save_checkpoint(run_dir, server_round, arrays, {"base_eval_loss": base_loss, "wall_s": wall_s})

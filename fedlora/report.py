@@ -105,8 +105,9 @@ def summarise(run_dir: Path, base_eval_loss: float | None, wall_s: float, extra:
     return summary
 
 
-def plot(run_dir: Path, base_eval_loss: float | None) -> list[Path]:
-    """Loss per round and bytes per round per link, as PNGs under plots/."""
+def plot(run_dir: Path, base_eval_loss: float | None, tree=None) -> list[Path]:
+    """Loss per round, bytes per round per link and (given the cell tree) the tree with the
+    run's bytes on each tier's links, as PNGs under plots/."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,4 +148,51 @@ def plot(run_dir: Path, base_eval_loss: float | None) -> list[Path]:
     paths.append(out_dir / "bytes.png")
     fig.savefig(paths[1], dpi=120)
     plt.close(fig)
+    if tree is not None:
+        paths.append(_plot_tree(plt, tree, rounds, out_dir / "tree.png"))
     return paths
+
+
+def _plot_tree(plt, tree, rounds: list[dict], path: Path) -> Path:
+    """Cells by tier (cloud on top, END clients as counts per leaf cell at the bottom), with
+    the run's total MB up/down on each tier's links."""
+    levels = [t for t in ("cloud", "suburban", "neighbourhood", "femto") if tree.tier(t)]
+    pos: dict[str, tuple[float, float]] = {}
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(tree.leaf_cells) + 2), 1.4 * (len(levels) + 1)))
+    for depth, tier in enumerate(levels):
+        cells = tree.tier(tier)
+        for i, cell in enumerate(cells):
+            pos[cell] = ((i + 0.5) / len(cells), len(levels) - depth)
+    clients_in: dict[str, int] = {}
+    for cell in tree.initial.values():
+        clients_in[cell] = clients_in.get(cell, 0) + 1
+    for cell, (x, y) in pos.items():
+        parent = tree.cells[cell].parent
+        if parent in pos:
+            ax.plot([x, pos[parent][0]], [y, pos[parent][1]], "-", color="0.6", zorder=1)
+        label = cell if len(pos) <= 24 else ""
+        ax.scatter([x], [y], s=120, zorder=2, color="tab:blue")
+        if label:
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=7)
+    for cell, n in clients_in.items():
+        if cell in pos:
+            x, y = pos[cell]
+            ax.plot([x, x], [y, 0.35], ":", color="0.7", zorder=1)
+            ax.annotate(f"{n}", (x, 0.25), ha="center", fontsize=7)
+    totals = {d: {} for d in ("up", "down")}
+    for r in rounds:
+        for d in totals:
+            for link, n in r["bytes"][d].items():
+                totals[d][link] = totals[d].get(link, 0) + n
+    lines = [f"{link}: up {totals['up'].get(link, 0) / 1e6:.1f} MB, down {totals['down'].get(link, 0) / 1e6:.1f} MB"
+             for link in sorted(set(totals["up"]) | set(totals["down"])) if totals["up"].get(link) or totals["down"].get(link)]
+    ax.text(0.01, 0.99, "\n".join(lines), transform=ax.transAxes, fontsize=8, va="top",
+            bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "0.8"})
+    ax.set_title(f"Cell tree: {len(tree.clients)} END clients (bottom: clients per cell at start)", fontsize=10)
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(0, len(levels) + 1.0)
+    ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -22,7 +22,7 @@ def finished_run(tmp_path_factory):
     cache = str(tmp_path_factory.mktemp("cache"))
     os.environ["FEDLORA_CACHE"] = cache
     run_dir = tmp_path_factory.mktemp("run")
-    cfg = compose(["model=tiny", "federation.num_clients=3", "federation.rounds=2", "train.local_steps=3",
+    cfg = compose(["model=tiny", "topology=flat", "federation.num_clients=3", "federation.rounds=2", "train.local_steps=3",
                    "data.records_per_client=12", "data.max_eval_examples=8", "progress=false", "train.lr=0.01"])
     summary = run_federation(cfg, run_dir, InProcessTransport(3))
     return run_dir, summary, dict(os.environ, FEDLORA_CACHE=cache)

@@ -26,6 +26,7 @@ def tiny_cfg(cache_dir, *extra):
         [
             "model=tiny",
             f"model.cache_dir={cache_dir}",
+            "topology=flat",
             "federation.num_clients=4",
             "federation.rounds=2",
             "federation.fraction=0.5",
@@ -60,7 +61,7 @@ def test_run_directory_contract_and_plain_peft_load(tmp_path, cache_dir):
         assert len(r["participants"]) == 2 and r["dropped"] == []
         assert r["bytes"]["up"][LINK] > 0 and r["bytes"]["down"][LINK] == 2 * summary["adapter_bytes_per_client"]
         assert np.isfinite(r["train_loss"]) and np.isfinite(r["eval_loss"])
-    assert sorted(p.name for p in (run_dir / "plots").glob("*.png")) == ["bytes.png", "loss.png"]
+    assert sorted(p.name for p in (run_dir / "plots").glob("*.png")) == ["bytes.png", "loss.png", "tree.png"]
     assert list((run_dir / "checkpoints").glob("round-*.npz"))
     s = json.loads((run_dir / "summary.json").read_text())
     for key in ("base_eval_loss", "final_eval_loss", "base_perplexity", "final_perplexity", "total_bytes", "wall_s"):

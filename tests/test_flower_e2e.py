@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 OVERRIDES = [
     "model=tiny",
+    "topology=flat",
     "federation.num_clients=3",
     "federation.rounds=2",
     "federation.fraction=0.67",
@@ -63,7 +64,7 @@ def check_contract(run_dir: Path) -> None:
     rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]
     assert all(r["bytes"]["up"]["end->cloud"] > 0 for r in rounds)
-    assert {p.name for p in (run_dir / "plots").glob("*.png")} == {"loss.png", "bytes.png"}
+    assert {p.name for p in (run_dir / "plots").glob("*.png")} == {"loss.png", "bytes.png", "tree.png"}
     assert any((run_dir / "checkpoints").iterdir())
 
 
