@@ -242,8 +242,9 @@ def test_a_misspelt_topology_key_is_an_error():
         to_typed({"topology": {"links": {"end_cluod": {"bandwidth_mbps": 10}}}})
 
 
-def test_shipped_topologies_compose_and_flat_is_the_default():
-    assert compose([]).topology.kind == "flat"
+def test_shipped_topologies_compose_and_small6g_is_the_default():
+    default = compose([]).topology
+    assert default.kind == "tree" and default.suburban_cells == 2 and default.neighbourhoods_per_suburban == 2
     for name in ("flat", "small6g"):
         topo = compose([f"topology={name}"]).topology
         assert abs(sum(topo.profile_mix.values()) - 1) < 1e-9
