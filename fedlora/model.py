@@ -137,6 +137,8 @@ def load_base_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokeni
     with _BASE_CACHE_LOCK:
         if key not in _BASE_CACHE:
             where = resolve_model_dir(cfg)
+            if cfg.dtype != "float32" and cfg.source in ("smollm2", "tiny"):
+                where = str(_dtype_copy(cfg, Path(where)))
             try:
                 model = AutoModelForCausalLM.from_pretrained(where, dtype=_DTYPES[cfg.dtype])
             except (OSError, ValueError) as exc:
@@ -346,6 +348,23 @@ def _build_tiny(cfg: ModelConfig, out: Path) -> None:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     _write_marker(out, {"source": "tiny", "recipe": _TINY_RECIPE, "seed": _TINY_SEED, **asdict(t)})
+
+
+def _dtype_copy(cfg: ModelConfig, fp32_dir: Path) -> Path:
+    """A copy of a cached fp32 model stored in ``cfg.dtype``, made once.
+
+    Loading a bf16 model from fp32 safetensors maps all the fp32 pages while casting, so a
+    2 GB device would see the fp32 size at load time; loading the half-size copy avoids it.
+    Adapters still name the fp32 directory as their base (the weights are the same model).
+    """
+    target = fp32_dir.with_name(f"{fp32_dir.name}-{cfg.dtype}")
+
+    def build(out: Path) -> None:
+        model = AutoModelForCausalLM.from_pretrained(str(fp32_dir), dtype=_DTYPES[cfg.dtype])
+        model.save_pretrained(str(out))
+        _write_marker(out, {"source": f"{fp32_dir.name} in {cfg.dtype}"})
+
+    return _materialise(target, build)
 
 
 def _write_marker(out: Path, info: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 
 from fedlora.config import TrainConfig
 from fedlora.data import batches
@@ -41,14 +42,17 @@ def lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+LOSS_CHUNK = 256  # answer positions whose vocabulary logits exist at once
+
+
 def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """(sum of cross-entropy over answer tokens, number of answer tokens) for a batch.
 
-    Same value as the causal-LM loss transformers computes (mean = sum / count), but the
-    vocabulary projection runs only at answer positions: with a 49k-token vocabulary the
-    full logits of a 4 x 256 batch take ~200 MB per copy, most of it for prompt tokens whose
-    loss is masked anyway. Falls back to the model's own loss for architectures without a
-    separate decoder and output head.
+    Same value as the causal-LM loss transformers computes (mean = sum / count), with less
+    memory: the vocabulary projection runs only at answer positions (prompt tokens' loss is
+    masked anyway), LOSS_CHUNK positions at a time, each chunk recomputed in the backward
+    pass, so the (tokens x 49k vocabulary) logits are never all alive at once. Falls back to
+    the model's own loss for architectures without a separate decoder and output head.
     """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder, head = getattr(inner, "model", None), inner.get_output_embeddings()
@@ -58,8 +62,18 @@ def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple
     if decoder is None or head is None:
         return model(**batch).loss * count, count
     hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    logits = head(hidden[:, :-1][mask]).float()
-    return torch.nn.functional.cross_entropy(logits, labels[mask], reduction="sum"), count
+    answer_hidden, answer_labels = hidden[:, :-1][mask], labels[mask]
+
+    def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(head(h).float(), y, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for h, y in zip(answer_hidden.split(LOSS_CHUNK), answer_labels.split(LOSS_CHUNK)):
+        if torch.is_grad_enabled():
+            total = total + torch.utils.checkpoint.checkpoint(chunk_loss, h, y, use_reentrant=False)
+        else:
+            total = total + chunk_loss(h, y)
+    return total, count
 
 
 def _micro_batches(tokenized: list[dict], cfg: TrainConfig, pad_id: int, seed: int):

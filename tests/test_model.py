@@ -430,3 +430,15 @@ def test_smollm2_converts_once_and_reloads_identically(cache_dir):
     # r=8 on q_proj (576 -> 576) and v_proj (576 -> 192) in each of the 30 layers.
     trainable = sum(p.numel() for p in wrap_lora(base, LoraConfig()).parameters() if p.requires_grad)
     assert trainable == 30 * 8 * ((576 + 576) + (576 + 192))
+
+
+def test_bf16_base_loads_from_a_half_size_copy_and_lora_stays_fp32(tmp_path):
+    from fedlora.config import LoraConfig, ModelConfig
+
+    cfg = ModelConfig(source="tiny", cache_dir=str(tmp_path), dtype="bfloat16")
+    base, _ = load_base_model(cfg)
+    assert next(base.parameters()).dtype == torch.bfloat16
+    assert base.name_or_path.endswith("-bfloat16")
+    assert not resolve_model_dir(cfg).endswith("-bfloat16")  # adapters name the fp32 base
+    model = wrap_lora(base, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
