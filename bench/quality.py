@@ -110,6 +110,12 @@ def main() -> None:
                         "always available so all clients train every round)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     p.add_argument("--methods", default="fed,central,local", help="comma-separated subset of fed,central,local")
+    p.add_argument("--fedavg-server-lr", type=float, default=1.0,
+                   help="EXPERIMENT (not a fedlora setting): FedAvg with a server learning rate, "
+                        "next global = global + LR * mean delta (1.0 = plain FedAvg)")
+    p.add_argument("--baseline-json", default="",
+                   help="take (b)/(c) results not run now from this earlier quality JSON (same data, "
+                        "held-out set and steps; the base loss must match)")
     p.add_argument("--dry-run", action="store_true", help="time 6 training steps and the held-out evaluation, print the plan and an estimate, exit")
     p.add_argument("--run-dir", default="", help="where the federated run directory goes (default: a temp dir)")
     p.add_argument("--lock", default=DEFAULT_LOCK)
@@ -226,6 +232,19 @@ def main() -> None:
             t0 = time.perf_counter()
             record_base(held_out_loss(), time.perf_counter() - t0)
 
+        if "fed" in methods and args.fedavg_server_lr != 1.0:
+            if cfg.strategy.name != "fedavg":
+                p.error("--fedavg-server-lr needs strategy=fedavg")
+            import fedlora.federation
+            from fedlora.aggregation import Strategy
+
+            class ServerLRFedAvg(Strategy):
+                def apply(self, global_state, mean_delta):
+                    return super().apply(global_state, {k: v * args.fedavg_server_lr for k, v in mean_delta.items()})
+
+            fedlora.federation.make_strategy = lambda scfg: ServerLRFedAvg(scfg)
+            out["experiment"] = {"fedavg_server_lr": args.fedavg_server_lr}
+
         if "fed" in methods:
             run_dir = Path(args.run_dir) if args.run_dir else Path(tempfile.mkdtemp(prefix="fedlora-quality-"))
             print(f"[quality] (a) federated: {R} rounds x {n} clients x {S} steps -> {run_dir}", file=sys.stderr, flush=True)
@@ -273,12 +292,24 @@ def main() -> None:
         info["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
 
     res = out["results"]
+    if args.baseline_json:
+        prior = json.loads(Path(args.baseline_json).read_text())
+        if abs(prior["results"]["base"]["eval_loss"] - res["base"]["eval_loss"]) > 1e-6:
+            sys.exit(f"--baseline-json {args.baseline_json}: base loss {prior['results']['base']['eval_loss']:.6f} "
+                     f"differs from this run's {res['base']['eval_loss']:.6f}: not the same held-out set/model")
+        for m in ("central", "local"):
+            if m not in res and m in prior["results"]:
+                res[m] = {**prior["results"][m], "from": args.baseline_json}
+        save()
     rows = [["base (no training)", 0, res["base"]["eval_loss"], 0.0, None]]
-    labels = {"fed": f"(a) federated {R}x{n}x{S}", "central": f"(b) centralised {n * R * S}",
+    fed_label = cfg.strategy.name + (f", server lr {args.fedavg_server_lr:g}" if args.fedavg_server_lr != 1.0 else "")
+    labels = {"fed": f"(a) federated {R}x{n}x{S} ({fed_label})", "central": f"(b) centralised {n * R * S}",
               "local": f"(c) local only {R * S} each (mean of {n})"}
     for m in ("fed", "central", "local"):
         if m in res:
             steps = n * R * S if m != "local" else R * S
+            if res[m].get("from"):
+                labels[m] += " [earlier run]"
             rows.append([labels[m], steps, res[m]["eval_loss"], res["base"]["eval_loss"] - res[m]["eval_loss"],
                          res[m].get("seconds")])
     print(f"\nQuality on {len(held_out)} shared held-out examples (Medical Meadow, {n} clients dirichlet by question_type, "
