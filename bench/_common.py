@@ -147,6 +147,18 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def code_version() -> dict[str, Any]:
+    """The fedlora commit measured, and which of its files differ from it (others edit them)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        r = subprocess.run(["git", *args], capture_output=True, text=True, cwd=str(REPO))
+        return r.stdout.strip()
+
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "dirty": git("status", "--short", "--", "fedlora", "server", "clients", "conf").splitlines()}
+
+
 def require_medical(path: str) -> str:
     """``path`` as an absolute path, or exit with a clear message when it is missing."""
     p = Path(path).expanduser()

@@ -69,6 +69,7 @@ from _common import (  # noqa: E402
     REPO,
     RESULTS,
     bench_lock,
+    code_version,
     cpu_seconds,
     machine,
     maxrss_mib,
@@ -345,16 +346,6 @@ def print_results(results: list[dict], settings: dict) -> None:
         d = ok[0]["raw"]
         print(f"batch shape {d['batch_shape']}, answer (loss) tokens in the first batch {d['answer_tokens_first_batch']}, "
               f"params {d['params']:,} of which LoRA {d['trainable_params']:,}")
-
-
-def code_version() -> dict:
-    """The commit and whether the files measured here differ from it (others edit them)."""
-    def git(*a):
-        r = subprocess.run(["git", *a], capture_output=True, text=True, cwd=str(REPO))
-        return r.stdout.strip()
-
-    files = ["fedlora/train.py", "fedlora/model.py", "fedlora/data.py", "fedlora/config.py"]
-    return {"commit": git("rev-parse", "--short", "HEAD"), "dirty": git("status", "--short", "--", *files).splitlines()}
 
 
 def main() -> None:

@@ -63,7 +63,6 @@ Results: ``bench/results/hierarchy_backhaul.json``, ``bench/results/hierarchy_ro
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile

@@ -47,7 +47,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_LOCK, RESULTS, bench_lock, compose_all_available, machine, table, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    DEFAULT_LOCK,
+    RESULTS,
+    bench_lock,
+    code_version,
+    compose_all_available,
+    machine,
+    table,
+    write_json,
+)
 
 AIM = 0.15
 
@@ -199,6 +208,7 @@ def main() -> None:
         "benchmark": "overhead",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": info,
+        "code": code_version(),
         "overrides": used,
         "config": to_dict(cfg),
         "aim": AIM,

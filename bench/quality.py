@@ -28,13 +28,17 @@ How to read it
 better. ``recovered = (base - fed) / (base - central)`` is the share of the centralised
 improvement that federated training achieves without moving any data; the issue's aim is
 >= 90%. ``local`` shows what federating buys a client: if fed is well below local, clients
-gain from each other. Differences of ~0.01 are within run-to-run noise of short runs.
+gain from each other. Every method is seeded; the held-out set is ~7,600 answer tokens.
 
-Run (takes the benchmark lock; the defaults take ~25 min on 2 cores; ``--dry-run`` prints
-the plan and a measured step time):
+Experiments for closing a gap: ``--methods fed`` with ``--baseline-json`` reuses (b)/(c)
+from an earlier run; ``--fedavg-server-lr X`` (bench-only, not a fedlora setting) applies
+X times the mean delta on the server; any strategy via overrides (``strategy=fedadam``).
+
+Run (takes the benchmark lock; the defaults took 31 min on 2 cores; ``--dry-run`` prints
+the plan and measured step/eval times):
 
     nohup .venv/bin/python bench/quality.py > bench/results/quality.log 2>&1 &
-    .venv/bin/python bench/quality.py --rounds 6 --local-steps 4 strategy=ffa_lora
+    .venv/bin/python bench/quality.py --methods fed --baseline-json bench/results/quality.json strategy=fedadam
     .venv/bin/python bench/quality.py --model tiny --no-lock --rounds 1 --local-steps 1 --eval-examples 16  # smoke
 
 Positional arguments are extra Hydra overrides (applied last; e.g. ``strategy=fedprox``).
@@ -58,6 +62,7 @@ from _common import (  # noqa: E402
     MEDICAL,
     RESULTS,
     bench_lock,
+    code_version,
     compose_all_available,
     machine,
     require_medical,
@@ -149,6 +154,7 @@ def main() -> None:
         "benchmark": "quality",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": info,
+        "code": code_version(),
         "overrides": used,
         "config": to_dict(cfg),
         "aim": AIM,

@@ -55,8 +55,9 @@ process loaded the base model at most once while training many clients (the driv
 it once more, for evaluation). Nothing in fedlora is changed; without the log the same
 can be seen in the flat worker memory between N=100 and N=1000.
 
-Run (takes the benchmark lock itself, one configuration at a time; ~10 min with
-SmolLM2 -- start it in the background and poll):
+Run (takes the benchmark lock itself, for all configurations; ~7 min with SmolLM2,
+more if a configuration is repeated because someone computed beside it without the lock
+(``--retries``) -- start it in the background and poll):
 
     nohup .venv/bin/python bench/scale.py > bench/results/scale.log 2>&1 &
     .venv/bin/python bench/scale.py --model tiny --clients 100 --rounds 2   # smoke test
@@ -80,7 +81,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DEFAULT_LOCK, REPO, RESULTS, bench_lock, machine, table, write_json  # noqa: E402
 
-MIB = 1024 * 1024
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # Put on PYTHONPATH of the subprocess (and so of the Ray workers it starts): logs model
@@ -498,6 +498,17 @@ def run_config(n: int, args: argparse.Namespace, base: Path) -> dict:
     return result
 
 
+def others_in_rounds(result: dict) -> float:
+    """CPU seconds other processes used during the rounds of a run (0 when unknown)."""
+    return sum(v.get("others", 0.0) for k, v in result.get("cpu_s", {}).items() if k.startswith("round"))
+
+
+def skewed(result: dict) -> bool:
+    """Whether someone else used more than 10% of the machine during a round."""
+    cores = os.cpu_count() or 1
+    return any(v.get("others", 0.0) > 0.1 * v["wall_s"] * cores for k, v in result.get("cpu_s", {}).items() if k.startswith("round"))
+
+
 def print_report(results: list[dict], args: argparse.Namespace) -> None:
     headers = ["N", "per round", "start-up s", "discover s", "round 1 s", "round 2 s", "trained/round", "s/client r1/r2",
                "driver CPU s r1/r2", "driver maxrss MiB", "actors RSS MiB", "actors PSS MiB", "actor HWM each MiB", "all ray:: RSS MiB",
@@ -553,6 +564,7 @@ def main() -> None:
     p.add_argument("--model", default="smollm2", help="smollm2 (default) or tiny (smoke test)")
     p.add_argument("--sample-s", type=float, default=1.0, help="/proc sampling interval")
     p.add_argument("--run-dir", default="", help="where runs, logs and events go (default: a new temp dir)")
+    p.add_argument("--retries", type=int, default=1, help="run a configuration again when other processes computed during its rounds")
     p.add_argument("--lock", default=DEFAULT_LOCK)
     p.add_argument("--no-lock", action="store_true", help="do not take the benchmark lock (smoke tests only)")
     p.add_argument("--out", default=str(RESULTS / "scale.json"))
@@ -577,12 +589,22 @@ def main() -> None:
     info = machine()
     results = []
     t0 = time.time()
-    for n in args.clients:  # the lock per configuration: others may slip in between, not during
-        with bench_lock(None if args.no_lock else args.lock, what="scale"):
+    # One lock around every configuration, so no other locked benchmark slips in between.
+    with bench_lock(None if args.no_lock else args.lock, what="scale"):
+        for n in args.clients:
             info.setdefault("loadavg_when_locked", []).append([round(x, 2) for x in os.getloadavg()])
-            results.append(run_config(n, args, base))
-            partial = {"benchmark": "scale", "partial": True, "machine": info, "results": results}
-            write_json(args.out, partial)
+            attempts = []
+            for attempt in range(1 + args.retries):
+                if attempt:
+                    print(f"[scale] N={n}: other processes computed beside the run; running it again", file=sys.stderr, flush=True)
+                attempts.append(run_config(n, args, base / f"try{attempt}" if attempt else base))
+                if not skewed(attempts[-1]):
+                    break
+            best = min(attempts, key=others_in_rounds)
+            if len(attempts) > 1:
+                best["other_attempts"] = [{k: a.get(k) for k in ("round_wall_s", "cpu_s", "run_dir")} for a in attempts if a is not best]
+            results.append(best)
+            write_json(args.out, {"benchmark": "scale", "partial": True, "machine": info, "results": results})
 
     print_report(results, args)
     out = write_json(args.out, {
