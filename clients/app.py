@@ -2,7 +2,8 @@
 
 The device's identity is its ``partition-id`` node setting (in simulation Flower sets it;
 on a real device, ``flower-supernode --node-config "partition-id=3 num-partitions=8"``).
-All the work is :func:`fedlora.device.train_round`.
+All the work is :func:`fedlora.device.train_round`. A SuperNode whose node config says
+``role="edge"`` is an edge aggregator, not a device: its messages go to ``server/edge.py``.
 """
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -11,6 +12,8 @@ from flwr.clientapp import ClientApp
 from fedlora import protocol
 from fedlora.device import train_round
 from fedlora.progress import quiet_libraries
+from server.edge import identity as edge_identity
+from server.edge import is_edge, relay
 
 quiet_libraries()
 
@@ -26,12 +29,16 @@ def _client_id(context: Context) -> int:
 @app.query()
 def identify(msg: Message, context: Context) -> Message:
     """Tell the server which client (data partition) this node is."""
+    if is_edge(context.node_config):
+        return edge_identity(msg, context.node_config)
     record = ConfigRecord({protocol.CLIENT_ID_KEY: _client_id(context)})
     return Message(RecordDict({protocol.IDENTITY: record}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    if is_edge(context.node_config):
+        return relay(msg, context.node_config)
     settings = protocol.decode_settings(str(msg.content[protocol.SETTINGS][protocol.SETTINGS_KEY]))
     global_state = {k: a.numpy() for k, a in msg.content[protocol.ADAPTER].items()}
     delta, metrics = train_round(settings, global_state, _client_id(context))

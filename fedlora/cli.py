@@ -4,6 +4,11 @@
     fedlora resume RUN_DIR                       continue an interrupted run
     fedlora eval RUN_DIR|ADAPTER [overrides]     held-out loss and perplexity of an adapter
     fedlora generate RUN_DIR|ADAPTER --prompt P  what the adapter answers (or a small chat)
+
+  the tiers as real Flower processes (README "Running the tiers as real processes"):
+    fedlora cloud --listen HOST:PORT [overrides]  cloud SuperLink + one federation over the edges
+    fedlora edge --cell C --parent HOST:PORT --listen HOST:PORT   an edge (neighbourhood) aggregator
+    fedlora end --partition-id N --num-partitions M --edge HOST:PORT   an END client
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fedlora.data import DataError
     from fedlora.federation import FederationError
     from fedlora.model import ModelError
+    from server.deploy import DeployError
 
-    return (UserError, ConfigError, DataError, ModelError, FederationError)
+    return (UserError, ConfigError, DataError, ModelError, FederationError, DeployError)
 
 
 def _setup_logging() -> None:
@@ -203,7 +209,94 @@ def cmd_generate(argv: list[str]) -> None:
         show(prompt)
 
 
-COMMANDS = {"run": cmd_run, "resume": cmd_resume, "eval": cmd_eval, "generate": cmd_generate}
+def _tier_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--insecure", action="store_true",
+                        help="plain HTTP between the tiers (required for now: TLS and node auth are issue 5)")
+    parser.add_argument("--work-dir", type=Path, help="FLWR_HOME, logs and spool of this node (default runs/nodes/<name>)")
+    return parser
+
+
+def _security(args):
+    from server.deploy import DeployError, Security
+
+    try:
+        return Security(insecure=args.insecure)
+    except DeployError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _address(value: str, option: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"{option}={value!r} is not HOST:PORT")
+    return value
+
+
+def cmd_cloud(argv: list[str]) -> None:
+    parser = _tier_parser("fedlora cloud", "The cloud tier: a SuperLink for the edges' SuperNodes and one federation "
+                                           "run over them (ends when the run ends).")
+    parser.add_argument("--listen", required=True, help="HOST:PORT the SuperLink listens on (the edges' --parent)")
+    parser.add_argument("--run-dir", type=Path, help="run directory (default <output_dir>/cloud-<time>)")
+    parser.add_argument("--resume", action="store_true", help="continue --run-dir from its last checkpoint")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. topology=small6g federation.rounds=3")
+    args = parser.parse_args(argv)
+    import time
+
+    from fedlora.config import compose, load_yaml
+    from server.deploy import run_cloud
+
+    listen = _address(args.listen, "--listen")
+    security = _security(args)
+    if args.resume:
+        if args.run_dir is None or not (args.run_dir / "config.yaml").is_file():
+            raise UserError("--resume needs --run-dir of an earlier cloud run (with config.yaml)")
+        cfg = load_yaml(args.run_dir / "config.yaml")
+    else:
+        cfg = compose(args.overrides)
+    run_dir = args.run_dir or Path(cfg.output_dir) / time.strftime("cloud-%Y%m%d-%H%M%S")
+    code = run_cloud(cfg, run_dir, listen, args.work_dir or Path("runs/nodes/cloud"), security, resume=args.resume)
+    if code != 0 or not (run_dir / "summary.json").is_file():
+        raise UserError(f"the cloud run failed (exit code {code}); see {(args.work_dir or Path('runs/nodes/cloud')) / 'logs'}")
+    print(f"run directory: {run_dir}")
+
+
+def cmd_edge(argv: list[str]) -> None:
+    parser = _tier_parser("fedlora edge", "An edge (neighbourhood) aggregator: a SuperNode of its parent and the "
+                                          "SuperLink of its END clients. Runs until stopped.")
+    parser.add_argument("--cell", required=True, help="the neighbourhood cell it aggregates, e.g. neighbourhood-0-1")
+    parser.add_argument("--parent", required=True, help="HOST:PORT of the parent's SuperLink (the cloud's --listen)")
+    parser.add_argument("--listen", required=True, help="HOST:PORT of this edge's SuperLink (its END clients' --edge)")
+    args = parser.parse_args(argv)
+    from server.deploy import Stop, run_edge
+
+    parent, listen, security = _address(args.parent, "--parent"), _address(args.listen, "--listen"), _security(args)
+    try:
+        run_edge(args.cell, parent, listen, args.work_dir or Path(f"runs/nodes/edge-{args.cell}"), security)
+    except Stop:
+        pass
+
+
+def cmd_end(argv: list[str]) -> None:
+    parser = _tier_parser("fedlora end", "An END client: a SuperNode of its edge's SuperLink, training on its own "
+                                         "data partition. Runs until stopped.")
+    parser.add_argument("--partition-id", type=int, required=True, help="this client's id (its data partition)")
+    parser.add_argument("--num-partitions", type=int, required=True, help="federation.num_clients of the run")
+    parser.add_argument("--edge", required=True, help="HOST:PORT of its edge's SuperLink (the edge's --listen)")
+    args = parser.parse_args(argv)
+    from server.deploy import Stop, run_end
+
+    if not 0 <= args.partition_id < args.num_partitions:
+        raise UserError(f"--partition-id={args.partition_id} must be in 0..--num-partitions-1 ({args.num_partitions - 1})")
+    edge, security = _address(args.edge, "--edge"), _security(args)
+    try:
+        run_end(args.partition_id, args.num_partitions, edge, args.work_dir or Path(f"runs/nodes/end-{args.partition_id}"), security)
+    except Stop:
+        pass
+
+
+COMMANDS = {"run": cmd_run, "resume": cmd_resume, "eval": cmd_eval, "generate": cmd_generate,
+            "cloud": cmd_cloud, "edge": cmd_edge, "end": cmd_end}
 
 
 def main(argv: list[str] | None = None) -> None:

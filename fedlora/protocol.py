@@ -3,7 +3,8 @@
 A training request carries the global adapter (``ADAPTER``) and the round's settings as
 JSON (``SETTINGS``); the reply carries the client's delta (``ADAPTER``) and its
 ``METRICS`` (example count, training loss, timings). An identity query is answered
-with the client's id (``IDENTITY``).
+with the client's id (``IDENTITY``), or by an edge aggregator with its role and cell.
+Between the cloud and an edge, a ``CELL`` record carries one cell's request or result.
 """
 
 import json
@@ -26,3 +27,13 @@ def decode_settings(text: str) -> dict[str, Any]:
     if not isinstance(settings, dict) or "config" not in settings or "round" not in settings:
         raise ValueError("training request settings lack 'config' or 'round'")
     return settings
+
+# Cloud <-> edge aggregator (deployment): a cell request/result as fedlora.cell wire bytes.
+CELL = "cell"
+CELL_REQUEST_KEY = "request"
+CELL_RESULT_KEY = "result"
+CELL_TIMEOUT_KEY = "timeout-s"
+# An edge's identity: role "edge" and the neighbourhood cell it aggregates.
+ROLE_KEY = "role"
+CELL_KEY = "cell"
+EDGE_ROLE = "edge"

@@ -4,7 +4,12 @@ Run config keys (pyproject ``[tool.flwr.app.config]``, or ``--run-config``):
 - ``config-file``: a resolved fedlora config.yaml (``fedlora run`` sets it); when empty,
   ``overrides`` (Hydra overrides, space-separated) are composed onto ``conf/``;
 - ``run-dir``: where the run directory goes (default ``<output_dir>/flwr-<time>``);
-- ``resume``: continue the run directory from its last checkpoint.
+- ``resume``: continue the run directory from its last checkpoint;
+- ``mode``: ``""`` (the END clients are this SuperLink's SuperNodes: simulation, or a
+  deployment without edges), ``"cloud"`` (this SuperLink's SuperNodes are edge aggregators,
+  one per neighbourhood cell: ``server/edge.py``), or ``"edge"`` (the long-lived service of
+  one edge on its own SuperLink; also needs ``cell`` and ``spool``). ``fedlora cloud|edge``
+  set these (``server/deploy.py``).
 """
 
 from __future__ import annotations
@@ -44,13 +49,33 @@ def _ensure_console_log() -> None:
         log.setLevel(logging.INFO)
 
 
+MODES = ("", "cloud", "edge")
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     _ensure_console_log()
-    cfg, run_dir, resume = settings_from_run_config(dict(context.run_config))
-    transport = FlowerTransport(grid, expected_clients=cfg.federation.num_clients, timeout_s=cfg.federation.round_timeout_s)
+    run_config = dict(context.run_config)
+    mode = str(run_config.get("mode", "") or "")
+    if mode not in MODES:
+        raise ValueError(f"run config mode={mode!r} is not one of: {', '.join(repr(m) for m in MODES)}")
+    if mode == "edge":
+        from server.edge import serve
+
+        serve(grid, str(run_config.get("cell", "")), str(run_config.get("spool", "")))
+        return
+    cfg, run_dir, resume = settings_from_run_config(run_config)
+    runner = None
+    if mode == "cloud":
+        from fedlora.topology import build_tree
+        from server.edge import EdgeCellRunner
+
+        runner = transport = EdgeCellRunner(grid, build_tree(cfg.topology, cfg.federation.num_clients, cfg.seed),
+                                            timeout_s=cfg.federation.round_timeout_s)
+    else:
+        transport = FlowerTransport(grid, expected_clients=cfg.federation.num_clients, timeout_s=cfg.federation.round_timeout_s)
     progress = make_progress(cfg.progress)
     try:
-        run_federation(cfg, run_dir, transport, resume=resume, progress=progress)
+        run_federation(cfg, run_dir, transport, resume=resume, progress=progress, runner=runner)
     finally:
         progress.close()

@@ -35,23 +35,38 @@ class FlowerTransport:
             nodes = list(self.grid.get_node_ids())
         if len(nodes) < self.expected:
             log.warning("only %d of %d SuperNodes connected; going on with them", len(nodes), self.expected)
-        queries = [Message(RecordDict(), node, MessageType.QUERY) for node in nodes]
-        for reply in self._exchange(queries, self.connect_timeout_s, None):
-            if reply.has_error():
-                log.warning("node %d did not identify itself: %s", reply.metadata.src_node_id, reply.error.reason)
-                continue
-            try:
-                cid = int(reply.content[protocol.IDENTITY][protocol.CLIENT_ID_KEY])
-            except Exception as exc:  # a node answering nonsense is left out, not fatal
-                log.warning("node %d sent a malformed identity: %s", reply.metadata.src_node_id, exc)
-                continue
-            if cid in self.node_of:
-                log.warning("client id %d claimed by nodes %d and %d; keeping the first", cid, self.node_of[cid], reply.metadata.src_node_id)
-                continue
-            self.node_of[cid] = reply.metadata.src_node_id
+        self.identify(nodes)
         if not self.node_of:
             raise FederationError("no SuperNode identified itself as a client")
         return sorted(self.node_of)
+
+    def identities(self, nodes: list[int]) -> dict[int, ConfigRecord]:
+        """Ask ``nodes`` who they are: node id -> its identity record (failures logged, left out)."""
+        queries = [Message(RecordDict(), node, MessageType.QUERY) for node in nodes]
+        out = {}
+        for reply in self._exchange(queries, self.connect_timeout_s, None):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log.warning("node %d did not identify itself: %s", node, reply.error.reason)
+                continue
+            try:
+                out[node] = reply.content[protocol.IDENTITY]
+            except Exception as exc:  # a node answering nonsense is left out, not fatal
+                log.warning("node %d sent a malformed identity: %s", node, exc)
+        return out
+
+    def identify(self, nodes: list[int]) -> None:
+        """Add the END clients among ``nodes`` to ``node_of`` (client id -> node id)."""
+        for node, record in self.identities(nodes).items():
+            try:
+                cid = int(record[protocol.CLIENT_ID_KEY])
+            except Exception as exc:  # a node answering nonsense is left out, not fatal
+                log.warning("node %d sent a malformed identity: %s", node, exc)
+                continue
+            if cid in self.node_of:
+                log.warning("client id %d claimed by nodes %d and %d; keeping the first", cid, self.node_of[cid], node)
+                continue
+            self.node_of[cid] = node
 
     def train(self, server_round: int, clients: list[int], arrays: AdapterState, settings: dict, on_reply: ReplyCallback) -> list[ClientReply]:
         client_of = {self.node_of[c]: c for c in clients}

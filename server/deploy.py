@@ -1,0 +1,343 @@
+"""Start fedlora's tiers as real Flower processes, and stop every one of them again.
+
+Each tier is plain Flower processes (flwr 1.41: one HTTP port per SuperLink for the Fleet,
+Control and runtime APIs):
+
+- **cloud**: a ``flower-superlink`` and a run of this app (``server.app``) with
+  ``mode="cloud"``: its "clients" are the edges' SuperNodes, one per neighbourhood cell.
+- **edge** of neighbourhood cell X: its own ``flower-superlink`` for its END children, a
+  long-lived run of this app on it with ``mode="edge"`` (``server.edge.serve``: takes cell
+  requests from a spool directory and runs each with ``fedlora.cell.run_cell`` over its
+  Grid), and a ``flower-supernode`` connected upward to the parent's SuperLink with node
+  config ``role="edge" cell="X" spool="..."`` (its ClientApp relays the parent's request
+  through the spool and returns the cell's result).
+- **END** client: a ``flower-supernode`` connected to its edge's SuperLink with node config
+  ``partition-id=N num-partitions=M`` -- the same ClientApp as in simulation.
+
+:class:`ProcessGroup` starts processes with their logs in one directory and stops them --
+with every descendant (Flower's SuperLink starts a detached SuperExec, which starts
+``flwr-serverapp``; a SuperNode starts ``flwr-clientapp`` processes) -- on exit, error or
+signal. :class:`Security` is the one place that turns TLS/node-auth settings into Flower
+arguments; only ``--insecure`` exists yet (TLS and SuperNode authentication: issue 5).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+APP_DIR = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+log = logging.getLogger("fedlora")
+
+
+class DeployError(RuntimeError):
+    """A tier could not be started (a process died, a port never opened, a run was refused)."""
+
+
+@dataclass(frozen=True)
+class Security:
+    """How the tiers authenticate and encrypt. Only ``insecure=True`` (plain HTTP on trusted
+    loopback/lab networks) is built; TLS certificates and SuperNode auth keys go here."""
+
+    insecure: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.insecure:
+            raise DeployError("TLS and SuperNode authentication are not built yet (issue 5): pass --insecure")
+
+    def superlink_args(self) -> list[str]:
+        return ["--insecure"]
+
+    def supernode_args(self) -> list[str]:
+        return ["--insecure"]
+
+    def connection_toml(self) -> str:
+        """The security lines of a ``flwr`` CLI SuperLink connection."""
+        return "insecure = true\n"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_port(address: str, timeout_s: float = 60.0, *, proc: subprocess.Popen | None = None) -> None:
+    """Wait until ``host:port`` accepts connections (or the process serving it died)."""
+    host, _, port = address.rpartition(":")
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise DeployError(f"{' '.join(proc.args[:2])} exited with code {proc.returncode} before {address} opened")
+        try:
+            with socket.create_connection((host or "127.0.0.1", int(port)), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise DeployError(f"nothing listens on {address} after {timeout_s:.0f}s")
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    """Environment for one Flower process: its own FLWR_HOME, no telemetry, no `uv sync`,
+    this venv first on PATH (Flower starts its helpers by name), this checkout importable."""
+    env = dict(os.environ)
+    env.update(
+        FLWR_HOME=str(home),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        PYTHONPATH=os.pathsep.join(p for p in (str(APP_DIR), env.get("PYTHONPATH", "")) if p),
+    )
+    return env
+
+
+def toml_pairs(values: dict) -> str:
+    """``k1="v" k2=3``: Flower's --node-config / --run-config syntax."""
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
+
+
+def _descendants(pids: list[int]) -> list[int]:
+    """Every live process below ``pids`` (Flower detaches some of its helpers into new sessions)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], list(pids)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+class ProcessGroup:
+    """Processes started for one tier (or one test), stopped together, descendants included."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.seen: set[int] = set()  # every pid ever found in the tree, to check nothing is left
+
+    def start(self, name: str, argv: list[str], env: dict[str, str], cwd: Path = APP_DIR) -> subprocess.Popen:
+        if name in self.procs:
+            raise DeployError(f"process name {name!r} used twice")
+        out = open(self.log_dir / f"{name}.log", "ab")
+        log.info("starting %s: %s (log %s)", name, shlex.join(argv), out.name)
+        proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        out.close()
+        self.procs[name] = proc
+        self.seen.add(proc.pid)
+        return proc
+
+    def check(self) -> None:
+        """Raise if a process of the group has exited."""
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise DeployError(f"{name} exited with code {proc.returncode}; see {self.log_dir / (name + '.log')}")
+
+    def tree(self) -> list[int]:
+        pids = [p.pid for p in self.procs.values()]
+        found = [p for p in pids + _descendants(pids) if _alive(p)]
+        self.seen.update(found)
+        return found
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM every process and descendant (newest first), SIGKILL what is left after ``grace_s``."""
+        pids = self.tree()
+        for pid in reversed(pids):
+            _signal(pid, signal.SIGTERM)
+        deadline = time.time() + grace_s
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                pass
+        while time.time() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.1)
+        for pid in pids + _descendants(pids):
+            if _alive(pid):
+                log.warning("pid %d did not stop on SIGTERM; killing it", pid)
+                _signal(pid, signal.SIGKILL)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def leftovers(self) -> list[int]:
+        """Pids this group started (or saw below them) that still run."""
+        return sorted(p for p in self.seen if _alive(p))
+
+    def __enter__(self) -> ProcessGroup:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# --- the Flower processes of each tier ----------------------------------------------------
+
+
+def start_superlink(group: ProcessGroup, name: str, listen: str, home: Path, security: Security) -> subprocess.Popen:
+    """A SuperLink serving ``listen`` (host:port) for SuperNodes and the ``flwr`` CLI."""
+    host, _, port = listen.rpartition(":")
+    home.mkdir(parents=True, exist_ok=True)
+    argv = [str(BIN / "flower-superlink"), *security.superlink_args(), "--isolation", "subprocess",
+            "--host", host or "0.0.0.0", "--port", port, "--disable-runtime-dependency-installation"]
+    proc = group.start(name, argv, flower_env(home))
+    wait_port(_local(listen), proc=proc)
+    return proc
+
+
+def start_supernode(group: ProcessGroup, name: str, superlink: str, node_config: dict, home: Path,
+                    security: Security, *, port: int | None = None) -> subprocess.Popen:
+    """A SuperNode connected to ``superlink``, running fedlora's ClientApp with ``node_config``."""
+    home.mkdir(parents=True, exist_ok=True)
+    argv = [str(BIN / "flower-supernode"), *security.supernode_args(), "--superlink", superlink,
+            "--node-config", toml_pairs(node_config), "--port", str(port or free_port())]
+    # No --max-retries: a SuperNode keeps retrying, so an edge may come up after its children.
+    return group.start(name, argv, flower_env(home))
+
+
+def connection_file(home: Path, name: str, address: str, security: Security) -> None:
+    """The ``flwr`` CLI's config (``$FLWR_HOME/config.toml``) with one SuperLink connection."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n{security.connection_toml()}'
+    )
+
+
+def submit_run(home: Path, connection: str, run_config: dict, *, app_dir: Path = APP_DIR) -> int:
+    """Start a run of this app on a SuperLink (``flwr run --format json``); return its run id."""
+    argv = [str(BIN / "flwr"), "run", str(app_dir), connection, "--format", "json",
+            "--run-config", toml_pairs(run_config)]
+    out = subprocess.run(argv, env=flower_env(home), cwd=app_dir, capture_output=True, text=True, timeout=120)
+    try:
+        payload = json.loads(out.stdout[out.stdout.index("{"):])
+        if payload.get("success"):
+            return int(payload["run-id"])
+    except (ValueError, KeyError):
+        pass
+    raise DeployError(f"`flwr run` on {connection} failed ({out.returncode}): {(out.stdout + out.stderr)[-2000:]}")
+
+
+def stream_run(home: Path, connection: str, run_config: dict, log_file: Path, *, app_dir: Path = APP_DIR,
+               timeout_s: float | None = None) -> int:
+    """Start a run and follow its log until it ends (``flwr run --stream``); return the exit code."""
+    argv = [str(BIN / "flwr"), "run", str(app_dir), connection, "--stream", "--run-config", toml_pairs(run_config)]
+    with open(log_file, "ab") as out:
+        proc = subprocess.Popen(argv, env=flower_env(home), cwd=app_dir, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            return proc.wait(timeout=timeout_s)
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=10)
+
+
+# --- the roles, as `fedlora cloud|edge|end` run them -------------------------------------
+
+
+class Stop(Exception):
+    """SIGTERM/SIGINT arrived: stop the tier's processes and leave."""
+
+
+def _stop_on_signals() -> None:
+    def handler(signum, frame):
+        raise Stop(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _keep_running(group: ProcessGroup, what: str) -> None:
+    """Block until a signal or until one of the tier's processes dies."""
+    log.info("%s running; stop with Ctrl-C or SIGTERM (logs in %s)", what, group.log_dir)
+    while True:
+        group.check()
+        time.sleep(1.0)
+
+
+def run_cloud(cfg, run_dir: Path, listen: str, work_dir: Path, security: Security, *,
+              resume: bool = False, timeout_s: float | None = None) -> int:
+    """The cloud tier for one federation: its SuperLink, then a ``mode="cloud"`` run on it,
+    followed until it ends; the SuperLink stops afterwards. Returns the run's exit code."""
+    from fedlora.config import save_yaml
+
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        save_yaml(cfg, run_dir / "config.yaml")
+    home = work_dir / "flwr-home"
+    _stop_on_signals()
+    with ProcessGroup(work_dir / "logs") as group:
+        start_superlink(group, "superlink", listen, home, security)
+        connection_file(home, "cloud", _local(listen), security)
+        log.info("cloud SuperLink on %s; run directory %s (waiting for the edges)", listen, run_dir)
+        run_config = {"mode": "cloud", "config-file": str(run_dir / "config.yaml"), "run-dir": str(run_dir), "resume": resume}
+        return stream_run(home, "cloud", run_config, group.log_dir / "run.log", timeout_s=timeout_s)
+
+
+def run_edge(cell: str, parent: str, listen: str, work_dir: Path, security: Security) -> None:
+    """One edge aggregator until stopped: its SuperLink for END clients, the edge service run
+    on it, and a SuperNode connected upward to ``parent``."""
+    work_dir = Path(work_dir).resolve()
+    spool = work_dir / "spool"
+    (spool / "stop").unlink(missing_ok=True)
+    _stop_on_signals()
+    with ProcessGroup(work_dir / "logs") as group:
+        try:
+            start_superlink(group, "superlink", listen, work_dir / "flwr-home", security)
+            connection_file(work_dir / "flwr-home", "edge", _local(listen), security)
+            run_id = submit_run(work_dir / "flwr-home", "edge", {"mode": "edge", "cell": cell, "spool": str(spool)})
+            log.info("edge %s: SuperLink on %s, service run %d", cell, listen, run_id)
+            start_supernode(group, "supernode", parent, {"role": "edge", "cell": cell, "spool": str(spool)},
+                            work_dir / "supernode-home", security)
+            _keep_running(group, f"edge {cell} (parent {parent}, children on {listen})")
+        finally:
+            spool.mkdir(parents=True, exist_ok=True)
+            (spool / "stop").touch()  # the service run ends cleanly if it still can
+
+
+def run_end(partition_id: int, num_partitions: int, edge: str, work_dir: Path, security: Security) -> None:
+    """One END client until stopped: a SuperNode connected to its edge's SuperLink."""
+    _stop_on_signals()
+    with ProcessGroup(Path(work_dir) / "logs") as group:
+        start_supernode(group, "supernode", edge, {"partition-id": partition_id, "num-partitions": num_partitions},
+                        Path(work_dir).resolve() / "flwr-home", security)
+        _keep_running(group, f"END client {partition_id} (edge {edge})")
+
+
+def _local(listen: str) -> str:
+    """The address a process on this machine reaches a SuperLink listening on ``listen`` at."""
+    host, _, port = listen.rpartition(":")
+    return f"{'127.0.0.1' if host in ('', '0.0.0.0') else host}:{port}"

@@ -1,0 +1,351 @@
+"""Edge (neighbourhood) aggregators as real processes: the three pieces of Flower glue.
+
+An edge for neighbourhood cell X is a SuperNode of its parent's SuperLink and, at the same
+time, the SuperLink of its END children (``server/deploy.py`` starts both). Its two halves
+meet in a *spool* directory on the edge machine:
+
+- :func:`relay` (the edge SuperNode's ClientApp, ``role="edge"``): takes the cloud's
+  cell request bytes, drops them in the spool and answers with the result bytes the edge
+  service leaves there (or an error the cloud turns into "cell dropped").
+- :func:`serve` (a long-lived ``mode="edge"`` run of the ServerApp on the edge's own
+  SuperLink): takes each request from the spool and runs it with
+  :func:`fedlora.cell.run_cell` over its Grid (:class:`ChildTransport`) -- the same call the
+  simulation makes in-process -- so the cell's sum is formed on the edge and only one
+  message per cell crosses the backhaul. A long-lived run pays Flower's run start (FAB
+  install, ``flwr-serverapp`` process, imports) once, not every round, and identifies
+  its children once (new ones as they connect).
+- :class:`EdgeCellRunner` (the cloud ServerApp, ``mode="cloud"``): a
+  :class:`fedlora.federation.CellRunner` that sends each cell's request to the SuperNode of
+  that cell's edge and decodes the replies. A missing, failed or malformed edge reply drops
+  that cell's clients with the reason; the round goes on with the other cells.
+
+Which END clients sit under which edge is the topology's (``build_tree`` with the run's
+seed), as in simulation; an END client not connected to the edge it is asked through is
+dropped ("not connected"). The network model's simulated deadline (``topology.deadline_s``)
+is a simulation concept and is not applied here: a deployment has the real round timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedlora import protocol
+from fedlora.cell import DROPPED, CellRequest, CellResult, ClientReply, ClientStatus, run_cell
+from fedlora.topology import CellTree
+from server.transport import POLL_S, FlowerTransport, short_reason
+
+log = logging.getLogger("fedlora")
+HEARTBEAT_S = 2.0  # the edge service touches its heartbeat file this often
+STALE_S = 30.0  # a relay gives up on an edge service whose heartbeat is older than this
+# Time the cloud allows an edge beyond the round timeout (finding its children, relaying).
+EDGE_MARGIN_S = 60.0
+
+
+class EdgeError(RuntimeError):
+    """An edge could not run a cell request (service down, timeout, bad request)."""
+
+
+# --- the spool: relay (ClientApp process) <-> service (ServerApp process) on one edge -----
+
+
+class Spool:
+    """Request/result files in one directory; every file appears atomically (write + rename)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        for sub in ("requests", "claimed", "results", "tmp"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    def _put(self, sub: str, name: str, data: bytes) -> None:
+        tmp = self.root / "tmp" / f"{name}.{os.getpid()}"
+        tmp.write_bytes(data)
+        os.replace(tmp, self.root / sub / name)
+
+    # relay side
+    def submit(self, key: str, data: bytes) -> None:
+        self._put("requests", f"{key}.req", data)
+
+    def wait(self, key: str, timeout_s: float) -> bytes:
+        """The result bytes for ``key``; EdgeError on an error result, timeout or dead service."""
+        deadline = time.time() + timeout_s
+        res, err = self.root / "results" / f"{key}.res", self.root / "results" / f"{key}.err"
+        while time.time() < deadline:
+            for path in (res, err):
+                if path.exists():
+                    data = path.read_bytes()
+                    path.unlink()
+                    if path is err:
+                        raise EdgeError(data.decode(errors="replace"))
+                    return data
+            if not self.alive():
+                self.cancel(key)
+                raise EdgeError(f"the edge service is not running (no heartbeat in {self.root} for {STALE_S:.0f}s)")
+            time.sleep(POLL_S)
+        self.cancel(key)
+        raise EdgeError(f"no cell result within {timeout_s:.0f}s")
+
+    def cancel(self, key: str) -> None:
+        (self.root / "requests" / f"{key}.req").unlink(missing_ok=True)
+
+    def alive(self) -> bool:
+        beat = self.root / "heartbeat"
+        return beat.exists() and time.time() - beat.stat().st_mtime < STALE_S
+
+    # service side
+    def beat(self) -> None:
+        self._put(".", "heartbeat", str(os.getpid()).encode())
+
+    def claim(self) -> tuple[str, bytes] | None:
+        """The oldest waiting request (key, bytes), moved out of ``requests/``; None if none."""
+        waiting = sorted((self.root / "requests").glob("*.req"), key=lambda p: p.stat().st_mtime)
+        for path in waiting:
+            claimed = self.root / "claimed" / path.name
+            try:
+                os.replace(path, claimed)
+            except FileNotFoundError:  # cancelled meanwhile
+                continue
+            data = claimed.read_bytes()
+            claimed.unlink()
+            return path.name[: -len(".req")], data
+        return None
+
+    def answer(self, key: str, result: bytes | None = None, error: str | None = None) -> None:
+        if error is not None:
+            self._put("results", f"{key}.err", error.encode())
+        else:
+            self._put("results", f"{key}.res", result)
+
+    def stopping(self) -> bool:
+        return (self.root / "stop").exists()
+
+
+# --- edge ClientApp side (role="edge" in the SuperNode's node config) -----------------------
+
+
+def is_edge(node_config) -> bool:
+    return str(node_config.get(protocol.ROLE_KEY, "")) == protocol.EDGE_ROLE
+
+
+def _edge_setting(node_config, key: str) -> str:
+    value = str(node_config.get(key, "") or "")
+    if not value:
+        raise ValueError(f"this edge SuperNode has no {key!r} in its node config (--node-config '{key}=...')")
+    return value
+
+
+def identity(msg: Message, node_config) -> Message:
+    """An edge tells its parent which cell it aggregates."""
+    record = ConfigRecord({protocol.ROLE_KEY: protocol.EDGE_ROLE, protocol.CELL_KEY: _edge_setting(node_config, "cell")})
+    return Message(RecordDict({protocol.IDENTITY: record}), reply_to=msg)
+
+
+def relay(msg: Message, node_config) -> Message:
+    """Hand the parent's cell request to this edge's service; answer with the cell's result."""
+    spool = Spool(_edge_setting(node_config, "spool"))
+    record = msg.content[protocol.CELL]
+    data = bytes(record[protocol.CELL_REQUEST_KEY])
+    timeout_s = float(record[protocol.CELL_TIMEOUT_KEY])
+    key = f"{msg.metadata.run_id}-{msg.metadata.message_id[:16]}"
+    spool.submit(key, data)
+    result = spool.wait(key, timeout_s)
+    return Message(RecordDict({protocol.CELL: ConfigRecord({protocol.CELL_RESULT_KEY: result})}), reply_to=msg)
+
+
+# --- edge service: the long-lived ServerApp run on the edge's own SuperLink -----------------
+
+
+class ChildTransport(FlowerTransport):
+    """The edge's END children through its Grid; they may connect and leave at any time."""
+
+    def __init__(self, grid: Grid, *, timeout_s: float = 600.0, connect_timeout_s: float = 60.0):
+        super().__init__(grid, expected_clients=0, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
+        self.others: set[int] = set()  # nodes that answered but are no END client
+
+    def find(self, wanted: list[int], wait_s: float) -> None:
+        """Identify newly connected nodes until every wanted client is known or ``wait_s`` passed."""
+        deadline = time.time() + wait_s
+        while True:
+            nodes = set(self.grid.get_node_ids())
+            self.node_of = {c: n for c, n in self.node_of.items() if n in nodes}
+            new = sorted(nodes - set(self.node_of.values()) - self.others)
+            if new:
+                self.identify(new)
+                self.others |= set(new) - set(self.node_of.values())
+            if set(wanted) <= set(self.node_of) or time.time() >= deadline:
+                return
+            time.sleep(0.5)
+
+    def train(self, server_round, clients, arrays, settings, on_reply):
+        here = [c for c in clients if c in self.node_of]
+        replies = super().train(server_round, here, arrays, settings, on_reply) if here else []
+        for cid in clients:
+            if cid not in self.node_of:
+                reply = ClientReply(cid, error="not connected to this edge's SuperLink")
+                on_reply(reply)
+                replies.append(reply)
+        return replies
+
+
+def serve(grid: Grid, cell: str, spool_dir: str | Path, *, connect_timeout_s: float = 60.0) -> int:
+    """Run cell requests from the spool until a ``stop`` file appears; return how many ran."""
+    spool = Spool(spool_dir)
+    transport = ChildTransport(grid, connect_timeout_s=connect_timeout_s)
+    log.info("edge %s: serving cell requests from %s", cell, spool.root)
+    served, last_beat = 0, 0.0
+    while not spool.stopping():
+        if time.time() - last_beat > HEARTBEAT_S:
+            spool.beat()
+            last_beat = time.time()
+        job = spool.claim()
+        if job is None:
+            time.sleep(POLL_S)
+            continue
+        key, data = job
+        t0 = time.perf_counter()
+        try:
+            request = CellRequest.from_bytes(data)
+            result = run_request(request, cell, transport, spool)
+        except Exception as exc:  # a bad request fails that request, not the edge
+            log.warning("edge %s: request %s failed: %s: %s", cell, key, type(exc).__name__, exc)
+            spool.answer(key, error=f"edge {cell}: {type(exc).__name__}: {exc}")
+            continue
+        spool.answer(key, result.to_bytes())
+        served += 1
+        log.info("edge %s: round %d done in %.1fs: %d of %d client(s) accepted", cell, request.server_round,
+                 time.perf_counter() - t0, len(result.accepted), len(result.clients))
+    return served
+
+
+def run_request(request: CellRequest, cell: str, transport: ChildTransport, spool: Spool) -> CellResult:
+    if request.cell != cell:
+        raise EdgeError(f"asked for cell {request.cell!r}, but this edge aggregates {cell!r}")
+    transport.timeout_s = float(request.settings.get("config", {}).get("federation", {}).get("round_timeout_s", 600.0))
+    spool.beat()
+    transport.find(request.clients, transport.connect_timeout_s)
+    return run_cell(request, transport)
+
+
+# --- cloud side ------------------------------------------------------------------------------
+
+
+class EdgeCellRunner:
+    """The cloud's CellRunner when the neighbourhood cells are edge processes (``mode="cloud"``).
+
+    Also the cloud's client list: the END clients the topology places under a connected edge.
+    """
+
+    def __init__(self, grid: Grid, tree: CellTree, *, timeout_s: float, connect_timeout_s: float = 120.0):
+        self.tree = tree
+        self.link = FlowerTransport(grid, expected_clients=0, timeout_s=timeout_s + EDGE_MARGIN_S,
+                                    connect_timeout_s=connect_timeout_s)
+        self.grid = grid
+        self.round_timeout_s = timeout_s
+        self.node_of: dict[str, int] = {}  # neighbourhood cell -> edge SuperNode
+
+    def find_edges(self) -> None:
+        cells = set(self.tree.tier("neighbourhood"))
+        if not cells:
+            raise EdgeError("mode=cloud needs a tree topology with neighbourhood cells (topology=small6g or city)")
+        deadline = time.time() + self.link.connect_timeout_s
+        asked: set[int] = set()
+        while True:
+            nodes = set(self.grid.get_node_ids())
+            self.node_of = {c: n for c, n in self.node_of.items() if n in nodes}
+            new = sorted(nodes - asked)
+            asked |= set(new)
+            for node, record in (self.link.identities(new) if new else {}).items():
+                try:
+                    role, cell = str(record[protocol.ROLE_KEY]), str(record[protocol.CELL_KEY])
+                except Exception:
+                    role, cell = "", ""
+                if role != protocol.EDGE_ROLE or cell not in cells:
+                    log.warning("node %d is not an edge of this topology (role %r, cell %r); ignored", node, role, cell)
+                elif cell in self.node_of:
+                    log.warning("cell %s claimed by edges %d and %d; keeping the first", cell, self.node_of[cell], node)
+                else:
+                    self.node_of[cell] = node
+            if set(self.node_of) >= cells or time.time() >= deadline:
+                break
+            time.sleep(0.5)
+        missing = sorted(cells - set(self.node_of))
+        if missing:
+            log.warning("no edge connected for cell(s) %s; their clients cannot train", ", ".join(missing))
+        log.info("edges: %s", ", ".join(f"{c} (node {n})" for c, n in sorted(self.node_of.items())) or "none")
+
+    def clients(self) -> list[int]:
+        self.find_edges()
+        return [c for c, leaf in sorted(self.tree.initial.items()) if self.tree.neighbourhood_of(leaf) in self.node_of]
+
+    def run(self, requests: list[CellRequest], *, late=None, on_reply=None) -> list[CellResult]:
+        results: dict[str, CellResult] = {}
+        messages, cell_of_node = [], {}
+        for request in requests:
+            node = self.node_of.get(request.cell)
+            if node is None:
+                results[request.cell] = dropped(request, f"no edge connected for cell {request.cell}")
+                continue
+            record = ConfigRecord({protocol.CELL_REQUEST_KEY: request.to_bytes(),
+                                   protocol.CELL_TIMEOUT_KEY: float(self.round_timeout_s)})
+            messages.append(Message(RecordDict({protocol.CELL: record}), node, MessageType.TRAIN,
+                                    group_id=str(request.server_round)))
+            cell_of_node[node] = request
+        for msg in self.link._exchange(messages, self.link.timeout_s, None) if messages else []:
+            request = cell_of_node.get(msg.metadata.src_node_id)
+            if request is not None:
+                results[request.cell] = decode_result(request, msg)
+        out = []
+        for request in requests:
+            result = results.get(request.cell) or dropped(request, f"edge {request.cell}: no reply before the timeout")
+            for cid, status in sorted(result.clients.items()):
+                if on_reply is not None and status.status == DROPPED:
+                    on_reply(ClientReply(cid, error=status.reason))
+            out.append(result)
+        return out
+
+
+def dropped(request: CellRequest, reason: str) -> CellResult:
+    """A cell whose edge gave no usable answer: every client dropped with ``reason``."""
+    log.warning("round %d: %s", request.server_round, reason)
+    return CellResult(request.cell, {c: ClientStatus(c, DROPPED, reason) for c in request.clients})
+
+
+def decode_result(request: CellRequest, msg: Message) -> CellResult:
+    """An edge's reply as a CellResult; an error or anything malformed drops the cell's clients."""
+    if msg.has_error():
+        return dropped(request, f"edge {request.cell} failed: {short_reason(msg.error.reason)}")
+    try:
+        result = CellResult.from_bytes(bytes(msg.content[protocol.CELL][protocol.CELL_RESULT_KEY]))
+    except Exception as exc:  # malformed or malicious bytes must not stop the run
+        return dropped(request, f"edge {request.cell} sent a malformed result: {type(exc).__name__}: {exc}")
+    reason = check_result(request, result)
+    return dropped(request, f"edge {request.cell} sent an unusable result: {reason}") if reason else result
+
+
+def check_result(request: CellRequest, result: CellResult) -> str | None:
+    """Why an edge's result cannot be merged into the tree sum, or None when it can."""
+    if result.cell != request.cell or sorted(result.clients) != sorted(request.clients):
+        return f"it is for cell {result.cell!r} / clients {sorted(result.clients)}, not the ones asked"
+    accepted = [result.clients[c] for c in result.accepted]
+    if result.plain is None:
+        return "accepted clients but no sum" if accepted else None
+    total = result.plain
+    if total.count != len(accepted):
+        return f"the sum counts {total.count} update(s) but {len(accepted)} client(s) are accepted"
+    examples = sum(s.num_examples or 0.0 for s in accepted)
+    if not (total.weight > 0 and math.isclose(total.weight, examples, rel_tol=1e-9)):
+        return f"the sum's weight {total.weight!r} is not the accepted clients' {examples!r} examples"
+    if sorted(total.total) != sorted(request.expected):
+        return "the sum's tensors are not the adapter's"
+    for key, shape in request.expected.items():
+        value = total.total[key]
+        if tuple(value.shape) != tuple(shape) or value.dtype.kind != "f" or not np.isfinite(value).all():
+            return f"tensor {key!r} has shape {value.shape}, dtype {value.dtype} or non-finite values"
+    return None
