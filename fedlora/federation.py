@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -21,13 +20,15 @@ import numpy as np
 from fedlora import adapters, report
 from fedlora.adapters import AdapterState
 from fedlora.aggregation import make_strategy
+from fedlora.cell import (ACCEPTED, LATE, CellRequest, CellResult, ClientReply, LateCallback, ReplyCallback, Transport,
+                          reject_reason, run_cells)
 from fedlora.config import FederationConfig, FedLoraConfig, save_yaml
 from fedlora.data import eval_examples, tokenize
 from fedlora.device import initial_adapter, lora_model, round_settings, stable_seed, train_round
 from fedlora.mobility import assignment_at, next_assignment
 from fedlora.model import resolve_model_dir
 from fedlora.netsim import simulate_round, unavailable
-from fedlora.topology import CellModels, aggregate_tree, build_tree
+from fedlora.topology import CLOUD, CellModels, TreeSums, build_tree, merge_up
 from fedlora.progress import Progress
 from fedlora.train import evaluate
 
@@ -37,28 +38,29 @@ class FederationError(RuntimeError):
     """The run cannot go on (not enough clients, inconsistent run directory)."""
 
 
-@dataclass
-class ClientReply:
-    """What came back from one client: its update and metrics, or why there is none."""
+class CellRunner(Protocol):
+    """Runs the round's neighbourhood cells and returns their results, one per request, in order.
 
-    client: int
-    update: Any = None
-    metrics: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None
-    bytes_up: int = 0
+    :class:`LocalCellRunner` runs them in this process; a deployment sends each request to
+    the cell's edge-aggregator process, which calls :func:`fedlora.cell.run_cell` there.
+    ``late`` and ``on_reply`` are hints a remote runner may apply on its side or ignore.
+    """
 
-
-ReplyCallback = Callable[[ClientReply], None]
+    def run(self, requests: list[CellRequest], *, late: LateCallback | None = None,
+            on_reply: ReplyCallback | None = None) -> list[CellResult]: ...
 
 
-class Transport(Protocol):
+class LocalCellRunner:
+    """Every cell in this process over one transport (simulation, tests, a single server)."""
+
+    def __init__(self, transport: Transport):
+        self.transport = transport
+
     def clients(self) -> list[int]:
-        """Ids (partition ids) of the clients that can be asked to train."""
+        return self.transport.clients()
 
-    def train(
-        self, server_round: int, clients: list[int], arrays: AdapterState, settings: dict, on_reply: ReplyCallback
-    ) -> list[ClientReply]:
-        """Ask each client to train from ``arrays``; return the replies that arrived."""
+    def run(self, requests, *, late=None, on_reply=None):
+        return run_cells(requests, self.transport, late=late, on_reply=on_reply)
 
 
 class InProcessTransport:
@@ -95,13 +97,6 @@ def sample_clients(available: list[int], fed: FederationConfig, seed: int, serve
     return sorted(int(c) for c in rng.choice(sorted(available), size=k, replace=False))
 
 
-def reject_reason(reply: ClientReply, expected: dict[str, tuple[int, ...]]) -> str | None:
-    """Why a reply cannot be aggregated, or None when it can."""
-    if reply.error:
-        return reply.error
-    return adapters.check_count(reply.metrics.get("num_examples")) or adapters.check_update(reply.update, expected)
-
-
 def run_federation(
     cfg: FedLoraConfig,
     run_dir: str | Path,
@@ -109,9 +104,16 @@ def run_federation(
     *,
     resume: bool = False,
     progress: Progress | None = None,
+    runner: CellRunner | None = None,
 ) -> dict:
-    """Run (or resume) the configured rounds; fill ``run_dir``; return the summary."""
+    """Run (or resume) the configured rounds; fill ``run_dir``; return the summary.
+
+    ``transport`` names the clients that can train; ``runner`` runs each round's cells
+    (default: :class:`LocalCellRunner` over ``transport``, in this process).
+    """
     run_dir = Path(run_dir)
+    runner = runner or LocalCellRunner(transport)
+    run_id = run_dir.resolve().name
     progress = progress or Progress()
     started = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -177,38 +179,42 @@ def run_federation(
             progress.client_done(reply.client, reason is None, detail)
 
         settings = round_settings(cfg, server_round, client_settings)
-        replies = []
-        # Between cloud syncs (HierFAVG) each neighbourhood's clients start from its cell model.
-        for group, start in _start_groups(training, cell_of, cells, global_state, hierfavg):
-            replies += transport.train(server_round, group, {k: start[k] for k in trainable}, settings, on_reply)
-        usable, dropped, losses = {}, [{"client": c, "reason": why} for c, why in off.items()], []
-        answered = set()
-        for reply in sorted(replies, key=lambda r: r.client):
-            answered.add(reply.client)
-            reason = reject_reason(reply, expected)
-            if reason is not None:
-                log.warning("round %d: dropped client %d: %s", server_round, reply.client, reason)
-                dropped.append({"client": reply.client, "reason": reason})
-                continue
-            usable[reply.client] = reply
-        for cid in training:
-            if cid not in answered:
-                dropped.append({"client": cid, "reason": "no reply before the round timeout"})
         sync = not hierfavg or tree.syncs_with_cloud(server_round) or server_round == cfg.federation.rounds
+
+        def late(usable: dict[int, ClientReply], server_round=server_round, cell_of=cell_of, sync=sync, sent=sent):
+            """The network model's deadline verdict on one cell's usable replies."""
+            net = simulate_round(tree, cell_of, server_round, selected=list(usable),
+                                 train_s={c: float(r.metrics.get("train_seconds", 0.0)) for c, r in usable.items()},
+                                 adapter_bytes=adapters.nbytes(sent), up_bytes={c: r.bytes_up for c, r in usable.items()},
+                                 seed=cfg.seed, cloud_sync=sync)
+            return {c: why for c, why in net.stragglers.items() if c in usable}
+
+        requests = [
+            CellRequest(run_id, server_round, cell, group, start, settings, expected)
+            for cell, group, start in _cell_groups(training, cell_of, cells, sent, trainable, hierfavg)
+        ]
+        results = runner.run(requests, late=late, on_reply=on_reply)
+        dropped = [{"client": c, "reason": why} for c, why in off.items()]
+        statuses = {c: st for res in results for c, st in res.clients.items()}
+        dropped += [{"client": c, "reason": st.reason} for c, st in statuses.items() if st.status != ACCEPTED]
+        for c, st in sorted(statuses.items()):
+            if st.status not in (ACCEPTED, LATE):
+                log.warning("round %d: dropped client %d: %s", server_round, c, st.reason)
+        usable = {c: st for c, st in statuses.items() if st.status in (ACCEPTED, LATE)}
         net = simulate_round(
             tree, cell_of, server_round, selected=selected,
-            train_s={c: float(r.metrics.get("train_seconds", 0.0)) for c, r in usable.items()},
-            adapter_bytes=adapters.nbytes(sent), up_bytes={c: r.bytes_up for c, r in usable.items()},
+            train_s={c: float(st.train_seconds or 0.0) for c, st in usable.items()},
+            adapter_bytes=adapters.nbytes(sent), up_bytes={c: st.bytes_up for c, st in usable.items()},
             seed=cfg.seed, cloud_sync=sync,
         )
-        dropped += [{"client": c, "reason": why} for c, why in net.stragglers.items() if c not in off]
-        kept = {c: (usable[c].update, float(usable[c].metrics["num_examples"])) for c in sorted(net.survivors)}
-        losses = [(float(usable[c].metrics.get("train_loss", float("nan"))), n) for c, (_, n) in kept.items()]
+        kept = {c: float(st.num_examples) for c, st in sorted(statuses.items()) if st.status == ACCEPTED}
+        cell_sums = {res.cell: res.plain for res in results if res.plain is not None}
+        metric_sums = {k: sum(res.metrics.get(k, 0.0) for res in results) for k in ("num_examples", "train_loss")}
         if hierfavg:
-            cells.absorb(aggregate_tree(tree, kept, cell_of, to_cloud=False), global_state)
+            cells.absorb(TreeSums(cells=cell_sums), global_state)
             total = cells.sync(global_state) if sync else None
         else:
-            total = aggregate_tree(tree, kept, cell_of).cloud
+            total = merge_up(tree, cell_sums).cloud
         aggregated = total is not None and total.count >= cfg.federation.min_clients
         if aggregated:
             global_state = strategy.apply(global_state, total.mean())
@@ -223,16 +229,16 @@ def run_federation(
         eval_s = time.perf_counter() - t_eval
         record = {
             "round": server_round,
-            "train_loss": sum(l * n for l, n in losses) / sum(n for _, n in losses) if losses else None,
+            "train_loss": metric_sums["train_loss"] / metric_sums["num_examples"] if kept else None,
             "eval_loss": round_eval_loss,
             "participants": participants,
             "dropped": sorted(dropped, key=lambda d: d["client"]),
             "aggregated": aggregated,
             "cloud_sync": sync,
-            "num_examples": sum(n for _, n in kept.values()),
+            "num_examples": metric_sums["num_examples"],
             "cell_of": {str(c): cell_of[c] for c in participants},
             **net.record(),
-            "client_train_s": {str(r.client): r.metrics.get("train_seconds") for r in replies if not r.error},
+            "client_train_s": {str(c): st.train_seconds for c, st in sorted(statuses.items()) if st.train_seconds is not None},
             "eval_s": eval_s,
             "wall_s": time.perf_counter() - t0,
         }
@@ -260,14 +266,23 @@ def run_federation(
     return summary
 
 
-def _start_groups(clients, cell_of, cells, global_state, hierfavg):
-    """(clients, adapter they start from): one group, or one per neighbourhood under HierFAVG."""
-    if not hierfavg:
-        return [(list(clients), global_state)] if clients else []
+def _cell_groups(clients, cell_of, cells: CellModels, sent: AdapterState, trainable: list[str], hierfavg: bool):
+    """(neighbourhood cell, its clients, the adapter they start from) for every cell with a
+    client this round: the global adapter (one shared object), or under HierFAVG the
+    neighbourhood's cell model. Flat: one cell, the cloud."""
     groups: dict[str, list[int]] = {}
-    for c in clients:
-        groups.setdefault(cells.tree.neighbourhood_of(cell_of[c]), []).append(c)
-    return [(group, cells.start_from(cell_of[group[0]], global_state)) for _, group in sorted(groups.items())]
+    tree = cells.tree
+    for c in sorted(clients):
+        cell = CLOUD if tree.kind == "flat" else tree.neighbourhood_of(cell_of[c])
+        groups.setdefault(cell, []).append(c)
+    out = []
+    for cell, group in sorted(groups.items()):
+        start = sent
+        if hierfavg:
+            model = cells.start_from(cell, sent)
+            start = sent if model is sent else {k: model[k] for k in trainable}
+        out.append((cell, group, start))
+    return out
 
 
 def _checkpoint(run_dir: Path, server_round: int, state: AdapterState, strategy, base_loss: float, wall_s: float,

@@ -316,6 +316,17 @@ def aggregate_tree(
             raise ValueError(f"client {client} is placed in {cell!r}, which is not a leaf cell of the tree")
         delta, weight = updates[client]
         sums.setdefault(cell, WeightedSum()).add(delta, weight)
+    return merge_up(tree, sums, to_cloud=to_cloud)
+
+
+def merge_up(tree: CellTree, sums: dict[str, WeightedSum], *, to_cloud: bool = True) -> TreeSums:
+    """Merge each cell's sum into its parent's, tier by tier from the bottom, up to the
+    neighbourhoods (``to_cloud=False``) or the cloud: what the edge aggregators above the
+    leaf cells do. ``sums`` (leaf or neighbourhood cell -> sum) is extended in place."""
+    from fedlora.aggregation import WeightedSum
+
+    if tree.kind == "flat":
+        to_cloud = True
     top = "cloud" if to_cloud else "neighbourhood"
     # Bottom-up, one tier at a time, so a parent forwards only once all its children merged.
     for tier in reversed(TIERS[TIERS.index(top) + 1 :]):
@@ -367,12 +378,8 @@ class CellModels:
             w = self.weights[cell]
             total = {k: (model[k].astype(np.float64) - global_state[k]) * w for k in model}
             sums[cell] = WeightedSum(total=total, weight=w, count=self.counts[cell])
-        for tier in ("neighbourhood", "suburban"):
-            for cell_id in self.tree.tier(tier):
-                if cell_id in sums:
-                    sums.setdefault(self.tree.cells[cell_id].parent, WeightedSum()).merge(sums[cell_id])  # type: ignore[arg-type]
         self.models, self.weights, self.counts = {}, {}, {}
-        return sums.get(CLOUD, WeightedSum())
+        return merge_up(self.tree, sums).cloud  # type: ignore[return-value]
 
     def state(self) -> dict[str, np.ndarray]:
         """Cell models and weights to checkpoint (``<cell>/<tensor>``, ``<cell>#weight``, ``<cell>#count``)."""

@@ -188,3 +188,54 @@ def test_sampling_is_seeded_and_respects_minimum():
     assert a == sample_clients(list(range(10)), cfg, seed=1, server_round=4)
     assert len(a) == 3 and len(set(a)) == 3
     assert any(sample_clients(list(range(10)), cfg, seed=1, server_round=r) != a for r in range(5, 10))
+
+
+def test_cell_request_and_result_round_trip_as_safe_bytes_and_refuse_garbage():
+    from fedlora.aggregation import WeightedSum
+    from fedlora.cell import CellRequest, CellResult, CellWireError, ClientStatus
+
+    arrays = {"a.lora_B.weight": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    req = CellRequest("run-1", 3, "neighbourhood-0-1", [4, 7], arrays, {"round": 3, "config": {"x": 1.5}},
+                      {"a.lora_B.weight": (2, 3)})
+    back = CellRequest.from_bytes(req.to_bytes())
+    assert back.clients == [4, 7] and back.settings == req.settings and back.expected == req.expected
+    np.testing.assert_array_equal(back.arrays["a.lora_B.weight"], arrays["a.lora_B.weight"])
+    total = WeightedSum()
+    total.add(arrays, 5.0)
+    res = CellResult("neighbourhood-0-1", {4: ClientStatus(4, "accepted", None, 1.25, 24, 0.5, 5.0),
+                                           7: ClientStatus(7, "dropped", "boom")}, total, {"num_examples": 5.0})
+    got = CellResult.from_bytes(res.to_bytes())
+    assert got.accepted == [4] and got.clients[7].reason == "boom" and got.plain.weight == 5.0
+    np.testing.assert_array_equal(got.plain.total["a.lora_B.weight"], total.total["a.lora_B.weight"])
+    data = req.to_bytes()
+    for bad in (b"", b"\x80\x03}q\x00.", data[:-3], data + b"x", res.to_bytes()):  # pickle, truncated, wrong kind
+        with pytest.raises(CellWireError):
+            CellRequest.from_bytes(bad)
+    from fedlora import wire
+    from fedlora.secure import transcript
+
+    forged = [("a", "<f4", (2, 3), b"\0" * 4),  # an array whose shape disagrees with its bytes
+              ("c", "os.system", (("command", ("s", "true")),)),  # a type that is not a message
+              ("a", "|O", (1,), b"\0" * 8)]  # object arrays are never decoded
+    for value in forged:
+        with pytest.raises(CellWireError):
+            CellRequest.from_bytes(transcript.encode(wire.MAGIC, "cell-request", value))
+
+
+def test_run_cell_drops_bad_and_late_replies_with_reasons(cache_dir):
+    from fedlora.cell import CellRequest, run_cell
+    from fedlora.device import initial_adapter, round_settings
+
+    cfg = tiny_cfg(cache_dir, "federation.num_clients=3")
+    state = initial_adapter(cfg, freeze_a=False)
+    expected = {k: v.shape for k, v in state.items()}
+
+    def corrupt(server_round, reply):
+        return ClientReply(reply.client, error="client error: disk full") if reply.client == 0 else reply
+
+    request = CellRequest("r", 1, "cloud", [0, 1, 2], state, round_settings(cfg, 1, {"proximal_mu": 0.0, "freeze_a": False}),
+                          expected)
+    result = run_cell(request, InProcessTransport(3, fault=corrupt), late=lambda usable: {2: "past the deadline"})
+    assert result.accepted == [1] and result.plain.count == 1
+    assert result.clients[0].reason == "client error: disk full" and result.clients[2].status == "late"
+    assert result.metrics["num_examples"] == result.clients[1].num_examples == result.plain.weight

@@ -1,0 +1,270 @@
+"""One neighbourhood cell's part of a round, as one call: the unit the cloud hands out.
+
+The cloud decides who trains where (:class:`CellRequest`: round, cell, END clients, the
+adapter they start from, the round settings); :func:`run_cell` asks those clients to train
+through a :class:`Transport`, drops every reply that is an error or malformed (with the
+reason), drops stragglers the network model names (``late``), and sums what is left. The
+:class:`CellResult` carries only what the cell forwards upward: the cell's
+:class:`~fedlora.aggregation.WeightedSum` and per-client status (plain mode).
+
+The same call runs in the server process (simulation: ``federation.LocalCellRunner``) or in
+a separate edge-aggregator process (deployment), which receives the request and returns
+the result as bytes: :meth:`CellRequest.to_bytes` / :meth:`CellResult.to_bytes` use the safe
+encoding of :mod:`fedlora.wire` (no pickle; malformed bytes raise :class:`CellWireError`).
+
+:func:`run_cells` runs several cells at once, sending each stage of all of them as one
+exchange (one ``Transport.train`` call for every cell that starts from the same adapter),
+so the clients of different cells train concurrently exactly as before the cell split.
+
+Pure: no Flower, Ray or sockets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from fedlora import adapters, wire
+from fedlora.adapters import AdapterState
+from fedlora.aggregation import WeightedSum
+
+ACCEPTED, LATE, DROPPED = "accepted", "late", "dropped"
+NO_REPLY = "no reply before the round timeout"
+
+
+class CellWireError(wire.WireError):
+    """Bytes that are not a valid cell request/result."""
+
+
+@dataclass
+class ClientReply:
+    """What came back from one client: its update and metrics, or why there is none."""
+
+    client: int
+    update: Any = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    bytes_up: int = 0
+
+
+ReplyCallback = Callable[[ClientReply], None]
+
+
+class Transport(Protocol):
+    def clients(self) -> list[int]:
+        """Ids (partition ids) of the clients that can be asked to train."""
+
+    def train(
+        self, server_round: int, clients: list[int], arrays: AdapterState, settings: dict, on_reply: ReplyCallback
+    ) -> list[ClientReply]:
+        """Ask each client to train from ``arrays``; return the replies that arrived."""
+
+
+def reject_reason(reply: ClientReply, expected: Mapping[str, tuple[int, ...]]) -> str | None:
+    """Why a reply cannot be aggregated, or None when it can."""
+    if reply.error:
+        return reply.error
+    return adapters.check_count(reply.metrics.get("num_examples")) or adapters.check_update(reply.update, dict(expected))
+
+
+@dataclass
+class CellRequest:
+    """What the cloud asks of one neighbourhood cell in one round."""
+
+    run_id: str
+    server_round: int
+    # Neighbourhood cell id (``cloud`` when the topology is flat).
+    cell: str
+    # END clients to train, in id order.
+    clients: list[int]
+    # The adapter they start from (the global one, or the cell model under HierFAVG).
+    arrays: AdapterState
+    # Round settings for the clients (``device.round_settings``).
+    settings: dict
+    # Tensor name -> shape every update must have.
+    expected: dict[str, tuple[int, ...]]
+    # Per-cell secure-session data (privacy=secagg), None in plain mode.
+    secure: Any = None
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.run_id, str) and isinstance(self.cell, str) and bool(self.cell), "run_id/cell must be strings")
+        _check(_is_int(self.server_round) and self.server_round >= 1, f"server_round={self.server_round!r} must be >= 1")
+        _check(isinstance(self.clients, list) and all(_is_int(c) and c >= 0 for c in self.clients),
+               "clients must be a list of client ids")
+        _check(isinstance(self.settings, dict), "settings must be a mapping")
+        _check(_is_state(self.arrays), "arrays must map tensor names to arrays")
+        _check(isinstance(self.expected, dict) and all(isinstance(k, str) and isinstance(v, tuple)
+                                                       for k, v in self.expected.items()), "expected must map names to shapes")
+
+    def to_bytes(self) -> bytes:
+        return wire.dumps(self, "cell-request")
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> CellRequest:
+        return _loads(data, "cell-request", cls)
+
+
+@dataclass
+class ClientStatus:
+    """What happened to one END client of the cell this round."""
+
+    client: int
+    # ACCEPTED (in the sum), LATE (valid but past the deadline) or DROPPED (with ``reason``).
+    status: str
+    reason: str | None = None
+    # Measured local training time; None without a usable reply.
+    train_seconds: float | None = None
+    bytes_up: int = 0
+    # Plain mode only: in secure mode these never leave the device in clear.
+    train_loss: float | None = None
+    num_examples: float | None = None
+
+
+@dataclass
+class CellResult:
+    """What one cell hands upward after a round."""
+
+    cell: str
+    # Client -> what happened to it, every client of the request present.
+    clients: dict[int, ClientStatus]
+    # Plain mode: sum(n_u * delta_u), sum(n_u) over the accepted clients (None if none).
+    plain: WeightedSum | None = None
+    # Sums over the accepted clients: num_examples and train_loss * num_examples (plain mode).
+    metrics: dict[str, float] = field(default_factory=dict)
+    # Secure mode: the session's outcome (masked sum, unmask bundle, what happened per stage).
+    secure: Any = None
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.cell, str) and bool(self.cell), "cell must be a non-empty string")
+        _check(isinstance(self.clients, dict) and all(isinstance(s, ClientStatus) and s.client == c
+                                                      for c, s in self.clients.items()), "clients must map ids to statuses")
+        _check(self.plain is None or (isinstance(self.plain, WeightedSum) and _is_state(self.plain.total)),
+               "plain must be a weighted sum")
+        _check(isinstance(self.metrics, dict) and all(isinstance(v, float) for v in self.metrics.values()),
+               "metrics must map names to floats")
+
+    @property
+    def accepted(self) -> list[int]:
+        return sorted(c for c, s in self.clients.items() if s.status == ACCEPTED)
+
+    def to_bytes(self) -> bytes:
+        return wire.dumps(self, "cell-result")
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> CellResult:
+        return _loads(data, "cell-result", cls)
+
+
+wire.register(CellRequest, CellResult, ClientStatus, WeightedSum)
+
+# ``late(usable)``: the network model's verdict on the cell's usable replies -> client -> reason.
+LateCallback = Callable[[Mapping[int, ClientReply]], Mapping[int, str]]
+
+
+def run_cell(request: CellRequest, transport: Transport, *, late: LateCallback | None = None,
+             on_reply: ReplyCallback | None = None) -> CellResult:
+    """Run one cell's round: train, check, drop stragglers, sum. Never raises for a bad client."""
+    return run_cells([request], transport, late=late, on_reply=on_reply)[0]
+
+
+def run_cells(requests: list[CellRequest], transport: Transport, *, late: LateCallback | None = None,
+              on_reply: ReplyCallback | None = None) -> list[CellResult]:
+    """:func:`run_cell` for several cells of one round, their clients asked together."""
+    if not requests:
+        return []
+    rounds = {r.server_round for r in requests}
+    if len(rounds) != 1:
+        raise ValueError(f"cells of different rounds {sorted(rounds)} cannot run together")
+    seen: set[int] = set()
+    for r in requests:
+        if seen & set(r.clients):
+            raise ValueError(f"clients {sorted(seen & set(r.clients))} are in two cells this round")
+        seen |= set(r.clients)
+    server_round = rounds.pop()
+    replies = _train(requests, transport, server_round, on_reply or (lambda reply: None))
+    return [_plain_result(r, {c: replies[c] for c in r.clients if c in replies}, late) for r in requests]
+
+
+def _train(requests: list[CellRequest], transport: Transport, server_round: int, on_reply: ReplyCallback
+           ) -> dict[int, ClientReply]:
+    """Every cell's clients asked to train; cells starting from the same adapter in one exchange."""
+    groups: dict[int, list[CellRequest]] = {}
+    for r in requests:
+        groups.setdefault(id(r.arrays), []).append(r)
+    replies: dict[int, ClientReply] = {}
+    for group in groups.values():
+        clients = sorted(c for r in group for c in r.clients)
+        if not clients:
+            continue
+        for reply in transport.train(server_round, clients, group[0].arrays, group[0].settings, on_reply):
+            if reply.client in clients and reply.client not in replies:  # one reply per client counts
+                replies[reply.client] = reply
+    return replies
+
+
+def _plain_result(request: CellRequest, replies: Mapping[int, ClientReply], late: LateCallback | None) -> CellResult:
+    statuses: dict[int, ClientStatus] = {}
+    usable: dict[int, ClientReply] = {}
+    for cid in request.clients:
+        reply = replies.get(cid)
+        if reply is None:
+            statuses[cid] = ClientStatus(cid, DROPPED, NO_REPLY)
+            continue
+        reason = reject_reason(reply, request.expected)
+        seconds = None if reply.error else _float(reply.metrics.get("train_seconds"))
+        statuses[cid] = ClientStatus(cid, DROPPED, reason, seconds, reply.bytes_up)
+        if reason is None:
+            usable[cid] = reply
+    stragglers = dict(late(usable)) if late is not None and usable else {}
+    total, examples, loss = WeightedSum(), 0.0, 0.0
+    for cid in sorted(usable):
+        status = statuses[cid]
+        if cid in stragglers:
+            status.status, status.reason = LATE, stragglers[cid]
+            continue
+        reply = usable[cid]
+        n = float(reply.metrics["num_examples"])
+        status.status, status.num_examples = ACCEPTED, n
+        status.train_loss = _float(reply.metrics.get("train_loss"))
+        total.add(reply.update, n)
+        examples += n
+        loss += (status.train_loss if status.train_loss is not None else float("nan")) * n
+    metrics = {"num_examples": examples, "train_loss": loss} if total.count else {}
+    return CellResult(request.cell, statuses, total if total.count else None, metrics)
+
+
+class _Malformed(ValueError):
+    pass
+
+
+def _check(ok: bool, what: str) -> None:
+    if not ok:
+        raise _Malformed(what)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_state(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in value.items())
+
+
+def _float(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _loads(data: bytes, kind: str, cls: type) -> Any:
+    try:
+        value = wire.loads(data, kind)
+    except wire.WireError as exc:
+        raise CellWireError(str(exc)) from None
+    if not isinstance(value, cls):
+        raise CellWireError(f"a {kind} holds a {type(value).__name__}, not a {cls.__name__}")
+    return value
