@@ -3,17 +3,16 @@
 The device's identity is its ``partition-id`` node setting (in simulation Flower sets it;
 on a real device, ``flower-supernode --node-config "partition-id=3 num-partitions=8"``).
 All the work is :func:`fedlora.device.train_round`. A SuperNode whose node config says
-``role="edge"`` is an edge aggregator, not a device: its messages go to ``server/edge.py``.
+``role="edge"`` is an edge aggregator, not a device: its messages go to ``clients/edge.py``.
 """
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.edge import identity as edge_identity
+from clients.edge import is_edge, relay
 from fedlora import protocol
-from fedlora.device import train_round
 from fedlora.progress import quiet_libraries
-from server.edge import identity as edge_identity
-from server.edge import is_edge, relay
 
 quiet_libraries()
 
@@ -39,6 +38,8 @@ def identify(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     if is_edge(context.node_config):
         return relay(msg, context.node_config)
+    from fedlora.device import train_round  # torch only where training happens (Flower: one process per message)
+
     settings = protocol.decode_settings(str(msg.content[protocol.SETTINGS][protocol.SETTINGS_KEY]))
     global_state = {k: a.numpy() for k, a in msg.content[protocol.ADAPTER].items()}
     delta, metrics = train_round(settings, global_state, _client_id(context))

@@ -1,10 +1,10 @@
-"""Edge (neighbourhood) aggregators as real processes: the three pieces of Flower glue.
+"""Edge (neighbourhood) aggregators as real processes: the edge service and the cloud's runner.
 
 An edge for neighbourhood cell X is a SuperNode of its parent's SuperLink and, at the same
 time, the SuperLink of its END children (``server/deploy.py`` starts both). Its two halves
 meet in a *spool* directory on the edge machine:
 
-- :func:`relay` (the edge SuperNode's ClientApp, ``role="edge"``): takes the cloud's
+- ``clients/edge.py`` (the edge SuperNode's ClientApp, ``role="edge"``): takes the cloud's
   cell request bytes, drops them in the spool and answers with the result bytes the edge
   service leaves there (or an error the cloud turns into "cell dropped").
 - :func:`serve` (a long-lived ``mode="edge"`` run of the ServerApp on the edge's own
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
+import threading
 import time
 from pathlib import Path
 
@@ -37,126 +37,15 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from clients.edge import HEARTBEAT_S, EdgeError, Spool
 from fedlora import protocol
 from fedlora.cell import DROPPED, CellRequest, CellResult, ClientReply, ClientStatus, run_cell
 from fedlora.topology import CellTree
 from server.transport import POLL_S, FlowerTransport, short_reason
 
 log = logging.getLogger("fedlora")
-HEARTBEAT_S = 2.0  # the edge service touches its heartbeat file this often
-STALE_S = 30.0  # a relay gives up on an edge service whose heartbeat is older than this
 # Time the cloud allows an edge beyond the round timeout (finding its children, relaying).
 EDGE_MARGIN_S = 60.0
-
-
-class EdgeError(RuntimeError):
-    """An edge could not run a cell request (service down, timeout, bad request)."""
-
-
-# --- the spool: relay (ClientApp process) <-> service (ServerApp process) on one edge -----
-
-
-class Spool:
-    """Request/result files in one directory; every file appears atomically (write + rename)."""
-
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-        for sub in ("requests", "claimed", "results", "tmp"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
-
-    def _put(self, sub: str, name: str, data: bytes) -> None:
-        tmp = self.root / "tmp" / f"{name}.{os.getpid()}"
-        tmp.write_bytes(data)
-        os.replace(tmp, self.root / sub / name)
-
-    # relay side
-    def submit(self, key: str, data: bytes) -> None:
-        self._put("requests", f"{key}.req", data)
-
-    def wait(self, key: str, timeout_s: float) -> bytes:
-        """The result bytes for ``key``; EdgeError on an error result, timeout or dead service."""
-        deadline = time.time() + timeout_s
-        res, err = self.root / "results" / f"{key}.res", self.root / "results" / f"{key}.err"
-        while time.time() < deadline:
-            for path in (res, err):
-                if path.exists():
-                    data = path.read_bytes()
-                    path.unlink()
-                    if path is err:
-                        raise EdgeError(data.decode(errors="replace"))
-                    return data
-            if not self.alive():
-                self.cancel(key)
-                raise EdgeError(f"the edge service is not running (no heartbeat in {self.root} for {STALE_S:.0f}s)")
-            time.sleep(POLL_S)
-        self.cancel(key)
-        raise EdgeError(f"no cell result within {timeout_s:.0f}s")
-
-    def cancel(self, key: str) -> None:
-        (self.root / "requests" / f"{key}.req").unlink(missing_ok=True)
-
-    def alive(self) -> bool:
-        beat = self.root / "heartbeat"
-        return beat.exists() and time.time() - beat.stat().st_mtime < STALE_S
-
-    # service side
-    def beat(self) -> None:
-        self._put(".", "heartbeat", str(os.getpid()).encode())
-
-    def claim(self) -> tuple[str, bytes] | None:
-        """The oldest waiting request (key, bytes), moved out of ``requests/``; None if none."""
-        waiting = sorted((self.root / "requests").glob("*.req"), key=lambda p: p.stat().st_mtime)
-        for path in waiting:
-            claimed = self.root / "claimed" / path.name
-            try:
-                os.replace(path, claimed)
-            except FileNotFoundError:  # cancelled meanwhile
-                continue
-            data = claimed.read_bytes()
-            claimed.unlink()
-            return path.name[: -len(".req")], data
-        return None
-
-    def answer(self, key: str, result: bytes | None = None, error: str | None = None) -> None:
-        if error is not None:
-            self._put("results", f"{key}.err", error.encode())
-        else:
-            self._put("results", f"{key}.res", result)
-
-    def stopping(self) -> bool:
-        return (self.root / "stop").exists()
-
-
-# --- edge ClientApp side (role="edge" in the SuperNode's node config) -----------------------
-
-
-def is_edge(node_config) -> bool:
-    return str(node_config.get(protocol.ROLE_KEY, "")) == protocol.EDGE_ROLE
-
-
-def _edge_setting(node_config, key: str) -> str:
-    value = str(node_config.get(key, "") or "")
-    if not value:
-        raise ValueError(f"this edge SuperNode has no {key!r} in its node config (--node-config '{key}=...')")
-    return value
-
-
-def identity(msg: Message, node_config) -> Message:
-    """An edge tells its parent which cell it aggregates."""
-    record = ConfigRecord({protocol.ROLE_KEY: protocol.EDGE_ROLE, protocol.CELL_KEY: _edge_setting(node_config, "cell")})
-    return Message(RecordDict({protocol.IDENTITY: record}), reply_to=msg)
-
-
-def relay(msg: Message, node_config) -> Message:
-    """Hand the parent's cell request to this edge's service; answer with the cell's result."""
-    spool = Spool(_edge_setting(node_config, "spool"))
-    record = msg.content[protocol.CELL]
-    data = bytes(record[protocol.CELL_REQUEST_KEY])
-    timeout_s = float(record[protocol.CELL_TIMEOUT_KEY])
-    key = f"{msg.metadata.run_id}-{msg.metadata.message_id[:16]}"
-    spool.submit(key, data)
-    result = spool.wait(key, timeout_s)
-    return Message(RecordDict({protocol.CELL: ConfigRecord({protocol.CELL_RESULT_KEY: result})}), reply_to=msg)
 
 
 # --- edge service: the long-lived ServerApp run on the edge's own SuperLink -----------------
@@ -197,13 +86,35 @@ class ChildTransport(FlowerTransport):
 def serve(grid: Grid, cell: str, spool_dir: str | Path, *, connect_timeout_s: float = 60.0) -> int:
     """Run cell requests from the spool until a ``stop`` file appears; return how many ran."""
     spool = Spool(spool_dir)
+    # Flower keeps a ServerApp's output to itself (`flwr log`); the edge's own log file:
+    handler = logging.FileHandler(spool.root / "service.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
     transport = ChildTransport(grid, connect_timeout_s=connect_timeout_s)
     log.info("edge %s: serving cell requests from %s", cell, spool.root)
-    served, last_beat = 0, 0.0
-    while not spool.stopping():
-        if time.time() - last_beat > HEARTBEAT_S:
+    done = threading.Event()
+
+    def heartbeat() -> None:  # alive while busy with a long cell round, too
+        while True:
             spool.beat()
-            last_beat = time.time()
+            if done.wait(HEARTBEAT_S):
+                return
+
+    threading.Thread(target=heartbeat, name="edge-heartbeat", daemon=True).start()
+    served = 0
+    try:
+        served = _serve_loop(cell, spool, transport)
+    finally:
+        done.set()
+        (spool.root / "heartbeat").unlink(missing_ok=True)  # waiting relays fail at once
+        log.info("edge %s: stopped after %d request(s)", cell, served)
+        log.removeHandler(handler)
+    return served
+
+
+def _serve_loop(cell: str, spool: Spool, transport: ChildTransport) -> int:
+    served = 0
+    while not spool.stopping():
         job = spool.claim()
         if job is None:
             time.sleep(POLL_S)
@@ -212,7 +123,7 @@ def serve(grid: Grid, cell: str, spool_dir: str | Path, *, connect_timeout_s: fl
         t0 = time.perf_counter()
         try:
             request = CellRequest.from_bytes(data)
-            result = run_request(request, cell, transport, spool)
+            result = run_request(request, cell, transport)
         except Exception as exc:  # a bad request fails that request, not the edge
             log.warning("edge %s: request %s failed: %s: %s", cell, key, type(exc).__name__, exc)
             spool.answer(key, error=f"edge {cell}: {type(exc).__name__}: {exc}")
@@ -224,13 +135,17 @@ def serve(grid: Grid, cell: str, spool_dir: str | Path, *, connect_timeout_s: fl
     return served
 
 
-def run_request(request: CellRequest, cell: str, transport: ChildTransport, spool: Spool) -> CellResult:
+def run_request(request: CellRequest, cell: str, transport: ChildTransport) -> CellResult:
     if request.cell != cell:
         raise EdgeError(f"asked for cell {request.cell!r}, but this edge aggregates {cell!r}")
     transport.timeout_s = float(request.settings.get("config", {}).get("federation", {}).get("round_timeout_s", 600.0))
-    spool.beat()
+    t0 = time.perf_counter()
     transport.find(request.clients, transport.connect_timeout_s)
-    return run_cell(request, transport)
+    t1 = time.perf_counter()
+    result = run_cell(request, transport)
+    log.info("edge %s: round %d: children found in %.1fs, cell run in %.1fs", cell, request.server_round,
+             t1 - t0, time.perf_counter() - t1)
+    return result
 
 
 # --- cloud side ------------------------------------------------------------------------------

@@ -1,0 +1,189 @@
+"""Edge aggregators as real processes: a cloud, two neighbourhood edges and four END clients
+on loopback, each tier its own Flower SuperLink/SuperNode processes started through
+``fedlora cloud|edge|end``; one round must give the simulation's adapter, and every process
+started must be gone afterwards (also when the test fails: the fixture's finalizer stops
+the whole process tree).
+
+The pure parts (spool, checking an edge's result) are tested without Flower below.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from fedlora.aggregation import WeightedSum
+from fedlora.cell import ACCEPTED, DROPPED, CellRequest, CellResult, ClientStatus
+from fedlora.config import compose
+from fedlora.federation import InProcessTransport, run_federation
+from fedlora.topology import build_tree
+from server.deploy import ProcessGroup, free_port
+from clients.edge import EdgeError, Spool
+from server.edge import check_result
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+OVERRIDES = [
+    "model=tiny",
+    "topology=small6g",
+    "topology.suburban_cells=1",
+    "topology.neighbourhoods_per_suburban=2",
+    "topology.mobility.model=none",
+    "topology.profile_mix={}",
+    "federation.num_clients=4",
+    "federation.fraction=1.0",
+    "federation.rounds=1",
+    "train.local_steps=2",
+    "train.max_seq_len=128",
+    "data.records_per_client=12",
+    "data.max_eval_examples=8",
+    "progress=false",
+]
+
+
+# --- pure parts ------------------------------------------------------------------------------
+
+
+def _request(clients=(0, 1)) -> CellRequest:
+    arrays = {"a": np.zeros((2, 3), np.float32)}
+    return CellRequest("run", 1, "neighbourhood-0-0", list(clients), arrays, {"config": {}, "round": 1}, {"a": (2, 3)})
+
+
+def _result(request: CellRequest, total=None, weight=5.0, count=1, cell=None) -> CellResult:
+    plain = WeightedSum({"a": np.ones((2, 3)) if total is None else total}, weight, count)
+    statuses = {0: ClientStatus(0, ACCEPTED, num_examples=5.0), 1: ClientStatus(1, DROPPED, "client error: boom")}
+    return CellResult(cell or request.cell, statuses, plain, {"num_examples": 5.0, "train_loss": 5.0})
+
+
+def test_check_result_accepts_a_consistent_cell_sum():
+    request = _request()
+    assert check_result(request, _result(request)) is None
+    assert check_result(request, CellResult.from_bytes(_result(request).to_bytes())) is None
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        ({"cell": "neighbourhood-0-1"}, "not the ones asked"),
+        ({"count": 2}, "counts 2 update(s)"),
+        ({"weight": 7.0}, "weight"),
+        ({"total": np.ones((3, 2))}, "shape"),
+        ({"total": np.full((2, 3), np.nan)}, "non-finite"),
+    ],
+)
+def test_check_result_names_what_is_wrong_with_an_edge_sum(kwargs, needle):
+    request = _request()
+    reason = check_result(request, _result(request, **kwargs))
+    assert reason is not None and needle in reason
+
+
+def test_spool_relays_a_request_and_its_result(tmp_path):
+    relay_side, service_side = Spool(tmp_path), Spool(tmp_path)
+    service_side.beat()
+    relay_side.submit("k1", b"request")
+    assert service_side.claim() == ("k1", b"request")
+    assert service_side.claim() is None
+    service_side.answer("k1", b"result")
+    assert relay_side.wait("k1", 5) == b"result"
+    relay_side.submit("k2", b"bad")
+    service_side.claim()
+    service_side.answer("k2", error="edge n0: CellWireError: truncated")
+    with pytest.raises(EdgeError, match="truncated"):
+        relay_side.wait("k2", 5)
+
+
+def test_spool_relay_gives_up_on_a_dead_or_slow_service(tmp_path):
+    spool = Spool(tmp_path)
+    with pytest.raises(EdgeError, match="not running"):
+        spool.wait("k", 5)  # no heartbeat at all
+    spool.beat()
+    spool.submit("k", b"x")
+    with pytest.raises(EdgeError, match="no cell result"):
+        spool.wait("k", 0.3)
+    assert spool.claim() is None  # the timed-out request was withdrawn
+
+
+# --- the processes ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    e = dict(os.environ)
+    e["FEDLORA_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    e["FLWR_TELEMETRY_ENABLED"] = "0"
+    e["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
+    return e
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, env):
+    """The same round in-process (simulation's cell runner), without Flower."""
+    os.environ["FEDLORA_CACHE"] = env["FEDLORA_CACHE"]
+    run_dir = tmp_path_factory.mktemp("inprocess")
+    run_federation(compose(OVERRIDES), run_dir, InProcessTransport(4))
+    return run_dir
+
+
+@pytest.fixture
+def tiers(tmp_path, env, reference):
+    """Two edges and four END clients (placed as the topology says), stopped on teardown."""
+    tree = build_tree(compose(OVERRIDES).topology, 4, compose(OVERRIDES).seed)
+    cloud = f"127.0.0.1:{free_port()}"
+    edges = {cell: f"127.0.0.1:{free_port()}" for cell in tree.tier("neighbourhood")}
+    assert len(edges) == 2
+    group = ProcessGroup(tmp_path / "logs")
+    try:
+        for cell, listen in edges.items():
+            group.start(f"edge-{cell}", [str(BIN / "fedlora"), "edge", "--insecure", "--cell", cell, "--parent", cloud,
+                                         "--listen", listen, "--work-dir", str(tmp_path / cell)], env)
+        for client, leaf in sorted(tree.initial.items()):
+            group.start(f"end-{client}", [str(BIN / "fedlora"), "end", "--insecure", "--partition-id", str(client),
+                                          "--num-partitions", "4", "--edge", edges[tree.neighbourhood_of(leaf)],
+                                          "--work-dir", str(tmp_path / f"end-{client}")], env)
+        yield {"cloud": cloud, "edges": edges, "group": group, "tree": tree}
+    finally:
+        group.stop()
+        assert group.leftovers() == [], "processes left running"
+
+
+def _logs(path: Path) -> str:
+    return "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-1500:]}" for p in sorted(path.rglob("*.log")))
+
+
+@pytest.mark.flower
+def test_cloud_two_edges_four_end_clients_match_the_simulation(tmp_path, env, reference, tiers):
+    run_dir = tmp_path / "run"
+    t0 = time.perf_counter()
+    out = subprocess.run(
+        [str(BIN / "fedlora"), "cloud", "--insecure", "--listen", tiers["cloud"], "--run-dir", str(run_dir),
+         "--work-dir", str(tmp_path / "cloud"), *OVERRIDES],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
+    )
+    wall = time.perf_counter() - t0
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:] + _logs(tmp_path)
+
+    (record,) = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    (expected,) = [json.loads(line) for line in (reference / "rounds.jsonl").read_text().splitlines()]
+    assert record["participants"] == expected["participants"] == [0, 1, 2, 3]
+    assert record["dropped"] == []
+    assert record["cell_of"] == expected["cell_of"]
+    assert record["bytes"] == expected["bytes"]
+    got = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    want = load_file(str(reference / "adapter" / "adapter_model.safetensors"))
+    assert got.keys() == want.keys()
+    for key in got:
+        np.testing.assert_allclose(got[key], want[key], atol=1e-6, rtol=1e-5)
+    # Every edge served its cell's request in its own process.
+    for cell in tiers["edges"]:
+        assert f"edge {cell}: round 1 done" in (tmp_path / cell / "spool" / "service.log").read_text()
+    print(f"\nloopback deployment: `fedlora cloud` {wall:.1f}s, round {record['wall_s']:.1f}s "
+          f"(in-process round {expected['wall_s']:.1f}s)")
