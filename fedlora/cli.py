@@ -244,7 +244,7 @@ def cmd_cloud(argv: list[str]) -> None:
     import time
 
     from fedlora.config import compose, load_yaml
-    from server.deploy import run_cloud
+    from server.deploy import Stop, run_cloud
 
     listen = _address(args.listen, "--listen")
     security = _security(args)
@@ -255,9 +255,15 @@ def cmd_cloud(argv: list[str]) -> None:
     else:
         cfg = compose(args.overrides)
     run_dir = args.run_dir or Path(cfg.output_dir) / time.strftime("cloud-%Y%m%d-%H%M%S")
-    code = run_cloud(cfg, run_dir, listen, args.work_dir or Path("runs/nodes/cloud"), security, resume=args.resume)
+    work_dir = args.work_dir or Path("runs/nodes/cloud")
+    try:
+        code = run_cloud(cfg, run_dir, listen, work_dir, security, resume=args.resume)
+    except Stop:
+        print(f"\nfedlora: interrupted; continue with: fedlora cloud --resume --run-dir {run_dir} --listen {listen} "
+              f"--insecure", file=sys.stderr)
+        raise SystemExit(130) from None
     if code != 0 or not (run_dir / "summary.json").is_file():
-        raise UserError(f"the cloud run failed (exit code {code}); see {(args.work_dir or Path('runs/nodes/cloud')) / 'logs'}")
+        raise UserError(f"the cloud run failed (exit code {code}); see {work_dir / 'logs'}")
     print(f"run directory: {run_dir}")
 
 

@@ -341,3 +341,28 @@ def _local(listen: str) -> str:
     """The address a process on this machine reaches a SuperLink listening on ``listen`` at."""
     host, _, port = listen.rpartition(":")
     return f"{'127.0.0.1' if host in ('', '0.0.0.0') else host}:{port}"
+
+
+def start_loopback_tiers(group: ProcessGroup, cfg, work_dir: Path, env: dict[str, str] | None = None) -> dict:
+    """An edge per neighbourhood cell and an END client per client of ``cfg``'s tree, all on
+    loopback through ``fedlora edge|end`` (tests, benchmarks, a demo on one machine).
+    Returns the addresses: ``{"cloud": ..., "edges": {cell: ...}, "tree": tree}``; the cloud
+    itself is ``fedlora cloud --listen <cloud>``."""
+    from fedlora.topology import build_tree
+
+    tree = build_tree(cfg.topology, cfg.federation.num_clients, cfg.seed)
+    cloud = f"127.0.0.1:{free_port()}"
+    edges = {cell: f"127.0.0.1:{free_port()}" for cell in tree.tier("neighbourhood")}
+    if not edges:
+        raise DeployError("edge processes need a tree topology with neighbourhood cells (topology=small6g or city)")
+    env = dict(os.environ if env is None else env)
+    fedlora = [sys.executable, "-m", "fedlora.cli"]
+    for cell, listen in edges.items():
+        group.start(f"edge-{cell}", [*fedlora, "edge", "--insecure", "--cell", cell, "--parent", cloud,
+                                     "--listen", listen, "--work-dir", str(work_dir / cell)], env)
+    n = cfg.federation.num_clients
+    for client, leaf in sorted(tree.initial.items()):
+        group.start(f"end-{client}", [*fedlora, "end", "--insecure", "--partition-id", str(client), "--num-partitions",
+                                      str(n), "--edge", edges[tree.neighbourhood_of(leaf)],
+                                      "--work-dir", str(work_dir / f"end-{client}")], env)
+    return {"cloud": cloud, "edges": edges, "tree": tree}

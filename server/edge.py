@@ -44,8 +44,12 @@ from fedlora.topology import CellTree
 from server.transport import POLL_S, FlowerTransport, short_reason
 
 log = logging.getLogger("fedlora")
-# Time the cloud allows an edge beyond the round timeout (finding its children, relaying).
-EDGE_MARGIN_S = 60.0
+# Beyond the round timeout (``federation.round_timeout_s``, which bounds the END clients'
+# training): the edge waits up to FIND_S for requested children that have not connected,
+# its relay waits RELAY_MARGIN_S more for the service, the cloud CLOUD_MARGIN_S more.
+FIND_S = 30.0
+RELAY_MARGIN_S = 60.0
+CLOUD_MARGIN_S = 90.0
 
 
 # --- edge service: the long-lived ServerApp run on the edge's own SuperLink -----------------
@@ -83,7 +87,7 @@ class ChildTransport(FlowerTransport):
         return replies
 
 
-def serve(grid: Grid, cell: str, spool_dir: str | Path, *, connect_timeout_s: float = 60.0) -> int:
+def serve(grid: Grid, cell: str, spool_dir: str | Path, *, connect_timeout_s: float = FIND_S) -> int:
     """Run cell requests from the spool until a ``stop`` file appears; return how many ran."""
     spool = Spool(spool_dir)
     # Flower keeps a ServerApp's output to itself (`flwr log`); the edge's own log file:
@@ -159,7 +163,7 @@ class EdgeCellRunner:
 
     def __init__(self, grid: Grid, tree: CellTree, *, timeout_s: float, connect_timeout_s: float = 120.0):
         self.tree = tree
-        self.link = FlowerTransport(grid, expected_clients=0, timeout_s=timeout_s + EDGE_MARGIN_S,
+        self.link = FlowerTransport(grid, expected_clients=0, timeout_s=timeout_s + CLOUD_MARGIN_S,
                                     connect_timeout_s=connect_timeout_s)
         self.grid = grid
         self.round_timeout_s = timeout_s
@@ -208,7 +212,7 @@ class EdgeCellRunner:
                 results[request.cell] = dropped(request, f"no edge connected for cell {request.cell}")
                 continue
             record = ConfigRecord({protocol.CELL_REQUEST_KEY: request.to_bytes(),
-                                   protocol.CELL_TIMEOUT_KEY: float(self.round_timeout_s)})
+                                   protocol.CELL_TIMEOUT_KEY: float(self.round_timeout_s + RELAY_MARGIN_S)})
             messages.append(Message(RecordDict({protocol.CELL: record}), node, MessageType.TRAIN,
                                     group_id=str(request.server_round)))
             cell_of_node[node] = request

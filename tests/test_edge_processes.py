@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,12 +23,11 @@ from fedlora.aggregation import WeightedSum
 from fedlora.cell import ACCEPTED, DROPPED, CellRequest, CellResult, ClientStatus
 from fedlora.config import compose
 from fedlora.federation import InProcessTransport, run_federation
-from fedlora.topology import build_tree
-from server.deploy import ProcessGroup, free_port
+from server.deploy import ProcessGroup, start_loopback_tiers
 from clients.edge import EdgeError, Spool
-from server.edge import check_result
+from fedlora import protocol
+from server.edge import check_result, decode_result
 
-REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 OVERRIDES = [
     "model=tiny",
@@ -85,6 +83,45 @@ def test_check_result_names_what_is_wrong_with_an_edge_sum(kwargs, needle):
     assert reason is not None and needle in reason
 
 
+class _Reply:
+    """Just what decode_result reads of a Flower reply message."""
+
+    def __init__(self, content=None, error=None):
+        self.content, self.error = content, error
+
+    def has_error(self):
+        return self.error is not None
+
+
+class _Error:
+    reason = "<class 'clients.edge.EdgeError'>:<'no cell result within 660s'>"
+
+
+@pytest.mark.parametrize(
+    "reply,needle",
+    [
+        (_Reply(error=_Error()), "failed: "),
+        (_Reply({}), "malformed result"),
+        (_Reply({protocol.CELL: {protocol.CELL_RESULT_KEY: b"not a cell result"}}), "malformed result"),
+    ],
+)
+def test_a_failed_or_malformed_edge_reply_drops_the_cells_clients(reply, needle):
+    result = decode_result(_request(), reply)
+    assert sorted(result.clients) == [0, 1] and result.plain is None and result.accepted == []
+    assert all(s.status == DROPPED and needle in s.reason for s in result.clients.values())
+
+
+def test_a_good_edge_reply_is_the_edges_result():
+    request = _request()
+    sent = _result(request)
+    got = decode_result(request, _Reply({protocol.CELL: {protocol.CELL_RESULT_KEY: sent.to_bytes()}}))
+    assert got.accepted == [0] and got.plain.count == 1
+    np.testing.assert_array_equal(got.plain.total["a"], sent.plain.total["a"])
+    lying = _result(request, count=2)
+    got = decode_result(request, _Reply({protocol.CELL: {protocol.CELL_RESULT_KEY: lying.to_bytes()}}))
+    assert got.accepted == [] and "unusable" in got.clients[0].reason
+
+
 def test_spool_relays_a_request_and_its_result(tmp_path):
     relay_side, service_side = Spool(tmp_path), Spool(tmp_path)
     service_side.beat()
@@ -136,20 +173,11 @@ def reference(tmp_path_factory, env):
 @pytest.fixture
 def tiers(tmp_path, env, reference):
     """Two edges and four END clients (placed as the topology says), stopped on teardown."""
-    tree = build_tree(compose(OVERRIDES).topology, 4, compose(OVERRIDES).seed)
-    cloud = f"127.0.0.1:{free_port()}"
-    edges = {cell: f"127.0.0.1:{free_port()}" for cell in tree.tier("neighbourhood")}
-    assert len(edges) == 2
     group = ProcessGroup(tmp_path / "logs")
     try:
-        for cell, listen in edges.items():
-            group.start(f"edge-{cell}", [str(BIN / "fedlora"), "edge", "--insecure", "--cell", cell, "--parent", cloud,
-                                         "--listen", listen, "--work-dir", str(tmp_path / cell)], env)
-        for client, leaf in sorted(tree.initial.items()):
-            group.start(f"end-{client}", [str(BIN / "fedlora"), "end", "--insecure", "--partition-id", str(client),
-                                          "--num-partitions", "4", "--edge", edges[tree.neighbourhood_of(leaf)],
-                                          "--work-dir", str(tmp_path / f"end-{client}")], env)
-        yield {"cloud": cloud, "edges": edges, "group": group, "tree": tree}
+        tiers = start_loopback_tiers(group, compose(OVERRIDES), tmp_path, env)
+        assert len(tiers["edges"]) == 2 and len(group.procs) == 6
+        yield {**tiers, "group": group}
     finally:
         group.stop()
         assert group.leftovers() == [], "processes left running"
@@ -163,13 +191,13 @@ def _logs(path: Path) -> str:
 def test_cloud_two_edges_four_end_clients_match_the_simulation(tmp_path, env, reference, tiers):
     run_dir = tmp_path / "run"
     t0 = time.perf_counter()
-    out = subprocess.run(
-        [str(BIN / "fedlora"), "cloud", "--insecure", "--listen", tiers["cloud"], "--run-dir", str(run_dir),
-         "--work-dir", str(tmp_path / "cloud"), *OVERRIDES],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
-    )
+    # In the fixture's group too: a timeout or failure here still stops the cloud's processes.
+    cloud = tiers["group"].start("cloud", [sys.executable, "-m", "fedlora.cli", "cloud", "--insecure", "--listen",
+                                           tiers["cloud"], "--run-dir", str(run_dir), "--work-dir", str(tmp_path / "cloud"),
+                                           *OVERRIDES], env)
+    code = cloud.wait(timeout=400)
     wall = time.perf_counter() - t0
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:] + _logs(tmp_path)
+    assert code == 0, _logs(tmp_path)
 
     (record,) = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
     (expected,) = [json.loads(line) for line in (reference / "rounds.jsonl").read_text().splitlines()]
