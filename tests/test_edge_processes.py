@@ -35,7 +35,6 @@ OVERRIDES = [
     "topology.suburban_cells=1",
     "topology.neighbourhoods_per_suburban=2",
     "topology.mobility.model=none",
-    "topology.profile_mix={}",
     "federation.num_clients=4",
     "federation.fraction=1.0",
     "federation.rounds=1",
