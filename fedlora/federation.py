@@ -185,6 +185,14 @@ def run_federation(
     cell_of = assignment_at(tree, done + 1, cfg.seed)
     sent = {k: global_state[k] for k in trainable}
     secure = _secure_settings(cfg, expected) if privacy_mode(cfg) == "secagg" else None
+    if secure is not None and not hasattr(transport, "exchange"):
+        if cfg.privacy.mode != "auto":
+            raise FederationError(f"privacy.mode={cfg.privacy.mode} needs secure-aggregation stages, which "
+                                  f"{type(transport).__name__} does not carry yet; use privacy=none")
+        log.warning("privacy=auto: %s has no secure-aggregation stages yet; this run aggregates in plain",
+                    type(transport).__name__)
+        progress.note(f"privacy=auto: {type(transport).__name__} has no secure stages yet; aggregating in plain")
+        secure = None
     progress.start(cfg.federation.rounds, done + 1)
     for server_round in range(done + 1, cfg.federation.rounds + 1):
         t0 = time.perf_counter()
