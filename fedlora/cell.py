@@ -62,6 +62,14 @@ class Transport(Protocol):
     ) -> list[ClientReply]:
         """Ask each client to train from ``arrays``; return the replies that arrived."""
 
+    def exchange(
+        self, server_round: int, stage: str, payloads: dict[int, bytes], arrays: AdapterState | None, settings: dict,
+        on_reply: ReplyCallback,
+    ) -> list[ClientReply]:
+        """One stage of a secure session: send each client its payload (and, at the first
+        stage, the adapter to train from); replies carry the client's answer as bytes in
+        ``update``. A client keeps its own session state between stages."""
+
 
 def reject_reason(reply: ClientReply, expected: Mapping[str, tuple[int, ...]]) -> str | None:
     """Why a reply cannot be aggregated, or None when it can."""
@@ -164,14 +172,24 @@ wire.register(CellRequest, CellResult, ClientStatus, WeightedSum)
 LateCallback = Callable[[Mapping[int, ClientReply]], Mapping[int, str]]
 
 
+@dataclass
+class AggregatorKeys:
+    """What a neighbourhood aggregator needs for secure cells: its Ed25519 identity (by its
+    device id) and the cloud's public key it trusts (signed headers and registries)."""
+
+    identity: Callable[[str], Any]
+    cloud_key: bytes
+
+
 def run_cell(request: CellRequest, transport: Transport, *, late: LateCallback | None = None,
-             on_reply: ReplyCallback | None = None) -> CellResult:
-    """Run one cell's round: train, check, drop stragglers, sum. Never raises for a bad client."""
-    return run_cells([request], transport, late=late, on_reply=on_reply)[0]
+             on_reply: ReplyCallback | None = None, keys: AggregatorKeys | None = None) -> CellResult:
+    """Run one cell's round: train, check, drop stragglers, sum (plain) or run the secure
+    session (``request.secure``; needs ``keys``). Never raises for a bad client."""
+    return run_cells([request], transport, late=late, on_reply=on_reply, keys=keys)[0]
 
 
 def run_cells(requests: list[CellRequest], transport: Transport, *, late: LateCallback | None = None,
-              on_reply: ReplyCallback | None = None) -> list[CellResult]:
+              on_reply: ReplyCallback | None = None, keys: AggregatorKeys | None = None) -> list[CellResult]:
     """:func:`run_cell` for several cells of one round, their clients asked together."""
     if not requests:
         return []
@@ -184,6 +202,10 @@ def run_cells(requests: list[CellRequest], transport: Transport, *, late: LateCa
             raise ValueError(f"clients {sorted(seen & set(r.clients))} are in two cells this round")
         seen |= set(r.clients)
     server_round = rounds.pop()
+    if any(r.secure is not None for r in requests):
+        if keys is None:
+            raise ValueError("secure cells need the aggregator's keys (keys=AggregatorKeys(...))")
+        return _secure_results(requests, transport, server_round, late, on_reply or (lambda reply: None), keys)
     replies = _train(requests, transport, server_round, on_reply or (lambda reply: None))
     return [_plain_result(r, {c: replies[c] for c in r.clients if c in replies}, late) for r in requests]
 
@@ -203,6 +225,44 @@ def _train(requests: list[CellRequest], transport: Transport, server_round: int,
             if reply.client in clients and reply.client not in replies:  # one reply per client counts
                 replies[reply.client] = reply
     return replies
+
+
+def _secure_results(requests, transport, server_round, late, on_reply, keys) -> list[CellResult]:
+    from fedlora.secure.rounds import STAGES, run_secure_cells
+
+    def exchange(stage: str, reqs: list[CellRequest], payloads: dict[int, bytes]) -> dict[int, ClientReply]:
+        out: dict[int, ClientReply] = {}
+        groups: dict[int, list[CellRequest]] = {}
+        for r in reqs:
+            groups.setdefault(id(r.arrays), []).append(r)
+        for group in groups.values():
+            sent = {c: payloads[c] for r in group for c in r.clients if c in payloads}
+            if not sent:
+                continue
+            arrays = group[0].arrays if stage == STAGES[0] else None
+            callback = on_reply if stage == STAGES[0] else (lambda reply: None)
+            for reply in transport.exchange(server_round, stage, sent, arrays, group[0].settings, callback):
+                if reply.client in sent and reply.client not in out:
+                    if reply.error is None and not isinstance(reply.update, (bytes, bytearray)):
+                        reply = ClientReply(reply.client, error="malformed reply: not a secure-aggregation message")
+                    out[reply.client] = reply
+        return out
+
+    def upload_bytes(req: CellRequest) -> int:
+        return 4 * req.secure.header.header.layout.size  # the masked uint32 vector
+
+    done = run_secure_cells(requests, exchange, aggregator_identity=keys.identity, cloud_key=keys.cloud_key,
+                            late=late, upload_bytes=upload_bytes)
+    results = []
+    for r in requests:
+        outcome, status = done[r.cell]
+        clients = {}
+        for c in r.clients:
+            st, why, reply = status[c]
+            seconds = None if reply is None or reply.error else _float(reply.metrics.get("train_seconds"))
+            clients[c] = ClientStatus(c, st, why, seconds, reply.bytes_up if reply is not None else 0)
+        results.append(CellResult(r.cell, clients, secure=outcome))
+    return results
 
 
 def _plain_result(request: CellRequest, replies: Mapping[int, ClientReply], late: LateCallback | None) -> CellResult:

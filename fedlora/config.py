@@ -250,6 +250,46 @@ class TopologyConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Secure aggregation of client updates (``privacy=secagg``); see README "Secure aggregation".
+
+    With secagg no aggregator sees one client's update, example count or training loss:
+    clients upload masked fixed-point vectors, neighbourhood and upper tiers only add them,
+    and the unmasking tier sees sums over at least t clients of a cell.
+    """
+
+    # auto (secagg on tree topologies, none on flat) | none | secagg | secagg_dp (not wired yet).
+    mode: str = "auto"
+    # b: bits of signed fixed point per coordinate.
+    bits: int = 16
+    # Every coordinate of an update is clipped to [-clip, clip] before encoding (one step is
+    # clip / (2^(bits-1) - 1)); clip_per_tensor overrides it for tensors whose name contains a key
+    # (e.g. {lora_A: 0.02, lora_B: 0.05}).
+    clip: float = 0.05
+    clip_per_tensor: dict[str, float] = field(default_factory=dict)
+    # Clip of the masked training-loss coordinate (its sum reveals only the weighted mean loss).
+    loss_clip: float = 100.0
+    # n_max: public bound on a client's example count (weights are min(n, n_max) / n_max);
+    # 0 = data.records_per_client.
+    max_examples: int = 0
+    # t as a fraction of a cell's clients (t >= 2, and more than half of them in a complete-graph cell).
+    threshold: float = 0.6
+    # Who removes the masks: cloud | suburban (each sub-urban cell unmasks its neighbourhoods).
+    unmasker: str = "cloud"
+    # Mask generator: aes128-ctr | chacha20 (devices without AES instructions).
+    prg: str = "aes128-ctr"
+    # Cells up to this many clients use the complete graph, bigger ones a Harary graph (SecAgg+).
+    complete_graph_up_to: int = 100
+    # Secure mode samples at least this many clients in each neighbourhood with a sampled client
+    # (when it has them), so that a cell can lose some and stay at or above t.
+    min_cell_clients: int = 3
+    # Central DP (privacy=secagg_dp; not wired yet): per-client L2 clip, noise multiplier, delta.
+    clip_norm: float = 1.0
+    noise_multiplier: float = 1.0
+    delta: float = 1e-5
+
+
+@dataclass
 class FedLoraConfig:
     """Everything one federated fine-tuning run needs."""
 
@@ -264,6 +304,7 @@ class FedLoraConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     topology: TopologyConfig = field(default_factory=TopologyConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     # Show live progress bars (off for tests and non-interactive logs).
     progress: bool = True
 
@@ -400,6 +441,46 @@ def validate(cfg: FedLoraConfig) -> None:
     _positive("simulation.cpus_per_client", cfg.simulation.cpus_per_client)
     _positive("simulation.threads_per_client", cfg.simulation.threads_per_client, zero_ok=True)
     _validate_topology(cfg.topology, f.num_clients)
+    _validate_privacy(cfg)
+
+
+PRIVACY_MODES = ("auto", "none", "secagg", "secagg_dp")
+
+
+def privacy_mode(cfg: FedLoraConfig) -> str:
+    """The effective privacy mode: ``auto`` is secagg on tree topologies and none on flat."""
+    if cfg.privacy.mode == "auto":
+        return "none" if cfg.topology.kind == "flat" else "secagg"
+    return cfg.privacy.mode
+
+
+def _validate_privacy(cfg: FedLoraConfig) -> None:
+    p = cfg.privacy
+    _choice("privacy.mode", p.mode, PRIVACY_MODES)
+    _choice("privacy.unmasker", p.unmasker, ("cloud", "suburban"))
+    _choice("privacy.prg", p.prg, ("aes128-ctr", "chacha20"))
+    if p.mode == "secagg_dp":
+        raise ConfigError("privacy.mode=secagg_dp is not wired into rounds yet; use privacy=secagg (or privacy=none)")
+    if p.unmasker == "suburban" and cfg.topology.kind == "flat":
+        raise ConfigError("privacy.unmasker=suburban needs sub-urban cells; use topology.kind=tree or privacy.unmasker=cloud")
+    if not 0 < p.threshold <= 1:
+        raise ConfigError(f"privacy.threshold={p.threshold} must be in (0, 1] (a fraction of a cell's clients)")
+    for name, value in [("clip", p.clip), ("loss_clip", p.loss_clip)] + [(f"clip_per_tensor.{k}", v) for k, v in p.clip_per_tensor.items()]:
+        _positive(f"privacy.{name}", value)
+    _positive("privacy.max_examples", p.max_examples, zero_ok=True)
+    _positive("privacy.complete_graph_up_to", p.complete_graph_up_to)
+    _positive("privacy.min_cell_clients", p.min_cell_clients)
+    if privacy_mode(cfg) == "none":
+        return
+    from fedlora.secure.encoding import check_overflow
+    from fedlora.secure.errors import UnsafeEncoding
+
+    max_examples = p.max_examples or cfg.data.records_per_client
+    try:  # worst case: every client's update in one sum
+        check_overflow(cfg.federation.num_clients, p.bits, max_examples)
+    except UnsafeEncoding as exc:
+        raise ConfigError(f"privacy.bits={p.bits} with privacy.max_examples={max_examples} and federation.num_clients="
+                          f"{cfg.federation.num_clients} is unsafe: {exc}") from None
 
 
 def _fraction(name: str, value: float) -> None:

@@ -101,3 +101,21 @@ def train_round(settings: dict[str, Any], global_state: AdapterState, partition_
         "train_seconds": result.seconds,
     }
     return delta, metrics
+
+
+def secure_step(stage: str, payload: bytes, state: bytes | None, settings: dict[str, Any],
+                global_state: AdapterState | None, partition_id: int) -> tuple[bytes, bytes, dict[str, float]]:
+    """One secure-aggregation stage on this device: (reply, state to keep on the device, clear metrics).
+
+    The first stage trains (:func:`train_round`) and advertises keys; later stages need the
+    ``state`` the previous one returned (a Flower ClientApp keeps it in ``context.state``).
+    Identity: SIMULATION ONLY, derived from the run seed (``fedlora.secure.rounds.simulated_identity``);
+    a deployment loads the device's own Ed25519 key here instead (issue 5).
+    """
+    from fedlora.secure.rounds import CLOUD_ID, client_step, device_id, simulated_identity, simulated_rng
+
+    seed, server_round, me = int(settings["config"]["seed"]), int(settings["round"]), device_id(partition_id)
+    return client_step(stage, payload, state, identity=simulated_identity(seed, me),
+                       cloud_key=simulated_identity(seed, CLOUD_ID).public_bytes,
+                       rng=simulated_rng(seed, "device", me, server_round, stage),
+                       train=lambda: train_round(settings, global_state, partition_id), arrays=global_state)

@@ -20,16 +20,18 @@ import numpy as np
 from fedlora import adapters, report
 from fedlora.adapters import AdapterState
 from fedlora.aggregation import make_strategy
-from fedlora.cell import (ACCEPTED, LATE, CellRequest, CellResult, ClientReply, LateCallback, ReplyCallback, Transport,
+from fedlora.cell import (ACCEPTED, LATE, AggregatorKeys, CellRequest, CellResult, ClientReply, LateCallback, ReplyCallback, Transport,
                           reject_reason, run_cells)
-from fedlora.config import FederationConfig, FedLoraConfig, save_yaml
+from fedlora.config import FederationConfig, FedLoraConfig, privacy_mode, save_yaml
 from fedlora.data import eval_examples, tokenize
-from fedlora.device import initial_adapter, lora_model, round_settings, stable_seed, train_round
+from fedlora.device import initial_adapter, lora_model, round_settings, secure_step, stable_seed, train_round
 from fedlora.mobility import assignment_at, next_assignment
 from fedlora.model import resolve_model_dir
 from fedlora.netsim import simulate_round, unavailable
 from fedlora.topology import CLOUD, CellModels, TreeSums, build_tree, merge_up
 from fedlora.progress import Progress
+from fedlora.secure.encoding import EncodingConfig
+from fedlora.secure.rounds import LOSS_KEY, SecureRound, SecureSettings, secure_layout, simulated_identity
 from fedlora.train import evaluate
 
 log = logging.getLogger("fedlora")
@@ -47,7 +49,7 @@ class CellRunner(Protocol):
     """
 
     def run(self, requests: list[CellRequest], *, late: LateCallback | None = None,
-            on_reply: ReplyCallback | None = None) -> list[CellResult]: ...
+            on_reply: ReplyCallback | None = None, keys: AggregatorKeys | None = None) -> list[CellResult]: ...
 
 
 class LocalCellRunner:
@@ -59,16 +61,36 @@ class LocalCellRunner:
     def clients(self) -> list[int]:
         return self.transport.clients()
 
-    def run(self, requests, *, late=None, on_reply=None):
-        return run_cells(requests, self.transport, late=late, on_reply=on_reply)
+    def run(self, requests, *, late=None, on_reply=None, keys=None):
+        return run_cells(requests, self.transport, late=late, on_reply=on_reply, keys=keys)
 
 
 class InProcessTransport:
     """Runs every client in this process, one after another (tests, debugging)."""
 
-    def __init__(self, num_clients: int, fault: Callable[[int, ClientReply], ClientReply] | None = None):
+    def __init__(self, num_clients: int, fault: Callable[[int, ClientReply], ClientReply] | None = None,
+                 stage_fault: Callable[[int, str, ClientReply], ClientReply | None] | None = None):
         self.num_clients = num_clients
         self.fault = fault  # lets tests corrupt or drop replies
+        self.stage_fault = stage_fault  # the same for secure-aggregation stages
+        self.device_state: dict[int, bytes] = {}  # each client's own secure-session state
+
+    def exchange(self, server_round, stage, payloads, arrays, settings, on_reply):
+        replies = []
+        for cid in sorted(payloads):
+            try:
+                data, self.device_state[cid], metrics = secure_step(stage, payloads[cid], self.device_state.get(cid),
+                                                                    settings, arrays, cid)
+                reply = ClientReply(cid, data, metrics, bytes_up=len(data))
+            except Exception as exc:  # a failing client is a dropped client, not a failed run
+                reply = ClientReply(cid, error=f"{type(exc).__name__}: {exc}")
+            if self.stage_fault is not None:
+                reply = self.stage_fault(server_round, stage, reply)
+                if reply is None:
+                    continue
+            on_reply(reply)
+            replies.append(reply)
+        return replies
 
     def clients(self) -> list[int]:
         return list(range(self.num_clients))
@@ -162,18 +184,33 @@ def run_federation(
         cells.load_state({k[len("cells/"):]: v for k, v in ckpt[1].items() if k.startswith("cells/")})
     cell_of = assignment_at(tree, done + 1, cfg.seed)
     sent = {k: global_state[k] for k in trainable}
+    secure = _secure_settings(cfg, expected) if privacy_mode(cfg) == "secagg" else None
+    if secure is not None and not hasattr(transport, "exchange"):
+        if cfg.privacy.mode != "auto":
+            raise FederationError(f"privacy.mode={cfg.privacy.mode} needs secure-aggregation stages, which "
+                                  f"{type(transport).__name__} does not carry yet; use privacy=none")
+        log.warning("privacy=auto: %s has no secure-aggregation stages yet; this run aggregates in plain",
+                    type(transport).__name__)
+        progress.note(f"privacy=auto: {type(transport).__name__} has no secure stages yet; aggregating in plain")
+        secure = None
     progress.start(cfg.federation.rounds, done + 1)
     for server_round in range(done + 1, cfg.federation.rounds + 1):
         t0 = time.perf_counter()
         if server_round > done + 1:
             cell_of = next_assignment(tree, cell_of, server_round, cfg.seed)  # handovers between rounds
         selected = sample_clients(available, cfg.federation, cfg.seed, server_round)
+        if secure is not None:
+            selected = top_up_cells(selected, available, tree, cell_of, cfg.privacy.min_cell_clients, cfg.seed, server_round)
         off = unavailable(tree, selected, server_round, cfg.seed)
         training = [c for c in selected if c not in off]
         progress.start_round(server_round, training)
         sent = {k: global_state[k] for k in trainable}
 
         def on_reply(reply: ClientReply) -> None:
+            if isinstance(reply.update, bytes) or (secure is not None and reply.error):  # a secure stage reply
+                done_s = f"trained in {reply.metrics.get('train_seconds', 0):.1f}s, keys advertised"
+                progress.client_done(reply.client, reply.error is None, reply.error or done_s)
+                return
             reason = reject_reason(reply, expected)
             detail = reason or f"loss {reply.metrics.get('train_loss', float('nan')):.4f} in {reply.metrics.get('train_seconds', 0):.1f}s"
             progress.client_done(reply.client, reason is None, detail)
@@ -189,27 +226,42 @@ def run_federation(
                                  seed=cfg.seed, cloud_sync=sync)
             return {c: why for c, why in net.stragglers.items() if c in usable}
 
-        requests = [
-            CellRequest(run_id, server_round, cell, group, start, settings, expected)
-            for cell, group, start in _cell_groups(training, cell_of, cells, sent, trainable, hierfavg)
-        ]
-        results = runner.run(requests, late=late, on_reply=on_reply)
+        groups = _cell_groups(training, cell_of, cells, sent, trainable, hierfavg)
+        sr, refused, keys = None, {}, None
+        if secure is not None:
+            sr = SecureRound(seed=cfg.seed, run_id=run_id, server_round=server_round, clients=available,
+                             cells_above={cell: tree.cells[cell].parent or CLOUD for cell, _, _ in groups},
+                             settings=secure, layout=secure_layout(expected))
+            keys = AggregatorKeys(lambda aid: simulated_identity(cfg.seed, aid), sr.cloud_key)
+        requests = []
+        for cell, group, start in groups:
+            data = sr.cell(cell, group, start) if sr is not None else None
+            if isinstance(data, str):
+                refused[cell] = (group, data)
+                continue
+            requests.append(CellRequest(run_id, server_round, cell, group, start, settings, expected, data))
+        results = runner.run(requests, late=late, on_reply=on_reply, keys=keys)
+        secure_record = None
+        if sr is not None:
+            results, cell_sums, metric_sums, secure_record = _unmask_round(sr, results, refused, hierfavg)
+        else:
+            cell_sums = {res.cell: res.plain for res in results if res.plain is not None}
+            metric_sums = {k: sum(res.metrics.get(k, 0.0) for res in results) for k in ("num_examples", "train_loss")}
         dropped = [{"client": c, "reason": why} for c, why in off.items()]
         statuses = {c: st for res in results for c, st in res.clients.items()}
         dropped += [{"client": c, "reason": st.reason} for c, st in statuses.items() if st.status != ACCEPTED]
         for c, st in sorted(statuses.items()):
             if st.status not in (ACCEPTED, LATE):
                 log.warning("round %d: dropped client %d: %s", server_round, c, st.reason)
-        usable = {c: st for c, st in statuses.items() if st.status in (ACCEPTED, LATE)}
+        usable = {c: st for c, st in statuses.items() if st.status in (ACCEPTED, LATE) or st.train_seconds is not None and sr is not None}
         net = simulate_round(
             tree, cell_of, server_round, selected=selected,
             train_s={c: float(st.train_seconds or 0.0) for c, st in usable.items()},
             adapter_bytes=adapters.nbytes(sent), up_bytes={c: st.bytes_up for c, st in usable.items()},
+            aggregate_bytes=4 * secure_layout(expected).size if sr is not None else None,
             seed=cfg.seed, cloud_sync=sync,
         )
-        kept = {c: float(st.num_examples) for c, st in sorted(statuses.items()) if st.status == ACCEPTED}
-        cell_sums = {res.cell: res.plain for res in results if res.plain is not None}
-        metric_sums = {k: sum(res.metrics.get(k, 0.0) for res in results) for k in ("num_examples", "train_loss")}
+        kept = [c for c, st in sorted(statuses.items()) if st.status == ACCEPTED]
         if hierfavg:
             cells.absorb(TreeSums(cells=cell_sums), global_state)
             total = cells.sync(global_state) if sync else None
@@ -237,6 +289,7 @@ def run_federation(
             "cloud_sync": sync,
             "num_examples": metric_sums["num_examples"],
             "cell_of": {str(c): cell_of[c] for c in participants},
+            **({"secure": secure_record} if secure_record is not None else {}),
             **net.record(),
             "client_train_s": {str(c): st.train_seconds for c, st in sorted(statuses.items()) if st.train_seconds is not None},
             "eval_s": eval_s,
@@ -264,6 +317,66 @@ def run_federation(
         f"(perplexity {summary['base_perplexity']:.2f} -> {summary['final_perplexity']:.2f}); adapter in {run_dir / 'adapter'}"
     )
     return summary
+
+
+def top_up_cells(selected: list[int], available: list[int], tree, cell_of, minimum: int, seed: int,
+                 server_round: int) -> list[int]:
+    """Secure mode: every neighbourhood with a sampled client gets at least ``minimum`` sampled
+    clients (as many as it has), drawn by seed, so a cell can lose some and stay at or above t."""
+    if tree.kind == "flat":
+        cell_of = {c: CLOUD for c in available}
+    hood = {c: CLOUD if tree.kind == "flat" else tree.neighbourhood_of(cell_of[c]) for c in available}
+    chosen = set(selected)
+    rng = np.random.default_rng(stable_seed(seed, "secagg-top-up", server_round))
+    for cell in sorted({hood[c] for c in selected}):
+        members = sorted(c for c in available if hood[c] == cell)
+        missing = min(minimum, len(members)) - sum(1 for c in members if c in chosen)
+        if missing > 0:
+            extra = [c for c in members if c not in chosen]
+            chosen.update(int(c) for c in rng.choice(extra, size=missing, replace=False))
+    return sorted(chosen)
+
+
+def _secure_settings(cfg: FedLoraConfig, expected: dict) -> SecureSettings:
+    p = cfg.privacy
+    clips = {name: v for name in expected for key, v in p.clip_per_tensor.items() if key in name}
+    clips[LOSS_KEY] = p.loss_clip
+    encoding = EncodingConfig(bits=p.bits, clip=p.clip, clip_per_tensor=clips,
+                              max_examples=p.max_examples or cfg.data.records_per_client)
+    return SecureSettings(encoding, p.threshold, p.unmasker, p.prg, p.complete_graph_up_to)
+
+
+def _unmask_round(sr: SecureRound, results: list[CellResult], refused: dict, per_cell: bool):
+    """The cloud's part of a secure round: unmask, decode, and say per cell what happened.
+
+    -> (results with clients of aborted cells marked dropped, {cell or cloud: WeightedSum},
+    metric sums, the round record's ``secure`` field)."""
+    from fedlora.aggregation import WeightedSum
+    from fedlora.cell import DROPPED, ClientStatus
+
+    sums, aborted = sr.unmask({res.cell: res.secure for res in results}, per_cell=per_cell)
+    record_cells = {}
+    for res in results:
+        why = aborted.get(res.cell)
+        if why is not None:
+            for st in res.clients.values():
+                if st.status == ACCEPTED:
+                    st.status, st.reason = DROPPED, f"cell aborted: {why}"
+        record_cells[res.cell] = {"ok": why is None, "reason": why, "survivors": res.accepted,
+                                  "dropped": {k: sorted(v) for k, v in res.secure.dropped.items()}}
+    for cell, (group, why) in refused.items():
+        results.append(CellResult(cell, {c: ClientStatus(c, DROPPED, f"cell refused: {why}") for c in group}))
+        record_cells[cell] = {"ok": False, "reason": why, "survivors": [], "dropped": {}}
+    cell_sums, metric_sums, bound = {}, {"num_examples": 0.0, "train_loss": 0.0}, 0.0
+    for key, decoded in sums.items():
+        total = {k: v for k, v in decoded.total.items() if k != LOSS_KEY}
+        cell_sums[key] = WeightedSum(total=total, weight=float(decoded.examples), count=decoded.clients)
+        metric_sums["num_examples"] += float(decoded.examples)
+        metric_sums["train_loss"] += float(decoded.total[LOSS_KEY][0])
+        bound = max([bound] + [decoded.mean_error_bound(k) for k in total])
+    record = {"cells": dict(sorted(record_cells.items())), "clients_in_sum": sum(s.count for s in cell_sums.values()),
+              "decode_error_bound": bound, "unmasker": sr.settings.unmasker}
+    return results, cell_sums, metric_sums, record
 
 
 def _cell_groups(clients, cell_of, cells: CellModels, sent: AdapterState, trainable: list[str], hierfavg: bool):

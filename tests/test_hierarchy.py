@@ -20,7 +20,7 @@ def cache_dir(tmp_path_factory):
 def cfg_for(cache_dir, *extra):
     return compose(["model=tiny", f"model.cache_dir={cache_dir}", "federation.num_clients=8", "federation.rounds=2",
                     "federation.fraction=0.5", "train.local_steps=2", "train.max_seq_len=128",
-                    "data.records_per_client=12", "data.max_eval_examples=8", "progress=false", *extra])
+                    "data.records_per_client=12", "data.max_eval_examples=8", "progress=false", "privacy=none", *extra])
 
 
 def rounds_of(run_dir):

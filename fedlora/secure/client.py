@@ -243,6 +243,38 @@ class CellClient:
         self.state = ClientState.DONE
         return UnmaskResponse(sid, me, blob)
 
+    # ------------------------------------------------------------------ persistence
+
+    def export_state(self) -> bytes:
+        """This client's session state as bytes, for a device that handles each message in a
+        new process (Flower deployment: kept in the node's ``context.state``). It holds the
+        round's X25519 private keys, self-mask seed and shares: it must never leave the device."""
+        from fedlora import wire
+
+        keys = [k.private_bytes() if k is not None else None for k in (self._share_key, self._mask_key)]
+        return wire.dumps({"device": self.device_id, "state": self.state.value, "header": self._header,
+                           "keys": keys, "roster": self._roster, "sid": self._sid, "self_seed": self._self_seed,
+                           "own": self._own_shares, "held": self._held, "ledger": self._ledger}, "secagg-client-state")
+
+    @classmethod
+    def restore(cls, data: bytes, identity: IdentityKey, registry: DeviceRegistry, *, cloud_id: str = "cloud",
+                rng: Randomness = os.urandom) -> CellClient:
+        """The client :meth:`export_state` saved, with its identity, registry and a fresh ``rng``."""
+        from fedlora import wire
+
+        s = wire.loads(data, "secagg-client-state")
+        client = cls(s["device"], identity, registry, cloud_id=cloud_id, rng=rng)
+        client.state = ClientState(s["state"])
+        client._header = s["header"]
+        client._header_digest = client._header.digest() if client._header is not None else b""
+        share, mask = s["keys"]
+        client._share_key = AgreementKey.from_private_bytes(share) if share is not None else None
+        client._mask_key = AgreementKey.from_private_bytes(mask) if mask is not None else None
+        client._roster, client._sid, client._self_seed = s["roster"], s["sid"], s["self_seed"]
+        client._graph = client._header.neighbour_graph(client._roster.members) if client._roster is not None else None
+        client._own_shares, client._held, client._ledger = s["own"], s["held"], s["ledger"]
+        return client
+
     # ------------------------------------------------------------------ helpers
 
     def _expect(self, state: ClientState, stage: str) -> None:
