@@ -44,7 +44,7 @@ from _common import DEFAULT_LOCK, RESULTS, bench_lock, code_version, machine, ta
 def overrides(args: argparse.Namespace) -> list[str]:
     return [
         f"model={args.model}", "topology=small6g", "topology.suburban_cells=1",
-        f"topology.neighbourhoods_per_suburban={args.edges}", "topology.mobility.model=none",
+        f"topology.neighbourhoods_per_suburban={args.edges}", "topology.mobility.model=none", "privacy=none",
         f"federation.num_clients={args.clients}", "federation.fraction=1.0", f"federation.rounds={args.rounds}",
         f"train.local_steps={args.local_steps}", "train.max_seq_len=128", "data.records_per_client=12",
         "data.max_eval_examples=8", "progress=false", *args.overrides,

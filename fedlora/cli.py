@@ -7,6 +7,7 @@
 
   the tiers as real Flower processes (README "Running the tiers as real processes"):
     fedlora cloud --listen HOST:PORT [overrides]  cloud SuperLink + one federation over the edges
+    fedlora cloud --plan --listen HOST:PORT [overrides]   which END client under which edge: the commands
     fedlora edge --cell C --parent HOST:PORT --listen HOST:PORT   an edge (neighbourhood) aggregator
     fedlora end --partition-id N --num-partitions M --edge HOST:PORT   an END client
 """
@@ -239,6 +240,9 @@ def cmd_cloud(argv: list[str]) -> None:
     parser.add_argument("--listen", required=True, help="HOST:PORT the SuperLink listens on (the edges' --parent)")
     parser.add_argument("--run-dir", type=Path, help="run directory (default <output_dir>/cloud-<time>)")
     parser.add_argument("--resume", action="store_true", help="continue --run-dir from its last checkpoint")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the edge and END commands this configuration needs (which client under which edge), "
+                             "then exit")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. topology=small6g federation.rounds=3")
     args = parser.parse_args(argv)
     import time
@@ -254,6 +258,11 @@ def cmd_cloud(argv: list[str]) -> None:
         cfg = load_yaml(args.run_dir / "config.yaml")
     else:
         cfg = compose(args.overrides)
+    if args.plan:
+        from server.deploy import plan
+
+        print(plan(cfg, listen, args.overrides))
+        return
     run_dir = args.run_dir or Path(cfg.output_dir) / time.strftime("cloud-%Y%m%d-%H%M%S")
     work_dir = args.work_dir or Path("runs/nodes/cloud")
     try:

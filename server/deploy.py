@@ -343,26 +343,49 @@ def _local(listen: str) -> str:
     return f"{'127.0.0.1' if host in ('', '0.0.0.0') else host}:{port}"
 
 
-def start_loopback_tiers(group: ProcessGroup, cfg, work_dir: Path, env: dict[str, str] | None = None) -> dict:
-    """An edge per neighbourhood cell and an END client per client of ``cfg``'s tree, all on
-    loopback through ``fedlora edge|end`` (tests, benchmarks, a demo on one machine).
-    Returns the addresses: ``{"cloud": ..., "edges": {cell: ...}, "tree": tree}``; the cloud
-    itself is ``fedlora cloud --listen <cloud>``."""
+def placement(cfg) -> dict[str, list[int]]:
+    """Neighbourhood cell -> the END clients the topology puts under its edge (round 1)."""
     from fedlora.topology import build_tree
 
     tree = build_tree(cfg.topology, cfg.federation.num_clients, cfg.seed)
-    cloud = f"127.0.0.1:{free_port()}"
-    edges = {cell: f"127.0.0.1:{free_port()}" for cell in tree.tier("neighbourhood")}
-    if not edges:
+    cells: dict[str, list[int]] = {cell: [] for cell in tree.tier("neighbourhood")}
+    if not cells:
         raise DeployError("edge processes need a tree topology with neighbourhood cells (topology=small6g or city)")
+    for client, leaf in sorted(tree.initial.items()):
+        cells[tree.neighbourhood_of(leaf)].append(client)
+    return cells
+
+
+def plan(cfg, cloud: str, overrides: list[str]) -> str:
+    """The commands that start this configuration's tiers by hand (``fedlora cloud --plan``)."""
+    n = cfg.federation.num_clients
+    lines = []
+    for i, (cell, clients) in enumerate(placement(cfg).items()):
+        edge = f"EDGE{i}_HOST:PORT"
+        lines.append(f"# edge of {cell}: END clients {clients}")
+        lines.append(f"fedlora edge --insecure --cell {cell} --parent {cloud} --listen {edge}")
+        lines += [f"fedlora end --insecure --partition-id {c} --num-partitions {n} --edge {edge}" for c in clients]
+    lines.append("# the cloud, one federation over the edges")
+    lines.append(shlex.join(["fedlora", "cloud", "--insecure", "--listen", cloud, *overrides]))
+    return "\n".join(lines)
+
+
+def start_loopback_tiers(group: ProcessGroup, cfg, work_dir: Path, env: dict[str, str] | None = None) -> dict:
+    """An edge per neighbourhood cell and an END client per client of ``cfg``'s tree, all on
+    loopback through ``fedlora edge|end`` (tests, benchmarks, a demo on one machine).
+    Returns the addresses ``{"cloud": ..., "edges": {cell: ...}}``; the cloud itself is
+    ``fedlora cloud --listen <cloud>``."""
+    cells = placement(cfg)
+    cloud = f"127.0.0.1:{free_port()}"
+    edges = {cell: f"127.0.0.1:{free_port()}" for cell in cells}
     env = dict(os.environ if env is None else env)
     fedlora = [sys.executable, "-m", "fedlora.cli"]
     for cell, listen in edges.items():
         group.start(f"edge-{cell}", [*fedlora, "edge", "--insecure", "--cell", cell, "--parent", cloud,
                                      "--listen", listen, "--work-dir", str(work_dir / cell)], env)
-    n = cfg.federation.num_clients
-    for client, leaf in sorted(tree.initial.items()):
-        group.start(f"end-{client}", [*fedlora, "end", "--insecure", "--partition-id", str(client), "--num-partitions",
-                                      str(n), "--edge", edges[tree.neighbourhood_of(leaf)],
-                                      "--work-dir", str(work_dir / f"end-{client}")], env)
-    return {"cloud": cloud, "edges": edges, "tree": tree}
+    for cell, clients in cells.items():
+        for client in clients:
+            group.start(f"end-{client}", [*fedlora, "end", "--insecure", "--partition-id", str(client),
+                                          "--num-partitions", str(cfg.federation.num_clients), "--edge", edges[cell],
+                                          "--work-dir", str(work_dir / f"end-{client}")], env)
+    return {"cloud": cloud, "edges": edges}

@@ -203,7 +203,12 @@ class EdgeCellRunner:
         self.find_edges()
         return [c for c, leaf in sorted(self.tree.initial.items()) if self.tree.neighbourhood_of(leaf) in self.node_of]
 
-    def run(self, requests: list[CellRequest], *, late=None, on_reply=None) -> list[CellResult]:
+    def run(self, requests: list[CellRequest], *, late=None, on_reply=None, keys=None) -> list[CellResult]:
+        """Each cell's request to its edge, in one exchange. ``late`` (the network model's
+        simulated deadline) does not apply to real processes; ``keys`` (the aggregator's
+        secure-session keys) are the edge's own business once secure stages cross processes."""
+        if any(r.secure is not None for r in requests):
+            raise EdgeError("secure aggregation through edge processes is not built yet; use privacy=none")
         results: dict[str, CellResult] = {}
         messages, cell_of_node = [], {}
         for request in requests:

@@ -23,7 +23,7 @@ from fedlora.aggregation import WeightedSum
 from fedlora.cell import ACCEPTED, DROPPED, CellRequest, CellResult, ClientStatus
 from fedlora.config import compose
 from fedlora.federation import InProcessTransport, run_federation
-from server.deploy import ProcessGroup, start_loopback_tiers
+from server.deploy import DeployError, ProcessGroup, placement, plan, start_loopback_tiers
 from clients.edge import EdgeError, Spool
 from fedlora import protocol
 from server.edge import check_result, decode_result
@@ -35,6 +35,7 @@ OVERRIDES = [
     "topology.suburban_cells=1",
     "topology.neighbourhoods_per_suburban=2",
     "topology.mobility.model=none",
+    "privacy=none",
     "federation.num_clients=4",
     "federation.fraction=1.0",
     "federation.rounds=1",
@@ -119,6 +120,18 @@ def test_a_good_edge_reply_is_the_edges_result():
     lying = _result(request, count=2)
     got = decode_result(request, _Reply({protocol.CELL: {protocol.CELL_RESULT_KEY: lying.to_bytes()}}))
     assert got.accepted == [] and "unusable" in got.clients[0].reason
+
+
+def test_plan_puts_every_client_under_exactly_one_edge():
+    cfg = compose(OVERRIDES)
+    cells = placement(cfg)
+    assert sorted(cells) == ["neighbourhood-0-0", "neighbourhood-0-1"]
+    assert sorted(c for clients in cells.values() for c in clients) == [0, 1, 2, 3]
+    text = plan(cfg, "cloud:9100", OVERRIDES)
+    assert text.count("fedlora edge ") == 2 and text.count("fedlora end ") == 4
+    assert "--parent cloud:9100" in text and "fedlora cloud --insecure --listen cloud:9100 model=tiny" in text
+    with pytest.raises(DeployError, match="tree topology"):
+        placement(compose(["topology=flat"]))
 
 
 def test_spool_relays_a_request_and_its_result(tmp_path):
