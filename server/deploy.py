@@ -312,20 +312,35 @@ def run_edge(cell: str, parent: str, listen: str, work_dir: Path, security: Secu
     on it, and a SuperNode connected upward to ``parent``."""
     work_dir = Path(work_dir).resolve()
     spool = work_dir / "spool"
-    (spool / "stop").unlink(missing_ok=True)
+    for stale in ("stop", "heartbeat"):  # left by an earlier edge in this work dir
+        (spool / stale).unlink(missing_ok=True)
     _stop_on_signals()
     with ProcessGroup(work_dir / "logs") as group:
         try:
             start_superlink(group, "superlink", listen, work_dir / "flwr-home", security)
             connection_file(work_dir / "flwr-home", "edge", _local(listen), security)
             run_id = submit_run(work_dir / "flwr-home", "edge", {"mode": "edge", "cell": cell, "spool": str(spool)})
+            _wait_for_service(group, spool, run_id)
             log.info("edge %s: SuperLink on %s, service run %d", cell, listen, run_id)
+            # Joins its parent only now, so the parent never sees an edge that cannot serve.
             start_supernode(group, "supernode", parent, {"role": "edge", "cell": cell, "spool": str(spool)},
                             work_dir / "supernode-home", security)
             _keep_running(group, f"edge {cell} (parent {parent}, children on {listen})")
         finally:
             spool.mkdir(parents=True, exist_ok=True)
             (spool / "stop").touch()  # the service run ends cleanly if it still can
+
+
+def _wait_for_service(group: ProcessGroup, spool: Path, run_id: int, timeout_s: float = 180.0) -> None:
+    from clients.edge import Spool
+
+    deadline = time.time() + timeout_s
+    while not Spool(spool).alive():
+        group.check()
+        if time.time() > deadline:
+            raise DeployError(f"the edge service run {run_id} did not start within {timeout_s:.0f}s; "
+                              f"see `flwr log {run_id}` (FLWR_HOME={spool.parent / 'flwr-home'}) and {spool / 'service.log'}")
+        time.sleep(0.2)
 
 
 def run_end(partition_id: int, num_partitions: int, edge: str, work_dir: Path, security: Security) -> None:

@@ -69,9 +69,8 @@ class ChildTransport(FlowerTransport):
             nodes = set(self.grid.get_node_ids())
             self.node_of = {c: n for c, n in self.node_of.items() if n in nodes}
             new = sorted(nodes - set(self.node_of.values()) - self.others)
-            if new:
-                self.identify(new)
-                self.others |= set(new) - set(self.node_of.values())
+            if new:  # a node that did not answer is asked again next time
+                self.others |= self.identify(new) - set(self.node_of.values())
             if set(wanted) <= set(self.node_of) or time.time() >= deadline:
                 return
             time.sleep(0.5)
@@ -89,6 +88,8 @@ class ChildTransport(FlowerTransport):
 
 def serve(grid: Grid, cell: str, spool_dir: str | Path, *, connect_timeout_s: float = FIND_S) -> int:
     """Run cell requests from the spool until a ``stop`` file appears; return how many ran."""
+    if not cell or not str(spool_dir):
+        raise ValueError("mode=edge needs the run config keys cell and spool (fedlora edge sets them)")
     spool = Spool(spool_dir)
     # Flower keeps a ServerApp's output to itself (`flwr log`); the edge's own log file:
     handler = logging.FileHandler(spool.root / "service.log")

@@ -55,9 +55,11 @@ class FlowerTransport:
                 log.warning("node %d sent a malformed identity: %s", node, exc)
         return out
 
-    def identify(self, nodes: list[int]) -> None:
-        """Add the END clients among ``nodes`` to ``node_of`` (client id -> node id)."""
-        for node, record in self.identities(nodes).items():
+    def identify(self, nodes: list[int]) -> set[int]:
+        """Add the END clients among ``nodes`` to ``node_of`` (client id -> node id); return
+        the nodes that answered at all."""
+        answered = self.identities(nodes)
+        for node, record in answered.items():
             try:
                 cid = int(record[protocol.CLIENT_ID_KEY])
             except Exception as exc:  # a node answering nonsense is left out, not fatal
@@ -67,6 +69,7 @@ class FlowerTransport:
                 log.warning("client id %d claimed by nodes %d and %d; keeping the first", cid, self.node_of[cid], node)
                 continue
             self.node_of[cid] = node
+        return set(answered)
 
     def train(self, server_round: int, clients: list[int], arrays: AdapterState, settings: dict, on_reply: ReplyCallback) -> list[ClientReply]:
         client_of = {self.node_of[c]: c for c in clients}
