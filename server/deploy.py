@@ -138,6 +138,7 @@ class ProcessGroup:
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen] = {}
+        self.specs: dict[str, tuple[list[str], dict[str, str], Path, float]] = {}  # argv, env, cwd, start time
         self.seen: set[int] = set()  # every pid ever found in the tree, to check nothing is left
 
     def start(self, name: str, argv: list[str], env: dict[str, str], cwd: Path = APP_DIR) -> subprocess.Popen:
@@ -148,8 +149,16 @@ class ProcessGroup:
         proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         out.close()
         self.procs[name] = proc
+        self.specs[name] = (argv, env, cwd, time.time())
         self.seen.add(proc.pid)
         return proc
+
+    def restart(self, name: str) -> subprocess.Popen:
+        """Start an exited process of the group again, the same way."""
+        argv, env, cwd, _ = self.specs[name]
+        self.tree()  # remember its old pid among those that must be gone at the end
+        del self.procs[name]
+        return self.start(name, argv, env, cwd)
 
     def check(self) -> None:
         """Raise if a process of the group has exited."""
@@ -279,10 +288,26 @@ def _stop_on_signals() -> None:
     signal.signal(signal.SIGINT, handler)
 
 
-def _keep_running(group: ProcessGroup, what: str) -> None:
-    """Block until a signal or until one of the tier's processes dies."""
+def _keep_running(group: ProcessGroup, what: str, supernode: str = "supernode") -> None:
+    """Block until a signal or until one of the tier's processes dies for good.
+
+    A SuperNode leaves when its SuperLink restarts (the new SuperLink does not know its node
+    id; e.g. each ``fedlora cloud`` starts a fresh one), so it is started again: a new node
+    that registers with the new SuperLink. One that keeps exiting at once is an error.
+    """
     log.info("%s running; stop with Ctrl-C or SIGTERM (logs in %s)", what, group.log_dir)
+    quick_exits = 0
     while True:
+        proc = group.procs[supernode]
+        if proc.poll() is not None:
+            lived = time.time() - group.specs[supernode][3]
+            quick_exits = quick_exits + 1 if lived < 10 else 0
+            if quick_exits >= 5:
+                group.check()
+            log.warning("%s exited with code %s after %.0fs (its SuperLink went away?); starting it again",
+                        supernode, proc.returncode, lived)
+            time.sleep(min(30.0, 2.0 ** quick_exits))
+            group.restart(supernode)
         group.check()
         time.sleep(1.0)
 

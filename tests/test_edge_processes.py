@@ -182,17 +182,31 @@ def reference(tmp_path_factory, env):
     return run_dir
 
 
-@pytest.fixture
-def tiers(tmp_path, env, reference):
-    """Two edges and four END clients (placed as the topology says), stopped on teardown."""
-    group = ProcessGroup(tmp_path / "logs")
+@pytest.fixture(scope="module")
+def tiers(tmp_path_factory, env, reference):
+    """Two edges and four END clients (placed as the topology says), for every cloud run of
+    this module (edges serve successive cloud runs); the whole tree stopped on teardown."""
+    work = tmp_path_factory.mktemp("tiers")
+    group = ProcessGroup(work / "logs")
     try:
-        tiers = start_loopback_tiers(group, compose(OVERRIDES), tmp_path, env)
+        tiers = start_loopback_tiers(group, compose(OVERRIDES), work, env)
         assert len(tiers["edges"]) == 2 and len(group.procs) == 6
-        yield {**tiers, "group": group}
+        yield {**tiers, "group": group, "work": work}
     finally:
         group.stop()
         assert group.leftovers() == [], "processes left running"
+
+
+def run_cloud(tiers, env, run_dir: Path, overrides: list[str]) -> float:
+    """`fedlora cloud` for one federation (in the fixture's group: a timeout or failure here
+    still stops the cloud's processes); returns its wall time."""
+    t0 = time.perf_counter()
+    cloud = tiers["group"].start(f"cloud-{run_dir.parent.name}", [
+        sys.executable, "-m", "fedlora.cli", "cloud", "--insecure", "--listen", tiers["cloud"], "--run-dir", str(run_dir),
+        "--work-dir", str(run_dir.parent / "cloud"), *overrides], env)
+    code = cloud.wait(timeout=400)
+    assert code == 0, _logs(tiers["work"]) + _logs(run_dir.parent)
+    return time.perf_counter() - t0
 
 
 def _logs(path: Path) -> str:
@@ -202,14 +216,7 @@ def _logs(path: Path) -> str:
 @pytest.mark.flower
 def test_cloud_two_edges_four_end_clients_match_the_simulation(tmp_path, env, reference, tiers):
     run_dir = tmp_path / "run"
-    t0 = time.perf_counter()
-    # In the fixture's group too: a timeout or failure here still stops the cloud's processes.
-    cloud = tiers["group"].start("cloud", [sys.executable, "-m", "fedlora.cli", "cloud", "--insecure", "--listen",
-                                           tiers["cloud"], "--run-dir", str(run_dir), "--work-dir", str(tmp_path / "cloud"),
-                                           *OVERRIDES], env)
-    code = cloud.wait(timeout=400)
-    wall = time.perf_counter() - t0
-    assert code == 0, _logs(tmp_path)
+    wall = run_cloud(tiers, env, run_dir, OVERRIDES)
 
     (record,) = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
     (expected,) = [json.loads(line) for line in (reference / "rounds.jsonl").read_text().splitlines()]
@@ -224,6 +231,29 @@ def test_cloud_two_edges_four_end_clients_match_the_simulation(tmp_path, env, re
         np.testing.assert_allclose(got[key], want[key], atol=1e-6, rtol=1e-5)
     # Every edge served its cell's request in its own process.
     for cell in tiers["edges"]:
-        assert f"edge {cell}: round 1 done" in (tmp_path / cell / "spool" / "service.log").read_text()
+        assert f"edge {cell}: round 1 done" in (tiers["work"] / cell / "spool" / "service.log").read_text()
     print(f"\nloopback deployment: `fedlora cloud` {wall:.1f}s, round {record['wall_s']:.1f}s "
           f"(in-process round {expected['wall_s']:.1f}s)")
+
+
+@pytest.mark.flower
+def test_a_failed_edge_drops_its_cell_and_the_round_goes_on(tmp_path, env, tiers):
+    """Stop one edge's service (its SuperNode stays up and relays): the next cloud run drops
+    that cell's clients with the reason and aggregates the other cell. Runs last: the edge
+    stays broken for the rest of the module."""
+    cells = placement(compose(OVERRIDES))
+    broken, healthy = sorted(cells)
+    spool = Spool(tiers["work"] / broken / "spool")
+    (spool.root / "stop").touch()
+    deadline = time.time() + 60
+    while spool.alive() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not spool.alive(), "the edge service did not stop"
+    run_dir = tmp_path / "run"
+    run_cloud(tiers, env, run_dir, OVERRIDES)
+    (record,) = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    assert record["participants"] == cells[healthy]
+    assert record["aggregated"] is True
+    assert sorted(d["client"] for d in record["dropped"]) == cells[broken]
+    assert all(f"edge {broken} failed" in d["reason"] and "not running" in d["reason"] for d in record["dropped"])
+
