@@ -282,6 +282,9 @@ class Stop(Exception):
 
 def _stop_on_signals() -> None:
     def handler(signum, frame):
+        # Once: a second Ctrl-C must not interrupt the stopping of the processes.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise Stop(signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, handler)
