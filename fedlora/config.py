@@ -169,10 +169,21 @@ class DeviceProfileConfig:
 
 @dataclass
 class LinkConfig:
-    """One link between tiers: per-message rate and one-way latency (same both ways)."""
+    """One kind of link between tiers (``topology.links.<kind>``); see fedlora/netsim.py.
 
+    Each cell has its own instance: the access link of a leaf cell (``end_*``) is one
+    medium its END clients share, an upper link is the child cell's own line to its parent.
+    """
+
+    # Capacity of one instance in each direction (upload and download each get it).
     bandwidth_mbps: float = 1000.0
+    # One-way latency, added once per message after its last bit.
     latency_ms: float = 1.0
+    # true: concurrent transfers on an instance share ``bandwidth_mbps`` (processor
+    # sharing, max-min fair, each transfer capped by its device's own rate), so a cell's
+    # round time grows with its clients. false: every message gets the full rate alone
+    # (each device has its own path, e.g. the public internet to a cloud region).
+    shared: bool = True
 
 
 @dataclass
@@ -183,7 +194,7 @@ class LinksConfig:
     """
 
     # flat: a device straight to the cloud over the public internet.
-    end_cloud: LinkConfig = field(default_factory=lambda: LinkConfig(100.0, 20.0))
+    end_cloud: LinkConfig = field(default_factory=lambda: LinkConfig(100.0, 20.0, shared=False))
     # 6G access (sub-THz / mmWave air interface), END device to its neighbourhood cell.
     end_neighbourhood: LinkConfig = field(default_factory=lambda: LinkConfig(1000.0, 1.0))
     # In-vehicle link, END device to its femto cell (car, bus).
@@ -465,6 +476,8 @@ def _validate_topology(topo: TopologyConfig, num_clients: int) -> None:
         spec: LinkConfig = getattr(topo.links, link)
         _positive(f"topology.links.{link}.bandwidth_mbps", spec.bandwidth_mbps)
         _positive(f"topology.links.{link}.latency_ms", spec.latency_ms, zero_ok=True)
+        if not isinstance(spec.shared, bool):
+            raise ConfigError(f"topology.links.{link}.shared={spec.shared!r} must be true or false")
     m = topo.mobility
     _fraction("topology.mobility.handover_prob", m.handover_prob)
     _fraction("topology.mobility.far_prob", m.far_prob)
