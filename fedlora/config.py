@@ -143,6 +143,12 @@ class SimulationConfig:
     cpus_per_client: int = 1
     # Torch threads inside each worker; 0 means `cpus_per_client`.
     threads_per_client: int = 0
+    # Ray cluster to join instead of starting a local one: "" = start Ray on this machine
+    # (all its cores); "<head-host>:<port>" (the GCS address `ray start --head` prints,
+    # port 6379 by default) or "auto" (the cluster this machine is a node of). Run
+    # `fedlora run` on a node of that cluster; every node needs the same venv, fedlora
+    # checkout path, model cache and data paths (README: "Running on a Ray cluster").
+    ray_address: str = ""
 
 
 @dataclass
@@ -410,7 +416,23 @@ def validate(cfg: FedLoraConfig) -> None:
         )
     _positive("simulation.cpus_per_client", cfg.simulation.cpus_per_client)
     _positive("simulation.threads_per_client", cfg.simulation.threads_per_client, zero_ok=True)
+    _validate_ray_address(cfg.simulation.ray_address)
     _validate_topology(cfg.topology, f.num_clients)
+
+
+def _validate_ray_address(address: str) -> None:
+    """``simulation.ray_address``: empty, ``auto`` or ``host:port`` of a Ray head's GCS."""
+    key = f"simulation.ray_address={address!r}"
+    if address in ("", "auto"):
+        return
+    if "://" in address:
+        raise ConfigError(
+            f"{key}: give the head's GCS address as host:port (e.g. 10.0.0.1:6379) and run fedlora on a node of the "
+            f"cluster; Ray Client (ray://) and other URLs are not supported"
+        )
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{key} must be empty (start Ray here), 'auto', or host:port of a Ray head (e.g. 10.0.0.1:6379)")
 
 
 def _fraction(name: str, value: float) -> None:
