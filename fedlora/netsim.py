@@ -51,8 +51,8 @@ Stragglers: clients unavailable this round (a draw fixed by seed, round and clie
 against the profile's ``availability``: they receive nothing and take no capacity) and
 clients whose path time exceeds ``topology.deadline_s`` (they received the adapter; their
 late update is neither aggregated nor counted on the uplink). A late upload still shares
-the access link while it lasts -- the device does not know it is late -- which changes
-only times after the deadline, so who is late does not depend on that choice.
+the access link until it ends: the device does not know it is late, and nothing cuts it
+off at the deadline.
 """
 
 from __future__ import annotations
