@@ -275,7 +275,8 @@ class PrivacyConfig:
     and the unmasking tier sees sums over at least t clients of a cell.
     """
 
-    # auto (secagg on tree topologies, none on flat) | none | secagg | secagg_dp (not wired yet).
+    # auto (secagg on tree topologies, none on flat) | none | secagg | secagg_dp (secagg + central
+    # differential privacy at client level, see fedlora/dp.py).
     mode: str = "auto"
     # b: bits of signed fixed point per coordinate.
     bits: int = 16
@@ -300,7 +301,10 @@ class PrivacyConfig:
     # Secure mode samples at least this many clients in each neighbourhood with a sampled client
     # (when it has them), so that a cell can lose some and stay at or above t.
     min_cell_clients: int = 3
-    # Central DP (privacy=secagg_dp; not wired yet): per-client L2 clip, noise multiplier, delta.
+    # Central DP (privacy=secagg_dp, DP-FedAvg): each device clips its whole update to L2 norm
+    # clip_norm and weighs it equally (its count is sent as max_examples, its loss is withheld);
+    # the unmasking tier adds N(0, (noise_multiplier * clip_norm)^2) to the sum of updates once
+    # per round; an RDP accountant reports epsilon at this delta in rounds.jsonl.
     clip_norm: float = 1.0
     noise_multiplier: float = 1.0
     delta: float = 1e-5
@@ -472,13 +476,26 @@ def privacy_mode(cfg: FedLoraConfig) -> str:
     return cfg.privacy.mode
 
 
+def secure_modes() -> tuple[str, ...]:
+    """Effective privacy modes that run secure aggregation."""
+    return ("secagg", "secagg_dp")
+
+
+def max_examples(cfg: FedLoraConfig) -> int:
+    """n_max: the public bound on one client's example count under secure aggregation."""
+    return cfg.privacy.max_examples or cfg.data.records_per_client
+
+
 def _validate_privacy(cfg: FedLoraConfig) -> None:
     p = cfg.privacy
     _choice("privacy.mode", p.mode, PRIVACY_MODES)
     _choice("privacy.unmasker", p.unmasker, ("cloud", "suburban"))
     _choice("privacy.prg", p.prg, ("aes128-ctr", "chacha20"))
     if p.mode == "secagg_dp":
-        raise ConfigError("privacy.mode=secagg_dp is not wired into rounds yet; use privacy=secagg (or privacy=none)")
+        _positive("privacy.clip_norm", p.clip_norm)
+        _positive("privacy.noise_multiplier", p.noise_multiplier, zero_ok=True)
+        if not 0 < p.delta < 1:
+            raise ConfigError(f"privacy.delta={p.delta} must be in (0, 1) (e.g. 1e-5, below 1 / federation.num_clients)")
     if p.unmasker == "suburban" and cfg.topology.kind == "flat":
         raise ConfigError("privacy.unmasker=suburban needs sub-urban cells; use topology.kind=tree or privacy.unmasker=cloud")
     if not 0 < p.threshold <= 1:
@@ -493,11 +510,11 @@ def _validate_privacy(cfg: FedLoraConfig) -> None:
     from fedlora.secure.encoding import check_overflow
     from fedlora.secure.errors import UnsafeEncoding
 
-    max_examples = p.max_examples or cfg.data.records_per_client
+    n_max = max_examples(cfg)
     try:  # worst case: every client's update in one sum
-        check_overflow(cfg.federation.num_clients, p.bits, max_examples)
+        check_overflow(cfg.federation.num_clients, p.bits, n_max)
     except UnsafeEncoding as exc:
-        raise ConfigError(f"privacy.bits={p.bits} with privacy.max_examples={max_examples} and federation.num_clients="
+        raise ConfigError(f"privacy.bits={p.bits} with privacy.max_examples={n_max} and federation.num_clients="
                           f"{cfg.federation.num_clients} is unsafe: {exc}") from None
 
 

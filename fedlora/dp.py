@@ -369,6 +369,52 @@ def federated_epsilons(noise_multiplier: float, clients_per_round: int, total_cl
     return out
 
 
+class FederatedDP:
+    """Central DP of one federated run: the noise of each released sum, and the privacy spent.
+
+    ``weight`` bounds one client's weight in the sums (fedlora.secure weighs every update by
+    n_max under ``secagg_dp``, so a client moves a sum by at most ``weight * clip_norm``).
+    The RDP curve is accumulated round by round with that round's sampling rate, so rounds
+    with different numbers of clients compose correctly; :meth:`state` / :meth:`load_state`
+    carry it across a resume.
+    """
+
+    def __init__(self, noise_multiplier: float, clip_norm: float, delta: float, *, weight: float = 1.0,
+                 orders: Sequence[float] = DEFAULT_ORDERS):
+        _check_nonnegative("noise_multiplier", noise_multiplier)
+        _check_positive("clip_norm", clip_norm)
+        _check_positive("weight", weight)
+        if not (isinstance(delta, (int, float)) and 0 < delta < 1):
+            raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+        self.noise_multiplier, self.clip_norm, self.delta, self.weight = float(noise_multiplier), float(clip_norm), float(delta), float(weight)
+        self.orders = _check_orders(orders)
+        self._rdp = np.zeros_like(self.orders)
+        self.rounds = 0
+
+    def noisy(self, summed: Mapping[str, np.ndarray], rng: np.random.Generator | None = None) -> AdapterUpdate:
+        """One released sum with its Gaussian noise (std ``noise_multiplier * clip_norm * weight``)."""
+        return add_central_noise(summed, self.noise_multiplier, self.clip_norm * self.weight, rng=rng)
+
+    def account(self, sample_rate: float) -> float:
+        """Record one round in which clients were sampled at ``sample_rate``; epsilon so far."""
+        self._rdp = self._rdp + compute_rdp(sample_rate, self.noise_multiplier, 1, self.orders)
+        self.rounds += 1
+        return self.epsilon()
+
+    def epsilon(self) -> float:
+        return rdp_to_epsilon(self.orders, self._rdp, self.delta)[0] if self.rounds else 0.0
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"rdp": self._rdp.copy(), "rounds": np.array([self.rounds])}
+
+    def load_state(self, state: Mapping[str, np.ndarray]) -> None:
+        if "rdp" in state:
+            rdp = np.asarray(state["rdp"], dtype=np.float64)
+            if rdp.shape != self.orders.shape:
+                raise ValueError(f"checkpointed RDP has {rdp.size} orders, the accountant {self.orders.size}")
+            self._rdp, self.rounds = rdp, int(np.asarray(state["rounds"])[0])
+
+
 # ------------------------------------------------------------------------- validation
 
 
