@@ -596,10 +596,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample", type=int, default=None, help="clients timed in sampled cells (default 2)")
     ap.add_argument("--local-steps", type=int, default=5)
     ap.add_argument("--clock", choices=tuple(CLOCKS), default="cpu", help="time stages in CPU (default) or wall seconds")
-    ap.add_argument("--lock", default=DEFAULT_LOCK, help="benchmark lock file ('' = none)")
+    ap.add_argument("--no-lock", action="store_true", help="do not take the benchmark lock (smoke runs only)")
+    ap.add_argument("--only", nargs="+", default=None, metavar="N:SIZE",
+                    help="run only these cells of the plan, e.g. 1000:r16_all (use with --out)")
     ap.add_argument("--out", default=None, help="result json (default bench/results/secagg[_quick].json)")
     args = ap.parse_args(argv)
     p = plan(args.quick)
+    if args.only:
+        keep = {tuple(x.split(":")) for x in args.only}
+        p["cells"] = [c for c in p["cells"] if (str(c[0]), c[1]) in keep]
+        p["flower_sampled"] = [c for c in p["flower_sampled"] if (str(c[0]), c[1]) in keep]
     _clock[0] = args.clock
     sample = args.sample or p["sample"]
     out = Path(args.out) if args.out else RESULTS / ("secagg_quick.json" if args.quick else "secagg.json")
@@ -613,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
         print(*a, file=log)
 
     t_start = time.time()
-    with bench_lock(args.lock, what="secagg"):
+    with bench_lock(None if args.no_lock else DEFAULT_LOCK, what="secagg"):
         info["loadavg_when_locked"] = [round(x, 2) for x in os.getloadavg()]
         for n, size, how in p["cells"]:
             levels = p["drops"].get(n, (0,)) if size == "r8_qv" else (0,)
