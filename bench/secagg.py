@@ -59,10 +59,11 @@ multiplied out (marked ``extrapolated``), and the decoding error comes from the 
 path (quantise every client, add mod 2^32, dequantise as the workflow does) -- shown
 bit-identical to the masked end-to-end result at n = 10.
 
-Run (takes the benchmark lock itself; ~10-15 min on the 2-core dev box):
+Run (takes the benchmark lock itself; the default set took 18 min wall on the shared 2-core box
+under load 4-8, the two end-to-end n = 1,000 cells 4-5 min each -- over the ~15 min aim):
 
     python bench/secagg.py            # default set, results in bench/results/secagg.json + .log
-    python bench/secagg.py --quick    # smoke run (~1 min): bench/results/secagg_quick.json
+    python bench/secagg.py --quick    # smoke run (~30 s): bench/results/secagg_quick.json
 """
 
 from __future__ import annotations
@@ -592,7 +593,7 @@ def plan(quick: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small smoke run (~1 min)")
+    ap.add_argument("--quick", action="store_true", help="small smoke run (~30 s)")
     ap.add_argument("--sample", type=int, default=None, help="clients timed in sampled cells (default 2)")
     ap.add_argument("--local-steps", type=int, default=5)
     ap.add_argument("--clock", choices=tuple(CLOCKS), default="cpu", help="time stages in CPU (default) or wall seconds")
