@@ -44,6 +44,18 @@ noise has variance ``(z C)^2 (n - d) / n``: the effective noise multiplier falls
 the target noise (more noise than needed when everyone survives);
 :func:`effective_noise_multiplier` gives the real multiplier of a round afterwards.
 
+With secure aggregation (fedlora.secure)
+----------------------------------------
+Clip on the device BEFORE encoding. Central noise is added at the unmasking tier after
+``decode_sum`` (float domain): no interaction with the fixed-point encoding. Distributed noise
+is added by each client before encoding, so the encoding's clip range must cover it: a share
+has per-coordinate std ``z C / sqrt(t)`` -- e.g. 0.45 for z = 1, C = 1, t = 5, far above the
+default encoding clip of 0.05 (it would be clipped, i.e. the noise destroyed) -- and the clip
+and bits must be chosen for update + noise. Scale check for LoRA: an update of 460,800
+entries of ~1e-3 has a global norm ~0.7, so with C = 0.7 and z = 1 the noise on each
+coordinate of the SUM (std 0.7) dwarfs the summed signal (~n * 1e-3) unless n is in the
+thousands: client-level DP pays off with many clients per round (as in McMahan et al. 2018).
+
 Accounting
 ----------
 The RDP of the sampled Gaussian mechanism follows Mironov, Talwar, Zhang 2019 ("Renyi
