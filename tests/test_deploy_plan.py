@@ -166,3 +166,21 @@ def test_bad_input_is_a_clear_error(cfg, tmp_path):
     with pytest.raises(PlanError, match="not empty"):
         write_plan(cfg, tmp_path / "old")
     assert (tmp_path / "old" / "x").read_text() == "keep me"
+
+
+def test_cli_plan_and_its_errors(tmp_path, capsys):
+    from fedlora.cli import main
+
+    main(["deploy", "plan", str(tmp_path / "p"), "model=tiny", "topology=flat", "federation.num_clients=2",
+          "federation.min_clients=1", "--cloud-host", "10.9.8.7"])
+    assert "1 cloud, 0 edge, 2 END folders" in capsys.readouterr().out
+    assert pki.cert_hosts(pki.load_cert(tmp_path / "p" / "cloud" / SERVER_CERT)) == ["10.9.8.7"]
+    assert "sh ./start.sh supernode &" in (tmp_path / "p" / "end-0" / "start.sh").read_text()
+    for argv, message in [
+        (["deploy", "plan", str(tmp_path / "p"), "model=tiny"], "not empty"),
+        (["deploy", "plan", str(tmp_path / "q"), "model=tiny", "--edge-host", "nowhere=1.2.3.4"], "unknown cell"),
+        (["deploy", "frobnicate"], "usage: fedlora deploy"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err

@@ -91,7 +91,7 @@ def start_script(services: dict[str, list[str]]) -> str:
     lines.append('  all) ;;\n  *) echo "usage: $0 [' + "|".join(services) + ']" >&2; exit 2 ;;\nesac\n')
     lines.append("pids=\"\"\ntrap 'kill $pids 2>/dev/null || true' INT TERM\n")
     for name in services:
-        lines.append(f'"$0" {name} &\npids="$pids $!"\n')
+        lines.append(f'sh ./start.sh {name} &\npids="$pids $!"\n')
     lines.append("wait\n")
     return "".join(lines)
 
