@@ -136,3 +136,16 @@ def test_local_model_without_config_json_is_a_clear_error(tmp_path):
 def test_read_facts_on_this_machine():
     f = device.read_facts()
     assert f.mem_total_mib > 0 and 0 < f.mem_available_mib <= f.mem_total_mib and f.arch
+
+
+def test_cli_check_on_a_node_folder(tmp_path, capsys):
+    from fedlora.cli import main
+    from fedlora.deploy.plan import write_plan
+
+    write_plan(compose(["model=tiny", "topology=flat", "federation.num_clients=1", "federation.min_clients=1"]), tmp_path / "p")
+    main(["deploy", "check", "--config", str(tmp_path / "p" / "end-0"), "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["settings"]["model"] == "tiny" and doc["device"]["mask_prg"] in ("aes128-ctr", "chacha20")
+    with pytest.raises(SystemExit) as exit_:
+        main(["deploy", "check", "--config", str(tmp_path)])
+    assert exit_.value.code == 2 and "not a node folder" in capsys.readouterr().err
