@@ -4,6 +4,8 @@
     fedlora resume RUN_DIR                       continue an interrupted run
     fedlora eval RUN_DIR|ADAPTER [overrides]     held-out loss and perplexity of an adapter
     fedlora generate RUN_DIR|ADAPTER --prompt P  what the adapter answers (or a small chat)
+    fedlora deploy plan OUT_DIR [overrides]      one folder per machine: TLS, node keys, start commands
+    fedlora deploy check [--config NODE_FOLDER]  this device's facts and the training settings it can afford
 """
 
 from __future__ import annotations
@@ -203,7 +205,13 @@ def cmd_generate(argv: list[str]) -> None:
         show(prompt)
 
 
-COMMANDS = {"run": cmd_run, "resume": cmd_resume, "eval": cmd_eval, "generate": cmd_generate}
+def cmd_deploy(argv: list[str]) -> None:
+    from fedlora.deploy.cli import main as deploy_main
+
+    deploy_main(argv)
+
+
+COMMANDS = {"run": cmd_run, "resume": cmd_resume, "eval": cmd_eval, "generate": cmd_generate, "deploy": cmd_deploy}
 
 
 def main(argv: list[str] | None = None) -> None:
