@@ -3,8 +3,8 @@
 Two sub-commands; both drive fedlora's own network model (``fedlora.netsim.simulate_round``)
 over the trees ``fedlora.topology.build_tree`` builds from ``conf/topology/*.yaml``, with the
 same client sampling (``fedlora.federation.sample_clients``), availability draws and
-mobility (``fedlora.mobility``) the round loop uses. Pure Python: no training, no lock
-needed (seconds).
+mobility (``fedlora.mobility``) the round loop uses. Pure Python, no training; both hold
+the benchmark lock (``roundtime`` records netsim's own wall time).
 
 ``backhaul`` -- bytes on the backhaul per round, hierarchical vs flat, same clients
 -------------------------------------------------------------------------------
@@ -36,18 +36,23 @@ beside the netsim-only one.
 
 ``roundtime`` -- simulated round time vs clients per cell, two device mixes
 ------------------------------------------------------------------------
-Pure netsim over ``small6g`` and ``city`` with ``--per-cell`` (2, 5, 10, 25, 50, 100)
+Pure netsim over ``small6g`` and ``city`` with ``--per-cell`` (1, 2, 5, 10, 25, 50, 100)
 clients per neighbourhood cell, all of them asked every round (fraction 1), for device
 mixes ``rpi4`` (Raspberry-Pi only), ``laptop+car`` (half each) and ``configured`` (the
-topology's own mix: 40% Pi, 40% phone, 10% car, 10% laptop), each without a deadline and
-with ``--deadlines`` (default 60 s). Training time is a reference measured on this machine,
-``--local-steps`` x ``--step-s`` (5 x 5.5 s), divided inside netsim by each profile's
-``compute_speed``. Columns: simulated round time (the slowest surviving path, mean over
-rounds), clients that survived / were reached, and ``shared access s``: a bench-side
-estimate (NOT part of fedlora's netsim, which treats link bandwidth as a per-message rate
-and does not model contention) of how long the busiest neighbourhood's access link would
-need to carry all its uploads one after another. The plot goes to
-``bench/results/hierarchy_roundtime.png``.
+topology's own mix: 40% Pi, 40% phone, 10% car, 10% laptop). netsim's access link of a
+cell is one shared medium (processor sharing: concurrent transfers split the cell's
+capacity max-min fairly, each capped by its device's rate; see fedlora/netsim.py), so the
+round slows down as a cell fills up. Each mix runs at ``--access-mbps`` (default: the
+configured 1 Gbit/s 6G cell, and 100 Mbit/s, a congested or 4G-class cell) with no
+deadline and with ``--deadlines`` (default 60 s); the same points with the access link
+NOT shared (``shared: false``, the per-message model fedlora had before) are the flat
+reference. Training time is a reference measured on this machine, ``--local-steps`` x
+``--step-s`` (5 x 5.5 s), divided inside netsim by each profile's ``compute_speed``.
+Columns: simulated round time (the slowest surviving path, mean over rounds), clients
+that survived / were reached, and netsim's own wall time per round. The plot goes to
+``bench/results/hierarchy_roundtime.png``: top, round time without a deadline (solid
+shared, dotted per message); bottom, the share of reached clients aggregated under the
+deadline.
 
 Run:
 
@@ -55,6 +60,7 @@ Run:
     .venv/bin/python bench/hierarchy.py backhaul --fraction 0.1 --no-confirm
     .venv/bin/python bench/hierarchy.py roundtime
     .venv/bin/python bench/hierarchy.py roundtime --deadlines 60 120 --step-s 4.0
+    .venv/bin/python bench/hierarchy.py roundtime --access-mbps 0 100 20 --per-cell 1 10 100
 
 Results: ``bench/results/hierarchy_backhaul.json``, ``bench/results/hierarchy_roundtime.json``
 (+ ``.png``).
@@ -67,6 +73,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -332,7 +339,8 @@ def cmd_backhaul(args) -> None:
 # ----------------------------------------------------------------------------- roundtime
 
 
-def roundtime_point(tree_name: str, per_cell: int, mix_name: str, deadline: float, args) -> dict:
+def roundtime_point(tree_name: str, per_cell: int, mix_name: str, deadline: float, access_mbps: float | None,
+                    shared: bool, args) -> dict:
     from fedlora.config import validate
 
     base = compose_cfg(tree_name, 40, 1.0, args.seed)
@@ -343,33 +351,34 @@ def roundtime_point(tree_name: str, per_cell: int, mix_name: str, deadline: floa
     if mix is not None:
         cfg.topology.profile_mix = {name: float(mix.get(name, 0.0)) for name in cfg.topology.profiles if name != "reference"}
     cfg.topology.deadline_s = float(deadline)
+    links = cfg.topology.links
+    for access in (links.end_neighbourhood, links.end_femto):  # a cell's END access medium
+        if access_mbps is not None:
+            access.bandwidth_mbps = float(access_mbps)
+        access.shared = shared
     validate(cfg)
     train_s = args.local_steps * args.step_s
     rounds = netsim_rounds(cfg, args.rounds, args.adapter_bytes, train_s)
-    access = cfg.topology.links.end_neighbourhood.bandwidth_mbps
-    shared = []
-    for r in rounds:
-        per_hood: dict[str, int] = {}
-        for c in r["survivors"]:
-            per_hood[r["tree"].neighbourhood_of(r["cell_of"][c])] = per_hood.get(r["tree"].neighbourhood_of(r["cell_of"][c]), 0) + 1
-        shared.append(max(per_hood.values(), default=0) * args.adapter_bytes * 8 / (access * 1e6))
     paths = [s for r in rounds for s in r["path_s"].values()]
+    busiest = [max(Counter(r["tree"].neighbourhood_of(r["cell_of"][c]) for c in r["survivors"]).values(), default=0) for r in rounds]
     return {
         "tree": tree_name,
         "mix": mix_name,
         "profile_mix": dict(cfg.topology.profile_mix),
         "deadline_s": deadline,
+        "access_mbps": links.end_neighbourhood.bandwidth_mbps,
+        "access_shared": shared,
         "clients_per_neighbourhood": per_cell,
         "num_clients": n,
         "reached_per_round": mean(r["reached"] for r in rounds),
         "survivors_per_round": mean(len(r["survivors"]) for r in rounds),
         "late_per_round": mean(sum(1 for c in r["stragglers"] if c in r["path_s"]) for r in rounds),
+        "busiest_neighbourhood_survivors": mean(busiest),
         "sim_round_s": mean(r["sim_network_s"] for r in rounds),
         "sim_round_s_per_round": [r["sim_network_s"] for r in rounds],
         "path_s_median": statistics.median(paths) if paths else None,
         "path_s_min": min(paths) if paths else None,
         "path_s_max": max(paths) if paths else None,
-        "shared_access_upload_s": mean(shared),
         "netsim_wall_s_per_round": mean(r["netsim_wall_s"] for r in rounds),
     }
 
@@ -381,38 +390,46 @@ def plot_roundtime(points: list[dict], path: Path, args) -> Path:
     import matplotlib.pyplot as plt
 
     trees = list(dict.fromkeys(p["tree"] for p in points))
-    fig, axes = plt.subplots(2, len(trees), figsize=(6 * len(trees), 8), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(2, len(trees), figsize=(7 * len(trees), 9), squeeze=False, sharex=True)
     colours = {m: c for m, c in zip(MIXES, ("tab:red", "tab:blue", "tab:green"))}
+    accesses = sorted({p["access_mbps"] for p in points}, reverse=True)
+    markers = dict(zip(accesses, "osD^v"))
+    deadlines = sorted({p["deadline_s"] for p in points if p["deadline_s"] > 0})
+
+    def series(tree_name, mix, access, shared, deadline):
+        return sorted((p for p in points if p["tree"] == tree_name and p["mix"] == mix and p["access_mbps"] == access
+                       and p["access_shared"] == shared and p["deadline_s"] == deadline),
+                      key=lambda p: p["clients_per_neighbourhood"])
+
     for j, tree_name in enumerate(trees):
         for mix in MIXES:
-            for deadline in sorted({p["deadline_s"] for p in points}):
-                pts = sorted((p for p in points if p["tree"] == tree_name and p["mix"] == mix and p["deadline_s"] == deadline),
-                             key=lambda p: p["clients_per_neighbourhood"])
-                if not pts:
-                    continue
-                x = [p["clients_per_neighbourhood"] for p in pts]
-                # Lines of different mixes often coincide (the slowest device sets the round):
-                # draw earlier mixes wider so a later one on top leaves them visible as a border.
-                kw = dict(linestyle="-" if deadline == 0 else "--", marker="o" if deadline == 0 else "s",
-                          color=colours[mix], linewidth=6 - 2 * list(MIXES).index(mix), markersize=9 - 2 * list(MIXES).index(mix),
-                          alpha=0.85, label=f"{mix}, " + ("no deadline" if deadline == 0 else f"deadline {deadline:g} s"))
-                axes[0][j].plot(x, [p["sim_round_s"] for p in pts], **kw)
-                axes[1][j].plot(x, [p["survivors_per_round"] / p["reached_per_round"] if p["reached_per_round"] else 0 for p in pts], **kw)
-        ref = sorted((p for p in points if p["tree"] == tree_name and p["mix"] == "configured" and p["deadline_s"] == 0),
-                     key=lambda p: p["clients_per_neighbourhood"])
-        if ref:
-            axes[0][j].plot([p["clients_per_neighbourhood"] for p in ref], [p["shared_access_upload_s"] for p in ref], ":",
-                            color="grey", marker=".", label="bench estimate: busiest cell's uploads in series on a shared access link")
-        axes[0][j].set_title(f"{tree_name}: simulated round time (train ref {args.local_steps} x {args.step_s:g} s)")
-        axes[0][j].set_ylabel("simulated round s (slowest surviving path)")
+            for access in accesses:
+                for shared in (True, False):
+                    pts = series(tree_name, mix, access, shared, 0.0)
+                    if pts:
+                        axes[0][j].plot([p["clients_per_neighbourhood"] for p in pts], [p["sim_round_s"] for p in pts],
+                                        linestyle="-" if shared else ":", marker=markers[access], color=colours[mix],
+                                        alpha=0.9 if shared else 0.6,
+                                        label=f"{mix}, access {access:g} Mbit/s " + ("shared" if shared else "per message"))
+                    for deadline in deadlines if shared else []:
+                        pts = series(tree_name, mix, access, True, deadline)
+                        if pts:
+                            axes[1][j].plot([p["clients_per_neighbourhood"] for p in pts],
+                                            [p["survivors_per_round"] / p["reached_per_round"] if p["reached_per_round"] else 0 for p in pts],
+                                            linestyle="-", marker=markers[access], color=colours[mix], alpha=0.85,
+                                            label=f"{mix}, access {access:g} Mbit/s, deadline {deadline:g} s")
+        axes[0][j].set_title(f"{tree_name}: simulated round time, no deadline (train ref {args.local_steps} x {args.step_s:g} s)")
+        axes[0][j].set_ylabel("simulated round s (slowest path)")
         axes[0][j].set_yscale("log")
-        axes[1][j].set_ylabel("share of reached clients aggregated")
+        axes[1][j].set_title(f"{tree_name}: share of reached clients aggregated under a deadline (shared access)")
+        axes[1][j].set_ylabel("aggregated / reached")
         axes[1][j].set_xlabel("END clients per neighbourhood cell (all asked each round)")
         axes[1][j].set_ylim(-0.05, 1.05)
         for ax in (axes[0][j], axes[1][j]):
             ax.set_xscale("log")
             ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    axes[1][0].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -426,25 +443,32 @@ def cmd_roundtime(args) -> None:
     quiet_libraries()
     t0 = time.perf_counter()
     points = []
-    for tree_name in args.trees:
-        for mix in args.mixes:
-            for deadline in [0.0, *args.deadlines]:
-                for per_cell in args.per_cell:
-                    points.append(roundtime_point(tree_name, per_cell, mix, deadline, args))
-    headers = ["tree", "mix", "deadline s", "clients/nbhd", "clients", "reached", "aggregated", "late",
-               "sim round s", "median path s", "shared access s", "netsim ms"]
-    rows = [[p["tree"], p["mix"], p["deadline_s"] or "-", p["clients_per_neighbourhood"], p["num_clients"],
-             p["reached_per_round"], p["survivors_per_round"], p["late_per_round"], p["sim_round_s"],
-             p["path_s_median"], p["shared_access_upload_s"], 1e3 * p["netsim_wall_s_per_round"]] for p in points]
+    # Pure netsim, but it times netsim itself: hold the lock so a training run cannot skew it.
+    with bench_lock(None if args.no_lock else args.lock, what="hierarchy"):
+        for tree_name in args.trees:
+            for mix in args.mixes:
+                for access in args.access_mbps:
+                    for per_cell in args.per_cell:
+                        for deadline in [0.0, *args.deadlines]:
+                            points.append(roundtime_point(tree_name, per_cell, mix, deadline, access or None, True, args))
+                        # The per-message model (access not shared) as the reference: no growth.
+                        points.append(roundtime_point(tree_name, per_cell, mix, 0.0, access or None, False, args))
+    headers = ["tree", "mix", "access Mbit/s", "shared", "deadline s", "clients/nbhd", "clients", "reached", "aggregated",
+               "late", "sim round s", "median path s", "netsim ms"]
+    rows = [[p["tree"], p["mix"], p["access_mbps"], "yes" if p["access_shared"] else "no", p["deadline_s"] or "-",
+             p["clients_per_neighbourhood"], p["num_clients"], p["reached_per_round"], p["survivors_per_round"],
+             p["late_per_round"], p["sim_round_s"], p["path_s_median"], 1e3 * p["netsim_wall_s_per_round"]] for p in points]
     print(f"\nSimulated round time (mean of {args.rounds} rounds), all clients asked; train reference "
           f"{args.local_steps} steps x {args.step_s:g} s = {args.local_steps * args.step_s:g} s / compute_speed; "
-          f"adapter {args.adapter_bytes:,} B")
+          f"adapter {args.adapter_bytes:,} B; access = end->neighbourhood and end->femto capacity per cell")
     print(table(rows, headers, digits=2))
     png = plot_roundtime(points, Path(args.plot), args)
     out = write_json(args.out, {
         "benchmark": "hierarchy.roundtime",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine(),
+        "network_model": "fedlora.netsim: access link per cell shared (processor sharing, max-min fair, device caps); "
+                         "access_shared=false rows are the per-message model",
         "adapter_bytes": args.adapter_bytes,
         "train_reference_s": args.local_steps * args.step_s,
         "local_steps": args.local_steps,
@@ -485,10 +509,12 @@ def main() -> None:
 
     r = sub.add_parser("roundtime", help="simulated round time vs clients per neighbourhood, per device mix (netsim)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    r.add_argument("--per-cell", type=int, nargs="+", default=[2, 5, 10, 25, 50, 100], help="END clients per neighbourhood cell")
+    r.add_argument("--per-cell", type=int, nargs="+", default=[1, 2, 5, 10, 25, 50, 100], help="END clients per neighbourhood cell")
     r.add_argument("--trees", nargs="+", default=["small6g", "city"])
     r.add_argument("--mixes", nargs="+", default=list(MIXES), choices=list(MIXES))
     r.add_argument("--deadlines", type=float, nargs="*", default=[60.0], help="deadline(s) in simulated s, besides none")
+    r.add_argument("--access-mbps", type=float, nargs="+", default=[0.0, 100.0],
+                   help="capacity of each cell's END access link (end->neighbourhood, end->femto); 0 = as configured (1000)")
     r.add_argument("--local-steps", type=int, default=5)
     r.add_argument("--step-s", type=float, default=5.5, help="seconds per SmolLM2 local step measured on the reference machine")
     r.add_argument("--rounds", type=int, default=3)
@@ -496,6 +522,8 @@ def main() -> None:
     r.add_argument("--seed", type=int, default=42)
     r.add_argument("--plot", default=str(RESULTS / "hierarchy_roundtime.png"))
     r.add_argument("--out", default=str(RESULTS / "hierarchy_roundtime.json"))
+    r.add_argument("--lock", default=DEFAULT_LOCK, help="benchmark lock held while it runs")
+    r.add_argument("--no-lock", action="store_true", help="do not take the lock")
     r.set_defaults(func=cmd_roundtime)
 
     args = p.parse_args()

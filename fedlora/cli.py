@@ -4,6 +4,8 @@
     fedlora resume RUN_DIR                       continue an interrupted run
     fedlora eval RUN_DIR|ADAPTER [overrides]     held-out loss and perplexity of an adapter
     fedlora generate RUN_DIR|ADAPTER --prompt P  what the adapter answers (or a small chat)
+    fedlora deploy plan OUT_DIR [overrides]      one folder per machine: TLS, node keys, start commands
+    fedlora deploy check [--config NODE_FOLDER]  this device's facts and the training settings it can afford
 
   the tiers as real Flower processes (README "Running the tiers as real processes"):
     fedlora cloud --listen HOST:PORT [overrides]  cloud SuperLink + one federation over the edges
@@ -310,7 +312,13 @@ def cmd_end(argv: list[str]) -> None:
         pass
 
 
-COMMANDS = {"run": cmd_run, "resume": cmd_resume, "eval": cmd_eval, "generate": cmd_generate,
+def cmd_deploy(argv: list[str]) -> None:
+    from fedlora.deploy.cli import main as deploy_main
+
+    deploy_main(argv)
+
+
+COMMANDS = {"run": cmd_run, "resume": cmd_resume, "eval": cmd_eval, "generate": cmd_generate, "deploy": cmd_deploy,
             "cloud": cmd_cloud, "edge": cmd_edge, "end": cmd_end}
 
 

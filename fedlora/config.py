@@ -143,6 +143,12 @@ class SimulationConfig:
     cpus_per_client: int = 1
     # Torch threads inside each worker; 0 means `cpus_per_client`.
     threads_per_client: int = 0
+    # Ray cluster to join instead of starting a local one: "" = start Ray on this machine
+    # (all its cores); "<head-host>:<port>" (the GCS address `ray start --head` prints,
+    # port 6379 by default) or "auto" (the cluster this machine is a node of). Run
+    # `fedlora run` on a node of that cluster; every node needs the same venv, fedlora
+    # checkout path, model cache and data paths (README: "Running on a Ray cluster").
+    ray_address: str = ""
 
 
 @dataclass
@@ -169,10 +175,21 @@ class DeviceProfileConfig:
 
 @dataclass
 class LinkConfig:
-    """One link between tiers: per-message rate and one-way latency (same both ways)."""
+    """One kind of link between tiers (``topology.links.<kind>``); see fedlora/netsim.py.
 
+    Each cell has its own instance: the access link of a leaf cell (``end_*``) is one
+    medium its END clients share, an upper link is the child cell's own line to its parent.
+    """
+
+    # Capacity of one instance in each direction (upload and download each get it).
     bandwidth_mbps: float = 1000.0
+    # One-way latency, added once per message after its last bit.
     latency_ms: float = 1.0
+    # true: concurrent transfers on an instance share ``bandwidth_mbps`` (processor
+    # sharing, max-min fair, each transfer capped by its device's own rate), so a cell's
+    # round time grows with its clients. false: every message gets the full rate alone
+    # (each device has its own path, e.g. the public internet to a cloud region).
+    shared: bool = True
 
 
 @dataclass
@@ -183,7 +200,7 @@ class LinksConfig:
     """
 
     # flat: a device straight to the cloud over the public internet.
-    end_cloud: LinkConfig = field(default_factory=lambda: LinkConfig(100.0, 20.0))
+    end_cloud: LinkConfig = field(default_factory=lambda: LinkConfig(100.0, 20.0, shared=False))
     # 6G access (sub-THz / mmWave air interface), END device to its neighbourhood cell.
     end_neighbourhood: LinkConfig = field(default_factory=lambda: LinkConfig(1000.0, 1.0))
     # In-vehicle link, END device to its femto cell (car, bus).
@@ -258,7 +275,8 @@ class PrivacyConfig:
     and the unmasking tier sees sums over at least t clients of a cell.
     """
 
-    # auto (secagg on tree topologies, none on flat) | none | secagg | secagg_dp (not wired yet).
+    # auto (secagg on tree topologies, none on flat) | none | secagg | secagg_dp (secagg + central
+    # differential privacy at client level, see fedlora/dp.py).
     mode: str = "auto"
     # b: bits of signed fixed point per coordinate.
     bits: int = 16
@@ -283,7 +301,10 @@ class PrivacyConfig:
     # Secure mode samples at least this many clients in each neighbourhood with a sampled client
     # (when it has them), so that a cell can lose some and stay at or above t.
     min_cell_clients: int = 3
-    # Central DP (privacy=secagg_dp; not wired yet): per-client L2 clip, noise multiplier, delta.
+    # Central DP (privacy=secagg_dp, DP-FedAvg): each device clips its whole update to L2 norm
+    # clip_norm and weighs it equally (its count is sent as max_examples, its loss is withheld);
+    # the unmasking tier adds N(0, (noise_multiplier * clip_norm)^2) to the sum of updates once
+    # per round; an RDP accountant reports epsilon at this delta in rounds.jsonl.
     clip_norm: float = 1.0
     noise_multiplier: float = 1.0
     delta: float = 1e-5
@@ -440,6 +461,7 @@ def validate(cfg: FedLoraConfig) -> None:
         )
     _positive("simulation.cpus_per_client", cfg.simulation.cpus_per_client)
     _positive("simulation.threads_per_client", cfg.simulation.threads_per_client, zero_ok=True)
+    _validate_ray_address(cfg.simulation.ray_address)
     _validate_topology(cfg.topology, f.num_clients)
     _validate_privacy(cfg)
 
@@ -454,13 +476,26 @@ def privacy_mode(cfg: FedLoraConfig) -> str:
     return cfg.privacy.mode
 
 
+def secure_modes() -> tuple[str, ...]:
+    """Effective privacy modes that run secure aggregation."""
+    return ("secagg", "secagg_dp")
+
+
+def max_examples(cfg: FedLoraConfig) -> int:
+    """n_max: the public bound on one client's example count under secure aggregation."""
+    return cfg.privacy.max_examples or cfg.data.records_per_client
+
+
 def _validate_privacy(cfg: FedLoraConfig) -> None:
     p = cfg.privacy
     _choice("privacy.mode", p.mode, PRIVACY_MODES)
     _choice("privacy.unmasker", p.unmasker, ("cloud", "suburban"))
     _choice("privacy.prg", p.prg, ("aes128-ctr", "chacha20"))
     if p.mode == "secagg_dp":
-        raise ConfigError("privacy.mode=secagg_dp is not wired into rounds yet; use privacy=secagg (or privacy=none)")
+        _positive("privacy.clip_norm", p.clip_norm)
+        _positive("privacy.noise_multiplier", p.noise_multiplier, zero_ok=True)
+        if not 0 < p.delta < 1:
+            raise ConfigError(f"privacy.delta={p.delta} must be in (0, 1) (e.g. 1e-5, below 1 / federation.num_clients)")
     if p.unmasker == "suburban" and cfg.topology.kind == "flat":
         raise ConfigError("privacy.unmasker=suburban needs sub-urban cells; use topology.kind=tree or privacy.unmasker=cloud")
     if not 0 < p.threshold <= 1:
@@ -475,12 +510,27 @@ def _validate_privacy(cfg: FedLoraConfig) -> None:
     from fedlora.secure.encoding import check_overflow
     from fedlora.secure.errors import UnsafeEncoding
 
-    max_examples = p.max_examples or cfg.data.records_per_client
+    n_max = max_examples(cfg)
     try:  # worst case: every client's update in one sum
-        check_overflow(cfg.federation.num_clients, p.bits, max_examples)
+        check_overflow(cfg.federation.num_clients, p.bits, n_max)
     except UnsafeEncoding as exc:
-        raise ConfigError(f"privacy.bits={p.bits} with privacy.max_examples={max_examples} and federation.num_clients="
+        raise ConfigError(f"privacy.bits={p.bits} with privacy.max_examples={n_max} and federation.num_clients="
                           f"{cfg.federation.num_clients} is unsafe: {exc}") from None
+
+
+def _validate_ray_address(address: str) -> None:
+    """``simulation.ray_address``: empty, ``auto`` or ``host:port`` of a Ray head's GCS."""
+    key = f"simulation.ray_address={address!r}"
+    if address in ("", "auto"):
+        return
+    if "://" in address:
+        raise ConfigError(
+            f"{key}: give the head's GCS address as host:port (e.g. 10.0.0.1:6379) and run fedlora on a node of the "
+            f"cluster; Ray Client (ray://) and other URLs are not supported"
+        )
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{key} must be empty (start Ray here), 'auto', or host:port of a Ray head (e.g. 10.0.0.1:6379)")
 
 
 def _fraction(name: str, value: float) -> None:
@@ -546,6 +596,8 @@ def _validate_topology(topo: TopologyConfig, num_clients: int) -> None:
         spec: LinkConfig = getattr(topo.links, link)
         _positive(f"topology.links.{link}.bandwidth_mbps", spec.bandwidth_mbps)
         _positive(f"topology.links.{link}.latency_ms", spec.latency_ms, zero_ok=True)
+        if not isinstance(spec.shared, bool):
+            raise ConfigError(f"topology.links.{link}.shared={spec.shared!r} must be true or false")
     m = topo.mobility
     _fraction("topology.mobility.handover_prob", m.handover_prob)
     _fraction("topology.mobility.far_prob", m.far_prob)

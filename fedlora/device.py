@@ -15,7 +15,8 @@ import torch
 
 from fedlora import adapters
 from fedlora.adapters import AdapterState
-from fedlora.config import FedLoraConfig, to_dict, to_typed
+from fedlora.config import FedLoraConfig, max_examples, privacy_mode, to_dict, to_typed
+from fedlora.dp import clip_update
 from fedlora.data import client_examples, tokenize
 from fedlora.model import load_base_model, wrap_lora
 from fedlora.train import train_local
@@ -118,4 +119,17 @@ def secure_step(stage: str, payload: bytes, state: bytes | None, settings: dict[
     return client_step(stage, payload, state, identity=simulated_identity(seed, me),
                        cloud_key=simulated_identity(seed, CLOUD_ID).public_bytes,
                        rng=simulated_rng(seed, "device", me, server_round, stage),
-                       train=lambda: train_round(settings, global_state, partition_id), arrays=global_state)
+                       train=lambda: private_update(*train_round(settings, global_state, partition_id),
+                                                    to_typed(settings["config"])),
+                       arrays=global_state)
+
+
+def private_update(delta: AdapterState, metrics: dict[str, float], cfg: FedLoraConfig) -> tuple[AdapterState, dict[str, float]]:
+    """What a device hands to secure aggregation: under ``privacy=secagg_dp`` its update clipped to
+    L2 norm ``privacy.clip_norm`` and weighted like every other client's (count = n_max), and its
+    training loss withheld (0), so one client's influence on the released sum is bounded by the
+    clip (DP-FedAvg). Otherwise unchanged."""
+    if privacy_mode(cfg) != "secagg_dp":
+        return delta, metrics
+    clipped, norm = clip_update(delta, cfg.privacy.clip_norm)
+    return clipped, {**metrics, "num_examples": max_examples(cfg), "train_loss": 0.0, "update_norm": norm}

@@ -22,8 +22,9 @@ from fedlora.adapters import AdapterState
 from fedlora.aggregation import make_strategy
 from fedlora.cell import (ACCEPTED, LATE, AggregatorKeys, CellRequest, CellResult, ClientReply, LateCallback, ReplyCallback, Transport,
                           reject_reason, run_cells)
-from fedlora.config import FederationConfig, FedLoraConfig, privacy_mode, save_yaml
+from fedlora.config import FederationConfig, FedLoraConfig, max_examples, privacy_mode, save_yaml, secure_modes
 from fedlora.data import eval_examples, tokenize
+from fedlora.dp import FederatedDP
 from fedlora.device import initial_adapter, lora_model, round_settings, secure_step, stable_seed, train_round
 from fedlora.mobility import assignment_at, next_assignment
 from fedlora.model import resolve_model_dir
@@ -184,7 +185,11 @@ def run_federation(
         cells.load_state({k[len("cells/"):]: v for k, v in ckpt[1].items() if k.startswith("cells/")})
     cell_of = assignment_at(tree, done + 1, cfg.seed)
     sent = {k: global_state[k] for k in trainable}
-    secure = _secure_settings(cfg, expected) if privacy_mode(cfg) == "secagg" else None
+    secure = _secure_settings(cfg, expected) if privacy_mode(cfg) in secure_modes() else None
+    p = cfg.privacy
+    dp = FederatedDP(p.noise_multiplier, p.clip_norm, p.delta, weight=max_examples(cfg)) if privacy_mode(cfg) == "secagg_dp" else None
+    if dp is not None and ckpt is not None:
+        dp.load_state({k[len("dp/"):]: v for k, v in ckpt[1].items() if k.startswith("dp/")})
     if secure is not None and not hasattr(transport, "exchange"):
         if cfg.privacy.mode != "auto":
             raise FederationError(f"privacy.mode={cfg.privacy.mode} needs secure-aggregation stages, which "
@@ -243,7 +248,7 @@ def run_federation(
         results = runner.run(requests, late=late, on_reply=on_reply, keys=keys)
         secure_record = None
         if sr is not None:
-            results, cell_sums, metric_sums, secure_record = _unmask_round(sr, results, refused, hierfavg)
+            results, cell_sums, metric_sums, secure_record = _unmask_round(sr, results, refused, hierfavg, dp)
         else:
             cell_sums = {res.cell: res.plain for res in results if res.plain is not None}
             metric_sums = {k: sum(res.metrics.get(k, 0.0) for res in results) for k in ("num_examples", "train_loss")}
@@ -281,7 +286,7 @@ def run_federation(
         eval_s = time.perf_counter() - t_eval
         record = {
             "round": server_round,
-            "train_loss": metric_sums["train_loss"] / metric_sums["num_examples"] if kept else None,
+            "train_loss": metric_sums["train_loss"] / metric_sums["num_examples"] if kept and dp is None else None,
             "eval_loss": round_eval_loss,
             "participants": participants,
             "dropped": sorted(dropped, key=lambda d: d["client"]),
@@ -290,13 +295,15 @@ def run_federation(
             "num_examples": metric_sums["num_examples"],
             "cell_of": {str(c): cell_of[c] for c in participants},
             **({"secure": secure_record} if secure_record is not None else {}),
+            **({"dp": _dp_record(dp, len(selected) / len(available))} if dp is not None else {}),
             **net.record(),
             "client_train_s": {str(c): st.train_seconds for c, st in sorted(statuses.items()) if st.train_seconds is not None},
             "eval_s": eval_s,
             "wall_s": time.perf_counter() - t0,
         }
         report.append_round(run_dir, record)
-        _checkpoint(run_dir, server_round, global_state, strategy, base_loss, wall_before + time.perf_counter() - started, cells)
+        _checkpoint(run_dir, server_round, global_state, strategy, base_loss, wall_before + time.perf_counter() - started, cells,
+                    dp)
         progress.end_round(record)
 
     adapters.export_peft(model, global_state, run_dir / "adapter", resolve_model_dir(cfg.model))
@@ -342,12 +349,13 @@ def _secure_settings(cfg: FedLoraConfig, expected: dict) -> SecureSettings:
     clips = {name: v for name in expected for key, v in p.clip_per_tensor.items() if key in name}
     clips[LOSS_KEY] = p.loss_clip
     encoding = EncodingConfig(bits=p.bits, clip=p.clip, clip_per_tensor=clips,
-                              max_examples=p.max_examples or cfg.data.records_per_client)
+                              max_examples=max_examples(cfg))
     return SecureSettings(encoding, p.threshold, p.unmasker, p.prg, p.complete_graph_up_to)
 
 
-def _unmask_round(sr: SecureRound, results: list[CellResult], refused: dict, per_cell: bool):
-    """The cloud's part of a secure round: unmask, decode, and say per cell what happened.
+def _unmask_round(sr: SecureRound, results: list[CellResult], refused: dict, per_cell: bool, dp: FederatedDP | None = None):
+    """The cloud's part of a secure round: unmask, decode (adding the DP noise once to each
+    released sum under ``secagg_dp``), and say per cell what happened.
 
     -> (results with clients of aborted cells marked dropped, {cell or cloud: WeightedSum},
     metric sums, the round record's ``secure`` field)."""
@@ -370,6 +378,8 @@ def _unmask_round(sr: SecureRound, results: list[CellResult], refused: dict, per
     cell_sums, metric_sums, bound = {}, {"num_examples": 0.0, "train_loss": 0.0}, 0.0
     for key, decoded in sums.items():
         total = {k: v for k, v in decoded.total.items() if k != LOSS_KEY}
+        if dp is not None:
+            total = dp.noisy(total)
         cell_sums[key] = WeightedSum(total=total, weight=float(decoded.examples), count=decoded.clients)
         metric_sums["num_examples"] += float(decoded.examples)
         metric_sums["train_loss"] += float(decoded.total[LOSS_KEY][0])
@@ -398,9 +408,18 @@ def _cell_groups(clients, cell_of, cells: CellModels, sent: AdapterState, traina
     return out
 
 
+def _dp_record(dp: FederatedDP, sample_rate: float) -> dict:
+    """Account this round's release and say what was spent (client-level DP)."""
+    epsilon = dp.account(sample_rate)
+    return {"epsilon": epsilon if math.isfinite(epsilon) else None, "delta": dp.delta, "sample_rate": sample_rate,
+            "noise_multiplier": dp.noise_multiplier, "clip_norm": dp.clip_norm, "rounds_accounted": dp.rounds}
+
+
 def _checkpoint(run_dir: Path, server_round: int, state: AdapterState, strategy, base_loss: float, wall_s: float,
-                cells: CellModels | None = None) -> None:
+                cells: CellModels | None = None, dp: FederatedDP | None = None) -> None:
     arrays = {f"adapter/{k}": v for k, v in state.items()}
+    if dp is not None:
+        arrays.update({f"dp/{k}": v for k, v in dp.state().items()})
     arrays.update({f"strategy/{k}": v for k, v in strategy.state().items()})
     if cells is not None:
         arrays.update({f"cells/{k}": v for k, v in cells.state().items()})

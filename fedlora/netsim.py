@@ -5,30 +5,61 @@ Messages (store and forward; one message per child per link):
 - down: the adapter a client starts from travels from its holder -- the cloud in a round
   after a cloud sync (and round 1), else the client's neighbourhood, which keeps a cell
   model between syncs -- down the tree, one copy per cell with a reached client below it,
-  then one copy per END client over its first hop.
+  then one copy per END client over its first hop (unicast: no broadcast channel is
+  modelled, so ``bytes.down`` counts one adapter per reached client).
 - up: each END client uploads its update to its leaf cell; each cell with a surviving
   update below it forwards ONE aggregate upward, to the neighbourhood in a round without
   a cloud sync, else up to the cloud. So ``suburban->cloud`` carries one sum per sub-urban
   cell however many clients there are.
 
-Time of a hop: ``latency + bytes * 8 / bandwidth``; on a client's first hop the device's
-own uplink/downlink rate caps the link's and its latency floors the link's. Link
-bandwidth is a per-message rate: contention between clients of a cell is not modelled.
-A client's path time is download + compute (measured training seconds on the reference
-machine / the profile's ``compute_speed``) + upload + every forwarding hop to the top.
-Aggregators wait for their surviving children and forwarding hops are equal within a
-tier, so the round ends at the slowest surviving path.
+Link instances and sharing (processor sharing, max-min fair):
+
+- The *access link* of a leaf cell (``end->neighbourhood`` of one neighbourhood,
+  ``end->femto`` of one vehicle, ``end->cloud`` of the cloud when flat) is ONE medium per
+  cell and direction: its ``bandwidth_mbps`` is the cell's capacity, shared by all
+  transfers on it at the same moment. The upload and download directions each have the
+  full capacity (FDD-like; they do not compete with each other).
+- Every *upper link* instance belongs to the child cell: the uplink of ``neighbourhood-0-1``
+  to its sub-urban cell is that neighbourhood's own fibre, shared by whatever crosses it.
+  With store and forward that is one copy down and one sum up per round, so sharing never
+  binds there; the same code times it.
+- Sharing is processor sharing with per-transfer caps: at every moment the link's
+  capacity is split max-min fairly among the transfers in progress (water-filling), a
+  transfer never going faster than its cap -- the device's own ``uplink_mbps`` /
+  ``downlink_mbps`` on the first hop. When a transfer ends or another starts, rates are
+  recomputed. N equal uploads that start together on a link of capacity C (below their
+  caps) all end after ``N * bytes * 8 / C``: round time grows linearly with the clients
+  per cell once the cell is saturated.
+- A link with ``shared: false`` (``topology.links.<kind>.shared``) gives every transfer
+  the full ``bandwidth_mbps`` (capped by the device): the per-message model, used for a
+  flat topology's ``end->cloud``, where every device has its own internet path.
+- A transfer on a hop takes the time its bits need at the shared rate plus the hop's
+  latency (the larger of the link's and, on the first hop, the device's), added once
+  after the last bit. With one transfer on a link this is exactly the per-message
+  ``latency + bytes * 8 / min(bandwidth, device cap)`` (:func:`hop_seconds`).
+
+Times: the copy for a cell leaves its parent when the parent has it (time 0 at the
+holder). Every reached client downloads on its cell's access link from the moment the
+copy is in the cell, so clients whose reply later fails still take their share. A client
+computes for measured training seconds on the reference machine / the profile's
+``compute_speed`` after its download ends, then uploads on the shared access link. Its
+*path time* is the moment its upload reaches its leaf cell plus every forwarding hop of
+one sum to the top (``path_s``). Aggregators wait for their surviving children and
+forwarding hops are equal within a tier, so the round ends at the slowest surviving path.
 
 Stragglers: clients unavailable this round (a draw fixed by seed, round and client
-against the profile's ``availability``: they receive nothing) and clients whose path
-time exceeds ``topology.deadline_s`` (they received the adapter; their late update is
-neither aggregated nor counted on the uplink).
+against the profile's ``availability``: they receive nothing and take no capacity) and
+clients whose path time exceeds ``topology.deadline_s`` (they received the adapter; their
+late update is neither aggregated nor counted on the uplink). A late upload still shares
+the access link until it ends: the device does not know it is late, and nothing cuts it
+off at the deadline.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+import math
 
 from fedlora.topology import CLOUD, CellTree, Link, uniform
 
@@ -80,10 +111,77 @@ def compute_seconds(tree: CellTree, client: int, reference_s: float) -> float:
 
 
 def hop_seconds(link: Link, nbytes: int, *, cap_mbps: float | None = None, floor_ms: float = 0.0) -> float:
-    """Seconds for one message over one link: latency plus serialisation at the link's rate
-    (capped by ``cap_mbps``, the sending/receiving device's own rate on a first hop)."""
+    """Seconds for one message alone on one link: latency plus serialisation at the link's
+    rate (capped by ``cap_mbps``, the sending/receiving device's own rate on a first hop)."""
     mbps = link.bandwidth_mbps if cap_mbps is None else min(link.bandwidth_mbps, cap_mbps)
     return max(link.latency_ms, floor_ms) / 1e3 + nbytes * 8 / (mbps * 1e6)
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One message on one link instance: who sends it, when it may start, how big it is."""
+
+    key: Hashable
+    start_s: float
+    nbytes: int
+    # The sender's/receiver's own rate limit (a device on its first hop); None = the link's.
+    cap_mbps: float | None = None
+    # A latency floor above the link's own (the device's access latency on a first hop).
+    floor_ms: float = 0.0
+
+
+def fair_rates(caps: Sequence[float], capacity: float) -> list[float]:
+    """Max-min fair split of ``capacity`` among transfers with rate caps (water-filling):
+    a transfer capped below the equal share gets its cap, the rest split what is left."""
+    rates = [0.0] * len(caps)
+    left, n = float(capacity), len(caps)
+    for i in sorted(range(len(caps)), key=lambda i: caps[i]):
+        rates[i] = min(caps[i], left / n)
+        left -= rates[i]
+        n -= 1
+    return rates
+
+
+def share_link(link: Link, transfers: Iterable[Transfer]) -> dict[Hashable, float]:
+    """When each transfer on one link instance ends (delivered, latency included).
+
+    Shared link (``link.shared``): processor sharing, the capacity split max-min fairly
+    (:func:`fair_rates`) among the transfers in progress, recomputed at every start and
+    end. Dedicated link: each transfer alone (:func:`hop_seconds`). Keys must be unique.
+    """
+    transfers = sorted(transfers, key=lambda t: (t.start_s, repr(t.key)))
+    if len({t.key for t in transfers}) != len(transfers):
+        raise ValueError(f"duplicate transfer keys on link {link.name}")
+    if not link.shared:
+        return {t.key: t.start_s + hop_seconds(link, t.nbytes, cap_mbps=t.cap_mbps, floor_ms=t.floor_ms) for t in transfers}
+    capacity = link.bandwidth_mbps * 1e6
+    done: dict[Hashable, float] = {}
+    active: dict[int, float] = {}  # index into transfers -> bits left
+    now, nxt = 0.0, 0
+    while nxt < len(transfers) or active:
+        if not active:
+            now = max(now, transfers[nxt].start_s)
+        while nxt < len(transfers) and transfers[nxt].start_s <= now:
+            active[nxt] = transfers[nxt].nbytes * 8.0
+            nxt += 1
+        idx = list(active)
+        caps = [capacity if transfers[i].cap_mbps is None else min(capacity, transfers[i].cap_mbps * 1e6) for i in idx]
+        rates = fair_rates(caps, capacity)
+        left = [active[i] / r for i, r in zip(idx, rates)]  # seconds to finish at these rates
+        to_end = min(left)
+        to_start = transfers[nxt].start_s - now if nxt < len(transfers) else math.inf
+        step = min(to_end, to_start)
+        now += step
+        for i, r in zip(idx, rates):
+            active[i] -= r * step
+        # Transfers whose last bit left now: the first to finish, and any finishing with it
+        # (a relative tolerance absorbs float rounding).
+        ending = [i for i, s in zip(idx, left) if step == to_end and s - to_end <= 1e-12 * max(to_end, 1e-9)]
+        for i in ending:
+            del active[i]
+            t = transfers[i]
+            done[t.key] = now + max(link.latency_ms, t.floor_ms) / 1e3
+    return done
 
 
 def simulate_round(
@@ -103,12 +201,12 @@ def simulate_round(
 
     ``selected``: clients sent the adapter this round (unavailable ones are dropped here).
     ``train_s``: measured training seconds on the reference machine of every client whose
-    update came back usable; a selected client missing from it downloaded but contributes
-    nothing (an error or rejected reply). ``adapter_bytes``: size of the adapter sent
-    down. ``up_bytes``: bytes each client uploaded (default ``adapter_bytes``).
-    ``aggregate_bytes``: size of one forwarded sum (default ``adapter_bytes``).
-    ``cloud_sync``: whether sums go up to the cloud (default ``tree.syncs_with_cloud``;
-    pass True to force a sync, e.g. in the last round).
+    update came back usable; a selected client missing from it downloaded (and shared its
+    cell's downlink) but contributes nothing (an error or rejected reply).
+    ``adapter_bytes``: size of the adapter sent down. ``up_bytes``: bytes each client
+    uploaded (default ``adapter_bytes``). ``aggregate_bytes``: size of one forwarded sum
+    (default ``adapter_bytes``). ``cloud_sync``: whether sums go up to the cloud (default
+    ``tree.syncs_with_cloud``; pass True to force a sync, e.g. in the last round).
 
     Promises: a deterministic function of its arguments; every reached client is placed
     in ``cell_of``; ``survivors`` is a subset of ``train_s`` and disjoint from ``stragglers``.
@@ -125,43 +223,76 @@ def simulate_round(
     if unknown:
         raise ValueError(f"clients {unknown} have training times but were not selected this round")
 
+    def holder(leaf: str) -> str:
+        return CLOUD if global_down else tree.neighbourhood_of(leaf)
+
+    def top(leaf: str) -> str:
+        return CLOUD if sync else tree.neighbourhood_of(leaf)
+
+    def below(leaf: str, upper: str) -> list[str]:
+        """Cells from ``leaf`` up to (not including) ``upper``: the uplinks in between."""
+        chain = tree.chain(leaf)
+        return chain[: chain.index(upper)]
+
+    def uplink(cell: str) -> Link:
+        return tree.links[tree.cells[cell].uplink]  # type: ignore[index]
+
+    # Down the tree: one copy per cell between the holder and a reached client, each on
+    # its own uplink instance, leaving the parent when the parent has it.
+    down_cells = {cell for c in reached for cell in below(cell_of[c], holder(cell_of[c]))}
+    has_copy: dict[str, float] = {}
+
+    def copy_at(cell: str) -> float:
+        if cell not in down_cells:
+            return 0.0  # the holder, or a cell that got nothing this round
+        if cell not in has_copy:
+            start = copy_at(tree.cells[cell].parent)  # type: ignore[arg-type]
+            has_copy[cell] = share_link(uplink(cell), [Transfer(cell, start, adapter_bytes)])[cell]
+        return has_copy[cell]
+
+    # Each leaf's access link, downlink direction: every reached client of the cell.
+    downloaded: dict[int, float] = {}
+    for leaf, group in _by_leaf(reached, cell_of).items():
+        link = tree.links[tree.first_hop(leaf)]
+        start = copy_at(leaf)
+        downloaded.update(share_link(link, [
+            Transfer(c, start, adapter_bytes, tree.profile(c).downlink_mbps, tree.profile(c).latency_ms) for c in group
+        ]))
+
+    # Up: train, then upload on the leaf's shared access link; then one sum per cell upward.
+    def up_size(c: int) -> int:
+        return adapter_bytes if up_bytes is None else int(up_bytes[c])
+
+    trained = [c for c in reached if c in train_s]
+    path_s: dict[int, float] = {}
+    forward: dict[str, float] = {}  # cell -> seconds one sum takes on its uplink
+    for leaf, group in _by_leaf(trained, cell_of).items():
+        link = tree.links[tree.first_hop(leaf)]
+        arrived = share_link(link, [
+            Transfer(c, downloaded[c] + compute_seconds(tree, c, float(train_s[c])), up_size(c),
+                     tree.profile(c).uplink_mbps, tree.profile(c).latency_ms)
+            for c in group
+        ])
+        for c in group:
+            for cell in below(leaf, top(leaf)):
+                if cell not in forward:
+                    forward[cell] = share_link(uplink(cell), [Transfer(cell, 0.0, agg_bytes)])[cell]
+            path_s[c] = arrived[c] + sum(forward[cell] for cell in below(leaf, top(leaf)))
+            if tree.deadline_s > 0 and path_s[c] > tree.deadline_s:
+                stragglers[c] = f"past the deadline: path {path_s[c]:.3f} s > topology.deadline_s={tree.deadline_s:g}"
+
+    # Bytes: every link kind present, 0 if unused.
     down = {name: 0 for name in tree.links}
     up = {name: 0 for name in tree.links}
-    down_cells: set[str] = set()
-    path_s: dict[int, float] = {}
     for c in reached:
-        leaf = cell_of[c]
-        profile = tree.profile(c)
-        first = tree.links[tree.first_hop(leaf)]
-        chain = tree.chain(leaf)
-        holder = CLOUD if global_down else tree.neighbourhood_of(leaf)
-        top = CLOUD if sync else tree.neighbourhood_of(leaf)
-        # Downlink: the cells between the holder and the leaf each receive one copy.
-        below_holder = chain[: chain.index(holder)]
-        down_cells.update(below_holder)
-        down[first.name] += adapter_bytes
-        if c not in train_s:
-            continue
-        t = sum(hop_seconds(tree.links[tree.cells[cell].uplink], adapter_bytes) for cell in below_holder)  # type: ignore[index]
-        t += hop_seconds(first, adapter_bytes, cap_mbps=profile.downlink_mbps, floor_ms=profile.latency_ms)
-        t += compute_seconds(tree, c, float(train_s[c]))
-        nbytes = adapter_bytes if up_bytes is None else int(up_bytes[c])
-        t += hop_seconds(first, nbytes, cap_mbps=profile.uplink_mbps, floor_ms=profile.latency_ms)
-        t += sum(hop_seconds(tree.links[tree.cells[cell].uplink], agg_bytes) for cell in chain[: chain.index(top)])  # type: ignore[index]
-        path_s[c] = t
-        if tree.deadline_s > 0 and t > tree.deadline_s:
-            stragglers[c] = f"past the deadline: path {t:.3f} s > topology.deadline_s={tree.deadline_s:g}"
+        down[tree.first_hop(cell_of[c])] += adapter_bytes
     for cell in down_cells:
         down[tree.cells[cell].uplink] += adapter_bytes  # type: ignore[index]
-
     survivors = [c for c in sorted(path_s) if c not in stragglers]
     up_cells: set[str] = set()
     for c in survivors:
-        leaf = cell_of[c]
-        up[tree.first_hop(leaf)] += adapter_bytes if up_bytes is None else int(up_bytes[c])
-        chain = tree.chain(leaf)
-        top = CLOUD if sync else tree.neighbourhood_of(leaf)
-        up_cells.update(chain[: chain.index(top)])
+        up[tree.first_hop(cell_of[c])] += up_size(c)
+        up_cells.update(below(cell_of[c], top(cell_of[c])))
     for cell in up_cells:
         up[tree.cells[cell].uplink] += agg_bytes  # type: ignore[index]
 
@@ -175,7 +306,15 @@ def simulate_round(
         bytes_down=down,
         sim_network_s=sim_s,
         stragglers=dict(sorted(stragglers.items())),
-        path_s=path_s,
+        path_s=dict(sorted(path_s.items())),
         survivors=survivors,
         cloud_sync=sync,
     )
+
+
+def _by_leaf(clients: Iterable[int], cell_of: Mapping[int, str]) -> dict[str, list[int]]:
+    """Clients grouped by the leaf cell they are in (one access-link instance each)."""
+    out: dict[str, list[int]] = {}
+    for c in sorted(clients):
+        out.setdefault(cell_of[c], []).append(c)
+    return out

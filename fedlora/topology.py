@@ -65,6 +65,9 @@ class Link:
     name: str
     bandwidth_mbps: float
     latency_ms: float
+    # One medium per cell whose capacity concurrent transfers share (fedlora.netsim), or
+    # the full rate for every message.
+    shared: bool = True
 
 
 @dataclass(frozen=True)
@@ -213,7 +216,7 @@ def board(cells: Mapping[str, Cell], neighbourhood: str, client: int, server_rou
 
 
 def _link(name: str, spec: LinkConfig) -> Link:
-    return Link(name, float(spec.bandwidth_mbps), float(spec.latency_ms))
+    return Link(name, float(spec.bandwidth_mbps), float(spec.latency_ms), bool(spec.shared))
 
 
 def _tree_cells(topo: TopologyConfig, femto: int) -> tuple[dict[str, Cell], dict[str, Link]]:

@@ -5,6 +5,9 @@ in a thread of this process, so its live progress shows in this terminal; virtua
 clients (``clients.app:app``) run in Ray worker processes, each loading the base model
 once. This is the engine ``flwr run`` uses for local simulation, called the way Flower's
 own ``flwr-simulation`` process calls it (``_run_simulation``), with flwr pinned.
+
+By default Ray starts on this machine; with ``simulation.ray_address`` the run joins a
+running Ray cluster instead and Flower's actor pool spreads over all its nodes.
 """
 
 from __future__ import annotations
@@ -22,14 +25,24 @@ log = logging.getLogger("fedlora")
 
 
 def backend_config(cfg: FedLoraConfig) -> dict:
+    """Flower's Ray backend config. Flower passes ``init_args`` to ``ray.init`` as keyword
+    arguments when Ray is not initialised yet (flwr 1.41:
+    ``flwr/server/superlink/fleet/vce/backend/raybackend.py``, ``RayBackend.init_ray``;
+    it adds ``runtime_env`` with the driver's PYTHONPATH itself).
+
+    Local (``simulation.ray_address`` empty): start Ray here with every core of this machine.
+    Cluster: ``address`` joins the running cluster; Ray forbids ``num_cpus`` there (the
+    nodes' ``ray start --num-cpus`` set the resources), and Flower sizes its actor pool from
+    the cluster's resources, so virtual clients run on every node.
+    """
+    init_args: dict = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": True}
+    if cfg.simulation.ray_address:
+        init_args["address"] = cfg.simulation.ray_address
+    else:
+        init_args["num_cpus"] = os.cpu_count() or 1
     return {
         "client_resources": {"num_cpus": cfg.simulation.cpus_per_client, "num_gpus": 0.0},
-        "init_args": {
-            "num_cpus": os.cpu_count() or 1,
-            "include_dashboard": False,
-            "logging_level": logging.WARNING,
-            "log_to_driver": True,
-        },
+        "init_args": init_args,
     }
 
 
@@ -50,7 +63,8 @@ def simulate(cfg: FedLoraConfig, run_dir: Path, *, resume: bool = False) -> dict
         save_yaml(cfg, run_dir / "config.yaml")
     run_config = {"config-file": str(run_dir / "config.yaml"), "run-dir": str(run_dir), "resume": resume, "overrides": ""}
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
-    log.info("run directory: %s (%d virtual clients, Flower simulation engine)", run_dir, cfg.federation.num_clients)
+    where = f"Ray cluster at {cfg.simulation.ray_address}" if cfg.simulation.ray_address else "local Ray"
+    log.info("run directory: %s (%d virtual clients, Flower simulation engine, %s)", run_dir, cfg.federation.num_clients, where)
     try:
         _run_simulation(
             num_supernodes=cfg.federation.num_clients,

@@ -218,17 +218,20 @@ def test_what_the_aggregator_hands_upward_holds_no_individual_value(tmp_path, ca
         assert result.plain is None and result.metrics == {}
 
 
+def crash_in_round(n):
+    """stage_fault that interrupts the run (as Ctrl-C would) at the first stage of round n."""
+    def fault(server_round, stage, reply):
+        if server_round == n:
+            raise KeyboardInterrupt
+        return reply
+    return fault
+
+
 def test_resume_with_secagg_equals_the_uninterrupted_run(tmp_path, cache_dir):
     cfg = cfg_for(cache_dir, "federation.rounds=2", "federation.fraction=0.5")
     run_federation(cfg, tmp_path / "full", InProcessTransport(8))
-
-    def crash_in_round_2(server_round, stage, reply):
-        if server_round == 2:
-            raise KeyboardInterrupt
-        return reply
-
     with pytest.raises(KeyboardInterrupt):
-        run_federation(cfg, tmp_path / "broken", InProcessTransport(8, stage_fault=crash_in_round_2))
+        run_federation(cfg, tmp_path / "broken", InProcessTransport(8, stage_fault=crash_in_round(2)))
     run_federation(cfg, tmp_path / "broken", InProcessTransport(8), resume=True)
     a, b = adapter(tmp_path / "full"), adapter(tmp_path / "broken")
     for k in a:
@@ -238,8 +241,11 @@ def test_resume_with_secagg_equals_the_uninterrupted_run(tmp_path, cache_dir):
 
 def test_privacy_config_defaults_and_errors():
     assert compose([]).privacy.mode == "auto"
-    with pytest.raises(ConfigError, match="secagg_dp"):
-        compose(["privacy=secagg_dp"])
+    assert compose(["privacy=secagg_dp"]).privacy.mode == "secagg_dp"
+    with pytest.raises(ConfigError, match="privacy.delta"):
+        compose(["privacy=secagg_dp", "privacy.delta=1.5"])
+    with pytest.raises(ConfigError, match="privacy.clip_norm"):
+        compose(["privacy=secagg_dp", "privacy.clip_norm=0"])
     with pytest.raises(ConfigError, match="privacy.bits=24"):
         compose(["privacy=secagg", "privacy.bits=24", "federation.num_clients=300"])
     with pytest.raises(ConfigError, match="privacy.unmasker"):

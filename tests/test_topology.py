@@ -212,6 +212,7 @@ def test_cell_models_with_a_period_keep_cells_apart_until_the_sync():
         ({"profile_mix": {"reference": -1.0}}, "topology.profile_mix.reference=-1.0 must be >= 0"),
         ({"links": {"end_neighbourhood": {"bandwidth_mbps": -5}}}, "topology.links.end_neighbourhood.bandwidth_mbps=-5.0 must be > 0"),
         ({"links": {"suburban_cloud": {"latency_ms": -1}}}, "topology.links.suburban_cloud.latency_ms"),
+        ({"links": {"end_femto": {"shared": "maybe"}}}, "topology.links.end_femto.shared: Value 'maybe' is not a valid bool"),
         ({"profiles": {"phone": {"availability": 1.5}}}, "topology.profiles.phone.availability=1.5 must be in [0, 1]"),
         ({"profiles": {"pi": {"compute_speed": 0}}}, "topology.profiles.pi.compute_speed=0.0 must be > 0"),
         ({"deadline_s": -1}, "topology.deadline_s"),

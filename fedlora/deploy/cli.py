@@ -1,0 +1,103 @@
+"""``fedlora deploy``: plan a deployment, check a device.
+
+    fedlora deploy plan OUT_DIR [overrides] [--cloud-host H]... [--edge-host CELL=H[,H]]...
+    fedlora deploy check [--config NODE_FOLDER] [overrides] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from fedlora.cli import UserError
+
+
+def _edge_host(text: str) -> tuple[str, list[str]]:
+    cell, sep, hosts = text.partition("=")
+    if not sep or not cell or not hosts:
+        raise argparse.ArgumentTypeError(f"--edge-host wants CELL=HOST[,HOST...], got {text!r}")
+    return cell, [h for h in hosts.split(",") if h]
+
+
+def cmd_plan(argv: list[str]) -> None:
+    from fedlora.config import compose
+    from fedlora.deploy.plan import LOOPBACK, DeploySettings, PlanError, write_plan
+
+    p = argparse.ArgumentParser(prog="fedlora deploy plan",
+                                description="Write one folder per machine (cloud, edges, END clients) from one config.")
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, as for `fedlora run`")
+    p.add_argument("--cloud-host", action="append", default=[],
+                   help="host name/IP of the cloud SuperLink (repeatable; the first is the address clients use; "
+                        "default 127.0.0.1 and localhost)")
+    p.add_argument("--edge-host", action="append", type=_edge_host, default=[],
+                   help="CELL=HOST[,HOST...] for an edge SuperLink (default loopback)")
+    p.add_argument("--base-port", type=int, default=DeploySettings.base_port)
+    p.add_argument("--runtime-port-base", type=int, default=DeploySettings.runtime_port_base)
+    p.add_argument("--bind-host", default="", help="interface SuperLinks bind to (default: loopback if all hosts are, else 0.0.0.0)")
+    p.add_argument("--cert-days", type=int, default=DeploySettings.cert_days)
+    args = p.parse_args(argv)
+    settings = DeploySettings(cloud_hosts=args.cloud_host or list(LOOPBACK), edge_hosts=dict(args.edge_host),
+                              base_port=args.base_port, runtime_port_base=args.runtime_port_base,
+                              bind_host=args.bind_host, cert_days=args.cert_days)
+    cfg = compose(args.overrides)
+    try:
+        nodes = write_plan(cfg, args.out_dir, settings, overrides=args.overrides)
+    except PlanError as exc:
+        raise UserError(str(exc)) from None
+    roles = {r: sum(n.role == r for n in nodes.values()) for r in ("cloud", "edge", "end")}
+    print(f"plan written to {args.out_dir}: {roles['cloud']} cloud, {roles['edge']} edge, {roles['end']} END folders\n"
+          f"  copy each folder to its machine; keep {args.out_dir}/_ca/ca.key offline (no machine needs it)\n"
+          f"  cloud/edges: ./start.sh (or sudo ./install.sh for systemd), then ./register_supernodes.sh\n"
+          f"  END clients: fedlora deploy check --config <folder>, then ./start.sh")
+
+
+def cmd_check(argv: list[str]) -> None:
+    from fedlora.config import compose, load_yaml
+    from fedlora.deploy.device import DeviceError, describe, pick_settings, read_facts
+
+    p = argparse.ArgumentParser(prog="fedlora deploy check",
+                                description="Inspect this device and pick safe training settings for the model.")
+    p.add_argument("--config", type=Path, help="a node folder from `fedlora deploy plan` (uses its config.yaml)")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides (without --config)")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    if args.config:
+        if args.overrides:
+            raise UserError("give either --config NODE_FOLDER or overrides, not both")
+        if not (args.config / "config.yaml").is_file():
+            raise UserError(f"{args.config} is not a node folder of a plan (no config.yaml)")
+        cfg = load_yaml(args.config / "config.yaml")
+    else:
+        cfg = compose(args.overrides)
+    facts = read_facts()
+    try:
+        settings = pick_settings(cfg, facts)
+    except DeviceError as exc:
+        if args.json:
+            print(json.dumps({"device": describe(facts), "error": str(exc)}, indent=2))
+        raise UserError(str(exc)) from None
+    if args.json:
+        print(json.dumps({"device": describe(facts), "settings": settings.as_dict()}, indent=2))
+        return
+    d = describe(facts)
+    print(f"device: {d['arch']}, {d['cpu_count']} CPUs, {d['mem_available_mib']:.0f} of {d['mem_total_mib']:.0f} MiB "
+          f"available, Python {d['python']}, torch {d['torch']}, AES instructions: {'yes' if d['aes'] else 'no'} "
+          f"-> mask PRG {d['mask_prg']}")
+    print(f"model {settings.model}, LoRA r={settings.lora_r} (the federation's; not changed per device)")
+    print(f"settings: {settings.dtype} base, gradient checkpointing {'on' if settings.gradient_checkpointing else 'off'}, "
+          f"batch {settings.batch_size} x accumulation {settings.grad_accum}, max_seq_len {settings.max_seq_len}")
+    print(f"predicted peak {settings.predicted_peak_mib:.0f} MiB; needs {settings.needed_mib:.0f} MiB with margin; "
+          f"{settings.available_mib:.0f} MiB available")
+    print("changed from the config: " + ("; ".join(settings.changed) or "nothing"))
+    print("overrides: " + " ".join(settings.overrides()))
+
+
+COMMANDS = {"plan": cmd_plan, "check": cmd_check}
+
+
+def main(argv: list[str]) -> None:
+    if not argv or argv[0] not in COMMANDS:
+        raise UserError(f"usage: fedlora deploy {{{'|'.join(COMMANDS)}}} ...  ({__doc__.strip().splitlines()[0]})")
+    COMMANDS[argv[0]](argv[1:])

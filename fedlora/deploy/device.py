@@ -1,0 +1,326 @@
+"""What an END device is, and the training settings it can afford (pure: no torch needed).
+
+:func:`read_facts` inspects the machine (``/proc/meminfo``, ``/proc/cpuinfo``, the CPU
+architecture, Python and torch versions); :func:`pick_settings` chooses, for the federation's
+config, the least degraded settings whose predicted peak memory fits what the device has
+available, or raises :class:`DeviceError` saying why it cannot train at all.
+
+The memory model
+----------------
+Calibrated on ``bench/results/client_memory.json`` (one END client, SmolLM2-135M, LoRA r=8
+on q,v, batch 4 x 256 tokens, peak RSS of a fresh process; fedlora's loss is the chunked
+answer-only loss and a bf16 base is loaded from a bf16 copy, so the rows that match fedlora
+today are ``fp32:2:chunk``, ``fp32:2:chunk+ckpt``, ``bf16c:2:-`` (no chunking: conservative)
+and ``bf16c:2:chunk+ckpt``)::
+
+    peak = runtime + base weights + LoRA state + activation(dtype, checkpointing) x tokens
+
+- runtime: Python + torch + transformers + peft + fedlora after import (356 MiB measured);
+- base weights: parameters x 4 (float32) or 2 (bfloat16) bytes;
+- LoRA state: trainable parameters x 16 bytes (fp32 weight, gradient, two Adam moments);
+- activations: per token of the batch (batch x max_seq_len), derived from the measured
+  peaks above, scaled to other models by hidden size x layers, and by ``max_seq_len/256``
+  once more above 256 tokens (attention grows quadratically; below 256 the linear
+  estimate is kept, which over-estimates a little).
+
+A safety margin of 256 MiB (the run-to-run spread of the measured peaks was 50-250 MiB) is
+added, and the result must fit the device's ``MemAvailable``. A bf16 base is converted
+once from the fp32 cache; that first load peaked at 1.45 GB (README), modelled as runtime +
+1.33 x (fp32 + bf16 weights), and must fit too.
+
+What the launcher may change per device: base precision, gradient checkpointing, batch
+size (with gradient accumulation raised to keep the effective batch) and ``max_seq_len``.
+The LoRA rank is NOT a per-device choice: every client of a federation must train adapters
+of the same shape for the updates to be added, so the rank is the federation's, reported
+and counted in the memory, never lowered (heterogeneous ranks would need HetLoRA-style
+aggregation, which fedlora does not have).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from fedlora.config import FedLoraConfig, ModelConfig
+
+MIB = 1 << 20
+RUNTIME_MIB = 356.0  # maxrss after imports, every row of client_memory.json
+SAFETY_MIB = 256.0
+CONVERSION_FACTOR = 1.33  # (1.45 GB - runtime) / (fp32 + bf16 weights) for SmolLM2-135M
+MIN_SEQ = 64
+# Calibration: measured peak MiB of SmolLM2-135M, LoRA r=8 q,v, batch 4 x 256 (1,024 tokens),
+# keyed by (base dtype, gradient checkpointing); the row of client_memory.json in the comment.
+CALIBRATION_TOKENS = 4 * 256
+MEASURED_PEAK_MIB = {
+    ("float32", False): 2759.50390625,  # fp32:2:chunk
+    ("float32", True): 1621.10546875,  # fp32:2:chunk+ckpt
+    ("bfloat16", False): 2200.72265625,  # bf16c:2:- (no chunked loss: over-estimates ~200 MiB)
+    ("bfloat16", True): 1155.8671875,  # bf16c:2:chunk+ckpt
+}
+CALIBRATION_ROWS = {
+    ("float32", False): ("fp32", 2, "chunk"),
+    ("float32", True): ("fp32", 2, "chunk+ckpt"),
+    ("bfloat16", False): ("bf16c", 2, "-"),
+    ("bfloat16", True): ("bf16c", 2, "chunk+ckpt"),
+}
+# Ladder of (dtype, checkpointing) from most to least preferred: checkpointing costs time
+# only (+35-45 % per step), bf16 also changes the base's numerics slightly.
+PRECISION_LADDER = [("float32", False), ("float32", True), ("bfloat16", True)]
+ARCHES_WITH_TORCH = ("x86_64", "amd64", "aarch64", "arm64")
+
+
+class DeviceError(ValueError):
+    """The device cannot train the model; the message says what it has and what is needed."""
+
+
+# -- facts -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    mem_total_mib: float
+    mem_available_mib: float
+    arch: str
+    python: str
+    torch: str | None
+    aes: bool
+    cpu_count: int
+
+
+def parse_meminfo(text: str) -> tuple[float, float]:
+    """(MemTotal, MemAvailable) in MiB from ``/proc/meminfo`` text (kB units)."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            values[key.strip()] = int(parts[0]) / 1024
+    if "MemTotal" not in values:
+        raise DeviceError("cannot read the memory size: no MemTotal in /proc/meminfo")
+    available = values.get("MemAvailable", values.get("MemFree", 0.0) + values.get("Cached", 0.0))
+    return values["MemTotal"], available
+
+
+def cpu_has_aes(cpuinfo: str) -> bool:
+    """Whether ``/proc/cpuinfo`` advertises AES instructions (x86 ``flags``, ARM ``Features``)."""
+    for line in cpuinfo.splitlines():
+        key, _, rest = line.partition(":")
+        if key.strip().lower() in ("flags", "features") and "aes" in rest.split():
+            return True
+    return False
+
+
+def read_facts() -> DeviceFacts:
+    """Inspect this machine."""
+    try:
+        total, available = parse_meminfo(Path("/proc/meminfo").read_text())
+    except OSError:
+        import psutil  # not Linux: psutil if installed
+
+        vm = psutil.virtual_memory()
+        total, available = vm.total / MIB, vm.available / MIB
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text(errors="ignore")
+    except OSError:
+        cpuinfo = ""
+    try:
+        import torch
+
+        torch_version: str | None = torch.__version__
+    except ImportError:
+        torch_version = None
+    import os
+
+    return DeviceFacts(total, available, platform.machine().lower(), platform.python_version(), torch_version,
+                       cpu_has_aes(cpuinfo), os.cpu_count() or 1)
+
+
+def mask_prg(facts: DeviceFacts) -> str:
+    """The secure-aggregation mask PRG for this CPU: AES-128-CTR with AES instructions, else
+    ChaCha20 (software AES is slow and not constant-time)."""
+    from fedlora.secure.prg import AES128_CTR, CHACHA20
+
+    return AES128_CTR if facts.aes else CHACHA20
+
+
+# -- the model's size ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    params: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+
+
+SMOLLM2_135M = ModelShape("SmolLM2-135M-Instruct", 134_975_808, 576, 30, 9, 3, 1536)
+VOCAB = 49_152  # SmolLM2's tokenizer (also used by the tiny test model)
+
+
+def _estimate_params(hidden: int, layers: int, heads: int, kv_heads: int, inter: int, vocab: int) -> int:
+    kv = hidden * kv_heads // heads
+    per_layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter + 2 * hidden
+    return vocab * hidden + layers * per_layer + hidden
+
+
+def model_shape(model: ModelConfig) -> ModelShape:
+    """Size of the configured base model (SmolLM2 known; tiny from its config; a local model
+    from its ``config.json``)."""
+    if model.source == "smollm2":
+        return SMOLLM2_135M
+    if model.source == "tiny":
+        t = model.tiny
+        return ModelShape("tiny", _estimate_params(t.hidden_size, t.num_hidden_layers, t.num_attention_heads,
+                                                   t.num_key_value_heads, t.intermediate_size, VOCAB),
+                          t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads,
+                          t.intermediate_size)
+    config_json = Path(model.path).expanduser() / "config.json"
+    if not config_json.is_file():
+        raise DeviceError(f"cannot size model.path={model.path!r}: no config.json there (model.source={model.source}); "
+                          "the device check needs the model's shape to predict its memory")
+    c = json.loads(config_json.read_text())
+    try:
+        h, layers, heads = int(c["hidden_size"]), int(c["num_hidden_layers"]), int(c["num_attention_heads"])
+        kv, inter, vocab = int(c.get("num_key_value_heads", heads)), int(c["intermediate_size"]), int(c["vocab_size"])
+    except (KeyError, ValueError) as exc:
+        raise DeviceError(f"{config_json}: cannot read the model's shape ({exc})") from None
+    return ModelShape(c.get("_name_or_path") or config_json.parent.name, _estimate_params(h, layers, heads, kv, inter, vocab),
+                      h, layers, heads, kv, inter)
+
+
+def lora_params(shape: ModelShape, r: int, targets: list[str]) -> int:
+    """Trainable LoRA parameters: r x (in + out) per targeted projection per layer."""
+    kv = shape.hidden * shape.kv_heads // shape.heads
+    dims = {"q_proj": 2 * shape.hidden, "o_proj": 2 * shape.hidden, "k_proj": shape.hidden + kv,
+            "v_proj": shape.hidden + kv, "gate_proj": shape.hidden + shape.intermediate,
+            "up_proj": shape.hidden + shape.intermediate, "down_proj": shape.hidden + shape.intermediate}
+    per_layer = sum(dims.get(t, shape.hidden + shape.intermediate) for t in targets)  # unknown: the larger kind
+    return shape.layers * r * per_layer
+
+
+# -- the memory model ----------------------------------------------------------------------
+
+def _weights_mib(shape: ModelShape, dtype: str) -> float:
+    return shape.params * (4 if dtype == "float32" else 2) / MIB
+
+
+def activation_mib_per_token(dtype: str, checkpointing: bool) -> float:
+    """SmolLM2-135M's activation memory per training token, from the measured peaks."""
+    base = SMOLLM2_135M
+    lora = lora_params(base, 8, ["q_proj", "v_proj"]) * 16 / MIB
+    measured = MEASURED_PEAK_MIB[("float32" if dtype == "float32" else "bfloat16", checkpointing)]  # fp16 = bf16 bytes
+    return (measured - RUNTIME_MIB - _weights_mib(base, dtype) - lora) / CALIBRATION_TOKENS
+
+
+def predict_peak_mib(shape: ModelShape, *, dtype: str, checkpointing: bool, batch: int, seq: int, r: int,
+                     targets: list[str]) -> float:
+    """Predicted peak resident memory (MiB) of local training, without the safety margin."""
+    scale = (shape.hidden * shape.layers) / (SMOLLM2_135M.hidden * SMOLLM2_135M.layers)
+    tokens = batch * seq * max(1.0, seq / 256)
+    act = activation_mib_per_token(dtype, checkpointing) * scale * tokens
+    return RUNTIME_MIB + _weights_mib(shape, dtype) + lora_params(shape, r, targets) * 16 / MIB + act
+
+
+def conversion_peak_mib(shape: ModelShape) -> float:
+    """Peak of the one-off load that makes the bf16 copy from the fp32 cache."""
+    return RUNTIME_MIB + CONVERSION_FACTOR * (_weights_mib(shape, "float32") + _weights_mib(shape, "bfloat16"))
+
+
+# -- choosing settings ---------------------------------------------------------------------
+
+@dataclass
+class Settings:
+    """Training settings for this device, and why."""
+
+    model: str
+    lora_r: int
+    dtype: str
+    gradient_checkpointing: bool
+    batch_size: int
+    grad_accum: int
+    max_seq_len: int
+    predicted_peak_mib: float
+    needed_mib: float  # with the safety margin (and the bf16 conversion if that is larger)
+    available_mib: float
+    mask_prg: str
+    changed: list[str] = field(default_factory=list)  # what differs from the federation's config
+
+    def overrides(self) -> list[str]:
+        """Hydra overrides that apply these settings to the federation's config."""
+        return [f"model.dtype={self.dtype}", f"train.gradient_checkpointing={str(self.gradient_checkpointing).lower()}",
+                f"train.batch_size={self.batch_size}", f"train.grad_accum={self.grad_accum}",
+                f"train.max_seq_len={self.max_seq_len}"]
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"overrides": self.overrides()}
+
+
+def check_platform(facts: DeviceFacts) -> None:
+    if facts.arch not in ARCHES_WITH_TORCH:
+        raise DeviceError(f"CPU architecture {facts.arch!r}: PyTorch publishes wheels for x86_64 and aarch64 only "
+                          "(on a Raspberry Pi use the 64-bit Raspberry Pi OS)")
+    if tuple(int(p) for p in facts.python.split(".")[:2]) < (3, 10):
+        raise DeviceError(f"Python {facts.python}: fedlora needs Python >= 3.10")
+    if facts.torch is None:
+        raise DeviceError("torch is not installed: pip install torch (CPU wheel) before starting the client")
+
+
+def _ladder(cfg: FedLoraConfig) -> list[tuple[str, bool]]:
+    """Precision steps from the config's own setting down (never 'upgrading' what it chose)."""
+    own = (cfg.model.dtype, cfg.train.gradient_checkpointing)
+    if own not in PRECISION_LADDER:  # e.g. bf16 without checkpointing, or float16
+        return [own] + [s for s in PRECISION_LADDER if s[0] == "bfloat16" or s[1]]
+    return PRECISION_LADDER[PRECISION_LADDER.index(own):]
+
+
+def pick_settings(cfg: FedLoraConfig, facts: DeviceFacts) -> Settings:
+    """The least degraded settings that fit ``facts``; :class:`DeviceError` when none does.
+
+    Order of degradation: precision/checkpointing ladder first (costs time, not quality),
+    then the batch halves (gradient accumulation doubles: same effective batch), then
+    ``max_seq_len`` halves down to 64 (longer examples are truncated: costs quality).
+    """
+    check_platform(facts)
+    shape = model_shape(cfg.model)
+    r, targets, t = cfg.lora.r, list(cfg.lora.target_modules), cfg.train
+    available = facts.mem_available_mib
+
+    def need(dtype, ckpt, batch, seq):
+        peak = predict_peak_mib(shape, dtype=dtype, checkpointing=ckpt, batch=batch, seq=seq, r=r, targets=targets)
+        first_load = conversion_peak_mib(shape) if dtype == "bfloat16" else 0.0  # the copy may not exist yet
+        return peak, max(peak + SAFETY_MIB, first_load)
+
+    seqs = [t.max_seq_len]
+    while seqs[-1] // 2 >= MIN_SEQ:
+        seqs.append(seqs[-1] // 2)
+    batches = [t.batch_size]
+    while batches[-1] > 1:
+        batches.append(batches[-1] // 2)
+    for seq in seqs:
+        for batch in batches:
+            for dtype, ckpt in _ladder(cfg):
+                peak, needed = need(dtype, ckpt, batch, seq)
+                if needed <= available:
+                    accum = t.grad_accum * max(1, t.batch_size // batch)
+                    changed = [f"{k}: {a} -> {b}" for k, a, b in [
+                        ("model.dtype", cfg.model.dtype, dtype), ("train.gradient_checkpointing", t.gradient_checkpointing, ckpt),
+                        ("train.batch_size", t.batch_size, batch), ("train.grad_accum", t.grad_accum, accum),
+                        ("train.max_seq_len", t.max_seq_len, seq)] if a != b]
+                    return Settings(shape.name, r, dtype, ckpt, batch, accum, seq, round(peak, 1), round(needed, 1),
+                                    round(available, 1), mask_prg(facts), changed)
+    dtype, ckpt = _ladder(cfg)[-1]
+    _, smallest = need(dtype, ckpt, 1, seqs[-1])
+    raise DeviceError(
+        f"this device cannot train {shape.name} (LoRA r={r} on {','.join(targets)}): it has {available:.0f} MiB "
+        f"available ({facts.mem_total_mib:.0f} MiB total), the smallest settings ({dtype}, gradient checkpointing, "
+        f"batch 1, max_seq_len {seqs[-1]}) need {smallest:.0f} MiB (predicted peak + {SAFETY_MIB:.0f} MiB margin, or the "
+        f"one-off load that makes the bf16 copy of the base, whichever is larger). "
+        "Free memory (close other programs), use a device with more memory, or a smaller model.")
+
+
+def describe(facts: DeviceFacts) -> dict:
+    return asdict(facts) | {"mask_prg": mask_prg(facts)}

@@ -1,0 +1,294 @@
+"""``fedlora deploy plan``: one folder per machine from one config.
+
+From the composed config (the same Hydra overrides as ``fedlora run``) the cell tree of
+:mod:`fedlora.topology` gives the machines:
+
+- ``cloud/``: the cloud SuperLink (TLS server certificate, SuperNode auth on); its
+  SuperNodes are the edges (tree) or the END clients (flat). It keeps the CA certificate,
+  the master secure-aggregation registry and the public keys it registers.
+- ``edge-<cell>/`` for every neighbourhood cell (tree only): a SuperLink for its END clients
+  (own server certificate, SuperNode auth on, their public keys) and an upward SuperNode to
+  the cloud (its own auth key). Sub-urban cells are not separate machines here: each edge
+  talks to the cloud directly (the sub-urban sum is logical, as in simulation).
+- ``end-<id>/`` for every END client: SuperNode auth key, CA certificate, node config
+  (cell, partition id, device profile, data path placeholder).
+
+Every folder gets ``ca.pem``, the public ``secagg_registry.json`` (device id -> Ed25519
+public key; ids are the folder names), its own secure-aggregation identity key,
+``node.yaml``, ``config.yaml`` (the resolved fedlora config) and ``start.sh``; cloud and edges
+also systemd units, ``install.sh`` and ``register_supernodes.sh``. A private key is written
+only into the folder of the machine that owns it (mode 0600). The CA private key goes to
+``_ca/`` beside the node folders: keep it offline; no machine needs it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from fedlora.config import FedLoraConfig, save_yaml
+from fedlora.deploy import commands, pki
+from fedlora.topology import CLOUD, build_tree
+
+LOOPBACK = ["127.0.0.1", "localhost"]
+REGISTRY_FILE = "secagg_registry.json"
+REGISTRY_FORMAT = "fedlora-secagg-registry/v1"
+CA_CERT = "ca.pem"
+SERVER_CERT = "tls/server.pem"
+SERVER_KEY = "tls/server.key"
+SUPERNODE_KEY = "auth/supernode_key"
+SUPERNODE_PUB = "auth/supernode_key.pub"
+SUPERNODES_DIR = "supernodes"  # public keys this folder's SuperLink registers
+IDENTITY_KEY = "secagg/identity.pem"
+DATA_DIR = "data"
+
+
+class PlanError(ValueError):
+    """The deployment cannot be planned as asked; the message names the setting or flag."""
+
+
+@dataclass
+class DeploySettings:
+    """Where the machines are reached; defaults put everything on loopback."""
+
+    # Host names/IPs of the cloud SuperLink: the first is the address clients use, all go
+    # into its certificate's SANs.
+    cloud_hosts: list[str] = field(default_factory=lambda: list(LOOPBACK))
+    # Cell id -> host names/IPs of that edge's SuperLink (missing cells: loopback).
+    edge_hosts: dict[str, list[str]] = field(default_factory=dict)
+    # Ports: the cloud SuperLink listens on base_port, edge i on base_port + 1 + i; the
+    # SuperNodes' local Runtime API ports start at runtime_port_base (distinct so a whole
+    # plan can run on one loopback machine).
+    base_port: int = 9200
+    runtime_port_base: int = 9300
+    # Interface the SuperLinks bind to; empty: 127.0.0.1 when every host is loopback, else
+    # 0.0.0.0 (all interfaces).
+    bind_host: str = ""
+    cert_days: int = 825
+
+
+@dataclass
+class Node:
+    name: str
+    role: str  # cloud | edge | end
+    cell: str | None = None
+    client_id: int | None = None
+    profile: str | None = None
+    superlink_port: int | None = None  # this node's own SuperLink (cloud, edge)
+    hosts: list[str] = field(default_factory=list)
+    upstream: str | None = None  # node whose SuperLink this node's SuperNode joins
+    runtime_port: int | None = None
+    children: list[str] = field(default_factory=list)  # SuperNodes this node's SuperLink registers
+
+
+def edge_name(cell: str) -> str:
+    return f"edge-{cell}"
+
+
+def end_name(client: int) -> str:
+    return f"end-{client}"
+
+
+def layout(cfg: FedLoraConfig, settings: DeploySettings) -> dict[str, Node]:
+    """The machines of a deployment and who connects to whom (pure: no files)."""
+    _check_settings(settings)
+    tree = build_tree(cfg.topology, cfg.federation.num_clients, cfg.seed)
+    nodes: dict[str, Node] = {CLOUD: Node(CLOUD, "cloud", CLOUD, superlink_port=settings.base_port,
+                                          hosts=list(settings.cloud_hosts))}
+    edges = tree.tier("neighbourhood") if tree.kind == "tree" else []
+    unknown = set(settings.edge_hosts) - set(edges)
+    if unknown:
+        raise PlanError(f"--edge-host names unknown cell(s) {sorted(unknown)}; the topology's neighbourhood cells are: "
+                        f"{', '.join(edges) or '(none: topology.kind=flat)'}")
+    runtime = iter(range(settings.runtime_port_base, settings.runtime_port_base + 100000))
+    for i, cell in enumerate(edges):
+        name = edge_name(cell)
+        nodes[name] = Node(name, "edge", cell, superlink_port=settings.base_port + 1 + i,
+                           hosts=list(settings.edge_hosts.get(cell) or LOOPBACK), upstream=CLOUD, runtime_port=next(runtime))
+        nodes[CLOUD].children.append(name)
+    for client in tree.clients:
+        leaf = tree.initial[client]
+        parent = edge_name(tree.neighbourhood_of(leaf)) if edges else CLOUD
+        name = end_name(client)
+        nodes[name] = Node(name, "end", leaf, client, tree.profile_of[client], upstream=parent, runtime_port=next(runtime))
+        nodes[parent].children.append(name)
+    ports = [n.superlink_port for n in nodes.values() if n.superlink_port] + [n.runtime_port for n in nodes.values() if n.runtime_port]
+    if max(ports) > 65535:
+        raise PlanError(f"ports run past 65535 (--base-port {settings.base_port}, --runtime-port-base "
+                        f"{settings.runtime_port_base}, {len(nodes)} machines); choose lower bases")
+    if len(set(ports)) != len(ports):
+        raise PlanError(f"SuperLink ports ({settings.base_port}..) and SuperNode runtime ports "
+                        f"({settings.runtime_port_base}..) overlap; move --runtime-port-base")
+    return nodes
+
+
+def _check_settings(s: DeploySettings) -> None:
+    if not s.cloud_hosts:
+        raise PlanError("--cloud-host: at least one host name or IP address is needed")
+    for what, hosts in [("--cloud-host", s.cloud_hosts)] + [(f"--edge-host {c}", h) for c, h in s.edge_hosts.items()]:
+        try:
+            pki.san_entries(hosts)
+        except ValueError as exc:
+            raise PlanError(f"{what}: {exc}") from None
+    for name in ("base_port", "runtime_port_base"):
+        value = getattr(s, name)
+        if not 1024 <= value <= 65535:
+            raise PlanError(f"--{name.replace('_', '-')}={value} must be a port in 1024..65535")
+    if s.cert_days < 1:
+        raise PlanError(f"--cert-days={s.cert_days} must be >= 1")
+
+
+def address(node: Node) -> str:
+    host = node.hosts[0]
+    return f"[{host}]:{node.superlink_port}" if ":" in host else f"{host}:{node.superlink_port}"
+
+
+def write_plan(cfg: FedLoraConfig, out_dir: Path, settings: DeploySettings | None = None, *,
+               overrides: list[str] | None = None) -> dict[str, Node]:
+    """Write every machine's folder under ``out_dir`` (which must not exist or be empty)."""
+    settings = settings or DeploySettings()
+    nodes = layout(cfg, settings)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise PlanError(f"{out_dir} is not empty; a plan makes new keys, so it never writes over an old one")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    ca = pki.make_ca(days=max(settings.cert_days, 3650))
+    pki.write_private(out_dir / "_ca" / "ca.key", pki.key_pem(ca.key))
+    pki.write_public(out_dir / "_ca" / CA_CERT, pki.cert_pem(ca.cert))
+
+    supernode_pub: dict[str, bytes] = {}
+    identities: dict[str, bytes] = {}
+    for node in nodes.values():
+        folder = out_dir / node.name
+        pki.write_public(folder / CA_CERT, pki.cert_pem(ca.cert))
+        if node.superlink_port:
+            server = pki.issue_server_cert(ca, f"{node.name} SuperLink", node.hosts, settings.cert_days)
+            pki.write_private(folder / SERVER_KEY, pki.key_pem(server.key))
+            pki.write_public(folder / SERVER_CERT, pki.cert_pem(server.cert))
+        if node.upstream:
+            key = pki.make_supernode_key()
+            pki.write_private(folder / SUPERNODE_KEY, pki.ssh_private(key))
+            supernode_pub[node.name] = pki.ssh_public(key, node.name)
+            pki.write_public(folder / SUPERNODE_PUB, supernode_pub[node.name])
+        identity = pki.make_identity_key()
+        pki.write_private(folder / IDENTITY_KEY, pki.key_pem(identity))
+        identities[node.name] = identity.public_key().public_bytes_raw()
+
+    registry = registry_document(identities, nodes)
+    for node in nodes.values():
+        folder = out_dir / node.name
+        pki.write_public(folder / REGISTRY_FILE, json.dumps(registry, indent=2).encode() + b"\n")
+        for child in node.children:
+            pki.write_public(folder / SUPERNODES_DIR / f"{child}.pub", supernode_pub[child])
+        save_yaml(cfg, folder / "config.yaml")
+        _write_yaml(folder / "node.yaml", node_document(node, nodes, cfg, overrides or []))
+        _write_scripts(folder, node, nodes, settings)
+        if node.role == "end":
+            (folder / DATA_DIR).mkdir(exist_ok=True)
+
+    manifest = {
+        "nodes": {n.name: {"role": n.role, "cell": n.cell, "upstream": n.upstream, "children": n.children,
+                           "address": address(n) if n.superlink_port else None} for n in nodes.values()},
+        "ca_fingerprint_sha256": ca.cert.fingerprint(pki.hashes.SHA256()).hex(),
+        "overrides": list(overrides or []),
+    }
+    (out_dir / "plan.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return nodes
+
+
+def registry_document(identities: dict[str, bytes], nodes: dict[str, Node]) -> dict:
+    """The public secure-aggregation registry: device id (= folder/SuperNode name) -> key."""
+    return {
+        "format": REGISTRY_FORMAT,
+        "devices": {name: {"role": nodes[name].role, "ed25519_public_key": base64.b64encode(pub).decode()}
+                    for name, pub in sorted(identities.items())},
+    }
+
+
+def load_registry(path: Path):
+    """A :class:`fedlora.secure.keys.DeviceRegistry` from a plan's ``secagg_registry.json``."""
+    from fedlora.secure.keys import DeviceRegistry
+
+    doc = json.loads(Path(path).read_text())
+    if doc.get("format") != REGISTRY_FORMAT:
+        raise PlanError(f"{path} is not a fedlora secure-aggregation registry (format {doc.get('format')!r})")
+    return DeviceRegistry({name: base64.b64decode(d["ed25519_public_key"]) for name, d in doc["devices"].items()})
+
+
+def load_identity(folder: Path):
+    """This node's :class:`fedlora.secure.keys.IdentityKey` from its folder."""
+    from fedlora.secure.keys import IdentityKey
+
+    return IdentityKey(pki.load_pem_key(Path(folder) / IDENTITY_KEY))
+
+
+def node_document(node: Node, nodes: dict[str, Node], cfg: FedLoraConfig, overrides: list[str]) -> dict:
+    """``node.yaml``: what this machine is and where its files are (paths relative to it)."""
+    doc: dict = {"name": node.name, "role": node.role, "cell": node.cell, "fedlora_overrides": overrides,
+                 "config": "config.yaml", "ca_cert": CA_CERT, "secagg": {"identity_key": IDENTITY_KEY,
+                                                                           "registry": REGISTRY_FILE}}
+    if node.superlink_port:
+        doc["superlink"] = {"address": address(node), "hosts": node.hosts,
+                            "cert": SERVER_CERT, "key": SERVER_KEY, "supernode_auth": True,
+                            "registered_supernodes": {c: f"{SUPERNODES_DIR}/{c}.pub" for c in node.children}}
+    if node.upstream:
+        doc["supernode"] = {"superlink": address(nodes[node.upstream]), "upstream": node.upstream,
+                            "auth_private_key": SUPERNODE_KEY, "auth_public_key": SUPERNODE_PUB,
+                            "runtime_port": node.runtime_port}
+    if node.role == "end":
+        profile = cfg.topology.profiles.get(node.profile) if node.profile else None
+        doc.update(partition_id=node.client_id, num_partitions=cfg.federation.num_clients,
+                   device_profile=node.profile, data_path=DATA_DIR,
+                   device_profile_settings=dict(vars(profile)) if profile else None)
+    return doc
+
+
+def _write_yaml(path: Path, doc: dict) -> None:
+    path.write_text("# Generated by `fedlora deploy plan`; paths are relative to this folder.\n"
+                    + yaml.safe_dump(doc, sort_keys=False))
+
+
+def services(node: Node, nodes: dict[str, Node], settings: DeploySettings) -> dict[str, list[str]]:
+    """Service name -> command line, for one machine (see :mod:`fedlora.deploy.commands`)."""
+    out: dict[str, list[str]] = {}
+    if node.superlink_port:
+        out["superlink"] = commands.superlink_argv(bind_host=bind_host(node, settings), port=node.superlink_port,
+                                                   ca=CA_CERT, cert=SERVER_CERT, key=SERVER_KEY)
+    if node.upstream:
+        node_config: dict[str, object] = {"node-name": node.name}
+        if node.role == "end":
+            node_config.update({"partition-id": node.client_id, "num-partitions": len([n for n in nodes.values() if n.role == "end"])})
+        out["supernode"] = commands.supernode_argv(superlink=address(nodes[node.upstream]), ca=CA_CERT,
+                                                   auth_key=SUPERNODE_KEY, node_config=node_config,
+                                                   runtime_port=node.runtime_port)  # type: ignore[arg-type]
+    return out
+
+
+def bind_host(node: Node, settings: DeploySettings) -> str:
+    if settings.bind_host:
+        return settings.bind_host
+    return "127.0.0.1" if all(h in LOOPBACK or h == "::1" for h in node.hosts) else "0.0.0.0"
+
+
+def _write_scripts(folder: Path, node: Node, nodes: dict[str, Node], settings: DeploySettings) -> None:
+    svc = services(node, nodes, settings)
+    pki.write_public(folder / "start.sh", commands.start_script(svc).encode(), 0o755)
+    if not node.superlink_port:
+        return
+    pki.write_public(folder / "register_supernodes.sh",
+                     commands.register_script(address(node), node.children, SUPERNODES_DIR).encode(), 0o755)
+    units = []
+    for name in svc:
+        unit = f"fedlora-{node.name}-{name}.service"
+        post = "register_supernodes.sh" if name == "superlink" else None
+        after = "network-online.target" if name == "superlink" or node.role != "edge" else \
+            f"network-online.target fedlora-{node.name}-superlink.service"
+        pki.write_public(folder / unit, commands.systemd_unit(f"fedlora {node.role} {node.name}: {name}", name,
+                                                              after=after, exec_start_post=post).encode())
+        units.append(unit)
+    pki.write_public(folder / "install.sh", commands.install_script(units).encode(), 0o755)

@@ -1,0 +1,151 @@
+"""The device check: facts parsing, the memory model's calibration, and the settings picked
+for fake 4 GB / 2 GB / 1 GB devices (pure: no torch needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedlora.config import compose
+from fedlora.deploy import device
+from fedlora.deploy.device import (CALIBRATION_ROWS, MEASURED_PEAK_MIB, SMOLLM2_135M, DeviceError, DeviceFacts,
+                                   cpu_has_aes, lora_params, mask_prg, parse_meminfo, pick_settings, predict_peak_mib)
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "results" / "client_memory.json"
+
+PI4_CPUINFO = """processor\t: 0
+BogoMIPS\t: 108.00
+Features\t: fp asimd evtstrm crc32 cpuid
+CPU implementer\t: 0x41
+CPU part\t: 0xd08
+"""
+PI5_CPUINFO = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid\n"
+X86_CPUINFO = "processor\t: 0\nflags\t\t: fpu vme de pse tsc msr pae sse sse2 ssse3 sse4_1 sse4_2 aes avx avx2\n"
+
+
+def facts(available_mib: float, total_mib: float | None = None, arch="aarch64", aes=False, torch="2.13.0",
+          python="3.11.2") -> DeviceFacts:
+    return DeviceFacts(total_mib or available_mib + 250, available_mib, arch, python, torch, aes, 4)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return compose([])  # the default model: SmolLM2-135M, LoRA r=8 on q,v, batch 4 x 256, fp32
+
+
+def test_parse_facts():
+    total, available = parse_meminfo("MemTotal:        1896744 kB\nMemFree:          911232 kB\nMemAvailable:    1634500 kB\n")
+    assert total == pytest.approx(1896744 / 1024) and available == pytest.approx(1634500 / 1024)
+    assert parse_meminfo("MemTotal: 1024 kB\nMemFree: 100 kB\nCached: 28 kB\n") == (1.0, 0.125)
+    with pytest.raises(DeviceError, match="MemTotal"):
+        parse_meminfo("nothing useful")
+    assert not cpu_has_aes(PI4_CPUINFO)  # Cortex-A72: no ARMv8 crypto extensions
+    assert cpu_has_aes(PI5_CPUINFO) and cpu_has_aes(X86_CPUINFO)
+    assert cpu_has_aes("flags: fpu aes\n") and not cpu_has_aes("flags: fpu aesni_like vaes_x\n")
+
+
+def test_mask_prg_follows_aes():
+    assert mask_prg(facts(2000, aes=False)) == "chacha20"
+    assert mask_prg(facts(2000, arch="x86_64", aes=True)) == "aes128-ctr"
+
+
+def test_memory_model_is_calibrated_on_the_benchmark():
+    """The model's constants are the benchmark's measured peaks, and it reproduces them."""
+    rows = json.loads(BENCH.read_text())["results"]
+    by_key = {(r["dtype"], r["threads"], r["variant"]): r for r in rows}
+    for key, row in CALIBRATION_ROWS.items():
+        assert MEASURED_PEAK_MIB[key] == by_key[row]["peak_mib"], row
+        assert by_key[row]["raw"]["batch_shape"] == [4, 256]
+        assert by_key[row]["raw"]["trainable_params"] == lora_params(SMOLLM2_135M, 8, ["q_proj", "v_proj"])
+        assert by_key[row]["raw"]["params"] == SMOLLM2_135M.params
+        predicted = predict_peak_mib(SMOLLM2_135M, dtype=key[0], checkpointing=key[1], batch=4, seq=256, r=8,
+                                     targets=["q_proj", "v_proj"])
+        assert predicted == pytest.approx(by_key[row]["peak_mib"], rel=1e-9)
+    # Less work needs less memory; more needs more.
+    kw = dict(dtype="bfloat16", checkpointing=True, r=8, targets=["q_proj", "v_proj"])
+    assert predict_peak_mib(SMOLLM2_135M, batch=2, seq=256, **kw) < predict_peak_mib(SMOLLM2_135M, batch=4, seq=256, **kw)
+    assert predict_peak_mib(SMOLLM2_135M, batch=4, seq=512, **kw) > 2 * predict_peak_mib(SMOLLM2_135M, batch=4, seq=256, **kw) - 1000
+
+
+def test_4gb_device_trains_as_configured(smollm2):
+    s = pick_settings(smollm2, facts(3480, 3790))  # Raspberry Pi 4 4 GB: ~3.4 GiB available
+    assert (s.dtype, s.gradient_checkpointing, s.batch_size, s.max_seq_len, s.lora_r) == ("float32", False, 4, 256, 8)
+    assert s.changed == [] and s.mask_prg == "chacha20"
+
+
+def test_2gb_device_gets_bf16_and_checkpointing(smollm2):
+    s = pick_settings(smollm2, facts(1640, 1850))  # Raspberry Pi 4 2 GB, 64-bit OS Lite
+    assert (s.dtype, s.gradient_checkpointing, s.batch_size, s.max_seq_len) == ("bfloat16", True, 4, 256)
+    assert s.needed_mib <= 1640 and s.lora_r == 8
+    assert "model.dtype=bfloat16" in s.overrides() and "train.gradient_checkpointing=true" in s.overrides()
+
+
+def test_tighter_device_lowers_batch_then_sequence_keeping_effective_batch(smollm2):
+    s = pick_settings(smollm2, facts(1400))
+    assert (s.dtype, s.gradient_checkpointing, s.batch_size, s.grad_accum, s.max_seq_len) == ("bfloat16", True, 2, 2, 256)
+    # Below the one-off bf16 conversion peak (1.45 GB measured) only an fp32 base remains, with
+    # checkpointing, batch 1 and shorter sequences.
+    t = pick_settings(smollm2, facts(1300))
+    assert (t.dtype, t.gradient_checkpointing, t.batch_size, t.grad_accum) == ("float32", True, 1, 4) and t.max_seq_len < 256
+    for available in range(3500, 1100, -50):
+        try:
+            u = pick_settings(smollm2, facts(available))
+        except DeviceError:
+            assert available < 1300
+            continue
+        assert u.needed_mib <= available and u.batch_size * u.grad_accum == 4 and u.max_seq_len >= 64
+
+
+def test_1gb_device_is_refused_with_a_clear_message(smollm2):
+    with pytest.raises(DeviceError) as err:
+        pick_settings(smollm2, facts(800, 1000))
+    msg = str(err.value)
+    assert "cannot train SmolLM2-135M" in msg and "800 MiB available" in msg and "batch 1" in msg
+
+
+def test_platform_refusals(smollm2):
+    with pytest.raises(DeviceError, match="64-bit Raspberry Pi OS"):
+        pick_settings(smollm2, facts(3000, arch="armv7l"))
+    with pytest.raises(DeviceError, match="torch is not installed"):
+        pick_settings(smollm2, facts(3000, torch=None))
+    with pytest.raises(DeviceError, match="Python 3.9"):
+        pick_settings(smollm2, facts(3000, python="3.9.2"))
+
+
+def test_rank_is_the_federations_and_counts(smollm2):
+    big = compose(["lora=all_linear_r16"])
+    a, b = pick_settings(smollm2, facts(3000)), pick_settings(big, facts(3000))
+    assert (a.lora_r, b.lora_r) == (8, 16)
+    assert lora_params(SMOLLM2_135M, 16, list(big.lora.target_modules)) > 10 * lora_params(SMOLLM2_135M, 8, ["q_proj", "v_proj"])
+
+
+def test_a_configured_bf16_base_is_kept(smollm2):
+    cfg = compose(["model.dtype=bfloat16", "train.gradient_checkpointing=true"])
+    s = pick_settings(cfg, facts(8000))
+    assert (s.dtype, s.gradient_checkpointing) == ("bfloat16", True) and s.changed == []
+
+
+def test_local_model_without_config_json_is_a_clear_error(tmp_path):
+    cfg = compose(["model=local", f"model.path={tmp_path}"])
+    with pytest.raises(DeviceError, match="no config.json"):
+        pick_settings(cfg, facts(8000))
+
+
+def test_read_facts_on_this_machine():
+    f = device.read_facts()
+    assert f.mem_total_mib > 0 and 0 < f.mem_available_mib <= f.mem_total_mib and f.arch
+
+
+def test_cli_check_on_a_node_folder(tmp_path, capsys):
+    from fedlora.cli import main
+    from fedlora.deploy.plan import write_plan
+
+    write_plan(compose(["model=tiny", "topology=flat", "federation.num_clients=1", "federation.min_clients=1"]), tmp_path / "p")
+    main(["deploy", "check", "--config", str(tmp_path / "p" / "end-0"), "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["settings"]["model"] == "tiny" and doc["device"]["mask_prg"] in ("aes128-ctr", "chacha20")
+    with pytest.raises(SystemExit) as exit_:
+        main(["deploy", "check", "--config", str(tmp_path)])
+    assert exit_.value.code == 2 and "not a node folder" in capsys.readouterr().err
