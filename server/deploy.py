@@ -291,7 +291,7 @@ def _stop_on_signals() -> None:
     signal.signal(signal.SIGINT, handler)
 
 
-def _keep_running(group: ProcessGroup, what: str, supernode: str = "supernode") -> None:
+def _keep_running(group: ProcessGroup, what: str, supernode: str = "supernode", watch=None) -> None:
     """Block until a signal or until one of the tier's processes dies for good.
 
     A SuperNode leaves when its SuperLink restarts (the new SuperLink does not know its node
@@ -312,6 +312,8 @@ def _keep_running(group: ProcessGroup, what: str, supernode: str = "supernode") 
             time.sleep(min(30.0, 2.0 ** quick_exits))
             group.restart(supernode)
         group.check()
+        if watch is not None:
+            watch()
         time.sleep(1.0)
 
 
@@ -347,13 +349,23 @@ def run_edge(cell: str, parent: str, listen: str, work_dir: Path, security: Secu
         try:
             start_superlink(group, "superlink", listen, work_dir / "flwr-home", security)
             connection_file(work_dir / "flwr-home", "edge", _local(listen), security)
-            run_id = submit_run(work_dir / "flwr-home", "edge", {"mode": "edge", "cell": cell, "spool": str(spool)})
-            _wait_for_service(group, spool, run_id)
-            log.info("edge %s: SuperLink on %s, service run %d", cell, listen, run_id)
+            def start_service() -> None:
+                run_id = submit_run(work_dir / "flwr-home", "edge", {"mode": "edge", "cell": cell, "spool": str(spool)})
+                _wait_for_service(group, spool, run_id)
+                log.info("edge %s: SuperLink on %s, service run %d", cell, listen, run_id)
+
+            def watch() -> None:  # a service run that died is started again
+                from clients.edge import Spool
+
+                if not Spool(spool).alive() and not Spool(spool).stopping():
+                    log.warning("edge %s: the service run stopped beating; starting a new one", cell)
+                    start_service()
+
+            start_service()
             # Joins its parent only now, so the parent never sees an edge that cannot serve.
             start_supernode(group, "supernode", parent, {"role": "edge", "cell": cell, "spool": str(spool)},
                             work_dir / "supernode-home", security)
-            _keep_running(group, f"edge {cell} (parent {parent}, children on {listen})")
+            _keep_running(group, f"edge {cell} (parent {parent}, children on {listen})", watch=watch)
         finally:
             spool.mkdir(parents=True, exist_ok=True)
             (spool / "stop").touch()  # the service run ends cleanly if it still can

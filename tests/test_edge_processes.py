@@ -239,8 +239,8 @@ def test_cloud_two_edges_four_end_clients_match_the_simulation(tmp_path, env, re
 @pytest.mark.flower
 def test_a_failed_edge_drops_its_cell_and_the_round_goes_on(tmp_path, env, tiers):
     """Stop one edge's service (its SuperNode stays up and relays): the next cloud run drops
-    that cell's clients with the reason and aggregates the other cell. Runs last: the edge
-    stays broken for the rest of the module."""
+    that cell's clients with the reason and aggregates the other cell; then the edge starts
+    its service again by itself. Runs last."""
     cells = placement(compose(OVERRIDES))
     broken, healthy = sorted(cells)
     spool = Spool(tiers["work"] / broken / "spool")
@@ -256,4 +256,10 @@ def test_a_failed_edge_drops_its_cell_and_the_round_goes_on(tmp_path, env, tiers
     assert record["aggregated"] is True
     assert sorted(d["client"] for d in record["dropped"]) == cells[broken]
     assert all(f"edge {broken} failed" in d["reason"] and "not running" in d["reason"] for d in record["dropped"])
+    # Without the stop request, `fedlora edge` sees its service gone and starts a new one.
+    (spool.root / "stop").unlink()
+    deadline = time.time() + 180
+    while not spool.alive() and time.time() < deadline:
+        time.sleep(0.5)
+    assert spool.alive(), "the edge did not start its service again"
 
