@@ -104,24 +104,53 @@ def train_round(settings: dict[str, Any], global_state: AdapterState, partition_
     return delta, metrics
 
 
-def secure_step(stage: str, payload: bytes, state: bytes | None, settings: dict[str, Any],
-                global_state: AdapterState | None, partition_id: int) -> tuple[bytes, bytes, dict[str, float]]:
-    """One secure-aggregation stage on this device: (reply, state to keep on the device, clear metrics).
+class StaleSessionState(ValueError):
+    """A later secure-aggregation stage found no session state on the device, or one kept
+    for another run or round: it is refused, never reused."""
 
-    The first stage trains (:func:`train_round`) and advertises keys; later stages need the
-    ``state`` the previous one returned (a Flower ClientApp keeps it in ``context.state``).
+
+def secure_session(run: object, settings: dict[str, Any]) -> str:
+    """The key a device keeps its secure-aggregation state under: the run and the round.
+
+    A device is in one cell per round; the cell itself is bound by the protocol (a state for
+    another header or session id is refused by :class:`~fedlora.secure.client.CellClient`).
+    """
+    return f"{run}/round-{int(settings['round'])}"
+
+
+def secure_step(stage: str, payload: bytes, stored: tuple[str, bytes] | None, settings: dict[str, Any],
+                global_state: AdapterState | None, partition_id: int, *, run: object = "local"
+                ) -> tuple[bytes, tuple[str, bytes], dict[str, float]]:
+    """One secure-aggregation stage on this device: (reply, (session key, state) to keep on
+    the device, clear metrics).
+
+    The first stage trains (:func:`train_round`) and advertises keys, starting a fresh state
+    whatever ``stored`` holds; later stages need the state the previous stage returned for
+    the same ``run`` and round (``stored``; a Flower ClientApp keeps it in ``context.state``),
+    and raise :class:`StaleSessionState` for a missing or mismatched one.
     Identity: SIMULATION ONLY, derived from the run seed (``fedlora.secure.rounds.simulated_identity``);
     a deployment loads the device's own Ed25519 key here instead (issue 5).
     """
-    from fedlora.secure.rounds import CLOUD_ID, client_step, device_id, simulated_identity, simulated_rng
+    from fedlora.secure.rounds import CLOUD_ID, STAGES, client_step, device_id, simulated_identity, simulated_rng
 
+    session = secure_session(run, settings)
+    state = None
+    if stage != STAGES[0]:
+        if stored is None:
+            raise StaleSessionState(f"stage {stage!r} of session {session}, but this device holds no "
+                                    "secure-aggregation state (it did not join this round)")
+        if stored[0] != session:
+            raise StaleSessionState(f"stage {stage!r} of session {session}, but the state this device holds is "
+                                    f"for session {stored[0]}; refusing to reuse it")
+        state = stored[1]
     seed, server_round, me = int(settings["config"]["seed"]), int(settings["round"]), device_id(partition_id)
-    return client_step(stage, payload, state, identity=simulated_identity(seed, me),
-                       cloud_key=simulated_identity(seed, CLOUD_ID).public_bytes,
-                       rng=simulated_rng(seed, "device", me, server_round, stage),
-                       train=lambda: private_update(*train_round(settings, global_state, partition_id),
-                                                    to_typed(settings["config"])),
-                       arrays=global_state)
+    reply, state, metrics = client_step(stage, payload, state, identity=simulated_identity(seed, me),
+                                        cloud_key=simulated_identity(seed, CLOUD_ID).public_bytes,
+                                        rng=simulated_rng(seed, "device", me, server_round, stage),
+                                        train=lambda: private_update(*train_round(settings, global_state, partition_id),
+                                                                     to_typed(settings["config"])),
+                                        arrays=global_state)
+    return reply, (session, state), metrics
 
 
 def private_update(delta: AdapterState, metrics: dict[str, float], cfg: FedLoraConfig) -> tuple[AdapterState, dict[str, float]]:

@@ -74,7 +74,7 @@ class InProcessTransport:
         self.num_clients = num_clients
         self.fault = fault  # lets tests corrupt or drop replies
         self.stage_fault = stage_fault  # the same for secure-aggregation stages
-        self.device_state: dict[int, bytes] = {}  # each client's own secure-session state
+        self.device_state: dict[int, tuple[str, bytes]] = {}  # each client's own secure-session state
 
     def exchange(self, server_round, stage, payloads, arrays, settings, on_reply):
         replies = []
@@ -190,14 +190,6 @@ def run_federation(
     dp = FederatedDP(p.noise_multiplier, p.clip_norm, p.delta, weight=max_examples(cfg)) if privacy_mode(cfg) == "secagg_dp" else None
     if dp is not None and ckpt is not None:
         dp.load_state({k[len("dp/"):]: v for k, v in ckpt[1].items() if k.startswith("dp/")})
-    if secure is not None and not hasattr(transport, "exchange"):
-        if cfg.privacy.mode != "auto":
-            raise FederationError(f"privacy.mode={cfg.privacy.mode} needs secure-aggregation stages, which "
-                                  f"{type(transport).__name__} does not carry yet; use privacy=none")
-        log.warning("privacy=auto: %s has no secure-aggregation stages yet; this run aggregates in plain",
-                    type(transport).__name__)
-        progress.note(f"privacy=auto: {type(transport).__name__} has no secure stages yet; aggregating in plain")
-        secure = None
     progress.start(cfg.federation.rounds, done + 1)
     for server_round in range(done + 1, cfg.federation.rounds + 1):
         t0 = time.perf_counter()

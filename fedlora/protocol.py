@@ -5,6 +5,13 @@ JSON (``SETTINGS``); the reply carries the client's delta (``ADAPTER``) and its
 ``METRICS`` (example count, training loss, timings). An identity query is answered
 with the client's id (``IDENTITY``), or by an edge aggregator with its role and cell.
 Between the cloud and an edge, a ``CELL`` record carries one cell's request or result.
+
+Secure aggregation (``privacy=secagg``) sends one message per stage, of message type
+``train.<SECAGG>``: a ``SECAGG`` ConfigRecord with the stage name, the round and the
+stage's payload (bytes), the ``SETTINGS``, and at the first stage the ``ADAPTER`` to train
+from. The reply carries the client's answer as bytes in a ``SECAGG`` ConfigRecord
+(``REPLY_KEY``) and clear ``METRICS`` (the training time only). Between stages the device
+keeps its session state in ``context.state[SECAGG_STATE]`` (never sent anywhere).
 """
 
 import json
@@ -16,6 +23,12 @@ METRICS = "metrics"
 IDENTITY = "identity"
 SETTINGS_KEY = "json"
 CLIENT_ID_KEY = "client"
+SECAGG = "secagg"
+STAGE_KEY = "stage"
+ROUND_KEY = "round"
+PAYLOAD_KEY = "payload"
+REPLY_KEY = "reply"
+SECAGG_STATE = "fedlora.secagg"
 
 
 def encode_settings(settings: dict[str, Any]) -> str:

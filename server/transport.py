@@ -72,16 +72,29 @@ class FlowerTransport:
         return set(answered)
 
     def train(self, server_round: int, clients: list[int], arrays: AdapterState, settings: dict, on_reply: ReplyCallback) -> list[ClientReply]:
-        client_of = {self.node_of[c]: c for c in clients}
-        messages = []
-        for cid in clients:
-            content = RecordDict(
-                {
-                    protocol.ADAPTER: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                    protocol.SETTINGS: ConfigRecord({protocol.SETTINGS_KEY: protocol.encode_settings(settings)}),
-                }
-            )
-            messages.append(Message(content, self.node_of[cid], MessageType.TRAIN, group_id=str(server_round)))
+        contents = {cid: RecordDict({protocol.ADAPTER: _adapter_record(arrays), protocol.SETTINGS: _settings_record(settings)})
+                    for cid in clients}
+        return self._ask(contents, MessageType.TRAIN, str(server_round), on_reply, secure=False)
+
+    def exchange(self, server_round: int, stage: str, payloads: dict[int, bytes], arrays: AdapterState | None,
+                 settings: dict, on_reply: ReplyCallback) -> list[ClientReply]:
+        """One secure-aggregation stage: message type ``train.secagg``, the stage, round and
+        payload in a ConfigRecord, the adapter only when ``arrays`` is given (first stage)."""
+        contents = {}
+        for cid, payload in payloads.items():
+            request = ConfigRecord({protocol.STAGE_KEY: stage, protocol.ROUND_KEY: int(server_round),
+                                    protocol.PAYLOAD_KEY: bytes(payload)})
+            content = RecordDict({protocol.SECAGG: request, protocol.SETTINGS: _settings_record(settings)})
+            if arrays is not None:
+                content[protocol.ADAPTER] = _adapter_record(arrays)
+            contents[cid] = content
+        return self._ask(contents, f"{MessageType.TRAIN}.{protocol.SECAGG}", f"{server_round}/{stage}", on_reply, secure=True)
+
+    def _ask(self, contents: dict[int, RecordDict], message_type: str, group_id: str, on_reply: ReplyCallback, *,
+             secure: bool) -> list[ClientReply]:
+        """Send each client its content, decode the replies as they arrive."""
+        client_of = {self.node_of[c]: c for c in contents}
+        messages = [Message(content, self.node_of[cid], message_type, group_id=group_id) for cid, content in contents.items()]
         replies = []
 
         def collect(msg: Message) -> None:
@@ -89,7 +102,7 @@ class FlowerTransport:
             if cid is None:
                 log.warning("ignoring a reply from unexpected node %d", msg.metadata.src_node_id)
                 return
-            reply = decode_reply(cid, msg)
+            reply = decode_reply(cid, msg, secure=secure)
             replies.append(reply)
             on_reply(reply)
 
@@ -116,18 +129,32 @@ class FlowerTransport:
         return out
 
 
-def decode_reply(cid: int, msg: Message) -> ClientReply:
-    """A reply as plain arrays and metrics; anything undecodable becomes an error reply."""
+def decode_reply(cid: int, msg: Message, *, secure: bool = False) -> ClientReply:
+    """A reply as plain arrays (``secure``: the stage's answer as bytes) and metrics; anything
+    undecodable becomes an error reply."""
     if msg.has_error():
         return ClientReply(cid, error=f"client error: {short_reason(msg.error.reason)}")
     try:
-        record = msg.content[protocol.ADAPTER]
-        update = {k: a.numpy() for k, a in record.items()}
         metrics = dict(msg.content[protocol.METRICS])
-        bytes_up = sum(v.nbytes for v in update.values())  # payload, as counted downlink
+        if secure:
+            update = msg.content[protocol.SECAGG][protocol.REPLY_KEY]
+            if not isinstance(update, bytes):
+                raise TypeError(f"the secure-aggregation answer is a {type(update).__name__}, not bytes")
+            bytes_up = len(update)
+        else:
+            update = {k: a.numpy() for k, a in msg.content[protocol.ADAPTER].items()}
+            bytes_up = sum(v.nbytes for v in update.values())  # payload, as counted downlink
     except Exception as exc:  # malformed or malicious content must not stop the run
         return ClientReply(cid, error=f"malformed reply: {type(exc).__name__}: {exc}")
     return ClientReply(cid, update, metrics, bytes_up=bytes_up)
+
+
+def _adapter_record(arrays: AdapterState) -> ArrayRecord:
+    return ArrayRecord({k: Array(v) for k, v in arrays.items()})
+
+
+def _settings_record(settings: dict) -> ConfigRecord:
+    return ConfigRecord({protocol.SETTINGS_KEY: protocol.encode_settings(settings)})
 
 
 def short_reason(reason: str, limit: int = 300) -> str:

@@ -58,12 +58,12 @@ def reference(tmp_path_factory, env):
     return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
 
 
-def check_contract(run_dir: Path) -> None:
+def check_contract(run_dir: Path, uplink: str = "end->cloud") -> None:
     for name in ("config.yaml", "rounds.jsonl", "summary.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
         assert (run_dir / name).is_file(), name
     rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]
-    assert all(r["bytes"]["up"]["end->cloud"] > 0 for r in rounds)
+    assert all(r["bytes"]["up"][uplink] > 0 for r in rounds)
     assert {p.name for p in (run_dir / "plots").glob("*.png")} == {"loss.png", "bytes.png", "tree.png"}
     assert any((run_dir / "checkpoints").iterdir())
 
@@ -109,6 +109,38 @@ def test_flwr_run_dot_gives_the_same_result(tmp_path, env, reference):
     assert (run_dir / "summary.json").is_file(), out.stdout[-3000:] + out.stderr[-3000:]
     check_contract(run_dir)
     same_adapter(run_dir, reference)
+
+
+# privacy=secagg on the 6G tree: 4 neighbourhood cells of 2 clients, every client available.
+SECURE_OVERRIDES = [o for o in OVERRIDES if not o.startswith(("topology", "federation.num_clients", "federation.fraction"))] + [
+    "topology=small6g",
+    "federation.num_clients=8",
+    "federation.fraction=1.0",
+    "privacy=secagg",
+    "topology.profile_mix={rpi4: 0, phone: 0, car: 0, laptop: 1.0}",
+    "topology.profiles.laptop.availability=1.0",
+]
+
+
+def test_fedlora_run_secagg_through_flower_equals_the_in_process_secure_run(tmp_path, env):
+    """Every secure stage as real Flower messages (Ray workers, state in context.state)."""
+    os.environ["FEDLORA_CACHE"] = env["FEDLORA_CACHE"]
+    run_federation(compose(SECURE_OVERRIDES), tmp_path / "inprocess", InProcessTransport(8))
+    out = subprocess.run(
+        [str(BIN / "fedlora"), "run", *SECURE_OVERRIDES, f"output_dir={tmp_path / 'runs'}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (run_dir,) = [d for d in (tmp_path / "runs").iterdir() if d.is_dir()]
+    check_contract(run_dir, uplink="end->neighbourhood")
+    same_adapter(run_dir, load_file(str(tmp_path / "inprocess" / "adapter" / "adapter_model.safetensors")))
+    rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    expected = [json.loads(line) for line in (tmp_path / "inprocess" / "rounds.jsonl").read_text().splitlines()]
+    for r, ref in zip(rounds, expected, strict=True):
+        cells = r["secure"]["cells"]
+        assert cells == ref["secure"]["cells"] and all(c["ok"] for c in cells.values()), cells
+        assert sorted(c for cell in cells.values() for c in cell["survivors"]) == list(range(8))
+        assert r["aggregated"] and r["secure"]["clients_in_sum"] == 8 and r["participants"] == list(range(8))
 
 
 def _stop_superlink(flwr_home: Path) -> list[int]:
