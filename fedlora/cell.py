@@ -180,6 +180,15 @@ class AggregatorKeys:
     identity: Callable[[str], Any]
     cloud_key: bytes
 
+    @classmethod
+    def simulated(cls, seed: int) -> AggregatorKeys:
+        """SIMULATION-STYLE keys derived from the run seed (``simulated_identity``), as the
+        devices derive theirs; used in-process and by edge processes until the deployment
+        plan's keys are wired (issue 5)."""
+        from fedlora.secure.rounds import CLOUD_ID, simulated_identity
+
+        return cls(lambda aid: simulated_identity(seed, aid), simulated_identity(seed, CLOUD_ID).public_bytes)
+
 
 def run_cell(request: CellRequest, transport: Transport, *, late: LateCallback | None = None,
              on_reply: ReplyCallback | None = None, keys: AggregatorKeys | None = None) -> CellResult:

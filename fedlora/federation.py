@@ -32,7 +32,7 @@ from fedlora.netsim import simulate_round, unavailable
 from fedlora.topology import CLOUD, CellModels, TreeSums, build_tree, merge_up
 from fedlora.progress import Progress
 from fedlora.secure.encoding import EncodingConfig
-from fedlora.secure.rounds import LOSS_KEY, SecureRound, SecureSettings, secure_layout, simulated_identity
+from fedlora.secure.rounds import LOSS_KEY, SecureRound, SecureSettings, secure_layout
 from fedlora.train import evaluate
 
 log = logging.getLogger("fedlora")
@@ -229,7 +229,7 @@ def run_federation(
             sr = SecureRound(seed=cfg.seed, run_id=run_id, server_round=server_round, clients=available,
                              cells_above={cell: tree.cells[cell].parent or CLOUD for cell, _, _ in groups},
                              settings=secure, layout=secure_layout(expected))
-            keys = AggregatorKeys(lambda aid: simulated_identity(cfg.seed, aid), sr.cloud_key)
+            keys = AggregatorKeys.simulated(cfg.seed)
         requests = []
         for cell, group, start in groups:
             data = sr.cell(cell, group, start) if sr is not None else None

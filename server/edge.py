@@ -39,7 +39,7 @@ from flwr.serverapp import Grid
 
 from clients.edge import HEARTBEAT_S, EdgeError, Spool
 from fedlora import protocol
-from fedlora.cell import DROPPED, CellRequest, CellResult, ClientReply, ClientStatus, run_cell
+from fedlora.cell import DROPPED, AggregatorKeys, CellRequest, CellResult, ClientReply, ClientStatus, run_cell
 from fedlora.topology import CellTree
 from server.transport import POLL_S, FlowerTransport, short_reason
 
@@ -78,6 +78,16 @@ class ChildTransport(FlowerTransport):
     def train(self, server_round, clients, arrays, settings, on_reply):
         here = [c for c in clients if c in self.node_of]
         replies = super().train(server_round, here, arrays, settings, on_reply) if here else []
+        return replies + self._absent(clients, on_reply)
+
+    def exchange(self, server_round, stage, payloads, arrays, settings, on_reply):
+        here = {c: p for c, p in payloads.items() if c in self.node_of}
+        replies = super().exchange(server_round, stage, here, arrays, settings, on_reply) if here else []
+        return replies + self._absent(payloads, on_reply)
+
+    def _absent(self, clients, on_reply) -> list[ClientReply]:
+        """An error reply for each of ``clients`` not connected here."""
+        replies = []
         for cid in clients:
             if cid not in self.node_of:
                 reply = ClientReply(cid, error="not connected to this edge's SuperLink")
@@ -147,7 +157,12 @@ def run_request(request: CellRequest, cell: str, transport: ChildTransport) -> C
     t0 = time.perf_counter()
     transport.find(request.clients, transport.connect_timeout_s)
     t1 = time.perf_counter()
-    result = run_cell(request, transport)
+    keys = None
+    if request.secure is not None:  # this edge is the cell's neighbourhood aggregator: it sees masked inputs only
+        keys = AggregatorKeys.simulated(int(request.settings["config"]["seed"]))
+    result = run_cell(request, transport, keys=keys)
+    if result.secure is not None:
+        log.info("edge %s: round %d: secure session %s", cell, request.server_round, result.secure.aborted or "ok")
     log.info("edge %s: round %d: children found in %.1fs, cell run in %.1fs", cell, request.server_round,
              t1 - t0, time.perf_counter() - t1)
     return result
@@ -207,9 +222,8 @@ class EdgeCellRunner:
     def run(self, requests: list[CellRequest], *, late=None, on_reply=None, keys=None) -> list[CellResult]:
         """Each cell's request to its edge, in one exchange. ``late`` (the network model's
         simulated deadline) does not apply to real processes; ``keys`` (the aggregator's
-        secure-session keys) are the edge's own business once secure stages cross processes."""
-        if any(r.secure is not None for r in requests):
-            raise EdgeError("secure aggregation through edge processes is not built yet; use privacy=none")
+        secure-session keys) are the edge's own: under privacy=secagg the edge runs the cell's
+        secure session and sends up its masked sum and unmask bundle, which the cloud unmasks."""
         results: dict[str, CellResult] = {}
         messages, cell_of_node = [], {}
         for request in requests:
@@ -239,7 +253,12 @@ class EdgeCellRunner:
 def dropped(request: CellRequest, reason: str) -> CellResult:
     """A cell whose edge gave no usable answer: every client dropped with ``reason``."""
     log.warning("round %d: %s", request.server_round, reason)
-    return CellResult(request.cell, {c: ClientStatus(c, DROPPED, reason) for c in request.clients})
+    secure = None
+    if request.secure is not None:  # the cloud reads an aborted secure session for the cell
+        from fedlora.secure.rounds import SecureOutcome
+
+        secure = SecureOutcome(aborted=reason)
+    return CellResult(request.cell, {c: ClientStatus(c, DROPPED, reason) for c in request.clients}, secure=secure)
 
 
 def decode_result(request: CellRequest, msg: Message) -> CellResult:
@@ -259,6 +278,8 @@ def check_result(request: CellRequest, result: CellResult) -> str | None:
     if result.cell != request.cell or sorted(result.clients) != sorted(request.clients):
         return f"it is for cell {result.cell!r} / clients {sorted(result.clients)}, not the ones asked"
     accepted = [result.clients[c] for c in result.accepted]
+    if request.secure is not None or result.secure is not None:
+        return _check_secure(request, result)
     if result.plain is None:
         return "accepted clients but no sum" if accepted else None
     total = result.plain
@@ -273,4 +294,36 @@ def check_result(request: CellRequest, result: CellResult) -> str | None:
         value = total.total[key]
         if tuple(value.shape) != tuple(shape) or value.dtype.kind != "f" or not np.isfinite(value).all():
             return f"tensor {key!r} has shape {value.shape}, dtype {value.dtype} or non-finite values"
+    return None
+
+
+def _check_secure(request: CellRequest, result: CellResult) -> str | None:
+    """The shape of a secure cell's result; its cryptography (signed header and roster, the
+    shares) the cloud's unmasker checks itself."""
+    from fedlora.secure.messages import MaskedSum, UnmaskBundle
+    from fedlora.secure.rounds import SecureOutcome
+
+    if request.secure is None or result.plain is not None or result.metrics:
+        return "a secure cell must send its masked sum only, no plain sum or clear metrics"
+    outcome = result.secure
+    if not isinstance(outcome, SecureOutcome):
+        return "no secure-aggregation outcome"
+    if not (isinstance(outcome.dropped, dict) and all(isinstance(k, str) and isinstance(v, list) and set(v) <= set(request.clients)
+                                                      for k, v in outcome.dropped.items())):
+        return "the session's dropped clients are not the cell's"
+    if outcome.aborted is not None:
+        return None if isinstance(outcome.aborted, str) and not result.accepted else "an aborted cell accepted clients"
+    masked, bundle = outcome.masked, outcome.bundle
+    size = request.secure.header.header.layout.size
+    if not isinstance(masked, MaskedSum) or not isinstance(bundle, UnmaskBundle):
+        return "a masked sum and an unmask bundle are needed"
+    if masked.cells != frozenset({request.cell}) or bundle.header.header.cell != request.cell:
+        return f"the masked sum or bundle is for cell(s) {sorted(masked.cells)}, not {request.cell!r}"
+    if masked.clients != len(result.accepted):
+        return f"the masked sum counts {masked.clients} input(s) but {len(result.accepted)} client(s) are accepted"
+    vector = masked.vector
+    if not isinstance(vector, np.ndarray) or vector.dtype != np.uint32 or vector.shape != (size,):
+        return f"the masked vector is not uint32 of shape ({size},)"
+    if sorted(outcome.survivors) != result.accepted:
+        return "the session's survivors are not the accepted clients"
     return None

@@ -122,6 +122,113 @@ def test_a_good_edge_reply_is_the_edges_result():
     assert got.accepted == [] and "unusable" in got.clients[0].reason
 
 
+# A secure cell as an edge runs it: three devices answering each stage in-process (fixed
+# updates instead of training), the edge's own keys from the request's seed.
+SEED, CELL = 7, "neighbourhood-0-0"
+
+
+class _Devices:
+    """Stands in for an edge's ChildTransport: END devices running the real secure stages."""
+
+    connect_timeout_s, timeout_s = 0.0, 0.0
+
+    def __init__(self):
+        self.state = {}
+
+    def find(self, wanted, wait_s):
+        pass
+
+    def exchange(self, server_round, stage, payloads, arrays, settings, on_reply):
+        from fedlora.cell import ClientReply
+        from fedlora.secure.rounds import CLOUD_ID, client_step, device_id, simulated_identity, simulated_rng
+
+        replies = []
+        for c, payload in payloads.items():
+            me = device_id(c)
+            update = ({"a": np.full((2, 3), 0.01 * (c + 1), np.float32)}, {"train_loss": 1.0, "num_examples": 5})
+            reply, self.state[c], metrics = client_step(
+                stage, payload, self.state.get(c), identity=simulated_identity(SEED, me),
+                cloud_key=simulated_identity(SEED, CLOUD_ID).public_bytes, rng=simulated_rng(SEED, "device", me, stage),
+                train=lambda update=update: update, arrays=arrays)
+            replies.append(ClientReply(c, reply, metrics, bytes_up=len(reply)))
+            on_reply(replies[-1])
+        return replies
+
+
+@pytest.fixture(scope="module")
+def secure_cell():
+    """(cloud's SecureRound, the request, the edge's result via server.edge.run_request)."""
+    from fedlora.secure.encoding import EncodingConfig
+    from fedlora.secure.rounds import SecureRound, SecureSettings, secure_layout
+    from server.edge import run_request
+
+    clients, arrays = [0, 1, 2], {"a": np.zeros((2, 3), np.float32)}
+    sr = SecureRound(seed=SEED, run_id="run", server_round=1, clients=clients, cells_above={CELL: "suburban-0"},
+                     settings=SecureSettings(EncodingConfig(bits=16, clip=0.05, max_examples=5), 0.6, "cloud",
+                                             "aes128-ctr", 100),
+                     layout=secure_layout({"a": (2, 3)}))
+    request = CellRequest("run", 1, CELL, clients, arrays, {"config": {"seed": SEED}, "round": 1}, {"a": (2, 3)},
+                          sr.cell(CELL, clients, arrays))
+    return sr, request, run_request(CellRequest.from_bytes(request.to_bytes()), CELL, _Devices())
+
+
+def test_an_edge_runs_a_secure_cell_the_cloud_can_unmask(secure_cell):
+    sr, request, result = secure_cell
+    assert result.accepted == [0, 1, 2] and result.plain is None and result.metrics == {}
+    sent = CellResult.from_bytes(result.to_bytes())  # the backhaul
+    assert check_result(request, sent) is None
+    sums, aborted = sr.unmask({CELL: sent.secure}, per_cell=True)
+    assert aborted == {} and sums[CELL].clients == 3
+    np.testing.assert_allclose(sums[CELL].total["a"], np.full((2, 3), 5 * (0.01 + 0.02 + 0.03)), atol=1e-4)
+
+
+def _tampered(result, **changes):
+    import copy
+    import dataclasses
+
+    bad = copy.deepcopy(result)
+    for name, value in changes.items():
+        if name in ("cells", "clients", "vector"):
+            bad.secure.masked = dataclasses.replace(bad.secure.masked, **{name: value})
+        else:
+            setattr(bad.secure, name, value)
+    return bad
+
+
+@pytest.mark.parametrize(
+    "changes,needle",
+    [
+        ({"cells": frozenset({"neighbourhood-0-1"})}, "not 'neighbourhood-0-0'"),
+        ({"clients": 2}, "counts 2 input(s)"),
+        ({"vector": np.zeros(3, np.uint32)}, "uint32 of shape"),
+        ({"vector": np.zeros(1, np.float32)}, "uint32 of shape"),
+        ({"survivors": [0, 1]}, "survivors"),
+        ({"bundle": None}, "unmask bundle"),
+        ({"dropped": {"advertise": [9]}}, "dropped clients"),
+    ],
+)
+def test_check_result_names_what_is_wrong_with_an_edge_secure_result(secure_cell, changes, needle):
+    _, request, result = secure_cell
+    reason = check_result(request, _tampered(result, **changes))
+    assert reason is not None and needle in reason, reason
+
+
+def test_a_failed_secure_edge_is_an_aborted_cell_for_the_cloud(secure_cell):
+    sr, request, _ = secure_cell
+    result = decode_result(request, _Reply(error=_Error()))
+    assert result.accepted == [] and result.secure.aborted.startswith(f"edge {CELL} failed")
+    assert sr.unmask({CELL: result.secure}, per_cell=True) == ({}, {CELL: result.secure.aborted})
+
+
+def test_an_edge_answers_for_secure_clients_not_connected_to_it():
+    from server.edge import ChildTransport
+
+    seen = []
+    replies = ChildTransport(None).exchange(1, "advertise", {3: b"x"}, None, {}, seen.append)
+    assert [r.client for r in replies] == [3] == [r.client for r in seen]
+    assert "not connected" in replies[0].error
+
+
 def test_plan_puts_every_client_under_exactly_one_edge():
     cfg = compose(OVERRIDES)
     cells = placement(cfg)
@@ -209,6 +316,20 @@ def run_cloud(tiers, env, run_dir: Path, overrides: list[str]) -> float:
     return time.perf_counter() - t0
 
 
+def same_round(run_dir: Path, reference: Path) -> tuple[dict, dict]:
+    """The one round's records of a deployed and an in-process run: every client took part,
+    and the adapters agree to 1e-6."""
+    (record,) = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    (expected,) = [json.loads(line) for line in (reference / "rounds.jsonl").read_text().splitlines()]
+    assert record["participants"] == expected["participants"] == [0, 1, 2, 3]
+    got = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    want = load_file(str(reference / "adapter" / "adapter_model.safetensors"))
+    assert got.keys() == want.keys()
+    for key in got:
+        np.testing.assert_allclose(got[key], want[key], atol=1e-6, rtol=1e-5)
+    return record, expected
+
+
 def _logs(path: Path) -> str:
     return "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-1500:]}" for p in sorted(path.rglob("*.log")))
 
@@ -218,22 +339,40 @@ def test_cloud_two_edges_four_end_clients_match_the_simulation(tmp_path, env, re
     run_dir = tmp_path / "run"
     wall = run_cloud(tiers, env, run_dir, OVERRIDES)
 
-    (record,) = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
-    (expected,) = [json.loads(line) for line in (reference / "rounds.jsonl").read_text().splitlines()]
-    assert record["participants"] == expected["participants"] == [0, 1, 2, 3]
+    record, expected = same_round(run_dir, reference)
     assert record["dropped"] == []
     assert record["cell_of"] == expected["cell_of"]
     assert record["bytes"] == expected["bytes"]
-    got = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
-    want = load_file(str(reference / "adapter" / "adapter_model.safetensors"))
-    assert got.keys() == want.keys()
-    for key in got:
-        np.testing.assert_allclose(got[key], want[key], atol=1e-6, rtol=1e-5)
     # Every edge served its cell's request in its own process.
     for cell in tiers["edges"]:
         assert f"edge {cell}: round 1 done" in (tiers["work"] / cell / "spool" / "service.log").read_text()
     print(f"\nloopback deployment: `fedlora cloud` {wall:.1f}s, round {record['wall_s']:.1f}s "
           f"(in-process round {expected['wall_s']:.1f}s)")
+
+
+SECURE = [o if o != "privacy=none" else "privacy=secagg" for o in OVERRIDES]
+
+
+@pytest.mark.flower
+def test_secagg_through_edge_processes_matches_the_in_process_secure_run(tmp_path, env, tiers):
+    """privacy=secagg: each edge process runs its cell's secure session (it sees masked inputs
+    only) and sends up the masked sum and unmask bundle; the cloud unmasks. Same adapter as
+    the in-process secure run."""
+    reference = tmp_path / "inprocess"
+    run_federation(compose(SECURE), reference, InProcessTransport(4))
+    run_dir = tmp_path / "run"
+    wall = run_cloud(tiers, env, run_dir, SECURE)
+
+    record, expected = same_round(run_dir, reference)
+    assert record["dropped"] == [] and record["aggregated"] is True
+    cells = record["secure"]["cells"]
+    assert sorted(cells) == sorted(placement(compose(SECURE))) and all(c["ok"] for c in cells.values()), cells
+    assert record["secure"]["clients_in_sum"] == 4
+    assert record["secure"] == expected["secure"]
+    for cell in tiers["edges"]:  # the session ran in the edge's own process
+        assert f"edge {cell}: round 1: secure session ok" in (tiers["work"] / cell / "spool" / "service.log").read_text()
+    print(f"\nloopback secagg deployment: `fedlora cloud` {wall:.1f}s, round {record['wall_s']:.1f}s "
+          f"(in-process secure round {expected['wall_s']:.1f}s)")
 
 
 @pytest.mark.flower
