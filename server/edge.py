@@ -19,6 +19,12 @@ meet in a *spool* directory on the edge machine:
   that cell's edge and decodes the replies. A missing, failed or malformed edge reply drops
   that cell's clients with the reason; the round goes on with the other cells.
 
+Under ``privacy=secagg`` the edge is the cell's neighbourhood aggregator: it runs the cell's
+secure session with its END children (:meth:`ChildTransport.exchange`) and sends up only the
+masked sum and the unmask bundle; the cloud checks their shape (:func:`check_result`) and
+unmasks. Its keys (:meth:`fedlora.cell.AggregatorKeys.simulated`) are derived from the run
+seed in the request, as the devices' are, until the deployment plan's keys are wired (issue 5).
+
 Which END clients sit under which edge is the topology's (``build_tree`` with the run's
 seed), as in simulation; an END client not connected to the edge it is asked through is
 dropped ("not connected"). The network model's simulated deadline (``topology.deadline_s``)
