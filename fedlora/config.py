@@ -275,7 +275,8 @@ class PrivacyConfig:
     and the unmasking tier sees sums over at least t clients of a cell.
     """
 
-    # auto (secagg on tree topologies, none on flat) | none | secagg | secagg_dp (secagg + central
+    # auto (secagg on tree topologies with >= 2 clients per neighbourhood cell on average, else
+    # none) | none | secagg | secagg_dp (secagg + central
     # differential privacy at client level, see fedlora/dp.py).
     mode: str = "auto"
     # b: bits of signed fixed point per coordinate.
@@ -470,9 +471,14 @@ PRIVACY_MODES = ("auto", "none", "secagg", "secagg_dp")
 
 
 def privacy_mode(cfg: FedLoraConfig) -> str:
-    """The effective privacy mode: ``auto`` is secagg on tree topologies and none on flat."""
+    """The effective privacy mode. ``auto`` is secagg on tree topologies whose neighbourhood
+    cells can hold a secure session (at least 2 clients per neighbourhood on average), and
+    none on flat or on trees too sparse for one (a cell of 1 cannot hide its client's update,
+    so it would never be aggregated)."""
     if cfg.privacy.mode == "auto":
-        return "none" if cfg.topology.kind == "flat" else "secagg"
+        t = cfg.topology
+        sparse = cfg.federation.num_clients < 2 * t.suburban_cells * t.neighbourhoods_per_suburban
+        return "none" if t.kind == "flat" or sparse else "secagg"
     return cfg.privacy.mode
 
 
