@@ -28,7 +28,6 @@ from clients.edge import EdgeError, Spool
 from fedlora import protocol
 from server.edge import check_result, decode_result
 
-BIN = Path(sys.executable).parent
 OVERRIDES = [
     "model=tiny",
     "topology=small6g",
@@ -268,16 +267,6 @@ def test_spool_relay_gives_up_on_a_dead_or_slow_service(tmp_path):
 
 
 # --- the processes ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    e = dict(os.environ)
-    e["FEDLORA_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    e["FLWR_TELEMETRY_ENABLED"] = "0"
-    e["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
-    return e
 
 
 @pytest.fixture(scope="module")

@@ -39,17 +39,6 @@ OVERRIDES = [
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    e = dict(os.environ)
-    e["FEDLORA_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    e["FLWR_TELEMETRY_ENABLED"] = "0"
-    e["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    # `flwr run` launches `flower-superlink` by name: the venv's bin must be on PATH.
-    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
-    return e
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory, env):
     """The same federation run in-process, without Flower."""
     os.environ["FEDLORA_CACHE"] = env["FEDLORA_CACHE"]
