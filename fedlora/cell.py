@@ -222,11 +222,8 @@ def run_cells(requests: list[CellRequest], transport: Transport, *, late: LateCa
 def _train(requests: list[CellRequest], transport: Transport, server_round: int, on_reply: ReplyCallback
            ) -> dict[int, ClientReply]:
     """Every cell's clients asked to train; cells starting from the same adapter in one exchange."""
-    groups: dict[int, list[CellRequest]] = {}
-    for r in requests:
-        groups.setdefault(id(r.arrays), []).append(r)
     replies: dict[int, ClientReply] = {}
-    for group in groups.values():
+    for group in _same_start(requests):
         clients = sorted(c for r in group for c in r.clients)
         if not clients:
             continue
@@ -236,15 +233,20 @@ def _train(requests: list[CellRequest], transport: Transport, server_round: int,
     return replies
 
 
+def _same_start(requests: list[CellRequest]) -> list[list[CellRequest]]:
+    """Cells grouped by the adapter object they start from (one message batch per group)."""
+    groups: dict[int, list[CellRequest]] = {}
+    for r in requests:
+        groups.setdefault(id(r.arrays), []).append(r)
+    return list(groups.values())
+
+
 def _secure_results(requests, transport, server_round, late, on_reply, keys) -> list[CellResult]:
     from fedlora.secure.rounds import STAGES, run_secure_cells
 
     def exchange(stage: str, reqs: list[CellRequest], payloads: dict[int, bytes]) -> dict[int, ClientReply]:
         out: dict[int, ClientReply] = {}
-        groups: dict[int, list[CellRequest]] = {}
-        for r in reqs:
-            groups.setdefault(id(r.arrays), []).append(r)
-        for group in groups.values():
+        for group in _same_start(reqs):
             sent = {c: payloads[c] for r in group for c in r.clients if c in payloads}
             if not sent:
                 continue

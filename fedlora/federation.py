@@ -77,40 +77,42 @@ class InProcessTransport:
         self.device_state: dict[int, tuple[str, bytes]] = {}  # each client's own secure-session state
 
     def exchange(self, server_round, stage, payloads, arrays, settings, on_reply):
-        replies = []
-        for cid in sorted(payloads):
-            try:
-                data, self.device_state[cid], metrics = secure_step(stage, payloads[cid], self.device_state.get(cid),
-                                                                    settings, arrays, cid)
-                reply = ClientReply(cid, data, metrics, bytes_up=len(data))
-            except Exception as exc:  # a failing client is a dropped client, not a failed run
-                reply = ClientReply(cid, error=f"{type(exc).__name__}: {exc}")
-            if self.stage_fault is not None:
-                reply = self.stage_fault(server_round, stage, reply)
-                if reply is None:
-                    continue
-            on_reply(reply)
-            replies.append(reply)
-        return replies
+        def step(cid: int) -> ClientReply:
+            data, self.device_state[cid], metrics = secure_step(stage, payloads[cid], self.device_state.get(cid),
+                                                                settings, arrays, cid)
+            return ClientReply(cid, data, metrics, bytes_up=len(data))
+
+        fault = None if self.stage_fault is None else (lambda reply: self.stage_fault(server_round, stage, reply))
+        return _each(sorted(payloads), step, fault, on_reply)
 
     def clients(self) -> list[int]:
         return list(range(self.num_clients))
 
     def train(self, server_round, clients, arrays, settings, on_reply):
-        replies = []
-        for cid in clients:
-            try:
-                delta, metrics = train_round(settings, arrays, cid)
-                reply = ClientReply(cid, delta, metrics, bytes_up=adapters.nbytes(delta))
-            except Exception as exc:  # a failing client is a dropped client, not a failed run
-                reply = ClientReply(cid, error=f"{type(exc).__name__}: {exc}")
-            if self.fault is not None:
-                reply = self.fault(server_round, reply)
-                if reply is None:
-                    continue
-            on_reply(reply)
-            replies.append(reply)
-        return replies
+        def step(cid: int) -> ClientReply:
+            delta, metrics = train_round(settings, arrays, cid)
+            return ClientReply(cid, delta, metrics, bytes_up=adapters.nbytes(delta))
+
+        fault = None if self.fault is None else (lambda reply: self.fault(server_round, reply))
+        return _each(clients, step, fault, on_reply)
+
+
+def _each(clients: list[int], step: Callable[[int], ClientReply], fault, on_reply: ReplyCallback) -> list[ClientReply]:
+    """Run ``step`` for each client in turn; a raising client becomes an error reply; ``fault``
+    (tests) may replace or drop (None) a reply before it is reported."""
+    replies = []
+    for cid in clients:
+        try:
+            reply = step(cid)
+        except Exception as exc:  # a failing client is a dropped client, not a failed run
+            reply = ClientReply(cid, error=f"{type(exc).__name__}: {exc}")
+        if fault is not None:
+            reply = fault(reply)
+            if reply is None:
+                continue
+        on_reply(reply)
+        replies.append(reply)
+    return replies
 
 
 def sample_clients(available: list[int], fed: FederationConfig, seed: int, server_round: int) -> list[int]:
