@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import pytest
 from fedlora.config import compose
 from fedlora.deploy import commands, pki
 from fedlora.deploy.plan import DeploySettings, write_plan
+from server.deploy import ProcessGroup
 
 pytestmark = pytest.mark.flower
 
@@ -62,35 +62,6 @@ def _free_run(n: int) -> int:
     raise RuntimeError("no free port range")
 
 
-class Procs:
-    def __init__(self, env):
-        self.env = env
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, argv, cwd, log: Path) -> subprocess.Popen:
-        proc = subprocess.Popen(argv, cwd=cwd, env=self.env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        self.procs.append(proc)
-        return proc
-
-    def stop_all(self):
-        for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.time() + 10
-        for proc in self.procs:
-            try:
-                proc.wait(max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        for proc in self.procs:  # children (SuperExec) left in a group
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
 @pytest.fixture
 def deployment(tmp_path):
     cfg = compose(["model=tiny", "topology.suburban_cells=1", "topology.neighbourhoods_per_suburban=1",
@@ -101,11 +72,8 @@ def deployment(tmp_path):
     nodes = write_plan(cfg, out, DeploySettings(base_port=base, runtime_port_base=runtime))
     assert sorted(nodes) == ["cloud", "edge-neighbourhood-0-0", "end-0", "end-1"]
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONUNBUFFERED="1")
-    procs = Procs(env)
-    try:
-        yield out, base, runtime, procs
-    finally:
-        procs.stop_all()
+    with ProcessGroup(tmp_path / "logs") as procs:  # stops every process and its descendants
+        yield out, base, runtime, procs, env
 
 
 EDGE = "edge-neighbourhood-0-0"
@@ -132,9 +100,9 @@ def _wait(pred, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def _start_superlink(procs, folder: Path, address: str, tmp_path) -> None:
-    superlink = procs.start(["sh", "start.sh", "superlink"], folder, tmp_path / f"{folder.name}-superlink.out")
-    env = dict(procs.env, FLWR_HOME=str(folder / "flwr"))
+def _start_superlink(procs: ProcessGroup, env, folder: Path, address: str) -> None:
+    superlink = procs.start(f"{folder.name}-superlink", ["sh", "start.sh", "superlink"], env, folder)
+    env = dict(env, FLWR_HOME=str(folder / "flwr"))
 
     def up():
         assert superlink.poll() is None, (folder / "logs" / "superlink.log").read_text()[-3000:]
@@ -155,31 +123,30 @@ def _register(folder: Path, env, names: list[str]) -> None:
 
 
 def test_tls_and_supernode_auth_on_loopback(deployment, tmp_path):
-    out, base, runtime, procs = deployment
-    env = procs.env
+    out, base, runtime, procs, env = deployment
     cloud, edge = out / "cloud", out / EDGE
-    _start_superlink(procs, cloud, f"127.0.0.1:{base}", tmp_path)
-    _start_superlink(procs, edge, f"127.0.0.1:{base + 1}", tmp_path)
+    _start_superlink(procs, env, cloud, f"127.0.0.1:{base}")
+    _start_superlink(procs, env, edge, f"127.0.0.1:{base + 1}")
     _register(cloud, env, [EDGE])
     _register(edge, env, ["end-0", "end-1"])
 
     # 1. The planned SuperNodes (registered key + CA certificate) join: edge -> cloud, end-0 -> edge.
-    edge_up = procs.start(["sh", "start.sh", "supernode"], edge, tmp_path / "edge-supernode.out")
-    end0 = procs.start(["sh", "start.sh", "supernode"], out / "end-0", tmp_path / "end0.out")
+    edge_up = procs.start("edge-supernode", ["sh", "start.sh", "supernode"], env, edge)
+    end0 = procs.start("end0", ["sh", "start.sh", "supernode"], env, out / "end-0")
     _wait(lambda: _online(cloud, env), 60, "the edge's SuperNode to come online at the cloud")
     online = _wait(lambda: _online(edge, env), 60, "end-0 to come online at the edge")
     assert len(online) == 1 and end0.poll() is None and edge_up.poll() is None
     assert "Activated node_id=" in (edge / "logs" / "superlink.log").read_text()
 
     def refused(argv, name) -> str:
-        proc = procs.start(argv + ["--max-retries", "2", "--max-wait-time", "15"], out / "end-1", tmp_path / f"{name}.out")
+        proc = procs.start(name, argv + ["--max-retries", "2", "--max-wait-time", "15"], env, out / "end-1")
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             pytest.fail(f"{name}: SuperNode still running after 60 s; it should have been refused")
         assert proc.returncode != 0, f"{name} exited 0"
         assert _online(edge, env) == online, f"{name} came online"
-        return (tmp_path / f"{name}.out").read_text(errors="replace")
+        return (procs.log_dir / f"{name}.log").read_text(errors="replace")
 
     address = f"127.0.0.1:{base + 1}"
     # 2. A SuperNode whose key is not registered is refused by the SuperLink.
@@ -202,5 +169,5 @@ def test_tls_and_supernode_auth_on_loopback(deployment, tmp_path):
     assert "CERTIFICATE_VERIFY_FAILED" in log, log[-3000:]
 
     # 5. The same registered key WITH the CA certificate joins (the refusals were not about the key).
-    procs.start(["sh", "start.sh", "supernode"], out / "end-1", tmp_path / "end1.out")
+    procs.start("end1", ["sh", "start.sh", "supernode"], env, out / "end-1")
     _wait(lambda: len(_online(edge, env)) == 2, 60, "end-1 to come online")
