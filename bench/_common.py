@@ -159,6 +159,12 @@ def code_version() -> dict[str, Any]:
             "dirty": git("status", "--short", "--", "fedlora", "server", "clients", "conf").splitlines()}
 
 
+def provenance(benchmark: str, info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The head of every result JSON: which benchmark, the command, the machine, the code measured."""
+    return {"benchmark": benchmark, "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "machine": info if info is not None else machine(), "code": code_version()}
+
+
 def require_medical(path: str) -> str:
     """``path`` as an absolute path, or exit with a clear message when it is missing."""
     p = Path(path).expanduser()

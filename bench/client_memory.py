@@ -69,7 +69,7 @@ from _common import (  # noqa: E402
     REPO,
     RESULTS,
     bench_lock,
-    code_version,
+    provenance,
     cpu_seconds,
     machine,
     maxrss_mib,
@@ -407,10 +407,7 @@ def main() -> None:
         info["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
 
     record = {
-        "benchmark": "client_memory",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": info,
-        "code": code_version(),
+        **provenance("client_memory", info),
         "settings": settings,
         "results": results,
     }

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_LOCK, RESULTS, bench_lock, code_version, machine, table, write_json  # noqa: E402
+from _common import DEFAULT_LOCK, RESULTS, bench_lock, machine, provenance, table, write_json  # noqa: E402
 
 
 def overrides(args: argparse.Namespace) -> list[str]:
@@ -142,7 +142,7 @@ def main() -> None:
     print(f"tiers ready {dep['tiers_ready_s']:.1f}s; `fedlora cloud` before round 1 {dep['before_round_1_s']:.1f}s "
           f"(in-process total {inprocess_total:.1f}s); max |adapter difference| {max_diff:.2e}")
     out = write_json(args.out, {
-        "benchmark": "edge_processes", "machine": info, "code": code_version(), "overrides": used,
+        **provenance("edge_processes", info), "overrides": used,
         "inprocess": {"total_s": inprocess_total, "rounds": [{"round": q["round"], "wall_s": q["wall_s"]} for q in ref]},
         "deployment": {**{k: v for k, v in dep.items() if k != "rounds"},
                        "rounds": [{"round": r["round"], "wall_s": r["wall_s"], "client_train_s": r["client_train_s"],

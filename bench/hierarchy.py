@@ -77,7 +77,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_LOCK, RESULTS, bench_lock, machine, table, write_json  # noqa: E402
+from _common import DEFAULT_LOCK, RESULTS, bench_lock, provenance, table, write_json  # noqa: E402
 
 SMOLLM2_ADAPTER_BYTES = 1_843_200  # 460,800 fp32 LoRA parameters (r=8, q_proj + v_proj, 30 layers)
 MB = 1e6
@@ -321,9 +321,7 @@ def cmd_backhaul(args) -> None:
                            "netsim adapters/round", "real ratio", "netsim ratio", "netsim ratio (SmolLM2 B)",
                            "rounds.jsonl == netsim"], digits=2))
     out = write_json(args.out, {
-        "benchmark": "hierarchy.backhaul",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine(),
+        **provenance("hierarchy.backhaul"),
         "adapter_bytes": args.adapter_bytes,
         "fraction": args.fraction,
         "rounds": args.rounds,
@@ -464,9 +462,7 @@ def cmd_roundtime(args) -> None:
     print(table(rows, headers, digits=2))
     png = plot_roundtime(points, Path(args.plot), args)
     out = write_json(args.out, {
-        "benchmark": "hierarchy.roundtime",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine(),
+        **provenance("hierarchy.roundtime"),
         "network_model": "fedlora.netsim: access link per cell shared (processor sharing, max-min fair, device caps); "
                          "access_shared=false rows are the per-message model",
         "adapter_bytes": args.adapter_bytes,

@@ -51,7 +51,7 @@ from _common import (  # noqa: E402
     DEFAULT_LOCK,
     RESULTS,
     bench_lock,
-    code_version,
+    provenance,
     compose_all_available,
     machine,
     table,
@@ -205,10 +205,7 @@ def main() -> None:
               + ("" if st is None else f"steady-state overhead {100 * st['overhead']:.1f}% "
                  f"({st['overhead_s_per_client']:.2f}s per client update) -> {verdict} the < {100 * AIM:.0f}% aim"))
     out = write_json(args.out, {
-        "benchmark": "overhead",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": info,
-        "code": code_version(),
+        **provenance("overhead", info),
         "overrides": used,
         "config": to_dict(cfg),
         "aim": AIM,

@@ -62,7 +62,7 @@ from _common import (  # noqa: E402
     MEDICAL,
     RESULTS,
     bench_lock,
-    code_version,
+    provenance,
     compose_all_available,
     machine,
     require_medical,
@@ -151,10 +151,7 @@ def main() -> None:
     freeze_a = cfg.strategy.name == "ffa_lora"
     info = machine()
     out: dict = {
-        "benchmark": "quality",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": info,
-        "code": code_version(),
+        **provenance("quality", info),
         "overrides": used,
         "config": to_dict(cfg),
         "aim": AIM,

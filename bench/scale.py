@@ -79,7 +79,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_LOCK, REPO, RESULTS, bench_lock, machine, table, write_json  # noqa: E402
+from _common import DEFAULT_LOCK, REPO, RESULTS, bench_lock, machine, provenance, table, write_json  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -608,9 +608,7 @@ def main() -> None:
 
     print_report(results, args)
     out = write_json(args.out, {
-        "benchmark": "scale",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": info,
+        **provenance("scale", info),
         "model": args.model,
         "per_round": args.per_round,
         "rounds": args.rounds,
