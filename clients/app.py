@@ -7,7 +7,22 @@ All the work is :func:`fedlora.device.train_round`, and under ``privacy=secagg``
 node's ``context.state``, since a SuperNode starts a new ClientApp process per message).
 A SuperNode whose node config says ``role="edge"`` is an edge aggregator, not a device: its
 messages go to ``clients/edge.py``.
+
+A device started from a deployment plan (``fedlora client --config FOLDER``,
+``clients/launcher.py``) also has in its node config:
+
+- ``node-dir``: its folder -- its own Ed25519 key and the plan's registry for secure
+  aggregation (never keys derived from the seed);
+- ``device-settings``: how this device trains (:data:`fedlora.device.LOCAL_KEYS`, picked
+  from its memory by the launcher), and ``data-file``: its own examples, if any;
+- ``audit-dir``: when set, a copy of every reply this device sends is written there
+  (what leaves the device, for its owner to inspect; :func:`audit`).
 """
+
+import base64
+import json
+import time
+from pathlib import Path
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -34,7 +49,41 @@ def identify(msg: Message, context: Context) -> Message:
     if is_edge(context.node_config):
         return edge_identity(msg, context.node_config)
     record = ConfigRecord({protocol.CLIENT_ID_KEY: _client_id(context)})
-    return Message(RecordDict({protocol.IDENTITY: record}), reply_to=msg)
+    return audit(context, Message(RecordDict({protocol.IDENTITY: record}), reply_to=msg), "identify")
+
+
+def _deployed(context: Context):
+    """(identities, device-local settings) of a device started from a plan folder, else (None, None)."""
+    node_dir = str(context.node_config.get("node-dir", "") or "")
+    if not node_dir:
+        return None, None
+    from fedlora.device import DeviceLocal
+    from fedlora.secure.identities import PlannedIdentities
+
+    local = DeviceLocal.parse(str(context.node_config.get("device-settings", "") or ""),
+                              str(context.node_config.get("data-file", "") or ""))
+    return PlannedIdentities.from_folder(node_dir), local
+
+
+def audit(context: Context, reply: Message, what: str) -> Message:
+    """Keep a copy of ``reply``'s content in the node's ``audit-dir`` (if set): every record,
+    arrays as dtype/shape/base64 bytes, bytes values as base64."""
+    folder = str(context.node_config.get("audit-dir", "") or "")
+    if not folder:
+        return reply
+    doc = {"what": what, "run": int(context.run_id), "records": {}}
+    for name, record in reply.content.items():
+        if isinstance(record, ArrayRecord):
+            items = {k: {"dtype": str(a.numpy().dtype), "shape": list(a.numpy().shape),
+                         "b64": base64.b64encode(a.numpy().tobytes()).decode()} for k, a in record.items()}
+            doc["records"][name] = {"kind": "arrays", "items": items}
+        else:
+            items = {k: {"b64": base64.b64encode(bytes(v)).decode()} if isinstance(v, bytes) else v for k, v in record.items()}
+            doc["records"][name] = {"kind": type(record).__name__, "items": items}
+    path = Path(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / f"{time.time_ns()}-{what}.json").write_text(json.dumps(doc))
+    return reply
 
 
 @app.train()
@@ -45,14 +94,15 @@ def train(msg: Message, context: Context) -> Message:
 
     settings = protocol.decode_settings(str(msg.content[protocol.SETTINGS][protocol.SETTINGS_KEY]))
     global_state = {k: a.numpy() for k, a in msg.content[protocol.ADAPTER].items()}
-    delta, metrics = train_round(settings, global_state, _client_id(context))
+    _, local = _deployed(context)
+    delta, metrics = train_round(settings, global_state, _client_id(context), local=local)
     content = RecordDict(
         {
             protocol.ADAPTER: ArrayRecord({k: Array(v) for k, v in delta.items()}),
             protocol.METRICS: MetricRecord({k: float(v) for k, v in metrics.items()}),
         }
     )
-    return Message(content, reply_to=msg)
+    return audit(context, Message(content, reply_to=msg), "train")
 
 
 @app.train(protocol.SECAGG)
@@ -67,9 +117,12 @@ def secagg(msg: Message, context: Context) -> Message:
     arrays = {k: a.numpy() for k, a in msg.content[protocol.ADAPTER].items()} if protocol.ADAPTER in msg.content else None
     kept = context.state.get(protocol.SECAGG_STATE)
     stored = (str(kept["session"]), bytes(kept["state"])) if kept is not None else None
-    reply, (session, state), metrics = secure_step(str(request[protocol.STAGE_KEY]), bytes(request[protocol.PAYLOAD_KEY]),
-                                                   stored, settings, arrays, _client_id(context), run=context.run_id)
+    identities, local = _deployed(context)
+    stage = str(request[protocol.STAGE_KEY])
+    reply, (session, state), metrics = secure_step(stage, bytes(request[protocol.PAYLOAD_KEY]), stored, settings, arrays,
+                                                   _client_id(context), run=context.run_id, identities=identities,
+                                                   local=local)
     context.state[protocol.SECAGG_STATE] = ConfigRecord({"session": session, "state": state})
     content = RecordDict({protocol.SECAGG: ConfigRecord({protocol.REPLY_KEY: reply}),
                           protocol.METRICS: MetricRecord({k: float(v) for k, v in metrics.items()})})
-    return Message(content, reply_to=msg)
+    return audit(context, Message(content, reply_to=msg), f"secagg-{stage}")

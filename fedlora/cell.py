@@ -181,13 +181,15 @@ class AggregatorKeys:
     cloud_key: bytes
 
     @classmethod
-    def simulated(cls, seed: int) -> AggregatorKeys:
-        """SIMULATION-STYLE keys derived from the run seed (``simulated_identity``), as the
-        devices derive theirs; used in-process and by edge processes until the deployment
-        plan's keys are wired (issue 5)."""
-        from fedlora.secure.rounds import CLOUD_ID, simulated_identity
+    def of(cls, identities, *, cloud: bool = False) -> AggregatorKeys:
+        """From a :class:`fedlora.secure.identities.Identities`: a deployed edge's own key, or
+        (``cloud=True``) the keys of the cells the cloud aggregates itself (in-process)."""
+        from fedlora.secure.rounds import CLOUD_ID
 
-        return cls(lambda aid: simulated_identity(seed, aid), simulated_identity(seed, CLOUD_ID).public_bytes)
+        cloud_key = identities.public(CLOUD_ID)
+        if cloud_key is None:
+            raise ValueError("the registry has no key for the cloud")
+        return cls(identities.local if cloud else identities.own, cloud_key)
 
 
 def run_cell(request: CellRequest, transport: Transport, *, late: LateCallback | None = None,

@@ -133,6 +133,9 @@ class FederationConfig:
     rounds: int = 3
     # Seconds the server waits for replies in a round before going on without the rest.
     round_timeout_s: float = 900.0
+    # Seconds the cloud waits after a round before starting the next (a deployment's window to
+    # restart or update an edge, or to let devices charge); 0: straight on.
+    round_pause_s: float = 0.0
 
 
 @dataclass
@@ -454,6 +457,8 @@ def validate(cfg: FedLoraConfig) -> None:
     _positive("federation.rounds", f.rounds)
     _positive("federation.min_clients", f.min_clients)
     _positive("federation.round_timeout_s", f.round_timeout_s)
+    if f.round_pause_s < 0:
+        raise ConfigError(f"federation.round_pause_s={f.round_pause_s} must be >= 0")
     if not 0 < f.fraction <= 1:
         raise ConfigError(f"federation.fraction={f.fraction} must be in (0, 1]")
     if f.min_clients > f.num_clients:

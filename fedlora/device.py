@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +21,9 @@ from fedlora.dp import clip_update
 from fedlora.data import client_examples, tokenize
 from fedlora.model import load_base_model, wrap_lora
 from fedlora.train import train_local
+
+if TYPE_CHECKING:
+    from fedlora.secure.identities import Identities
 
 _peft: dict[str, Any] = {}  # the one LoRA-wrapped model of this process, with its key
 _tokenized: dict[tuple, list[dict]] = {}
@@ -55,12 +59,62 @@ def initial_adapter(cfg: FedLoraConfig, *, freeze_a: bool) -> AdapterState:
     return {k: v.copy() for k, v in _peft["init"].items()}
 
 
-def local_training_set(cfg: FedLoraConfig, partition_id: int, tokenizer) -> list[dict]:
-    key = (json.dumps(to_dict(cfg)["data"], sort_keys=True), partition_id, cfg.federation.num_clients, cfg.seed, cfg.train.max_seq_len)
+def local_training_set(cfg: FedLoraConfig, partition_id: int, tokenizer, num_partitions: int | None = None) -> list[dict]:
+    """This client's tokenized training examples: partition ``partition_id`` of the config's
+    data split ``num_partitions`` ways (default ``federation.num_clients``)."""
+    n = cfg.federation.num_clients if num_partitions is None else num_partitions
+    key = (json.dumps(to_dict(cfg)["data"], sort_keys=True), partition_id, n, cfg.seed, cfg.train.max_seq_len)
     if key not in _tokenized:
-        train, _ = client_examples(cfg.data, partition_id, cfg.federation.num_clients, cfg.seed)
+        train, _ = client_examples(cfg.data, partition_id, n, cfg.seed)
         _tokenized[key] = tokenize(train, tokenizer, cfg.train.max_seq_len)
     return _tokenized[key]
+
+
+# What a deployed device may set for itself (``fedlora client`` picks them from its memory,
+# fedlora/deploy/device.py): HOW it trains, never WHAT it trains (model, LoRA shape, steps,
+# learning rate stay the federation's, so every update has the same shape and meaning).
+LOCAL_KEYS = {"model.dtype": str, "train.gradient_checkpointing": bool, "train.batch_size": int,
+              "train.grad_accum": int, "train.max_seq_len": int}
+
+
+@dataclass(frozen=True)
+class DeviceLocal:
+    """A deployed device's own settings: ``overrides`` of :data:`LOCAL_KEYS`, and its own
+    data file (all of it is this device's; empty: the federation's partition, for demos)."""
+
+    overrides: tuple[tuple[str, Any], ...] = ()
+    data_file: str = ""
+
+    @classmethod
+    def parse(cls, text: str, data_file: str = "") -> DeviceLocal:
+        """From ``"model.dtype=bfloat16 train.batch_size=2"`` (a SuperNode's node config)."""
+        out = []
+        for item in text.split():
+            key, sep, value = item.partition("=")
+            if not sep or key not in LOCAL_KEYS:
+                raise ValueError(f"device setting {item!r}: only {', '.join(sorted(LOCAL_KEYS))} may be set per device")
+            kind = LOCAL_KEYS[key]
+            if kind is bool:
+                if value.lower() not in ("true", "false"):
+                    raise ValueError(f"device setting {item!r}: expected true or false")
+                out.append((key, value.lower() == "true"))
+            elif kind is int:
+                if not value.isdigit() or int(value) < 1:
+                    raise ValueError(f"device setting {item!r}: expected a positive integer")
+                out.append((key, int(value)))
+            else:
+                out.append((key, value))
+        return cls(tuple(out), data_file)
+
+    def apply(self, config: dict) -> dict:
+        """The federation's config (a plain dict) with this device's settings."""
+        config = json.loads(json.dumps(config))
+        for key, value in self.overrides:
+            section, name = key.split(".")
+            config[section][name] = value
+        if self.data_file:
+            config["data"].update(source="file", path=self.data_file, partitioner="iid", partition_by="")
+        return config
 
 
 def round_settings(cfg: FedLoraConfig, server_round: int, client_settings: dict[str, Any]) -> dict[str, Any]:
@@ -68,13 +122,16 @@ def round_settings(cfg: FedLoraConfig, server_round: int, client_settings: dict[
     return {"config": to_dict(cfg), "round": server_round, **client_settings}
 
 
-def train_round(settings: dict[str, Any], global_state: AdapterState, partition_id: int) -> tuple[AdapterState, dict[str, float]]:
+def train_round(settings: dict[str, Any], global_state: AdapterState, partition_id: int, *,
+                local: DeviceLocal | None = None) -> tuple[AdapterState, dict[str, float]]:
     """Train on this device's private data from the global adapter; return (delta, metrics).
+
+    ``local``: a deployed device's own settings and data file (:class:`DeviceLocal`).
 
     The delta covers the trainable LoRA tensors only (B alone under FFA-LoRA). Metrics
     carry the example count (the aggregation weight), the mean training loss and timings.
     """
-    cfg = to_typed(settings["config"])
+    cfg = to_typed(local.apply(settings["config"]) if local is not None else settings["config"])
     freeze_a = bool(settings.get("freeze_a", False))
     model, tokenizer = lora_model(cfg, freeze_a=freeze_a)
     threads = cfg.simulation.threads_per_client or cfg.simulation.cpus_per_client
@@ -84,7 +141,8 @@ def train_round(settings: dict[str, Any], global_state: AdapterState, partition_
     adapters.set_state(model, _peft["init"])
     adapters.set_state(model, global_state)
     start = adapters.get_state(model, trainable_only=True)
-    tokenized = local_training_set(cfg, partition_id, tokenizer)
+    own_file = local is not None and bool(local.data_file)  # all of the device's own file is its data
+    tokenized = local_training_set(cfg, 0, tokenizer, 1) if own_file else local_training_set(cfg, partition_id, tokenizer)
     result = train_local(
         model,
         tokenized,
@@ -119,7 +177,8 @@ def secure_session(run: object, settings: dict[str, Any]) -> str:
 
 
 def secure_step(stage: str, payload: bytes, stored: tuple[str, bytes] | None, settings: dict[str, Any],
-                global_state: AdapterState | None, partition_id: int, *, run: object = "local"
+                global_state: AdapterState | None, partition_id: int, *, run: object = "local",
+                identities: Identities | None = None, local: DeviceLocal | None = None,
                 ) -> tuple[bytes, tuple[str, bytes], dict[str, float]]:
     """One secure-aggregation stage on this device: (reply, (session key, state) to keep on
     the device, clear metrics).
@@ -128,10 +187,12 @@ def secure_step(stage: str, payload: bytes, stored: tuple[str, bytes] | None, se
     whatever ``stored`` holds; later stages need the state the previous stage returned for
     the same ``run`` and round (``stored``; a Flower ClientApp keeps it in ``context.state``),
     and raise :class:`StaleSessionState` for a missing or mismatched one.
-    Identity: SIMULATION ONLY, derived from the run seed (``fedlora.secure.rounds.simulated_identity``);
-    a deployment loads the device's own Ed25519 key here instead (issue 5).
+    ``identities``: this device's key, the cloud's public key and secret randomness; default
+    derived from the run seed (SIMULATION ONLY); a deployed device passes its node folder's
+    (:class:`~fedlora.secure.identities.PlannedIdentities`).
     """
-    from fedlora.secure.rounds import CLOUD_ID, STAGES, client_step, device_id, simulated_identity, simulated_rng
+    from fedlora.secure.identities import SimulatedIdentities
+    from fedlora.secure.rounds import CLOUD_ID, STAGES, client_step, device_id
 
     session = secure_session(run, settings)
     state = None
@@ -143,11 +204,15 @@ def secure_step(stage: str, payload: bytes, stored: tuple[str, bytes] | None, se
             raise StaleSessionState(f"stage {stage!r} of session {session}, but the state this device holds is "
                                     f"for session {stored[0]}; refusing to reuse it")
         state = stored[1]
-    seed, server_round, me = int(settings["config"]["seed"]), int(settings["round"]), device_id(partition_id)
-    reply, state, metrics = client_step(stage, payload, state, identity=simulated_identity(seed, me),
-                                        cloud_key=simulated_identity(seed, CLOUD_ID).public_bytes,
-                                        rng=simulated_rng(seed, "device", me, server_round, stage),
-                                        train=lambda: private_update(*train_round(settings, global_state, partition_id),
+    server_round, me = int(settings["round"]), device_id(partition_id)
+    ids = identities or SimulatedIdentities(int(settings["config"]["seed"]))
+    cloud_key = ids.public(CLOUD_ID)
+    if cloud_key is None:
+        raise ValueError("this device's registry has no key for the cloud")
+    reply, state, metrics = client_step(stage, payload, state, identity=ids.own(me), cloud_key=cloud_key,
+                                        rng=ids.rng("device", me, server_round, stage),
+                                        train=lambda: private_update(*train_round(settings, global_state, partition_id,
+                                                                                  local=local),
                                                                      to_typed(settings["config"])),
                                         arrays=global_state)
     return reply, (session, state), metrics

@@ -32,6 +32,7 @@ from fedlora.netsim import simulate_round, unavailable
 from fedlora.topology import CLOUD, CellModels, TreeSums, build_tree, merge_up
 from fedlora.progress import Progress
 from fedlora.secure.encoding import EncodingConfig
+from fedlora.secure.identities import Identities, SimulatedIdentities
 from fedlora.secure.rounds import LOSS_KEY, SecureRound, SecureSettings, secure_layout
 from fedlora.train import evaluate
 
@@ -70,16 +71,19 @@ class InProcessTransport:
     """Runs every client in this process, one after another (tests, debugging)."""
 
     def __init__(self, num_clients: int, fault: Callable[[int, ClientReply], ClientReply] | None = None,
-                 stage_fault: Callable[[int, str, ClientReply], ClientReply | None] | None = None):
+                 stage_fault: Callable[[int, str, ClientReply], ClientReply | None] | None = None,
+                 identities: Callable[[int], Identities] | None = None):
         self.num_clients = num_clients
+        self.identities = identities  # client -> its keys (default: derived from the seed)
         self.fault = fault  # lets tests corrupt or drop replies
         self.stage_fault = stage_fault  # the same for secure-aggregation stages
         self.device_state: dict[int, tuple[str, bytes]] = {}  # each client's own secure-session state
 
     def exchange(self, server_round, stage, payloads, arrays, settings, on_reply):
         def step(cid: int) -> ClientReply:
+            ids = self.identities(cid) if self.identities is not None else None
             data, self.device_state[cid], metrics = secure_step(stage, payloads[cid], self.device_state.get(cid),
-                                                                settings, arrays, cid)
+                                                                settings, arrays, cid, identities=ids)
             return ClientReply(cid, data, metrics, bytes_up=len(data))
 
         fault = None if self.stage_fault is None else (lambda reply: self.stage_fault(server_round, stage, reply))
@@ -130,14 +134,18 @@ def run_federation(
     resume: bool = False,
     progress: Progress | None = None,
     runner: CellRunner | None = None,
+    identities: Identities | None = None,
 ) -> dict:
     """Run (or resume) the configured rounds; fill ``run_dir``; return the summary.
 
     ``transport`` names the clients that can train; ``runner`` runs each round's cells
-    (default: :class:`LocalCellRunner` over ``transport``, in this process).
+    (default: :class:`LocalCellRunner` over ``transport``, in this process);
+    ``identities``: the secure rounds' keys (default: derived from the seed, simulation only;
+    a deployed cloud passes the plan's, :class:`~fedlora.secure.identities.PlannedIdentities`).
     """
     run_dir = Path(run_dir)
     runner = runner or LocalCellRunner(transport)
+    identities = identities or SimulatedIdentities(cfg.seed)
     run_id = run_dir.resolve().name
     progress = progress or Progress()
     started = time.perf_counter()
@@ -228,10 +236,10 @@ def run_federation(
         groups = _cell_groups(training, cell_of, cells, sent, trainable, hierfavg)
         sr, refused, keys = None, {}, None
         if secure is not None:
-            sr = SecureRound(seed=cfg.seed, run_id=run_id, server_round=server_round, clients=available,
+            sr = SecureRound(identities=identities, run_id=run_id, server_round=server_round, clients=available,
                              cells_above={cell: tree.cells[cell].parent or CLOUD for cell, _, _ in groups},
                              settings=secure, layout=secure_layout(expected))
-            keys = AggregatorKeys.simulated(cfg.seed)
+            keys = AggregatorKeys.of(identities, cloud=True)
         requests = []
         for cell, group, start in groups:
             data = sr.cell(cell, group, start) if sr is not None else None
@@ -299,6 +307,9 @@ def run_federation(
         _checkpoint(run_dir, server_round, global_state, strategy, base_loss, wall_before + time.perf_counter() - started, cells,
                     dp)
         progress.end_round(record)
+        if cfg.federation.round_pause_s > 0 and server_round < cfg.federation.rounds:
+            progress.note(f"next round in {cfg.federation.round_pause_s:.0f}s (federation.round_pause_s)")
+            time.sleep(cfg.federation.round_pause_s)
 
     adapters.export_peft(model, global_state, run_dir / "adapter", resolve_model_dir(cfg.model))
     report.plot(run_dir, base_loss, tree=tree)

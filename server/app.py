@@ -9,7 +9,9 @@ Run config keys (pyproject ``[tool.flwr.app.config]``, or ``--run-config``):
   deployment without edges), ``"cloud"`` (this SuperLink's SuperNodes are edge aggregators,
   one per neighbourhood cell: ``server/edge.py``), or ``"edge"`` (the long-lived service of
   one edge on its own SuperLink; also needs ``cell`` and ``spool``). ``fedlora cloud|edge``
-  set these (``server/deploy.py``).
+  set these (``server/deploy.py``);
+- ``node-dir``: the cloud's or edge's folder of a deployment plan (``fedlora cloud|edge
+  --config``): secure aggregation then uses the plan's registry and this machine's own key.
 """
 
 from __future__ import annotations
@@ -57,12 +59,13 @@ def main(grid: Grid, context: Context) -> None:
     _ensure_console_log()
     run_config = dict(context.run_config)
     mode = str(run_config.get("mode", "") or "")
+    node_dir = str(run_config.get("node-dir", "") or "")
     if mode not in MODES:
         raise ValueError(f"run config mode={mode!r} is not one of: {', '.join(repr(m) for m in MODES)}")
     if mode == "edge":
         from server.edge import serve
 
-        serve(grid, str(run_config.get("cell", "")), str(run_config.get("spool", "")))
+        serve(grid, str(run_config.get("cell", "")), str(run_config.get("spool", "")), node_dir=node_dir)
         return
     cfg, run_dir, resume = settings_from_run_config(run_config)
     runner = None
@@ -76,6 +79,11 @@ def main(grid: Grid, context: Context) -> None:
         transport = FlowerTransport(grid, expected_clients=cfg.federation.num_clients, timeout_s=cfg.federation.round_timeout_s)
     progress = make_progress(cfg.progress)
     try:
-        run_federation(cfg, run_dir, transport, resume=resume, progress=progress, runner=runner)
+        identities = None
+        if node_dir:  # a planned deployment: the plan's registry and the cloud's own key
+            from fedlora.secure.identities import PlannedIdentities
+
+            identities = PlannedIdentities.from_folder(node_dir)
+        run_federation(cfg, run_dir, transport, resume=resume, progress=progress, runner=runner, identities=identities)
     finally:
         progress.close()

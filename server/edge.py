@@ -22,8 +22,9 @@ meet in a *spool* directory on the edge machine:
 Under ``privacy=secagg`` the edge is the cell's neighbourhood aggregator: it runs the cell's
 secure session with its END children (:meth:`ChildTransport.exchange`) and sends up only the
 masked sum and the unmask bundle; the cloud checks their shape (:func:`check_result`) and
-unmasks. Its keys (:meth:`fedlora.cell.AggregatorKeys.simulated`) are derived from the run
-seed in the request, as the devices' are, until the deployment plan's keys are wired (issue 5).
+unmasks. Its keys are its node folder's when it runs from a deployment plan (``fedlora edge
+--config``: its own Ed25519 key, the plan's registry), else derived from the run seed in the
+request, as the devices' are (simulation-style; ``fedlora edge --insecure`` on a lab network).
 
 Which END clients sit under which edge is the topology's (``build_tree`` with the run's
 seed), as in simulation; an END client not connected to the edge it is asked through is
@@ -102,10 +103,19 @@ class ChildTransport(FlowerTransport):
         return replies
 
 
-def serve(grid: Grid, cell: str, spool_dir: str | Path, *, connect_timeout_s: float = FIND_S) -> int:
-    """Run cell requests from the spool until a ``stop`` file appears; return how many ran."""
+def serve(grid: Grid, cell: str, spool_dir: str | Path, *, connect_timeout_s: float = FIND_S, node_dir: str = "") -> int:
+    """Run cell requests from the spool until a ``stop`` file appears; return how many ran.
+
+    ``node_dir``: this edge's folder of a deployment plan; its Ed25519 key and the plan's
+    registry are the secure sessions' keys (else they are derived from each request's seed,
+    simulation-style)."""
     if not cell or not str(spool_dir):
         raise ValueError("mode=edge needs the run config keys cell and spool (fedlora edge sets them)")
+    keys = None
+    if node_dir:
+        from fedlora.secure.identities import PlannedIdentities
+
+        keys = AggregatorKeys.of(PlannedIdentities.from_folder(node_dir))
     spool = Spool(spool_dir)
     # Flower keeps a ServerApp's output to itself (`flwr log`); the edge's own log file:
     handler = logging.FileHandler(spool.root / "service.log")
@@ -124,7 +134,7 @@ def serve(grid: Grid, cell: str, spool_dir: str | Path, *, connect_timeout_s: fl
     threading.Thread(target=heartbeat, name="edge-heartbeat", daemon=True).start()
     served = 0
     try:
-        served = _serve_loop(cell, spool, transport)
+        served = _serve_loop(cell, spool, transport, keys)
     finally:
         done.set()
         (spool.root / "heartbeat").unlink(missing_ok=True)  # waiting relays fail at once
@@ -133,7 +143,7 @@ def serve(grid: Grid, cell: str, spool_dir: str | Path, *, connect_timeout_s: fl
     return served
 
 
-def _serve_loop(cell: str, spool: Spool, transport: ChildTransport) -> int:
+def _serve_loop(cell: str, spool: Spool, transport: ChildTransport, keys: AggregatorKeys | None) -> int:
     served = 0
     while not spool.stopping():
         job = spool.claim()
@@ -144,7 +154,7 @@ def _serve_loop(cell: str, spool: Spool, transport: ChildTransport) -> int:
         t0 = time.perf_counter()
         try:
             request = CellRequest.from_bytes(data)
-            result = run_request(request, cell, transport)
+            result = run_request(request, cell, transport, keys)
         except Exception as exc:  # a bad request fails that request, not the edge
             log.warning("edge %s: request %s failed: %s: %s", cell, key, type(exc).__name__, exc)
             spool.answer(key, error=f"edge {cell}: {type(exc).__name__}: {exc}")
@@ -156,16 +166,18 @@ def _serve_loop(cell: str, spool: Spool, transport: ChildTransport) -> int:
     return served
 
 
-def run_request(request: CellRequest, cell: str, transport: ChildTransport) -> CellResult:
+def run_request(request: CellRequest, cell: str, transport: ChildTransport, keys: AggregatorKeys | None = None) -> CellResult:
+    """One cell round on this edge; ``keys``: the edge's own (deployment), else derived from the seed."""
     if request.cell != cell:
         raise EdgeError(f"asked for cell {request.cell!r}, but this edge aggregates {cell!r}")
     transport.timeout_s = float(request.settings.get("config", {}).get("federation", {}).get("round_timeout_s", 600.0))
     t0 = time.perf_counter()
     transport.find(request.clients, transport.connect_timeout_s)
     t1 = time.perf_counter()
-    keys = None
-    if request.secure is not None:  # this edge is the cell's neighbourhood aggregator: it sees masked inputs only
-        keys = AggregatorKeys.simulated(int(request.settings["config"]["seed"]))
+    if request.secure is not None and keys is None:  # this edge is the cell's aggregator: it sees masked inputs only
+        from fedlora.secure.identities import SimulatedIdentities
+
+        keys = AggregatorKeys.of(SimulatedIdentities(int(request.settings["config"]["seed"])))
     result = run_cell(request, transport, keys=keys)
     if result.secure is not None:
         log.info("edge %s: round %d: secure session %s", cell, request.server_round, result.secure.aborted or "ok")
@@ -183,31 +195,36 @@ class EdgeCellRunner:
     Also the cloud's client list: the END clients the topology places under a connected edge.
     """
 
-    def __init__(self, grid: Grid, tree: CellTree, *, timeout_s: float, connect_timeout_s: float = 120.0):
+    def __init__(self, grid: Grid, tree: CellTree, *, timeout_s: float, connect_timeout_s: float = 120.0,
+                 rejoin_s: float = 60.0):
         self.tree = tree
+        self.rejoin_s = rejoin_s  # each round waits this long for an edge that left to come back
+        self.others: set[int] = set()  # nodes that answered but are no edge of this topology
         self.link = FlowerTransport(grid, expected_clients=0, timeout_s=timeout_s + CLOUD_MARGIN_S,
                                     connect_timeout_s=connect_timeout_s)
         self.grid = grid
         self.round_timeout_s = timeout_s
         self.node_of: dict[str, int] = {}  # neighbourhood cell -> edge SuperNode
 
-    def find_edges(self) -> None:
+    def find_edges(self, wait_s: float | None = None) -> None:
+        """Identify the connected edges; wait up to ``wait_s`` (default the connect timeout)
+        until every neighbourhood cell has one. An edge that left and came back (a restarted
+        edge process, same or new node id) is found again."""
         cells = set(self.tree.tier("neighbourhood"))
         if not cells:
             raise EdgeError("mode=cloud needs a tree topology with neighbourhood cells (topology=small6g or city)")
-        deadline = time.time() + self.link.connect_timeout_s
-        asked: set[int] = set()
+        deadline = time.time() + (self.link.connect_timeout_s if wait_s is None else wait_s)
         while True:
             nodes = set(self.grid.get_node_ids())
             self.node_of = {c: n for c, n in self.node_of.items() if n in nodes}
-            new = sorted(nodes - asked)
-            asked |= set(new)
+            new = sorted(nodes - set(self.node_of.values()) - self.others)
             for node, record in (self.link.identities(new) if new else {}).items():
                 try:
                     role, cell = str(record[protocol.ROLE_KEY]), str(record[protocol.CELL_KEY])
                 except Exception:
                     role, cell = "", ""
                 if role != protocol.EDGE_ROLE or cell not in cells:
+                    self.others.add(node)
                     log.warning("node %d is not an edge of this topology (role %r, cell %r); ignored", node, role, cell)
                 elif cell in self.node_of:
                     log.warning("cell %s claimed by edges %d and %d; keeping the first", cell, self.node_of[cell], node)
@@ -230,6 +247,12 @@ class EdgeCellRunner:
         simulated deadline) does not apply to real processes; ``keys`` (the aggregator's
         secure-session keys) are the edge's own: under privacy=secagg the edge runs the cell's
         secure session and sends up its masked sum and unmask bundle, which the cloud unmasks."""
+        online = set(self.grid.get_node_ids())
+        if any(r.cell not in self.node_of or self.node_of[r.cell] not in online for r in requests):
+            before = dict(self.node_of)
+            self.find_edges(self.rejoin_s)
+            for cell in sorted(set(self.node_of) - set(before)):
+                log.info("round %d: edge of %s (re)joined", requests[0].server_round if requests else 0, cell)
         results: dict[str, CellResult] = {}
         messages, cell_of_node = [], {}
         for request in requests:

@@ -13,6 +13,7 @@ from fedlora.cell import ClientReply
 from fedlora.config import ConfigError, compose
 from fedlora.federation import InProcessTransport, run_federation
 from fedlora.secure.encoding import levels
+from fedlora.secure.identities import SimulatedIdentities
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +162,7 @@ def test_an_unregistered_device_is_refused(tmp_path, cache_dir):
     from fedlora.secure.encoding import EncodingConfig
 
     state = {"w": np.zeros((2, 2), np.float32)}
-    sr = SecureRound(seed=1, run_id="r", server_round=1, clients=[0, 1], cells_above={"n": "cloud"},
+    sr = SecureRound(identities=SimulatedIdentities(1), run_id="r", server_round=1, clients=[0, 1], cells_above={"n": "cloud"},
                      settings=SecureSettings(EncodingConfig(), 0.6, "cloud", "aes128-ctr", 100),
                      layout=secure_layout({"w": (2, 2)}))
     cell = sr.cell("n", [0, 1], state)

@@ -17,10 +17,10 @@ The example count and the training loss travel as masked coordinates of the enco
 update (``LOSS_KEY`` is the loss tensor), so aggregators learn only sums; the training
 time stays in clear for the network model.
 
-Identities: in simulation every key is derived from the run seed (:func:`simulated_identity`;
-SIMULATION ONLY -- anyone who knows the seed can sign as any device). A deployment gives
-:func:`client_step` the device's own Ed25519 key (e.g. from its node folder) and the cloud
-enrols the public halves; nothing else changes.
+Identities and secret randomness come from a :class:`~fedlora.secure.identities.Identities`:
+in simulation derived from the run seed (SIMULATION ONLY -- anyone who knows the seed can
+sign as any device); in a deployment each machine's own Ed25519 key and the plan's registry
+from its node folder, and ``os.urandom`` (:class:`~fedlora.secure.identities.PlannedIdentities`).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from fedlora.secure.aggregator import NeighbourhoodAggregator
 from fedlora.secure.client import CellClient
 from fedlora.secure.encoding import EncodingConfig, TensorLayout, adapter_digest, decode_sum
 from fedlora.secure.errors import CellAborted, RejectedMessage, SecAggError
+from fedlora.secure.identities import Identities
 from fedlora.secure.keys import DeviceRegistry, IdentityKey
 from fedlora.secure.messages import (AdvertiseKeys, CellHeader, CellMask, DeliveredShare, EncryptedShare, MaskedInput,
                                      MaskedSum, Roster, ShareDelivery, ShareKeys, SignedHeader, Stage, UnmaskBundle,
@@ -361,15 +362,18 @@ def threshold_for(n: int, fraction: float, complete_up_to: int) -> int:
 class SecureRound:
     """The cloud's side of one secure round."""
 
-    def __init__(self, *, seed: int, run_id: str, server_round: int, clients: list[int], cells_above: Mapping[str, str],
-                 settings: SecureSettings, layout: TensorLayout):
-        self.seed, self.run_id, self.server_round, self.settings, self.layout = seed, run_id, server_round, settings, layout
-        self.cloud = simulated_identity(seed, CLOUD_ID)
+    def __init__(self, *, identities: Identities, run_id: str, server_round: int, clients: list[int],
+                 cells_above: Mapping[str, str], settings: SecureSettings, layout: TensorLayout):
+        self.ids, self.run_id, self.server_round, self.settings, self.layout = identities, run_id, server_round, settings, layout
+        self.cloud = identities.own(CLOUD_ID)
         self.cells_above = dict(cells_above)  # neighbourhood -> its sub-urban cell ("cloud" when flat)
         keys = {CLOUD_ID: self.cloud.public_bytes}
-        keys.update({device_id(c): simulated_identity(seed, device_id(c)).public_bytes for c in clients})
-        for cell in self.cells_above:
-            keys[aggregator_id(cell)] = simulated_identity(seed, aggregator_id(cell)).public_bytes
+        # A device the registry does not know is left out: the protocol then refuses its messages.
+        devices = [device_id(c) for c in clients]
+        keys.update({uid: key for uid in devices if (key := identities.public(uid)) is not None})
+        for cell in self.cells_above:  # a cell without a registered edge is aggregated by the cloud itself
+            uid = aggregator_id(cell)
+            keys[uid] = identities.public(uid) or identities.local(uid).public_bytes
         self.registry = DeviceRegistry(keys)
         self.signed_registry = SignedRegistry(run_id, server_round, keys, self.cloud.sign(
             SignedRegistry.signed_bytes(run_id, server_round, keys)))
@@ -383,9 +387,9 @@ class SecureRound:
         uid = self.cells_above[cell] if self.settings.unmasker == "suburban" else CLOUD_ID
         if uid not in self.unmaskers:
             if uid != CLOUD_ID:
-                self.registry.enroll(uid, simulated_identity(self.seed, uid).public_bytes)
+                self.registry.enroll(uid, self.ids.local(uid).public_bytes)
             self.unmaskers[uid] = Unmasker(uid, self.registry, cloud_id=CLOUD_ID,
-                                           rng=simulated_rng(self.seed, "unmasker", uid, self.run_id, self.server_round))
+                                           rng=self.ids.rng("unmasker", uid, self.run_id, self.server_round))
         return self.unmaskers[uid]
 
     def cell(self, cell: str, clients: list[int], arrays: Mapping[str, np.ndarray]) -> SecureCell | str:
@@ -399,7 +403,7 @@ class SecureRound:
             unmasker=self.unmasker_for(cell).device_id, unmasker_key=self.unmasker_for(cell).public_key,
             global_adapter_digest=adapter_digest(arrays), layout=self.layout, encoding=s.encoding,
             threshold=threshold_for(n, s.threshold, s.complete_graph_up_to), max_clients=n,
-            graph_seed=simulated_rng(self.seed, "graph", self.run_id, self.server_round, cell)(32),
+            graph_seed=self.ids.rng("graph", self.run_id, self.server_round, cell)(32),
             complete_graph_up_to=s.complete_graph_up_to, prg=s.prg)
         return SecureCell(SignedHeader.sign(header, self.cloud, CLOUD_ID), self.signed_registry,
                           {c: device_id(c) for c in clients})
