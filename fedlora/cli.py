@@ -7,11 +7,14 @@
     fedlora deploy plan OUT_DIR [overrides]      one folder per machine: TLS, node keys, start commands
     fedlora deploy check [--config NODE_FOLDER]  this device's facts and the training settings it can afford
 
-  the tiers as real Flower processes (README "Running the tiers as real processes"):
-    fedlora cloud --listen HOST:PORT [overrides]  cloud SuperLink + one federation over the edges
-    fedlora cloud --plan --listen HOST:PORT [overrides]   which END client under which edge: the commands
-    fedlora edge --cell C --parent HOST:PORT --listen HOST:PORT   an edge (neighbourhood) aggregator
-    fedlora end --partition-id N --num-partitions M --edge HOST:PORT   an END client
+  the tiers as real Flower processes, from a plan's folders (TLS, node auth, own keys; README "Deployment"):
+    fedlora cloud --config FOLDER                cloud SuperLink + one federation over the edges (resumes)
+    fedlora edge --config FOLDER                 an edge (neighbourhood) aggregator
+    fedlora client --config FOLDER [--audit]     an END device: checks it, picks settings, starts its SuperNode
+  or by hand on a trusted lab network (plain HTTP, keys from the seed):
+    fedlora cloud --insecure --listen HOST:PORT [overrides]   (--plan: which END client under which edge)
+    fedlora edge --insecure --cell C --parent HOST:PORT --listen HOST:PORT
+    fedlora end --insecure --partition-id N --num-partitions M --edge HOST:PORT
 """
 
 from __future__ import annotations
@@ -32,10 +35,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fedlora.config import ConfigError
     from fedlora.data import DataError
     from fedlora.federation import FederationError
+    from fedlora.deploy.plan import PlanError
     from fedlora.model import ModelError
+    from fedlora.secure.identities import IdentityError
     from server.deploy import DeployError
 
-    return (UserError, ConfigError, DataError, ModelError, FederationError, DeployError)
+    return (UserError, ConfigError, DataError, ModelError, FederationError, DeployError, PlanError, IdentityError)
 
 
 def _setup_logging() -> None:
@@ -212,20 +217,35 @@ def cmd_generate(argv: list[str]) -> None:
         show(prompt)
 
 
-def _tier_parser(prog: str, description: str) -> argparse.ArgumentParser:
+def _tier_parser(prog: str, description: str, *, config_help: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", type=Path, metavar="NODE_FOLDER",
+                        help=f"{config_help} (TLS, node authentication and its own keys; the other options come from "
+                             "its node.yaml)")
     parser.add_argument("--insecure", action="store_true",
-                        help="plain HTTP between the tiers (required for now: TLS and node auth are issue 5)")
-    parser.add_argument("--work-dir", type=Path, help="FLWR_HOME, logs and spool of this node (default runs/nodes/<name>)")
+                        help="without --config: plain HTTP, no node authentication, keys derived from the seed "
+                             "(a trusted lab network only)")
+    parser.add_argument("--work-dir", type=Path, help="FLWR_HOME, logs and spool of this node (default: the node folder "
+                                                      "with --config, else runs/nodes/<name>)")
     return parser
 
 
-def _security(args):
-    from server.deploy import DeployError, Security
+def _by_hand(args, parser, *required: str) -> None:
+    """Without --config: --insecure and the listed options are needed."""
+    missing = [f"--{r.replace('_', '-')}" for r in required if getattr(args, r) is None]
+    if not args.insecure:
+        raise UserError(f"{parser.prog}: give --config NODE_FOLDER (a folder of `fedlora deploy plan`: TLS and node "
+                        "authentication), or --insecure with the addresses on a trusted lab network")
+    if missing:
+        raise UserError(f"{parser.prog} --insecure needs {', '.join(missing)}")
+
+
+def _node(folder: Path, role: str):
+    from fedlora.deploy.plan import PlanError, read_node
 
     try:
-        return Security(insecure=args.insecure)
-    except DeployError as exc:
+        return read_node(folder, role)
+    except PlanError as exc:
         raise UserError(str(exc)) from None
 
 
@@ -238,9 +258,10 @@ def _address(value: str, option: str) -> str:
 
 def cmd_cloud(argv: list[str]) -> None:
     parser = _tier_parser("fedlora cloud", "The cloud tier: a SuperLink for the edges' SuperNodes and one federation "
-                                           "run over them (ends when the run ends).")
-    parser.add_argument("--listen", required=True, help="HOST:PORT the SuperLink listens on (the edges' --parent)")
-    parser.add_argument("--run-dir", type=Path, help="run directory (default <output_dir>/cloud-<time>)")
+                                           "run over them (ends when the run ends).",
+                          config_help="the cloud's folder of a deployment plan; resumes its run/ when unfinished")
+    parser.add_argument("--listen", help="HOST:PORT the SuperLink listens on (the edges' --parent)")
+    parser.add_argument("--run-dir", type=Path, help="run directory (default <output_dir>/cloud-<time>; <folder>/run with --config)")
     parser.add_argument("--resume", action="store_true", help="continue --run-dir from its last checkpoint")
     parser.add_argument("--plan", action="store_true",
                         help="print the edge and END commands this configuration needs (which client under which edge), "
@@ -249,67 +270,118 @@ def cmd_cloud(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     import time
 
+    from fedlora import report
     from fedlora.config import compose, load_yaml
-    from server.deploy import Stop, run_cloud
+    from server.deploy import Security, Stop, run_cloud
 
-    listen = _address(args.listen, "--listen")
-    security = _security(args)
-    if args.resume:
-        if args.run_dir is None or not (args.run_dir / "config.yaml").is_file():
-            raise UserError("--resume needs --run-dir of an earlier cloud run (with config.yaml)")
-        cfg = load_yaml(args.run_dir / "config.yaml")
+    node = None
+    if args.config is not None:
+        if args.overrides or args.listen or args.insecure:
+            raise UserError("with --config the settings come from the plan folder; no --listen, --insecure or overrides")
+        node = _node(args.config, "cloud")
+        listen, security = str(node.doc["superlink"]["listen"]), Security.from_node(node)
+        run_dir, work_dir = args.run_dir or node.path("run"), args.work_dir or node.folder
+        # A restarted cloud continues its unfinished run from the last checkpoint.
+        args.resume = args.resume or (report.load_checkpoint(run_dir) is not None and not (run_dir / "summary.json").is_file())
+        if (run_dir / "summary.json").is_file():
+            raise UserError(f"{run_dir} holds a finished run; move it away (or pass --run-dir) to start another")
+        cfg = load_yaml(run_dir / "config.yaml") if args.resume else node.config()
     else:
-        cfg = compose(args.overrides)
+        _by_hand(args, parser, "listen")
+        listen, security = _address(args.listen, "--listen"), Security(insecure=True)
+        if args.resume:
+            if args.run_dir is None or not (args.run_dir / "config.yaml").is_file():
+                raise UserError("--resume needs --run-dir of an earlier cloud run (with config.yaml)")
+            cfg = load_yaml(args.run_dir / "config.yaml")
+        else:
+            cfg = compose(args.overrides)
+        run_dir = args.run_dir or Path(cfg.output_dir) / time.strftime("cloud-%Y%m%d-%H%M%S")
+        work_dir = args.work_dir or Path("runs/nodes/cloud")
     if args.plan:
         from server.deploy import plan
 
         print(plan(cfg, listen, args.overrides))
         return
-    run_dir = args.run_dir or Path(cfg.output_dir) / time.strftime("cloud-%Y%m%d-%H%M%S")
-    work_dir = args.work_dir or Path("runs/nodes/cloud")
+    if args.resume:
+        print(f"fedlora: resuming {run_dir} from its last checkpoint", file=sys.stderr)
     try:
-        code = run_cloud(cfg, run_dir, listen, work_dir, security, resume=args.resume)
+        code = run_cloud(cfg, run_dir, listen, work_dir, security, resume=args.resume,
+                         node_dir=node.folder if node else None)
     except Stop:
-        print(f"\nfedlora: interrupted; continue with: fedlora cloud --resume --run-dir {run_dir} --listen {listen} "
-              f"--insecure", file=sys.stderr)
+        again = f"fedlora cloud --config {node.folder}" if node else \
+            f"fedlora cloud --resume --run-dir {run_dir} --listen {listen} --insecure"
+        print(f"\nfedlora: interrupted; continue with: {again}", file=sys.stderr)
         raise SystemExit(130) from None
     if code != 0 or not (run_dir / "summary.json").is_file():
-        raise UserError(f"the cloud run failed (exit code {code}); see {work_dir / 'logs'}")
+        raise UserError(f"the cloud run failed (exit code {code}); see {Path(work_dir) / 'logs'}")
     print(f"run directory: {run_dir}")
 
 
 def cmd_edge(argv: list[str]) -> None:
     parser = _tier_parser("fedlora edge", "An edge (neighbourhood) aggregator: a SuperNode of its parent and the "
-                                          "SuperLink of its END clients. Runs until stopped.")
-    parser.add_argument("--cell", required=True, help="the neighbourhood cell it aggregates, e.g. neighbourhood-0-1")
-    parser.add_argument("--parent", required=True, help="HOST:PORT of the parent's SuperLink (the cloud's --listen)")
-    parser.add_argument("--listen", required=True, help="HOST:PORT of this edge's SuperLink (its END clients' --edge)")
+                                          "SuperLink of its END clients. Runs until stopped.",
+                          config_help="the edge's folder of a deployment plan")
+    parser.add_argument("--cell", help="the neighbourhood cell it aggregates, e.g. neighbourhood-0-1")
+    parser.add_argument("--parent", help="HOST:PORT of the parent's SuperLink (the cloud's --listen)")
+    parser.add_argument("--listen", help="HOST:PORT of this edge's SuperLink (its END clients' --edge)")
     args = parser.parse_args(argv)
-    from server.deploy import Stop, run_edge
+    from server.deploy import Security, Stop, run_edge
 
-    parent, listen, security = _address(args.parent, "--parent"), _address(args.listen, "--listen"), _security(args)
+    if args.config is not None:
+        if args.insecure or args.cell or args.parent or args.listen:
+            raise UserError("with --config the settings come from the plan folder; no --cell, --parent, --listen, --insecure")
+        node = _node(args.config, "edge")
+        doc = node.doc
+        kwargs = dict(cell=str(doc["cell"]), parent=str(doc["supernode"]["superlink"]), listen=str(doc["superlink"]["listen"]),
+                      work_dir=args.work_dir or node.folder, security=Security.from_node(node), node_dir=node.folder,
+                      port=int(doc["supernode"]["runtime_port"]))
+    else:
+        _by_hand(args, parser, "cell", "parent", "listen")
+        kwargs = dict(cell=args.cell, parent=_address(args.parent, "--parent"), listen=_address(args.listen, "--listen"),
+                      work_dir=args.work_dir or Path(f"runs/nodes/edge-{args.cell}"), security=Security(insecure=True))
     try:
-        run_edge(args.cell, parent, listen, args.work_dir or Path(f"runs/nodes/edge-{args.cell}"), security)
+        run_edge(**kwargs)
     except Stop:
         pass
 
 
-def cmd_end(argv: list[str]) -> None:
-    parser = _tier_parser("fedlora end", "An END client: a SuperNode of its edge's SuperLink, training on its own "
-                                         "data partition. Runs until stopped.")
-    parser.add_argument("--partition-id", type=int, required=True, help="this client's id (its data partition)")
-    parser.add_argument("--num-partitions", type=int, required=True, help="federation.num_clients of the run")
-    parser.add_argument("--edge", required=True, help="HOST:PORT of its edge's SuperLink (the edge's --listen)")
+def cmd_end(argv: list[str], prog: str = "fedlora end") -> None:
+    parser = _tier_parser(prog, "An END client: a SuperNode of its edge's SuperLink, training on its own data. "
+                                "With --config (the device launcher) it first checks the device and picks the "
+                                "training settings it can afford. Runs until stopped.",
+                          config_help="the device's folder of a deployment plan")
+    parser.add_argument("--partition-id", type=int, help="this client's id (its data partition)")
+    parser.add_argument("--num-partitions", type=int, help="federation.num_clients of the run")
+    parser.add_argument("--edge", help="HOST:PORT of its edge's SuperLink (the edge's --listen)")
+    parser.add_argument("--audit", action="store_true",
+                        help="keep a copy of every reply this device sends in <folder>/logs/sent/ (with --config)")
     args = parser.parse_args(argv)
-    from server.deploy import Stop, run_end
+    from server.deploy import Security, Stop, run_end
 
-    if not 0 <= args.partition_id < args.num_partitions:
-        raise UserError(f"--partition-id={args.partition_id} must be in 0..--num-partitions-1 ({args.num_partitions - 1})")
-    edge, security = _address(args.edge, "--edge"), _security(args)
     try:
-        run_end(args.partition_id, args.num_partitions, edge, args.work_dir or Path(f"runs/nodes/end-{args.partition_id}"), security)
+        if args.config is not None:
+            if args.insecure or args.partition_id is not None or args.edge:
+                raise UserError("with --config the settings come from the plan folder; no --partition-id, --edge, --insecure")
+            from clients.launcher import launch
+            from fedlora.deploy.device import DeviceError
+
+            try:
+                launch(args.config, audit=args.audit)
+            except DeviceError as exc:
+                raise UserError(str(exc)) from None
+            return
+        _by_hand(args, parser, "partition_id", "num_partitions", "edge")
+        if not 0 <= args.partition_id < args.num_partitions:
+            raise UserError(f"--partition-id={args.partition_id} must be in 0..--num-partitions-1 ({args.num_partitions - 1})")
+        run_end(args.partition_id, args.num_partitions, _address(args.edge, "--edge"),
+                args.work_dir or Path(f"runs/nodes/end-{args.partition_id}"), Security(insecure=True))
     except Stop:
         pass
+
+
+def cmd_client(argv: list[str]) -> None:
+    """``fedlora client``: the device launcher (= ``fedlora end``; on a device: ``--config FOLDER``)."""
+    cmd_end(argv, "fedlora client")
 
 
 def cmd_deploy(argv: list[str]) -> None:
@@ -319,7 +391,7 @@ def cmd_deploy(argv: list[str]) -> None:
 
 
 COMMANDS = {"run": cmd_run, "resume": cmd_resume, "eval": cmd_eval, "generate": cmd_generate, "deploy": cmd_deploy,
-            "cloud": cmd_cloud, "edge": cmd_edge, "end": cmd_end}
+            "cloud": cmd_cloud, "edge": cmd_edge, "end": cmd_end, "client": cmd_client}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,7 +18,9 @@ Control and runtime APIs):
 with every descendant (Flower's SuperLink starts a detached SuperExec, which starts
 ``flwr-serverapp``; a SuperNode starts ``flwr-clientapp`` processes) -- on exit, error or
 signal. :class:`Security` is the one place that turns TLS/node-auth settings into Flower
-arguments; only ``--insecure`` exists yet (TLS and SuperNode authentication: issue 5).
+arguments: from a plan's node folder (``fedlora cloud|edge|client --config``: TLS on every
+hop, SuperNode authentication on every SuperLink, the children's keys registered on every
+start) or ``--insecure`` (plain HTTP on a trusted lab network).
 """
 
 from __future__ import annotations
@@ -35,7 +37,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedlora.deploy import commands
+from fedlora.deploy.commands import toml_pairs
+
 APP_DIR = Path(__file__).resolve().parent.parent
+CONNECTION = commands.CONNECTION  # the flwr CLI's name for this machine's own SuperLink
 BIN = Path(sys.executable).parent
 log = logging.getLogger("fedlora")
 
@@ -46,24 +52,62 @@ class DeployError(RuntimeError):
 
 @dataclass(frozen=True)
 class Security:
-    """How the tiers authenticate and encrypt. Only ``insecure=True`` (plain HTTP on trusted
-    loopback/lab networks) is built; TLS certificates and SuperNode auth keys go here."""
+    """How a machine's Flower processes authenticate and encrypt: the ONE place that turns
+    the settings into Flower's flags (through :mod:`fedlora.deploy.commands`).
+
+    ``insecure=True``: plain HTTP, no node authentication (a trusted lab network; the
+    ``--insecure`` role commands). Else TLS on every hop -- ``ca`` verifies the SuperLinks
+    this machine connects to, ``cert``/``key`` serve its own SuperLink -- and SuperNode
+    authentication: ``auth_key`` signs this machine's SuperNode in, ``supernodes`` (name ->
+    public key file) are the SuperNodes its SuperLink admits (registered on every start).
+    :meth:`from_node` reads them from a plan's node folder."""
 
     insecure: bool = True
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    auth_key: Path | None = None
+    supernodes: tuple[tuple[str, Path], ...] = ()
 
     def __post_init__(self) -> None:
-        if not self.insecure:
-            raise DeployError("TLS and SuperNode authentication are not built yet (issue 5): pass --insecure")
+        if not self.insecure and self.ca is None:
+            raise DeployError("TLS needs the CA certificate (ca.pem of the plan); or pass --insecure on a trusted network")
 
-    def superlink_args(self) -> list[str]:
-        return ["--insecure"]
+    @classmethod
+    def from_node(cls, node) -> Security:
+        """From a :class:`fedlora.deploy.plan.NodeFolder`."""
+        doc = node.doc
+        link, up = doc.get("superlink") or {}, doc.get("supernode") or {}
+        sec = cls(insecure=False, ca=node.path(str(doc["ca_cert"])),
+                  cert=node.path(link["cert"]) if link else None, key=node.path(link["key"]) if link else None,
+                  auth_key=node.path(up["auth_private_key"]) if up else None,
+                  supernodes=tuple((n, node.path(p)) for n, p in sorted((link.get("registered_supernodes") or {}).items())))
+        for path in [sec.ca, sec.cert, sec.key, sec.auth_key, *(p for _, p in sec.supernodes)]:
+            if path is not None and not path.is_file():
+                raise DeployError(f"{path} is missing; copy the whole folder from the plan")
+        return sec
 
-    def supernode_args(self) -> list[str]:
-        return ["--insecure"]
+    def superlink_argv(self, host: str, port: int) -> list[str]:
+        if self.insecure:
+            tls = None
+        elif self.cert is None or self.key is None:
+            raise DeployError("this machine has no SuperLink certificate in its plan folder")
+        else:
+            tls = (str(self.ca), str(self.cert), str(self.key))
+        argv = commands.superlink_argv(bind_host=host, port=port, tls=tls)
+        return [str(BIN / argv[0]), *argv[1:]]
 
-    def connection_toml(self) -> str:
-        """The security lines of a ``flwr`` CLI SuperLink connection."""
-        return "insecure = true\n"
+    def supernode_argv(self, superlink: str, node_config: dict, port: int) -> list[str]:
+        if not self.insecure and self.auth_key is None:
+            raise DeployError("this machine has no SuperNode authentication key in its plan folder")
+        argv = commands.supernode_argv(superlink=superlink, ca=None if self.insecure else str(self.ca),
+                                       auth_key=None if self.insecure else str(self.auth_key), node_config=node_config,
+                                       runtime_port=port, insecure=self.insecure)
+        return [str(BIN / argv[0]), *argv[1:]]
+
+    def connection_toml(self, name: str, address: str) -> str:
+        """A ``flwr`` CLI config with one connection to a SuperLink of this machine."""
+        return commands.flwr_config_toml(name, address, ca_abs_path=None if self.insecure else str(Path(self.ca).resolve()))
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -99,11 +143,6 @@ def flower_env(home: Path) -> dict[str, str]:
         PYTHONPATH=os.pathsep.join(p for p in (str(APP_DIR), env.get("PYTHONPATH", "")) if p),
     )
     return env
-
-
-def toml_pairs(values: dict) -> str:
-    """``k1="v" k2=3``: Flower's --node-config / --run-config syntax."""
-    return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
 
 
 def _descendants(pids: list[int]) -> list[int]:
@@ -217,32 +256,47 @@ def _signal(pid: int, sig: int) -> None:
 
 
 def start_superlink(group: ProcessGroup, name: str, listen: str, home: Path, security: Security) -> subprocess.Popen:
-    """A SuperLink serving ``listen`` (host:port) for SuperNodes and the ``flwr`` CLI."""
+    """A SuperLink serving ``listen`` (host:port) for SuperNodes and the ``flwr`` CLI; with
+    node authentication on, the SuperNodes ``security`` names are registered with it."""
     host, _, port = listen.rpartition(":")
     home.mkdir(parents=True, exist_ok=True)
-    argv = [str(BIN / "flower-superlink"), *security.superlink_args(), "--isolation", "subprocess",
-            "--host", host or "0.0.0.0", "--port", port, "--disable-runtime-dependency-installation"]
-    proc = group.start(name, argv, flower_env(home))
+    proc = group.start(name, security.superlink_argv(host or "0.0.0.0", int(port)), flower_env(home))
     wait_port(_local(listen), proc=proc)
+    connection_file(home, CONNECTION, _local(listen), security)
+    if not security.insecure:
+        register_supernodes(home, security.supernodes, proc=proc)
     return proc
+
+
+def register_supernodes(home: Path, supernodes, *, proc: subprocess.Popen | None = None, timeout_s: float = 60.0) -> None:
+    """Add each (name, public key file) to the SuperLink of ``home``'s connection (Control
+    API); one already registered is fine. Retries while the SuperLink is still starting."""
+    for name, public_key in supernodes:
+        deadline = time.time() + timeout_s
+        while True:
+            out = subprocess.run([str(BIN / "flwr"), *commands.register_argv(str(public_key), name)[1:]],
+                                 env=flower_env(home), capture_output=True, text=True, timeout=60)
+            text = out.stdout + out.stderr
+            if out.returncode == 0 or "already" in text.lower():
+                log.info("SuperNode %s registered (%s)", name, "new" if out.returncode == 0 else "already known")
+                break
+            if (proc is not None and proc.poll() is not None) or time.time() > deadline:
+                raise DeployError(f"could not register SuperNode {name} with the SuperLink: {text.strip()[-500:]}")
+            time.sleep(1.0)
 
 
 def start_supernode(group: ProcessGroup, name: str, superlink: str, node_config: dict, home: Path,
                     security: Security, *, port: int | None = None) -> subprocess.Popen:
     """A SuperNode connected to ``superlink``, running fedlora's ClientApp with ``node_config``."""
     home.mkdir(parents=True, exist_ok=True)
-    argv = [str(BIN / "flower-supernode"), *security.supernode_args(), "--superlink", superlink,
-            "--node-config", toml_pairs(node_config), "--port", str(port or free_port())]
     # No --max-retries: a SuperNode keeps retrying, so an edge may come up after its children.
-    return group.start(name, argv, flower_env(home))
+    return group.start(name, security.supernode_argv(superlink, node_config, port or free_port()), flower_env(home))
 
 
 def connection_file(home: Path, name: str, address: str, security: Security) -> None:
     """The ``flwr`` CLI's config (``$FLWR_HOME/config.toml``) with one SuperLink connection."""
     home.mkdir(parents=True, exist_ok=True)
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n{security.connection_toml()}'
-    )
+    (home / "config.toml").write_text(security.connection_toml(name, address))
 
 
 def submit_run(home: Path, connection: str, run_config: dict, *, app_dir: Path = APP_DIR) -> int:
@@ -306,7 +360,7 @@ def _keep_running(group: ProcessGroup, what: str, supernode: str = "supernode", 
             lived = time.time() - group.specs[supernode][3]
             quick_exits = quick_exits + 1 if lived < 10 else 0
             if quick_exits >= 5:
-                group.check()
+                raise DeployError(_refusal(group, supernode))
             log.warning("%s exited with code %s after %.0fs (its SuperLink went away?); starting it again",
                         supernode, proc.returncode, lived)
             time.sleep(min(30.0, 2.0 ** quick_exits))
@@ -317,10 +371,28 @@ def _keep_running(group: ProcessGroup, what: str, supernode: str = "supernode", 
         time.sleep(1.0)
 
 
+def _refusal(group: ProcessGroup, name: str) -> str:
+    """Why a SuperNode keeps exiting, in words, from the end of its log."""
+    path = group.log_dir / f"{name}.log"
+    try:
+        tail = path.read_text(errors="replace")[-20000:]
+    except OSError:
+        tail = ""
+    if "Failed to activate SuperNode" in tail:
+        why = ("the SuperLink refused this node: its authentication key is not registered there (is this folder from "
+               "the same plan as its parent's? the cloud and each edge register their children's keys when they start)")
+    elif "CERTIFICATE_VERIFY_FAILED" in tail:
+        why = "TLS: the SuperLink's certificate is not signed by this folder's ca.pem (a folder from another plan?)"
+    else:
+        why = "it exited at once five times in a row"
+    return f"{name}: {why}; see {path}"
+
+
 def run_cloud(cfg, run_dir: Path, listen: str, work_dir: Path, security: Security, *,
-              resume: bool = False, timeout_s: float | None = None) -> int:
+              resume: bool = False, timeout_s: float | None = None, node_dir: Path | None = None) -> int:
     """The cloud tier for one federation: its SuperLink, then a ``mode="cloud"`` run on it,
-    followed until it ends; the SuperLink stops afterwards. Returns the run's exit code."""
+    followed until it ends; the SuperLink stops afterwards. Returns the run's exit code.
+    ``node_dir``: the cloud's plan folder (secure aggregation uses its registry and key)."""
     from fedlora.config import save_yaml
 
     run_dir = Path(run_dir).resolve()
@@ -331,15 +403,17 @@ def run_cloud(cfg, run_dir: Path, listen: str, work_dir: Path, security: Securit
     _stop_on_signals()
     with ProcessGroup(work_dir / "logs") as group:
         start_superlink(group, "superlink", listen, home, security)
-        connection_file(home, "cloud", _local(listen), security)
         log.info("cloud SuperLink on %s; run directory %s (waiting for the edges)", listen, run_dir)
-        run_config = {"mode": "cloud", "config-file": str(run_dir / "config.yaml"), "run-dir": str(run_dir), "resume": resume}
-        return stream_run(home, "cloud", run_config, group.log_dir / "run.log", timeout_s=timeout_s)
+        run_config = {"mode": "cloud", "config-file": str(run_dir / "config.yaml"), "run-dir": str(run_dir), "resume": resume,
+                      "node-dir": str(node_dir or "")}
+        return stream_run(home, CONNECTION, run_config, group.log_dir / "run.log", timeout_s=timeout_s)
 
 
-def run_edge(cell: str, parent: str, listen: str, work_dir: Path, security: Security) -> None:
+def run_edge(cell: str, parent: str, listen: str, work_dir: Path, security: Security, *,
+             node_dir: Path | None = None, port: int | None = None) -> None:
     """One edge aggregator until stopped: its SuperLink for END clients, the edge service run
-    on it, and a SuperNode connected upward to ``parent``."""
+    on it, and a SuperNode connected upward to ``parent``. ``node_dir``: the edge's plan
+    folder (its secure-aggregation key and the registry)."""
     work_dir = Path(work_dir).resolve()
     spool = work_dir / "spool"
     for stale in ("stop", "heartbeat"):  # left by an earlier edge in this work dir
@@ -348,9 +422,10 @@ def run_edge(cell: str, parent: str, listen: str, work_dir: Path, security: Secu
     with ProcessGroup(work_dir / "logs") as group:
         try:
             start_superlink(group, "superlink", listen, work_dir / "flwr-home", security)
-            connection_file(work_dir / "flwr-home", "edge", _local(listen), security)
+
             def start_service() -> None:
-                run_id = submit_run(work_dir / "flwr-home", "edge", {"mode": "edge", "cell": cell, "spool": str(spool)})
+                run_id = submit_run(work_dir / "flwr-home", CONNECTION, {"mode": "edge", "cell": cell, "spool": str(spool),
+                                                                          "node-dir": str(node_dir or "")})
                 _wait_for_service(group, spool, run_id)
                 log.info("edge %s: SuperLink on %s, service run %d", cell, listen, run_id)
 
@@ -364,7 +439,7 @@ def run_edge(cell: str, parent: str, listen: str, work_dir: Path, security: Secu
             start_service()
             # Joins its parent only now, so the parent never sees an edge that cannot serve.
             start_supernode(group, "supernode", parent, {"role": "edge", "cell": cell, "spool": str(spool)},
-                            work_dir / "supernode-home", security)
+                            work_dir / "supernode-home", security, port=port)
             _keep_running(group, f"edge {cell} (parent {parent}, children on {listen})", watch=watch)
         finally:
             spool.mkdir(parents=True, exist_ok=True)
@@ -383,12 +458,15 @@ def _wait_for_service(group: ProcessGroup, spool: Path, run_id: int, timeout_s: 
         time.sleep(0.2)
 
 
-def run_end(partition_id: int, num_partitions: int, edge: str, work_dir: Path, security: Security) -> None:
-    """One END client until stopped: a SuperNode connected to its edge's SuperLink."""
+def run_end(partition_id: int, num_partitions: int, edge: str, work_dir: Path, security: Security, *,
+            node_config: dict | None = None, port: int | None = None) -> None:
+    """One END client until stopped: a SuperNode connected to its edge's SuperLink.
+    ``node_config``: more node settings (a planned device's folder, its own settings)."""
     _stop_on_signals()
     with ProcessGroup(Path(work_dir) / "logs") as group:
-        start_supernode(group, "supernode", edge, {"partition-id": partition_id, "num-partitions": num_partitions},
-                        Path(work_dir).resolve() / "flwr-home", security)
+        start_supernode(group, "supernode", edge, {"partition-id": partition_id, "num-partitions": num_partitions,
+                                                   **(node_config or {})},
+                        Path(work_dir).resolve() / "flwr-home", security, port=port)
         _keep_running(group, f"END client {partition_id} (edge {edge})")
 
 

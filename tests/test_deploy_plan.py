@@ -16,8 +16,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fedlora.config import compose
 from fedlora.deploy import pki
 from fedlora.deploy.plan import (CA_CERT, IDENTITY_KEY, REGISTRY_FILE, SERVER_CERT, SERVER_KEY, SUPERNODE_KEY,
-                                 SUPERNODE_PUB, DeploySettings, PlanError, layout, load_identity, load_registry,
+                                 SUPERNODE_PUB, DeploySettings, PlanError, layout, read_node,
                                  write_plan)
+from fedlora.secure.identities import IdentityError, PlannedIdentities, protocol_id, read_registry
+from fedlora.secure.keys import DeviceRegistry
+from server.deploy import Security
 from fedlora.topology import build_tree
 
 
@@ -51,9 +54,13 @@ def test_every_machine_has_a_folder(plan, cfg):
         assert doc["cell"] == tree.initial[c] and doc["device_profile"] == tree.profile_of[c]
         assert doc["supernode"]["upstream"] == f"edge-{tree.neighbourhood_of(tree.initial[c])}"
         assert (out / f"end-{c}" / doc["data_path"]).is_dir()
-        start = (out / f"end-{c}" / "start.sh").read_text()
-        assert f"partition-id={c}" in start and "--root-certificates ca.pem" in start
-        assert "--auth-supernode-private-key auth/supernode_key" in start
+        assert "exec fedlora client --config ." in (out / f"end-{c}" / "start.sh").read_text()
+        # What the launcher starts: TLS with the plan's CA, node auth with this folder's key.
+        node = read_node(out / f"end-{c}", "end")
+        argv = Security.from_node(node).supernode_argv(doc["supernode"]["superlink"], {"partition-id": c}, 9999)
+        assert argv[argv.index("--root-certificates") + 1] == str(node.folder / "ca.pem")
+        assert argv[argv.index("--auth-supernode-private-key") + 1] == str(node.folder / SUPERNODE_KEY)
+        assert "--insecure" not in argv and f"partition-id={c}" in argv[argv.index("--node-config") + 1]
 
 
 def test_certificate_chain_and_sans(plan):
@@ -69,8 +76,9 @@ def test_certificate_chain_and_sans(plan):
         pki.verify_issued_by(cert, ca)
         key = pki.load_pem_key(out / name / SERVER_KEY)
         assert key.public_key().public_numbers() == cert.public_key().public_numbers()
-    assert sorted(pki.cert_hosts(pki.load_cert(out / "cloud" / SERVER_CERT))) == ["10.0.0.1", "cloud.example.org"]
-    assert sorted(pki.cert_hosts(pki.load_cert(out / "edge-neighbourhood-0-0" / SERVER_CERT))) == ["10.1.0.1", "edge00.example.org"]
+    assert sorted(pki.cert_hosts(pki.load_cert(out / "cloud" / SERVER_CERT))) == ["10.0.0.1", "127.0.0.1", "cloud.example.org", "localhost"]
+    assert sorted(pki.cert_hosts(pki.load_cert(out / "edge-neighbourhood-0-0" / SERVER_CERT))) == ["10.1.0.1", "127.0.0.1", "edge00.example.org",
+                                                                                           "localhost"]
     assert sorted(pki.cert_hosts(pki.load_cert(out / "edge-neighbourhood-1-1" / SERVER_CERT))) == ["127.0.0.1", "localhost"]
     # A certificate from another CA does not verify against this one.
     other = pki.make_ca("other")
@@ -108,7 +116,8 @@ def test_supernode_keys_are_what_flower_loads_and_registries_match(plan):
         assert registered.read_bytes() == (out / name / SUPERNODE_PUB).read_bytes()
         public = serialization.load_ssh_public_key(registered.read_bytes())
         assert public.public_numbers() == private.public_key().public_numbers()
-        assert f"supernodes/{name}.pub" in (out / node.upstream / "register_supernodes.sh").read_text()
+        upstream = yaml.safe_load((out / node.upstream / "node.yaml").read_text())
+        assert upstream["superlink"]["registered_supernodes"][name] == f"supernodes/{name}.pub"
     for name, node in nodes.items():
         listed = {p.stem for p in (out / name / "supernodes").glob("*.pub")} if node.superlink_port else set()
         assert listed == set(node.children)
@@ -117,32 +126,41 @@ def test_supernode_keys_are_what_flower_loads_and_registries_match(plan):
 
 def test_secagg_registry_consistent(plan):
     out, nodes = plan
-    registry = load_registry(out / "cloud" / REGISTRY_FILE)
-    assert set(registry) == set(nodes)  # same names as the SuperNode lists and folders
+    registry = read_registry(out / "cloud" / REGISTRY_FILE)
+    # Same machines as the SuperNode lists and folders, under the protocol's names.
+    assert set(registry) == {protocol_id(n) for n in nodes}
+    assert {protocol_id(n) for n in nodes} >= {"cloud", "device-0", "aggregator/neighbourhood-0-0"}
     for name in nodes:
         assert (out / name / REGISTRY_FILE).read_bytes() == (out / "cloud" / REGISTRY_FILE).read_bytes()
-        identity = load_identity(out / name)
-        assert identity.public_bytes == registry.public_key(name)
+        ids = PlannedIdentities.from_folder(out / name)  # checks its key is the registry's
+        me = ids.own(protocol_id(name))
         message = b"masked update of " + name.encode()
-        registry.check(name, message, identity.sign(message), "test message")
+        DeviceRegistry(registry).check(protocol_id(name), message, me.sign(message), "test message")
+        with pytest.raises(IdentityError):
+            ids.own("cloud" if name != "cloud" else "device-0")  # nobody holds another machine's key
     doc = json.loads((out / "cloud" / REGISTRY_FILE).read_text())
     assert all(len(base64.b64decode(d["ed25519_public_key"])) == 32 for d in doc["devices"].values())
 
 
 def test_long_lived_hosts_get_systemd_units(plan):
     out, nodes = plan
-    cloud_units = list((out / "cloud").glob("*.service"))
-    assert [u.name for u in cloud_units] == ["fedlora-cloud-superlink.service"]
-    text = cloud_units[0].read_text()
-    assert "ExecStart=/bin/sh @FOLDER@/start.sh superlink" in text and "register_supernodes.sh" in text
-    edge = out / "edge-neighbourhood-0-0"
-    assert {u.name for u in edge.glob("*.service")} == {"fedlora-edge-neighbourhood-0-0-superlink.service",
-                                                      "fedlora-edge-neighbourhood-0-0-supernode.service"}
-    start = (edge / "start.sh").read_text()
-    assert "--enable-supernode-auth" in start and "--ssl-certfile tls/server.pem" in start
-    assert "--host 0.0.0.0" in start  # a non-loopback host: bind every interface
-    assert "--host 127.0.0.1" in (out / "edge-neighbourhood-1-1" / "start.sh").read_text()
-    assert not list((out / "end-0").glob("*.service"))
+    for name, node in nodes.items():
+        units = list((out / name).glob("*.service"))
+        assert [u.name for u in units] == [f"fedlora-{name}.service"]
+        assert "ExecStart=/bin/sh @FOLDER@/start.sh" in units[0].read_text()
+        role = {"cloud": "cloud", "edge": "edge", "end": "client"}[node.role]
+        assert f"exec fedlora {role} --config ." in (out / name / "start.sh").read_text()
+    edge = read_node(out / "edge-neighbourhood-0-0", "edge")
+    host, _, port = edge.doc["superlink"]["listen"].rpartition(":")
+    assert host == "0.0.0.0"  # a non-loopback host: bind every interface
+    argv = Security.from_node(edge).superlink_argv(host, int(port))
+    assert "--enable-supernode-auth" in argv and argv[argv.index("--ssl-certfile") + 1] == str(edge.path(SERVER_CERT))
+    assert "--insecure" not in argv
+    assert dict(Security.from_node(edge).supernodes) == {c: edge.path(f"supernodes/{c}.pub")
+                                                         for c in nodes["edge-neighbourhood-0-0"].children}
+    assert read_node(out / "edge-neighbourhood-1-1").doc["superlink"]["listen"].startswith("127.0.0.1:")
+    with pytest.raises(PlanError, match="start it with `fedlora client --config"):
+        read_node(out / "end-0", "edge")
 
 
 def test_flat_topology_registers_ends_at_the_cloud(tmp_path):
@@ -174,8 +192,9 @@ def test_cli_plan_and_its_errors(tmp_path, capsys):
     main(["deploy", "plan", str(tmp_path / "p"), "model=tiny", "topology=flat", "federation.num_clients=2",
           "federation.min_clients=1", "--cloud-host", "10.9.8.7"])
     assert "1 cloud, 0 edge, 2 END folders" in capsys.readouterr().out
-    assert pki.cert_hosts(pki.load_cert(tmp_path / "p" / "cloud" / SERVER_CERT)) == ["10.9.8.7"]
-    assert "sh ./start.sh supernode &" in (tmp_path / "p" / "end-0" / "start.sh").read_text()
+    # Loopback too: the cloud's own flwr CLI reaches its SuperLink there.
+    assert pki.cert_hosts(pki.load_cert(tmp_path / "p" / "cloud" / SERVER_CERT)) == ["10.9.8.7", "127.0.0.1", "localhost"]
+    assert "exec fedlora client --config ." in (tmp_path / "p" / "end-0" / "start.sh").read_text()
     for argv, message in [
         (["deploy", "plan", str(tmp_path / "p"), "model=tiny"], "not empty"),
         (["deploy", "plan", str(tmp_path / "q"), "model=tiny", "--edge-host", "nowhere=1.2.3.4"], "unknown cell"),
@@ -184,3 +203,41 @@ def test_cli_plan_and_its_errors(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_planned_identities_run_a_secure_round_and_refuse_a_seed_derived_key(tmp_path):
+    """Cloud, edges and devices each hold only their own plan key: a secure round works, and a
+    device signing with the key derived from the run seed (what simulation uses; anyone who
+    knows the seed has it) is refused by its cell, whose session completes without it."""
+    from fedlora.cell import AggregatorKeys, run_cells
+    from fedlora.federation import InProcessTransport, LocalCellRunner, run_federation
+    from fedlora.secure.identities import SimulatedIdentities
+
+    cfg = compose(["model=tiny", "topology=small6g", "topology.suburban_cells=1", "topology.neighbourhoods_per_suburban=2",
+                   "topology.mobility.model=none", "topology.profiles.phone.availability=1.0", "privacy=secagg",
+                   "federation.num_clients=6", "federation.fraction=1.0", "federation.rounds=1", "train.local_steps=1",
+                   "train.max_seq_len=64", "data.records_per_client=8", "data.max_eval_examples=4", "progress=false"])
+    nodes = write_plan(cfg, tmp_path / "plan")
+    ids = {name: PlannedIdentities.from_folder(tmp_path / "plan" / name) for name in nodes}
+    impostor = 5
+
+    class SeedKey(SimulatedIdentities):  # the plan's registry and randomness, but the seed's key
+        def public(self, uid):
+            return ids[f"end-{impostor}"].public(uid)
+
+    def device(c):
+        return SeedKey(cfg.seed) if c == impostor else ids[f"end-{c}"]
+
+    class Edges(LocalCellRunner):  # each cell aggregated with its own edge's key
+        def run(self, requests, *, late=None, on_reply=None, keys=None):
+            return [run_cells([r], self.transport, late=late, on_reply=on_reply,
+                              keys=AggregatorKeys.of(ids[f"edge-{r.cell}"]))[0] for r in requests]
+
+    transport = InProcessTransport(6, identities=device)
+    run_federation(cfg, tmp_path / "run", transport, runner=Edges(transport), identities=ids["cloud"])
+    (record,) = [json.loads(line) for line in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
+    assert record["participants"] == [c for c in range(6) if c != impostor]
+    assert [d["client"] for d in record["dropped"]] == [impostor]
+    assert all(c["ok"] for c in record["secure"]["cells"].values()), record["secure"]
+    with pytest.raises(IdentityError, match="holds no key"):
+        AggregatorKeys.of(ids["edge-neighbourhood-0-0"]).identity("aggregator/neighbourhood-0-1")

@@ -49,8 +49,9 @@ def cmd_plan(argv: list[str]) -> None:
     roles = {r: sum(n.role == r for n in nodes.values()) for r in ("cloud", "edge", "end")}
     print(f"plan written to {args.out_dir}: {roles['cloud']} cloud, {roles['edge']} edge, {roles['end']} END folders\n"
           f"  copy each folder to its machine; keep {args.out_dir}/_ca/ca.key offline (no machine needs it)\n"
-          f"  cloud/edges: ./start.sh (or sudo ./install.sh for systemd), then ./register_supernodes.sh\n"
-          f"  END clients: fedlora deploy check --config <folder>, then ./start.sh")
+          f"  each machine: ./start.sh in its folder (= fedlora cloud|edge|client --config .), or sudo ./install.sh "
+          f"for a systemd service\n"
+          f"  END devices: fedlora deploy check --config <folder> first; own data goes in <folder>/data/")
 
 
 def cmd_check(argv: list[str]) -> None:

@@ -1,74 +1,91 @@
-"""The command lines each machine of a deployment runs: the ONE place they are written.
+"""The command lines of a deployment: the ONE place they are written.
 
-Everything a plan emits (``start.sh``, systemd units, ``register_supernodes.sh``) is built
-from the templates here, so switching to fedlora's own role commands (working names
-``fedlora cloud`` / ``fedlora edge`` / ``fedlora end``, being written elsewhere) is a change
-to this file only. For now they are the raw Flower 1.41 commands with the flags that were
-verified on loopback (``tests/test_deploy_tls.py``):
+Two layers:
 
-- SuperLink: ``flower-superlink --ssl-ca-certfile --ssl-certfile --ssl-keyfile
-  --enable-supernode-auth --host --port --database``. In 1.41 the Fleet, Control and
-  Runtime APIs share ONE HTTP port (``--host``/``--port``).
-- SuperNode: ``flower-supernode --superlink host:port --root-certificates ca.pem
-  --auth-supernode-private-key <OpenSSH EC key> --node-config ... --port <runtime port>``.
-- Registration: with ``--enable-supernode-auth`` a SuperNode cannot register itself over the
-  Fleet API; its public key must be added through the Control API before it connects:
-  ``flwr supernode register <key.pub> <connection> --name <node>``, the connection read from
-  ``$FLWR_HOME/config.toml`` (``root-certificates`` must be an absolute path, so the script
-  writes that file at run time).
+- **Flower's processes** (:func:`superlink_argv`, :func:`supernode_argv`,
+  :func:`register_argv`, :func:`flwr_config_toml`), used by ``server/deploy.py`` to start
+  every tier, with the flags verified on loopback (``tests/test_deployment.py``):
 
-All paths in the commands are relative to the node's folder (scripts ``cd`` there first).
+  - SuperLink: ``flower-superlink --ssl-ca-certfile --ssl-certfile --ssl-keyfile
+    --enable-supernode-auth --host --port`` (flwr 1.41: the Fleet, Control and Runtime APIs
+    share ONE HTTP port), or ``--insecure`` on a trusted lab network;
+  - SuperNode: ``flower-supernode --superlink host:port --root-certificates ca.pem
+    --auth-supernode-private-key <OpenSSH EC key> --node-config ... --port <runtime port>``;
+  - registration: with ``--enable-supernode-auth`` a SuperNode cannot register itself over
+    the Fleet API; its public key is added through the Control API before it connects:
+    ``flwr supernode register <key.pub> <connection> --name <node>`` (the connection from
+    ``$FLWR_HOME/config.toml``; ``root-certificates`` must be an absolute path there).
+    ``fedlora cloud|edge --config`` register their children's keys on every start.
+
+- **fedlora's role commands** in what a plan writes (``start.sh``, systemd units): each
+  machine runs ``fedlora cloud|edge|client --config .`` in its folder, which starts the
+  Flower processes above with the folder's certificates and keys.
 """
 
 from __future__ import annotations
 
+import json
 import shlex
 
-SUPERLINK_DB = "state/superlink.db"  # persists registered SuperNodes and runs across restarts
-CONNECTION = "self"  # name of the flwr CLI connection to the SuperLink of this folder
+CONNECTION = "self"  # name of the flwr CLI connection to the SuperLink of a machine
 
 
 def _join(argv: list[str]) -> str:
     return " ".join(shlex.quote(a) for a in argv)
 
 
-def superlink_argv(*, bind_host: str, port: int, ca: str, cert: str, key: str, auth: bool = True) -> list[str]:
-    argv = ["flower-superlink", "--ssl-ca-certfile", ca, "--ssl-certfile", cert, "--ssl-keyfile", key,
-            "--host", bind_host, "--port", str(port), "--database", SUPERLINK_DB,
-            "--disable-runtime-dependency-installation"]
-    return argv + (["--enable-supernode-auth"] if auth else [])
+def superlink_argv(*, bind_host: str, port: int, tls: tuple[str, str, str] | None, auth: bool = True) -> list[str]:
+    """``tls``: (CA certificate, server certificate, server key) paths; None: ``--insecure``."""
+    argv = ["flower-superlink"]
+    if tls is None:
+        argv.append("--insecure")
+    else:
+        ca, cert, key = tls
+        argv += ["--ssl-ca-certfile", ca, "--ssl-certfile", cert, "--ssl-keyfile", key]
+    argv += ["--isolation", "subprocess", "--host", bind_host, "--port", str(port), "--disable-runtime-dependency-installation"]
+    return argv + (["--enable-supernode-auth"] if auth and tls is not None else [])
 
 
 def supernode_argv(*, superlink: str, ca: str | None, auth_key: str | None, node_config: dict[str, object],
-                   runtime_port: int) -> list[str]:
-    """``ca=None`` leaves out ``--root-certificates`` (the system trust store is then used);
-    ``auth_key=None`` leaves out authentication. Both exist for the refusal tests."""
+                   runtime_port: int, insecure: bool = False) -> list[str]:
+    """``insecure``: plain HTTP. Else TLS: ``ca=None`` leaves out ``--root-certificates`` (the
+    system trust store is then used); ``auth_key=None`` leaves out authentication (both exist
+    for the refusal tests)."""
     argv = ["flower-supernode", "--superlink", superlink]
+    if insecure:
+        argv.append("--insecure")
     if ca is not None:
         argv += ["--root-certificates", ca]
     if auth_key is not None:
         argv += ["--auth-supernode-private-key", auth_key]
     if node_config:
-        argv += ["--node-config", " ".join(f"{k}={_config_value(v)}" for k, v in node_config.items())]
+        argv += ["--node-config", toml_pairs(node_config)]
     return argv + ["--port", str(runtime_port)]
 
 
-def _config_value(value: object) -> str:
-    return f'"{value}"' if isinstance(value, str) else str(value)
+def toml_pairs(values: dict) -> str:
+    """``k1="v" k2=3``: Flower's --node-config / --run-config syntax."""
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
 
 
-def flwr_config_toml(address: str, ca_abs_path: str) -> str:
-    """``$FLWR_HOME/config.toml`` naming this folder's SuperLink as the default connection."""
-    return (f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "{address}"\nroot-certificates = "{ca_abs_path}"\n')
+def flwr_config_toml(name: str, address: str, *, ca_abs_path: str | None) -> str:
+    """``$FLWR_HOME/config.toml`` naming one SuperLink connection (the default); ``ca_abs_path``
+    None: an insecure connection."""
+    security = f'root-certificates = "{ca_abs_path}"\n' if ca_abs_path else "insecure = true\n"
+    return f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n{security}'
 
 
-def register_argv(public_key: str, name: str) -> list[str]:
-    return ["flwr", "supernode", "register", public_key, CONNECTION, "--name", name]
+def register_argv(public_key: str, name: str, connection: str = CONNECTION) -> list[str]:
+    return ["flwr", "supernode", "register", public_key, connection, "--name", name]
 
 
-def list_argv() -> list[str]:
-    return ["flwr", "supernode", "list", CONNECTION, "--format", "json"]
+def list_argv(connection: str = CONNECTION) -> list[str]:
+    return ["flwr", "supernode", "list", connection, "--format", "json"]
+
+
+def role_argv(role: str) -> list[str]:
+    """What a machine of a plan runs in its folder: ``fedlora cloud|edge|client --config .``."""
+    return ["fedlora", {"cloud": "cloud", "edge": "edge", "end": "client"}[role], "--config", "."]
 
 
 # -- scripts -----------------------------------------------------------------------------
@@ -81,65 +98,31 @@ mkdir -p state logs
 """
 
 
-def start_script(services: dict[str, list[str]]) -> str:
-    """``start.sh [SERVICE]``: without an argument every service of this machine runs (all
-    stop when one exits, or on Ctrl-C/SIGTERM); with one, only that service, in the
-    foreground (what the systemd units run). Output goes to ``logs/<service>.log``."""
-    lines = [_HEADER, 'case "${1:-all}" in\n']
-    for name, argv in services.items():
-        lines.append(f"  {name}) exec {_join(argv)} >>logs/{name}.log 2>&1 ;;\n")
-    lines.append('  all) ;;\n  *) echo "usage: $0 [' + "|".join(services) + ']" >&2; exit 2 ;;\nesac\n')
-    lines.append("pids=\"\"\ntrap 'kill $pids 2>/dev/null || true' INT TERM\n")
-    for name in services:
-        lines.append(f'sh ./start.sh {name} &\npids="$pids $!"\n')
-    lines.append("wait\n")
-    return "".join(lines)
+def start_script(argv: list[str]) -> str:
+    """``start.sh [extra flags]``: runs this machine's role in the foreground (what the
+    systemd unit runs too); Ctrl-C or SIGTERM stops it and every Flower process it started.
+    Its own output goes to ``logs/fedlora.log`` (the Flower processes log beside it)."""
+    return _HEADER + f'exec {_join(argv)} "$@" >>logs/fedlora.log 2>&1\n'
 
 
-def register_script(address: str, names: list[str], key_dir: str) -> str:
-    """``register_supernodes.sh``: add every listed SuperNode's public key to this folder's
-    SuperLink (run once the SuperLink is up; keys already registered are reported, not fatal)."""
-    body = [
-        _HEADER,
-        'export FLWR_HOME="$PWD/flwr"\nmkdir -p "$FLWR_HOME"\n',
-        f"cat >\"$FLWR_HOME/config.toml\" <<EOF\n{flwr_config_toml(address, '$PWD/ca.pem')}EOF\n",
-        "fail=0\n",
-    ]
-    for name in names:
-        argv = _join(register_argv(f"{key_dir}/{name}.pub", name))
-        body.append(
-            f"if out=$({argv} 2>&1); then echo \"registered {name}\"; "
-            f"elif echo \"$out\" | grep -qi 'already'; then echo \"{name} already registered\"; "
-            f"else echo \"FAILED to register {name}: $out\" >&2; fail=1; fi\n"
-        )
-    body.append("exit $fail\n")
-    return "".join(body)
-
-
-def systemd_unit(description: str, service: str, *, after: str = "network-online.target",
-                 exec_start_post: str | None = None) -> str:
-    """A systemd service running ``start.sh <service>`` of a long-lived host; ``install.sh``
-    replaces ``@FOLDER@`` by the folder's absolute path and ``@BIN@`` by the directory of
-    the Flower executables (the venv's bin)."""
-    post = f"ExecStartPost=/bin/sh -c 'sleep 3; exec @FOLDER@/{exec_start_post}'\n" if exec_start_post else ""
+def systemd_unit(description: str) -> str:
+    """A systemd service running ``start.sh``; ``install.sh`` replaces ``@FOLDER@`` by the
+    folder's absolute path and ``@BIN@`` by the directory of the ``fedlora`` executable."""
     return (
         "[Unit]\n"
         f"Description={description}\n"
-        f"After={after}\nWants=network-online.target\n\n"
+        "After=network-online.target\nWants=network-online.target\n\n"
         "[Service]\nType=simple\nWorkingDirectory=@FOLDER@\n"
         "Environment=PATH=@BIN@:/usr/local/bin:/usr/bin:/bin\n"
-        f"ExecStart=/bin/sh @FOLDER@/start.sh {service}\n{post}"
-        "Restart=on-failure\nRestartSec=5\nKillSignal=SIGTERM\nTimeoutStopSec=30\n\n"
+        "ExecStart=/bin/sh @FOLDER@/start.sh\n"
+        "Restart=on-failure\nRestartSec=5\nKillSignal=SIGTERM\nTimeoutStopSec=60\n\n"
         "[Install]\nWantedBy=multi-user.target\n"
     )
 
 
-def install_script(units: list[str]) -> str:
-    """``install.sh``: fill in the folder path and install/enable the units (run as root)."""
-    lines = [_HEADER, 'here="$(pwd)"\n',
-             'bin="$(dirname "$(command -v flower-superlink)")" || { echo "flower-superlink not on PATH" >&2; exit 1; }\n']
-    for unit in units:
-        lines.append(f"sed -e \"s#@FOLDER@#$here#g\" -e \"s#@BIN@#$bin#g\" {unit} >/etc/systemd/system/{unit}\n")
-    lines.append("systemctl daemon-reload\n")
-    lines.append("systemctl enable --now " + " ".join(units) + "\n")
-    return "".join(lines)
+def install_script(unit: str) -> str:
+    """``install.sh``: fill in the folder path and install/enable the unit (run as root)."""
+    return (_HEADER + 'here="$(pwd)"\n'
+            'bin="$(dirname "$(command -v fedlora)")" || { echo "fedlora not on PATH (activate its venv)" >&2; exit 1; }\n'
+            f"sed -e \"s#@FOLDER@#$here#g\" -e \"s#@BIN@#$bin#g\" {unit} >/etc/systemd/system/{unit}\n"
+            f"systemctl daemon-reload\nsystemctl enable --now {unit}\n")

@@ -15,10 +15,11 @@ From the composed config (the same Hydra overrides as ``fedlora run``) the cell 
 
 Every folder gets ``ca.pem``, the public ``secagg_registry.json`` (device id -> Ed25519
 public key; ids are the folder names), its own secure-aggregation identity key,
-``node.yaml``, ``config.yaml`` (the resolved fedlora config) and ``start.sh``; cloud and edges
-also systemd units, ``install.sh`` and ``register_supernodes.sh``. A private key is written
-only into the folder of the machine that owns it (mode 0600). The CA private key goes to
-``_ca/`` beside the node folders: keep it offline; no machine needs it.
+``node.yaml``, ``config.yaml`` (the resolved fedlora config), ``start.sh`` (runs
+``fedlora cloud|edge|client --config .``: the machine's role with TLS, node authentication
+and its own keys), a systemd unit and ``install.sh``. A private key is written only into
+the folder of the machine that owns it (mode 0600). The CA private key goes to ``_ca/``
+beside the node folders: keep it offline; no machine needs it.
 """
 
 from __future__ import annotations
@@ -32,11 +33,11 @@ import yaml
 
 from fedlora.config import FedLoraConfig, save_yaml
 from fedlora.deploy import commands, pki
+from fedlora.secure.identities import REGISTRY_FORMAT
 from fedlora.topology import CLOUD, build_tree
 
 LOOPBACK = ["127.0.0.1", "localhost"]
 REGISTRY_FILE = "secagg_registry.json"
-REGISTRY_FORMAT = "fedlora-secagg-registry/v1"
 CA_CERT = "ca.pem"
 SERVER_CERT = "tls/server.pem"
 SERVER_KEY = "tls/server.key"
@@ -45,6 +46,13 @@ SUPERNODE_PUB = "auth/supernode_key.pub"
 SUPERNODES_DIR = "supernodes"  # public keys this folder's SuperLink registers
 IDENTITY_KEY = "secagg/identity.pem"
 DATA_DIR = "data"
+
+
+DATA_README = """Put this device's own training examples here: ONE file, train.jsonl / .json / .csv / .parquet,
+in the alpaca layout (instruction, input, output) or chat layout (messages). It never leaves this
+device; only masked adapter updates do. Without a file, the device trains on its partition of the
+federation's configured dataset (a demo).
+"""
 
 
 class PlanError(ValueError):
@@ -167,7 +175,9 @@ def write_plan(cfg: FedLoraConfig, out_dir: Path, settings: DeploySettings | Non
         folder = out_dir / node.name
         pki.write_public(folder / CA_CERT, pki.cert_pem(ca.cert))
         if node.superlink_port:
-            server = pki.issue_server_cert(ca, f"{node.name} SuperLink", node.hosts, settings.cert_days)
+            # Loopback too: the machine's own `flwr` CLI (runs, registration) reaches it there.
+            sans = node.hosts + [h for h in LOOPBACK if h not in node.hosts]
+            server = pki.issue_server_cert(ca, f"{node.name} SuperLink", sans, settings.cert_days)
             pki.write_private(folder / SERVER_KEY, pki.key_pem(server.key))
             pki.write_public(folder / SERVER_CERT, pki.cert_pem(server.cert))
         if node.upstream:
@@ -186,10 +196,11 @@ def write_plan(cfg: FedLoraConfig, out_dir: Path, settings: DeploySettings | Non
         for child in node.children:
             pki.write_public(folder / SUPERNODES_DIR / f"{child}.pub", supernode_pub[child])
         save_yaml(cfg, folder / "config.yaml")
-        _write_yaml(folder / "node.yaml", node_document(node, nodes, cfg, overrides or []))
-        _write_scripts(folder, node, nodes, settings)
+        _write_yaml(folder / "node.yaml", node_document(node, nodes, cfg, overrides or [], bind_host(node, settings)))
+        _write_scripts(folder, node)
         if node.role == "end":
             (folder / DATA_DIR).mkdir(exist_ok=True)
+            (folder / DATA_DIR / "README.txt").write_text(DATA_README)
 
     manifest = {
         "nodes": {n.name: {"role": n.role, "cell": n.cell, "upstream": n.upstream, "children": n.children,
@@ -210,30 +221,13 @@ def registry_document(identities: dict[str, bytes], nodes: dict[str, Node]) -> d
     }
 
 
-def load_registry(path: Path):
-    """A :class:`fedlora.secure.keys.DeviceRegistry` from a plan's ``secagg_registry.json``."""
-    from fedlora.secure.keys import DeviceRegistry
-
-    doc = json.loads(Path(path).read_text())
-    if doc.get("format") != REGISTRY_FORMAT:
-        raise PlanError(f"{path} is not a fedlora secure-aggregation registry (format {doc.get('format')!r})")
-    return DeviceRegistry({name: base64.b64decode(d["ed25519_public_key"]) for name, d in doc["devices"].items()})
-
-
-def load_identity(folder: Path):
-    """This node's :class:`fedlora.secure.keys.IdentityKey` from its folder."""
-    from fedlora.secure.keys import IdentityKey
-
-    return IdentityKey(pki.load_pem_key(Path(folder) / IDENTITY_KEY))
-
-
-def node_document(node: Node, nodes: dict[str, Node], cfg: FedLoraConfig, overrides: list[str]) -> dict:
+def node_document(node: Node, nodes: dict[str, Node], cfg: FedLoraConfig, overrides: list[str], bind: str) -> dict:
     """``node.yaml``: what this machine is and where its files are (paths relative to it)."""
     doc: dict = {"name": node.name, "role": node.role, "cell": node.cell, "fedlora_overrides": overrides,
                  "config": "config.yaml", "ca_cert": CA_CERT, "secagg": {"identity_key": IDENTITY_KEY,
                                                                            "registry": REGISTRY_FILE}}
     if node.superlink_port:
-        doc["superlink"] = {"address": address(node), "hosts": node.hosts,
+        doc["superlink"] = {"address": address(node), "hosts": node.hosts, "listen": f"{bind}:{node.superlink_port}",
                             "cert": SERVER_CERT, "key": SERVER_KEY, "supernode_auth": True,
                             "registered_supernodes": {c: f"{SUPERNODES_DIR}/{c}.pub" for c in node.children}}
     if node.upstream:
@@ -253,42 +247,72 @@ def _write_yaml(path: Path, doc: dict) -> None:
                     + yaml.safe_dump(doc, sort_keys=False))
 
 
-def services(node: Node, nodes: dict[str, Node], settings: DeploySettings) -> dict[str, list[str]]:
-    """Service name -> command line, for one machine (see :mod:`fedlora.deploy.commands`)."""
-    out: dict[str, list[str]] = {}
-    if node.superlink_port:
-        out["superlink"] = commands.superlink_argv(bind_host=bind_host(node, settings), port=node.superlink_port,
-                                                   ca=CA_CERT, cert=SERVER_CERT, key=SERVER_KEY)
-    if node.upstream:
-        node_config: dict[str, object] = {"node-name": node.name}
-        if node.role == "end":
-            node_config.update({"partition-id": node.client_id, "num-partitions": len([n for n in nodes.values() if n.role == "end"])})
-        out["supernode"] = commands.supernode_argv(superlink=address(nodes[node.upstream]), ca=CA_CERT,
-                                                   auth_key=SUPERNODE_KEY, node_config=node_config,
-                                                   runtime_port=node.runtime_port)  # type: ignore[arg-type]
-    return out
-
-
 def bind_host(node: Node, settings: DeploySettings) -> str:
     if settings.bind_host:
         return settings.bind_host
     return "127.0.0.1" if all(h in LOOPBACK or h == "::1" for h in node.hosts) else "0.0.0.0"
 
 
-def _write_scripts(folder: Path, node: Node, nodes: dict[str, Node], settings: DeploySettings) -> None:
-    svc = services(node, nodes, settings)
-    pki.write_public(folder / "start.sh", commands.start_script(svc).encode(), 0o755)
-    if not node.superlink_port:
-        return
-    pki.write_public(folder / "register_supernodes.sh",
-                     commands.register_script(address(node), node.children, SUPERNODES_DIR).encode(), 0o755)
-    units = []
-    for name in svc:
-        unit = f"fedlora-{node.name}-{name}.service"
-        post = "register_supernodes.sh" if name == "superlink" else None
-        after = "network-online.target" if name == "superlink" or node.role != "edge" else \
-            f"network-online.target fedlora-{node.name}-superlink.service"
-        pki.write_public(folder / unit, commands.systemd_unit(f"fedlora {node.role} {node.name}: {name}", name,
-                                                              after=after, exec_start_post=post).encode())
-        units.append(unit)
-    pki.write_public(folder / "install.sh", commands.install_script(units).encode(), 0o755)
+def _write_scripts(folder: Path, node: Node) -> None:
+    """``start.sh`` (``fedlora cloud|edge|client --config .``), a systemd unit and ``install.sh``."""
+    pki.write_public(folder / "start.sh", commands.start_script(commands.role_argv(node.role)).encode(), 0o755)
+    unit = f"fedlora-{node.name}.service"
+    pki.write_public(folder / unit, commands.systemd_unit(f"fedlora {node.role} {node.name}").encode())
+    pki.write_public(folder / "install.sh", commands.install_script(unit).encode(), 0o755)
+
+
+@dataclass(frozen=True)
+class NodeFolder:
+    """One machine's folder of a plan, as ``fedlora cloud|edge|client --config`` read it."""
+
+    folder: Path  # absolute
+    doc: dict
+
+    @property
+    def name(self) -> str:
+        return str(self.doc["name"])
+
+    @property
+    def role(self) -> str:
+        return str(self.doc["role"])
+
+    def path(self, relative: str) -> Path:
+        return self.folder / relative
+
+    def config(self) -> FedLoraConfig:
+        from fedlora.config import load_yaml
+
+        return load_yaml(self.folder / str(self.doc.get("config", "config.yaml")))
+
+    def data_file(self) -> str:
+        """The device's own data file in ``data/`` ("" when there is none: demo partition)."""
+        from fedlora.data import FILE_BUILDERS
+
+        folder = self.folder / str(self.doc.get("data_path", DATA_DIR))
+        files = sorted(p for p in folder.glob("*") if p.is_file() and p.suffix.lower() in FILE_BUILDERS) if folder.is_dir() else []
+        if len(files) > 1:
+            raise PlanError(f"{folder} holds {len(files)} data files ({', '.join(p.name for p in files)}); keep one")
+        return str(files[0]) if files else ""
+
+
+def read_node(folder: Path | str, role: str | None = None) -> NodeFolder:
+    """A plan's node folder; :class:`PlanError` when it is not one (or not of ``role``)."""
+    folder = Path(folder).expanduser().resolve()
+    try:
+        doc = yaml.safe_load((folder / "node.yaml").read_text())
+    except OSError:
+        raise PlanError(f"{folder} is not a node folder of a deployment plan (no node.yaml); "
+                        "make one with `fedlora deploy plan OUT_DIR` and copy its folder here") from None
+    except yaml.YAMLError as exc:
+        raise PlanError(f"{folder / 'node.yaml'} is not valid YAML: {exc}") from None
+    if not isinstance(doc, dict) or "name" not in doc or doc.get("role") not in ("cloud", "edge", "end"):
+        raise PlanError(f"{folder / 'node.yaml'} has no name and role (cloud, edge or end)")
+    node = NodeFolder(folder, doc)
+    if role is not None and node.role != role:
+        command = commands.role_argv(node.role)[1]
+        raise PlanError(f"{folder} is the folder of {node.name} (role {node.role}); start it with "
+                        f"`fedlora {command} --config {folder}`")
+    for key in [CA_CERT, IDENTITY_KEY, REGISTRY_FILE]:
+        if not (folder / key).is_file():
+            raise PlanError(f"{folder} lacks {key}; copy the whole folder from the plan")
+    return node

@@ -1,0 +1,66 @@
+"""``fedlora client --config FOLDER``: start an END device from its folder of a deployment plan.
+
+1. Reads the folder (``node.yaml``: which edge, which partition id; ``config.yaml``: the
+   federation's config; its certificates and keys) -- :func:`fedlora.deploy.plan.read_node`.
+2. Checks the device (free memory, CPU architecture, Python, torch, AES instructions) and
+   picks the least degraded training settings that fit (base precision, gradient
+   checkpointing, batch, ``max_seq_len``; never the LoRA rank, which every client shares) --
+   :func:`fedlora.deploy.device.pick_settings`; refuses with the reason when the device
+   cannot train the model. What it picked is written to ``state/device.json``.
+3. Starts the device's SuperNode: TLS with the plan's CA, SuperNode authentication with its
+   own key, node config carrying the folder (its Ed25519 secure-aggregation key), the
+   picked settings and its own data file in ``data/`` -- and keeps it running (restarted
+   when its edge restarts) until Ctrl-C / SIGTERM.
+
+The private data stays in the folder; under secure aggregation what leaves the device is
+keys, encrypted shares and its masked update (``--audit`` keeps a copy of every reply in
+``logs/sent/`` to check that for yourself).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fedlora.deploy.plan import read_node
+from server.deploy import Security, run_end
+
+log = logging.getLogger("fedlora")
+
+
+def device_node_config(folder, *, audit: bool = False) -> tuple[dict, dict]:
+    """(the SuperNode's extra node config, what was checked and picked) for an END folder."""
+    from fedlora.deploy.device import describe, pick_settings, read_facts
+
+    node = read_node(folder, "end")
+    cfg = node.config()
+    facts = read_facts()
+    settings = pick_settings(cfg, facts)  # DeviceError: this device cannot train the model
+    data_file = node.data_file()
+    picked = {"device": describe(facts), "settings": settings.as_dict(), "data_file": data_file or None}
+    state = node.path("state")
+    state.mkdir(exist_ok=True)
+    (state / "device.json").write_text(json.dumps(picked, indent=2) + "\n")
+    log.info("device %s: %s, %.0f of %.0f MiB available -> %s base, checkpointing %s, batch %d x %d, max_seq_len %d "
+             "(predicted peak %.0f MiB)%s", node.name, facts.arch, facts.mem_available_mib, facts.mem_total_mib,
+             settings.dtype, "on" if settings.gradient_checkpointing else "off", settings.batch_size, settings.grad_accum,
+             settings.max_seq_len, settings.predicted_peak_mib,
+             f"; changed: {'; '.join(settings.changed)}" if settings.changed else "")
+    if data_file:
+        log.info("device %s: training on its own data %s", node.name, data_file)
+    else:
+        log.warning("device %s: no data file in %s; training on partition %s of the federation's configured dataset "
+                    "(a demo: put this device's own examples there)", node.name, node.path("data"), node.doc["partition_id"])
+    extra = {"node-dir": str(node.folder), "device-settings": " ".join(settings.overrides()), "data-file": data_file}
+    if audit:
+        extra["audit-dir"] = str(node.path("logs") / "sent")
+    return extra, picked
+
+
+def launch(folder, *, audit: bool = False) -> None:
+    """Check the device, pick its settings, run its SuperNode until stopped."""
+    node = read_node(folder, "end")
+    extra, _ = device_node_config(node.folder, audit=audit)
+    up = node.doc["supernode"]
+    run_end(int(node.doc["partition_id"]), int(node.doc["num_partitions"]), str(up["superlink"]), node.folder,
+            Security.from_node(node), node_config=extra, port=int(up["runtime_port"]))
