@@ -337,7 +337,7 @@ def cmd_status(argv: list[str]) -> None:
                 text = json.dumps(status, indent=None if args.follow else 2) if args.json else render_text(status, args.round)
             except StatusError as exc:
                 raise UserError(str(exc)) from None
-            changed = (status["state"], status["rounds_done"], status["checkpoint_round"], status["partial_last_line"])
+            changed = (status["state"], status["rounds_done"])
             if not args.follow or changed != shown or (terminal and not args.json):
                 if args.follow and terminal and not args.json:
                     print("\033[H\033[2J", end="")  # redraw in place on a terminal; a pipe gets one copy per change
