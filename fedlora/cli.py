@@ -2,6 +2,7 @@
 
     fedlora run [hydra overrides] [--multirun]   federated fine-tuning (Flower simulation)
     fedlora resume RUN_DIR                       continue an interrupted run
+    fedlora status RUN_DIR [--follow] [--json]   run state, who joined which round, who dropped and why
     fedlora eval RUN_DIR|ADAPTER [overrides]     held-out loss and perplexity of an adapter
     fedlora generate RUN_DIR|ADAPTER --prompt P  what the adapter answers (or a small chat)
     fedlora deploy plan OUT_DIR [overrides]      one folder per machine: TLS, node keys, start commands
@@ -384,14 +385,53 @@ def cmd_client(argv: list[str]) -> None:
     cmd_end(argv, "fedlora client")
 
 
+def cmd_status(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="fedlora status", description="State of a run (running, finished, interrupted), "
+                                     "rounds done, who joined and who dropped each round and why, per neighbourhood cell.")
+    parser.add_argument("run_dir", type=Path, help="the run directory (of fedlora run, flwr run or fedlora cloud)")
+    parser.add_argument("--follow", action="store_true", help="show it again every --interval seconds until the run finishes")
+    parser.add_argument("--interval", type=float, default=5.0, help="seconds between looks with --follow (default 5)")
+    parser.add_argument("--json", action="store_true", help="machine-readable status (with --follow: one JSON line per change)")
+    parser.add_argument("--round", type=int, help="the round shown by cell (default the latest)")
+    args = parser.parse_args(argv)
+    import json
+    import os
+    import time
+
+    from fedlora.status import FINISHED, StatusError, render_text, run_status
+
+    terminal = sys.stdout.isatty()
+    shown = None
+    try:
+        while True:
+            try:
+                status = run_status(args.run_dir)
+                text = json.dumps(status, indent=None if args.follow else 2) if args.json else render_text(status, args.round)
+            except StatusError as exc:
+                raise UserError(str(exc)) from None
+            changed = (status["state"], status["rounds_done"])
+            if not args.follow or changed != shown or (terminal and not args.json):
+                if args.follow and terminal and not args.json:
+                    print("\033[H\033[2J", end="")  # redraw in place on a terminal; a pipe gets one copy per change
+                print(text, end="" if text.endswith("\n") else "\n", flush=True)
+                shown = changed
+            if not args.follow or status["state"] == FINISHED:
+                return
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return
+    except BrokenPipeError:  # `fedlora status ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def cmd_deploy(argv: list[str]) -> None:
     from fedlora.deploy.cli import main as deploy_main
 
     deploy_main(argv)
 
 
-COMMANDS = {"run": cmd_run, "resume": cmd_resume, "eval": cmd_eval, "generate": cmd_generate, "deploy": cmd_deploy,
-            "cloud": cmd_cloud, "edge": cmd_edge, "end": cmd_end, "client": cmd_client}
+COMMANDS = {"run": cmd_run, "resume": cmd_resume, "status": cmd_status, "eval": cmd_eval, "generate": cmd_generate,
+            "deploy": cmd_deploy, "cloud": cmd_cloud, "edge": cmd_edge, "end": cmd_end, "client": cmd_client}
 
 
 def main(argv: list[str] | None = None) -> None:
