@@ -116,6 +116,27 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def free_port_run(n: int, host: str = "127.0.0.1") -> int:
+    """A port p such that p..p+n-1 are all free on ``host`` right now (a plan's port bases)."""
+    for _ in range(200):
+        base = free_port(host)
+        if base + n > 65535:
+            continue
+        socks = []
+        try:
+            for port in range(base, base + n):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind((host, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise DeployError(f"no run of {n} free ports found on {host}")
+
+
 def wait_port(address: str, timeout_s: float = 60.0, *, proc: subprocess.Popen | None = None) -> None:
     """Wait until ``host:port`` accepts connections (or the process serving it died)."""
     host, _, port = address.rpartition(":")

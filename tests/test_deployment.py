@@ -30,7 +30,6 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -44,7 +43,7 @@ from fedlora.deploy import commands, pki
 from fedlora.deploy.plan import DeploySettings, read_node, write_plan
 from fedlora.secure.messages import AdvertiseKeys, MaskedInput, ShareKeys, UnmaskResponse
 from fedlora.secure.rounds import read_message
-from server.deploy import ProcessGroup, Security, _descendants, _alive, placement
+from server.deploy import ProcessGroup, Security, _alive, _descendants, free_port_run, placement
 
 pytestmark = pytest.mark.flower
 
@@ -69,29 +68,6 @@ OVERRIDES = [
 ]
 FEDLORA = [sys.executable, "-m", "fedlora.cli"]
 BIN = Path(sys.executable).parent
-
-
-def _free_run(n: int) -> int:
-    """A port p such that p..p+n-1 are all free on 127.0.0.1 right now."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n > 65535:
-            continue
-        socks = []
-        try:
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
 
 
 def _wait(pred, timeout: float, what: str, group: ProcessGroup | None = None):
@@ -144,7 +120,7 @@ def deployment(tmp_path_factory, env):
     assert [len(c) for c in cells.values()] == [3, 3]
     tmp = tmp_path_factory.mktemp("deployment")
     out = tmp / "plan"
-    nodes = write_plan(cfg, out, DeploySettings(base_port=_free_run(3), runtime_port_base=_free_run(9)), overrides=OVERRIDES)
+    nodes = write_plan(cfg, out, DeploySettings(base_port=free_port_run(3), runtime_port_base=free_port_run(9)), overrides=OVERRIDES)
     env = dict(env, PYTHONUNBUFFERED="1")
     group = ProcessGroup(tmp / "logs")
     try:
@@ -182,7 +158,7 @@ def test_planned_deployment_tls_auth_secagg_dropout_and_edge_restart(deployment,
 
     # Membership: an unregistered key is refused; without the plan's CA no connection at all.
     address = read_node(edge_a).doc["superlink"]["address"]
-    runtime = _free_run(3)
+    runtime = free_port_run(3)
     rogue = tmp_path / "rogue_key"
     pki.write_private(rogue, pki.ssh_private(pki.make_supernode_key()))
     argv = Security(insecure=False, ca=edge_a / "ca.pem", auth_key=rogue).supernode_argv(address, {"partition-id": 0}, runtime)
