@@ -62,6 +62,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
@@ -154,19 +155,60 @@ def _chunked_answer_loss(chunk: int):
     return loss
 
 
-def child(args: argparse.Namespace) -> None:
+def phase_marker() -> tuple[dict[str, dict], Callable[[str], None]]:
+    """(phases, mark): ``mark(name)`` records ru_maxrss, current RSS and time into ``phases``."""
     phases: dict[str, dict] = {}
     t_start = time.perf_counter()
 
     def mark(name: str) -> None:
         phases[name] = {"maxrss_mib": maxrss_mib(), "rss_mib": rss_mib(), "t_s": time.perf_counter() - t_start}
 
+    return phases, mark
+
+
+def synthetic_batches(tokenizer, n_examples: int, batch: int, seq: int) -> tuple[list[dict], list[int], int]:
+    """(tokenized, first batch shape, answer tokens in it) of ``n_examples`` synthetic examples
+    that are all exactly ``seq`` tokens long; SystemExit when they are not."""
+    from fedlora.data import batches, tokenize
+
+    tokenized = tokenize(synthetic_examples(n_examples), tokenizer, seq)
+    lengths = {len(t["input_ids"]) for t in tokenized}
+    first = next(batches(tokenized, batch, tokenizer.pad_token_id, shuffle=False, seed=0))
+    shape = list(first["input_ids"].shape)
+    if lengths != {seq} or shape != [batch, seq]:
+        raise SystemExit(f"examples are not all {seq} tokens: lengths {sorted(lengths)}, batch {shape}")
+    return tokenized, shape, int((first["labels"] != -100).sum())
+
+
+def timed_steps(n: int, step: Callable[[int], tuple[float, int, float]]) -> list[dict]:
+    """Run ``step(i) -> (loss, tokens, seconds)`` ``n`` times; wall, CPU-seconds and ru_maxrss of each."""
+    steps = []
+    for i in range(n):
+        c0, t0 = cpu_seconds(), time.perf_counter()
+        loss, tokens, seconds = step(i)
+        steps.append({"s": seconds, "wall_s": time.perf_counter() - t0, "cpu_s": cpu_seconds() - c0,
+                      "loss": loss, "tokens": tokens, "maxrss_mib": maxrss_mib()})
+    return steps
+
+
+def report(phases: dict, steps: list[dict], shape: list[int], answer_tokens: int, model, **extra) -> None:
+    """Print the child's measurements as one MARK line of JSON (what :func:`spawn_child` reads)."""
+    import torch
+
+    data = {"phases": phases, "steps": steps, "batch_shape": shape, "answer_tokens_first_batch": answer_tokens,
+            "params": sum(p.numel() for p in model.parameters()),
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "torch_threads": torch.get_num_threads(), **extra}
+    print(MARK + json.dumps(data), flush=True)
+
+
+def child(args: argparse.Namespace) -> None:
+    phases, mark = phase_marker()
     mark("start")
     import torch
 
     torch.set_num_threads(args.threads)
     from fedlora.config import compose
-    from fedlora.data import batches, tokenize
     from fedlora.model import load_base_model, wrap_lora
     from fedlora.progress import quiet_libraries
     from fedlora.train import train_local
@@ -206,48 +248,22 @@ def child(args: argparse.Namespace) -> None:
     mark("model")
 
     n_examples = max(args.batch, args.eval_batch) * (args.steps + 1)
-    tokenized = tokenize(synthetic_examples(n_examples), tokenizer, args.seq)
-    lengths = {len(t["input_ids"]) for t in tokenized}
-    first = next(batches(tokenized, args.batch, tokenizer.pad_token_id, shuffle=False, seed=0))
-    shape = list(first["input_ids"].shape)
-    if lengths != {args.seq} or shape != [args.batch, args.seq]:
-        raise SystemExit(f"examples are not all {args.seq} tokens: lengths {sorted(lengths)}, batch {shape}")
-    answer_tokens = int((first["labels"] != -100).sum())
+    tokenized, shape, answer_tokens = synthetic_batches(tokenizer, n_examples, args.batch, args.seq)
     mark("data")
 
-    steps = []
-    for i in range(args.steps):
-        c0, t0 = cpu_seconds(), time.perf_counter()
+    def step(i: int) -> tuple[float, int, float]:
         if "eval" in variant:
             # Server-side evaluation of one batch of eval_batch_size sequences (no grad).
+            t0 = time.perf_counter()
             chunk = tokenized[i * args.eval_batch:(i + 1) * args.eval_batch]
             loss, tokens = fedlora.train.evaluate(model, chunk, args.eval_batch, pad_id=tokenizer.pad_token_id)
-            seconds = time.perf_counter() - t0
-        else:
-            res = train_local(model, tokenized, cfg.train, pad_id=tokenizer.pad_token_id, seed=i)
-            loss, tokens, seconds = res.loss, res.tokens, res.seconds
-        steps.append(
-            {"s": seconds, "wall_s": time.perf_counter() - t0, "cpu_s": cpu_seconds() - c0,
-             "loss": loss, "tokens": tokens, "maxrss_mib": maxrss_mib()}
-        )
+            return loss, tokens, time.perf_counter() - t0
+        res = train_local(model, tokenized, cfg.train, pad_id=tokenizer.pad_token_id, seed=i)
+        return res.loss, res.tokens, res.seconds
+
+    steps = timed_steps(args.steps, step)
     mark("train")
-    n_params = sum(p.numel() for p in model.parameters())
-    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(
-        MARK
-        + json.dumps(
-            {
-                "phases": phases,
-                "steps": steps,
-                "batch_shape": shape,
-                "answer_tokens_first_batch": answer_tokens,
-                "params": n_params,
-                "trainable_params": n_lora,
-                "torch_threads": torch.get_num_threads(),
-            }
-        ),
-        flush=True,
-    )
+    report(phases, steps, shape, answer_tokens, model)
 
 
 def bf16_dir(model: str) -> Path:
@@ -282,20 +298,33 @@ def parse_spec(spec: str) -> tuple[str, int, str]:
     return parts[0], int(parts[1]), parts[2] if len(parts) == 3 else ""
 
 
-def run_config(args: argparse.Namespace, dtype: str, threads: int, variant: str) -> dict:
-    cmd = [
-        sys.executable, __file__, "--child", "--model", args.model, "--dtype", dtype, "--threads", str(threads),
-        "--variant", variant, "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
-        "--chunk", str(args.chunk), "--eval-batch", str(args.eval_batch),
-    ]
+def spawn_child(cmd: list[str], threads: int) -> tuple[dict | None, str, float]:
+    """Run a measuring child (``cmd``) in a FRESH process with ``threads`` torch/OpenMP
+    threads: (its reported data or None, its stderr/stdout tail on failure, wall seconds).
+
+    The child's ru_maxrss starts at this process's peak RSS (Linux carries the peak across
+    vfork+exec), so a parent that imports torch puts a ~250 MiB floor under every child
+    peak; harmless for peaks above it, but keep the parent light when measuring small ones."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO))
     wall = time.perf_counter() - t0
     lines = [line for line in proc.stdout.splitlines() if line.startswith(MARK)]
     if proc.returncode != 0 or not lines:
-        return {"dtype": dtype, "threads": threads, "variant": variant or "-", "error": (proc.stderr or proc.stdout)[-2000:]}
-    return summarise(dtype, threads, variant or "-", json.loads(lines[-1][len(MARK):]), wall)
+        return None, (proc.stderr or proc.stdout)[-2000:], wall
+    return json.loads(lines[-1][len(MARK):]), "", wall
+
+
+def run_config(args: argparse.Namespace, dtype: str, threads: int, variant: str) -> dict:
+    cmd = [
+        sys.executable, __file__, "--child", "--model", args.model, "--dtype", dtype, "--threads", str(threads),
+        "--variant", variant, "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
+        "--chunk", str(args.chunk), "--eval-batch", str(args.eval_batch),
+    ]
+    data, error, wall = spawn_child(cmd, threads)
+    if data is None:
+        return {"dtype": dtype, "threads": threads, "variant": variant or "-", "error": error}
+    return summarise(dtype, threads, variant or "-", data, wall)
 
 
 def summarise(dtype: str, threads: int, variant: str, data: dict, wall: float | None) -> dict:
