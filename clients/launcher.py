@@ -51,7 +51,9 @@ def device_node_config(folder, *, audit: bool = False) -> tuple[dict, dict]:
     else:
         log.warning("device %s: no data file in %s; training on partition %s of the federation's configured dataset "
                     "(a demo: put this device's own examples there)", node.name, node.path("data"), node.doc["partition_id"])
-    extra = {"node-dir": str(node.folder), "device-settings": " ".join(settings.overrides()), "data-file": data_file}
+    # Train on every core of the device (torch threads; a simulation's default is 1 per virtual client).
+    local = [*settings.overrides(), f"simulation.threads_per_client={max(1, facts.cpu_count)}"]
+    extra = {"node-dir": str(node.folder), "device-settings": " ".join(local), "data-file": data_file}
     if audit:
         extra["audit-dir"] = str(node.path("logs") / "sent")
     return extra, picked

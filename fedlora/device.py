@@ -74,7 +74,7 @@ def local_training_set(cfg: FedLoraConfig, partition_id: int, tokenizer, num_par
 # fedlora/deploy/device.py): HOW it trains, never WHAT it trains (model, LoRA shape, steps,
 # learning rate stay the federation's, so every update has the same shape and meaning).
 LOCAL_KEYS = {"model.dtype": str, "train.gradient_checkpointing": bool, "train.batch_size": int,
-              "train.grad_accum": int, "train.max_seq_len": int}
+              "train.grad_accum": int, "train.max_seq_len": int, "simulation.threads_per_client": int}
 
 
 @dataclass(frozen=True)

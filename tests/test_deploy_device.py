@@ -149,3 +149,23 @@ def test_cli_check_on_a_node_folder(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["deploy", "check", "--config", str(tmp_path)])
     assert exit_.value.code == 2 and "not a node folder" in capsys.readouterr().err
+
+
+def test_device_local_settings_change_how_a_device_trains_never_what(tmp_path):
+    """What the launcher passes a device's ClientApp: only LOCAL_KEYS, applied to the
+    federation's config; its own data file replaces the demo partition."""
+    from fedlora.config import compose, to_dict, to_typed
+    from fedlora.device import DeviceLocal
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"instruction": "q", "input": "", "output": "a"}\n')
+    local = DeviceLocal.parse("model.dtype=bfloat16 train.gradient_checkpointing=true train.batch_size=2 "
+                              "simulation.threads_per_client=4", str(data))
+    federation = to_dict(compose(["model=tiny"]))
+    cfg = to_typed(local.apply(federation))
+    assert (cfg.model.dtype, cfg.train.gradient_checkpointing, cfg.train.batch_size) == ("bfloat16", True, 2)
+    assert cfg.simulation.threads_per_client == 4 and (cfg.data.source, cfg.data.path) == ("file", str(data))
+    assert cfg.lora == to_typed(federation).lora and federation["model"]["dtype"] != "bfloat16"  # input untouched
+    for bad in ["lora.r=4", "train.lr=1", "train.batch_size=0", "train.gradient_checkpointing=maybe", "model.dtype"]:
+        with pytest.raises(ValueError, match="device setting"):
+            DeviceLocal.parse(bad)
