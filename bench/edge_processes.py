@@ -81,12 +81,12 @@ def deployment(cfg, used: list[str], work: Path, *, planned: bool = False) -> di
     with ProcessGroup(work / "logs") as group:
         t0 = time.perf_counter()
         if planned:
-            plan = work / "plan"
-            write_plan(cfg, plan, DeploySettings(base_port=free_port_run(1 + len(placement(cfg))),
-                                                 runtime_port_base=free_port_run(len(placement(cfg)) + cfg.federation.num_clients)),
+            plan, cells = work / "plan", placement(cfg)
+            write_plan(cfg, plan, DeploySettings(base_port=free_port_run(1 + len(cells)),
+                                                 runtime_port_base=free_port_run(len(cells) + cfg.federation.num_clients)),
                        overrides=used)
-            spools = {cell: plan / f"edge-{cell}" for cell in placement(cfg)}
-            for cell, clients in placement(cfg).items():
+            spools = {cell: plan / f"edge-{cell}" for cell in cells}
+            for cell, clients in cells.items():
                 group.start(f"edge-{cell}", [*fedlora, "edge", "--config", str(spools[cell])], dict(os.environ))
                 for c in clients:
                     group.start(f"end-{c}", [*fedlora, "client", "--config", str(plan / f"end-{c}")], dict(os.environ))

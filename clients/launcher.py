@@ -22,17 +22,16 @@ from __future__ import annotations
 import json
 import logging
 
-from fedlora.deploy.plan import read_node
+from fedlora.deploy.plan import NodeFolder, read_node
 from server.deploy import Security, run_end
 
 log = logging.getLogger("fedlora")
 
 
-def device_node_config(folder, *, audit: bool = False) -> tuple[dict, dict]:
+def device_node_config(node: NodeFolder, *, audit: bool = False) -> tuple[dict, dict]:
     """(the SuperNode's extra node config, what was checked and picked) for an END folder."""
     from fedlora.deploy.device import describe, pick_settings, read_facts
 
-    node = read_node(folder, "end")
     cfg = node.config()
     facts = read_facts()
     settings = pick_settings(cfg, facts)  # DeviceError: this device cannot train the model
@@ -62,7 +61,7 @@ def device_node_config(folder, *, audit: bool = False) -> tuple[dict, dict]:
 def launch(folder, *, audit: bool = False) -> None:
     """Check the device, pick its settings, run its SuperNode until stopped."""
     node = read_node(folder, "end")
-    extra, _ = device_node_config(node.folder, audit=audit)
+    extra, _ = device_node_config(node, audit=audit)
     up = node.doc["supernode"]
     run_end(int(node.doc["partition_id"]), int(node.doc["num_partitions"]), str(up["superlink"]), node.folder,
             Security.from_node(node), node_config=extra, port=int(up["runtime_port"]))

@@ -94,20 +94,24 @@ class Security:
             raise DeployError("this machine has no SuperLink certificate in its plan folder")
         else:
             tls = (str(self.ca), str(self.cert), str(self.key))
-        argv = commands.superlink_argv(bind_host=host, port=port, tls=tls)
-        return [str(BIN / argv[0]), *argv[1:]]
+        return local_bin(commands.superlink_argv(bind_host=host, port=port, tls=tls))
 
     def supernode_argv(self, superlink: str, node_config: dict, port: int) -> list[str]:
         if not self.insecure and self.auth_key is None:
             raise DeployError("this machine has no SuperNode authentication key in its plan folder")
-        argv = commands.supernode_argv(superlink=superlink, ca=None if self.insecure else str(self.ca),
-                                       auth_key=None if self.insecure else str(self.auth_key), node_config=node_config,
-                                       runtime_port=port, insecure=self.insecure)
-        return [str(BIN / argv[0]), *argv[1:]]
+        return local_bin(commands.supernode_argv(superlink=superlink, ca=None if self.insecure else str(self.ca),
+                                                 auth_key=None if self.insecure else str(self.auth_key),
+                                                 node_config=node_config, runtime_port=port, insecure=self.insecure))
 
     def connection_toml(self, name: str, address: str) -> str:
         """A ``flwr`` CLI config with one connection to a SuperLink of this machine."""
         return commands.flwr_config_toml(name, address, ca_abs_path=None if self.insecure else str(Path(self.ca).resolve()))
+
+
+def local_bin(argv: list[str]) -> list[str]:
+    """``argv`` with its program (a Flower command of :mod:`fedlora.deploy.commands`) taken
+    from this venv's bin, whatever PATH says."""
+    return [str(BIN / argv[0]), *argv[1:]]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -295,7 +299,7 @@ def register_supernodes(home: Path, supernodes, *, proc: subprocess.Popen | None
     for name, public_key in supernodes:
         deadline = time.time() + timeout_s
         while True:
-            out = subprocess.run([str(BIN / "flwr"), *commands.register_argv(str(public_key), name)[1:]],
+            out = subprocess.run(local_bin(commands.register_argv(str(public_key), name)),
                                  env=flower_env(home), capture_output=True, text=True, timeout=60)
             text = out.stdout + out.stderr
             if out.returncode == 0 or "already" in text.lower():

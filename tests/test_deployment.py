@@ -43,7 +43,7 @@ from fedlora.deploy import commands, pki
 from fedlora.deploy.plan import DeploySettings, read_node, write_plan
 from fedlora.secure.messages import AdvertiseKeys, MaskedInput, ShareKeys, UnmaskResponse
 from fedlora.secure.rounds import read_message
-from server.deploy import ProcessGroup, Security, _alive, _descendants, free_port_run, placement
+from server.deploy import ProcessGroup, Security, _alive, _descendants, free_port_run, local_bin, placement
 
 pytestmark = pytest.mark.flower
 
@@ -67,7 +67,6 @@ OVERRIDES = [
     "progress=false",
 ]
 FEDLORA = [sys.executable, "-m", "fedlora.cli"]
-BIN = Path(sys.executable).parent
 
 
 def _wait(pred, timeout: float, what: str, group: ProcessGroup | None = None):
@@ -84,7 +83,7 @@ def _wait(pred, timeout: float, what: str, group: ProcessGroup | None = None):
 
 def _online(folder: Path, env) -> int:
     """How many SuperNodes are online at the SuperLink of a cloud/edge folder (its flwr CLI)."""
-    res = subprocess.run([str(BIN / "flwr"), *commands.list_argv()[1:]], cwd=folder,
+    res = subprocess.run(local_bin(commands.list_argv()), cwd=folder,
                          env=dict(env, FLWR_HOME=str(folder / "flwr-home")), capture_output=True, text=True, timeout=60)
     if res.returncode != 0:
         return 0
@@ -169,7 +168,7 @@ def test_planned_deployment_tls_auth_secagg_dropout_and_edge_restart(deployment,
     key = str(out / f"end-{ends_a[0]}" / "auth" / "supernode_key")
     for name, ca, port in (("no_ca", None, runtime + 1), ("other_ca", str(other_ca), runtime + 2)):
         argv = commands.supernode_argv(superlink=address, ca=ca, auth_key=key, node_config={}, runtime_port=port)
-        log = _refused(env, name, [str(BIN / argv[0]), *argv[1:]], tmp_path)
+        log = _refused(env, name, local_bin(argv), tmp_path)
         assert "CERTIFICATE_VERIFY_FAILED" in log, log[-3000:]
     assert _online(edge_a, env) == len(ends_a)  # the refused ones never joined
 

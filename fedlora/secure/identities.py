@@ -120,11 +120,11 @@ class PlannedIdentities(Identities):
     @classmethod
     def from_folder(cls, folder: Path | str) -> PlannedIdentities:
         """From a node folder of ``fedlora deploy plan`` (its node.yaml names the files)."""
-        from fedlora.deploy.plan import IDENTITY_KEY, REGISTRY_FILE
         from fedlora.deploy.pki import load_pem_key
+        from fedlora.deploy.plan import IDENTITY_KEY, REGISTRY_FILE, read_node
 
-        folder = Path(folder)
-        name = folder_name(folder)
+        node = read_node(folder)  # PlanError when it is not a node folder
+        folder, name = node.folder, node.name
         try:
             key = IdentityKey(load_pem_key(folder / IDENTITY_KEY))
         except (OSError, ValueError, TypeError) as exc:
@@ -147,13 +147,3 @@ class PlannedIdentities(Identities):
             self._local[uid] = IdentityKey.generate()
         return self._local[uid]
 
-
-def folder_name(folder: Path) -> str:
-    """The node name in a plan folder's node.yaml."""
-    import yaml
-
-    try:
-        doc = yaml.safe_load((Path(folder) / "node.yaml").read_text())
-        return str(doc["name"])
-    except (OSError, KeyError, TypeError, yaml.YAMLError) as exc:
-        raise IdentityError(f"{folder} is not a node folder of a plan (node.yaml: {exc})") from None
