@@ -146,7 +146,7 @@ def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     from fedlora.config import compose
     from fedlora.model import load_base_model, wrap_lora
-    from fedlora.progress import quiet_libraries
+    from fedlora.runs.progress import quiet_libraries
     from fedlora.train import train_local
 
     quiet_libraries()

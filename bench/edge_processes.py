@@ -2,7 +2,7 @@
 
 What it measures
 ----------------
-The loopback deployment of ``tests/test_edge_processes.py`` (``server.deploy``: a cloud
+The loopback deployment of ``tests/test_edge_processes.py`` (``fedlora.deploy.processes``: a cloud
 SuperLink + ``mode="cloud"`` run, one edge per neighbourhood cell -- its own SuperLink, its
 long-lived ``mode="edge"`` service run and a SuperNode upward -- and one END SuperNode per
 client, all started through ``fedlora cloud|edge|end``), by default 1 sub-urban cell with 2
@@ -75,7 +75,7 @@ def deployment(cfg, used: list[str], work: Path, *, planned: bool = False) -> di
     """``planned``: from a ``fedlora deploy plan`` (TLS, SuperNode auth, the plan's secagg keys:
     ``fedlora edge|client|cloud --config``); else ``--insecure`` with keys from the seed."""
     from fedlora.deploy.plan import DeploySettings, write_plan
-    from server.deploy import ProcessGroup, free_port_run, placement, start_loopback_tiers
+    from fedlora.deploy.processes import ProcessGroup, free_port_run, placement, start_loopback_tiers
 
     fedlora = [sys.executable, "-m", "fedlora.cli"]
     with ProcessGroup(work / "logs") as group:
@@ -139,8 +139,9 @@ def main() -> None:
     from safetensors.numpy import load_file
 
     from fedlora.config import compose
-    from fedlora.federation import InProcessTransport, run_federation
-    from fedlora.progress import quiet_libraries
+    from fedlora.roles.cloud import run_federation
+    from fedlora.roles.local import InProcessTransport
+    from fedlora.runs.progress import quiet_libraries
 
     quiet_libraries()
     used = overrides(args)

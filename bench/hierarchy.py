@@ -1,9 +1,9 @@
 """The 6G cell hierarchy in numbers: backhaul bytes (flat vs tree) and simulated round time.
 
-Two sub-commands; both drive fedlora's own network model (``fedlora.netsim.simulate_round``)
-over the trees ``fedlora.topology.build_tree`` builds from ``conf/topology/*.yaml``, with the
-same client sampling (``fedlora.federation.sample_clients``), availability draws and
-mobility (``fedlora.mobility``) the round loop uses. Pure Python, no training; both hold
+Two sub-commands; both drive fedlora's own network model (``fedlora.world.netsim.simulate_round``)
+over the trees ``fedlora.world.topology.build_tree`` builds from ``conf/topology/*.yaml``, with the
+same client sampling (``fedlora.roles.cloud.sample_clients``), availability draws and
+mobility (``fedlora.world.mobility``) the round loop uses. Pure Python, no training; both hold
 the benchmark lock (``roundtime`` records netsim's own wall time).
 
 ``backhaul`` -- bytes on the backhaul per round, hierarchical vs flat, same clients
@@ -27,7 +27,7 @@ grows with N while the tree column stays flat. ``access`` (``end->neighbourhood`
 radio.
 
 With ``--confirm`` (default on) the same comparison also runs for real, in process
-(``fedlora.federation.run_federation`` + ``InProcessTransport``, ``model=tiny``, same
+(``fedlora.roles.cloud.run_federation`` + ``InProcessTransport``, ``model=tiny``, same
 seed and clients, default N=40, 2 rounds; under the benchmark lock so the little
 training it does cannot skew someone else's timing): every round's ``bytes`` in ``rounds.jsonl`` must
 equal what the netsim-only computation predicts for the tiny adapter's size, and its
@@ -41,7 +41,7 @@ clients per neighbourhood cell, all of them asked every round (fraction 1), for 
 mixes ``rpi4`` (Raspberry-Pi only), ``laptop+car`` (half each) and ``configured`` (the
 topology's own mix: 40% Pi, 40% phone, 10% car, 10% laptop). netsim's access link of a
 cell is one shared medium (processor sharing: concurrent transfers split the cell's
-capacity max-min fairly, each capped by its device's rate; see fedlora/netsim.py), so the
+capacity max-min fairly, each capped by its device's rate; see fedlora/world/netsim.py), so the
 round slows down as a cell fills up. Each mix runs at ``--access-mbps`` (default: the
 configured 1 Gbit/s 6G cell, and 100 Mbit/s, a congested or 4G-class cell) with no
 deadline and with ``--deadlines`` (default 60 s); the same points with the access link
@@ -112,10 +112,10 @@ def netsim_rounds(cfg, rounds: int, adapter_bytes: int, train_s: float | dict[in
     ``train_s``: reference training seconds, one constant for every client, or
     ``{round: {client: seconds}}`` (e.g. the measured ones of a real run).
     """
-    from fedlora.federation import sample_clients
-    from fedlora.mobility import assignment_at, next_assignment
-    from fedlora.netsim import simulate_round, unavailable
-    from fedlora.topology import build_tree
+    from fedlora.roles.cloud import sample_clients
+    from fedlora.world.mobility import assignment_at, next_assignment
+    from fedlora.world.netsim import simulate_round, unavailable
+    from fedlora.world.topology import build_tree
 
     n = cfg.federation.num_clients
     tree = build_tree(cfg.topology, n, cfg.seed)
@@ -213,9 +213,10 @@ def backhaul_point(n: int, tree_name: str, args) -> dict:
 
 def confirm_real(args) -> dict:
     """One real in-process run per topology (tiny model) vs the netsim-only prediction."""
-    from fedlora import report
-    from fedlora.federation import InProcessTransport, run_federation
-    from fedlora.progress import quiet_libraries
+    from fedlora.runs import report
+    from fedlora.roles.cloud import run_federation
+    from fedlora.roles.local import InProcessTransport
+    from fedlora.runs.progress import quiet_libraries
 
     quiet_libraries()
     n = args.confirm_clients
@@ -269,7 +270,7 @@ def confirm_real(args) -> dict:
 
 
 def cmd_backhaul(args) -> None:
-    from fedlora.progress import quiet_libraries
+    from fedlora.runs.progress import quiet_libraries
 
     quiet_libraries()
     t0 = time.perf_counter()
@@ -436,7 +437,7 @@ def plot_roundtime(points: list[dict], path: Path, args) -> Path:
 
 
 def cmd_roundtime(args) -> None:
-    from fedlora.progress import quiet_libraries
+    from fedlora.runs.progress import quiet_libraries
 
     quiet_libraries()
     t0 = time.perf_counter()
@@ -463,7 +464,7 @@ def cmd_roundtime(args) -> None:
     png = plot_roundtime(points, Path(args.plot), args)
     out = write_json(args.out, {
         **provenance("hierarchy.roundtime"),
-        "network_model": "fedlora.netsim: access link per cell shared (processor sharing, max-min fair, device caps); "
+        "network_model": "fedlora.world.netsim: access link per cell shared (processor sharing, max-min fair, device caps); "
                          "access_shared=false rows are the per-message model",
         "adapter_bytes": args.adapter_bytes,
         "train_reference_s": args.local_steps * args.step_s,

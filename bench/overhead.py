@@ -126,7 +126,8 @@ def run_mode(mode: str, cfg, base: Path) -> dict:
 
         summary = simulate(cfg, run_dir)
     else:
-        from fedlora.federation import InProcessTransport, run_federation
+        from fedlora.roles.cloud import run_federation
+        from fedlora.roles.local import InProcessTransport
 
         summary = run_federation(cfg, run_dir, InProcessTransport(cfg.federation.num_clients))
     total = time.perf_counter() - t0
@@ -163,7 +164,7 @@ def main() -> None:
     args = p.parse_args()
 
     from fedlora.config import to_dict
-    from fedlora.progress import quiet_libraries
+    from fedlora.runs.progress import quiet_libraries
 
     quiet_libraries()
     if args.all_available:

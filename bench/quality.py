@@ -139,9 +139,10 @@ def main() -> None:
     from fedlora import adapters
     from fedlora.config import to_dict
     from fedlora.data import client_examples, eval_examples, tokenize
-    from fedlora.device import initial_adapter, lora_model, stable_seed
-    from fedlora.federation import InProcessTransport, run_federation
-    from fedlora.progress import quiet_libraries
+    from fedlora.roles.device import initial_adapter, lora_model, stable_seed
+    from fedlora.roles.cloud import run_federation
+    from fedlora.roles.local import InProcessTransport
+    from fedlora.runs.progress import quiet_libraries
     from fedlora.train import evaluate, train_local
 
     quiet_libraries()
@@ -238,14 +239,14 @@ def main() -> None:
         if "fed" in methods and args.fedavg_server_lr != 1.0:
             if cfg.strategy.name != "fedavg":
                 p.error("--fedavg-server-lr needs strategy=fedavg")
-            import fedlora.federation
-            from fedlora.aggregation import Strategy
+            import fedlora.roles.cloud
+            from fedlora.aggregate.strategies import Strategy
 
             class ServerLRFedAvg(Strategy):
                 def apply(self, global_state, mean_delta):
                     return super().apply(global_state, {k: v * args.fedavg_server_lr for k, v in mean_delta.items()})
 
-            fedlora.federation.make_strategy = lambda scfg: ServerLRFedAvg(scfg)
+            fedlora.roles.cloud.make_strategy = lambda scfg: ServerLRFedAvg(scfg)
             out["experiment"] = {"fedavg_server_lr": args.fedavg_server_lr}
 
         if "fed" in methods:

@@ -49,7 +49,7 @@ Reported per configuration (table + ``bench/results/scale.json``):
 
 One base-model load per worker process, not per client: a ``sitecustomize`` put on the
 subprocess's ``PYTHONPATH`` (inherited by Ray's workers) wraps
-``fedlora.model.AutoModelForCausalLM.from_pretrained`` and ``fedlora.device.train_round``
+``fedlora.model.AutoModelForCausalLM.from_pretrained`` and ``fedlora.roles.device.train_round``
 and logs the pid of each model load and each client trained. The check passes when every
 process loaded the base model at most once while training many clients (the driver loads
 it once more, for evaluation). Nothing in fedlora is changed; without the log the same
@@ -106,7 +106,7 @@ if _LOG:
                     return real.from_pretrained(*args, **kwargs)
 
             module.AutoModelForCausalLM = _CountingAuto
-        elif name == "fedlora.device":
+        elif name == "fedlora.roles.device":
             real_train = module.train_round
 
             def train_round(settings, global_state, partition_id):
@@ -119,7 +119,7 @@ if _LOG:
 
     class _Finder(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path, target=None):
-            if name not in ("fedlora.model", "fedlora.device"):
+            if name not in ("fedlora.model", "fedlora.roles.device"):
                 return None
             for finder in sys.meta_path:
                 if finder is self or not hasattr(finder, "find_spec"):
@@ -151,7 +151,7 @@ def child(args: argparse.Namespace) -> None:
     import resource
 
     from fedlora.config import compose, to_dict
-    from fedlora.progress import quiet_libraries
+    from fedlora.runs.progress import quiet_libraries
 
     quiet_libraries()
     cfg = compose(run_overrides(args, args.clients[0]))

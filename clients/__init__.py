@@ -1,1 +1,1 @@
-"""END-device side: the Flower ClientApp (thin over fedlora.device)."""
+"""END-device side: the Flower ClientApp (thin over fedlora.roles.device)."""

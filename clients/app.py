@@ -2,18 +2,18 @@
 
 The device's identity is its ``partition-id`` node setting (in simulation Flower sets it;
 on a real device, ``flower-supernode --node-config "partition-id=3 num-partitions=8"``).
-All the work is :func:`fedlora.device.train_round`, and under ``privacy=secagg``
-:func:`fedlora.device.secure_step` (one message per stage; the session state stays in this
+All the work is :func:`fedlora.roles.device.train_round`, and under ``privacy=secagg``
+:func:`fedlora.roles.device.secure_step` (one message per stage; the session state stays in this
 node's ``context.state``, since a SuperNode starts a new ClientApp process per message).
 A SuperNode whose node config says ``role="edge"`` is an edge aggregator, not a device: its
 messages go to ``clients/edge.py``.
 
 A device started from a deployment plan (``fedlora client --config FOLDER``,
-``clients/launcher.py``) also has in its node config:
+``fedlora/deploy/launcher.py``) also has in its node config:
 
 - ``node-dir``: its folder -- its own Ed25519 key and the plan's registry for secure
   aggregation (never keys derived from the seed);
-- ``device-settings``: how this device trains (:data:`fedlora.device.LOCAL_KEYS`, picked
+- ``device-settings``: how this device trains (:data:`fedlora.roles.device.LOCAL_KEYS`, picked
   from its memory by the launcher), and ``data-file``: its own examples, if any;
 - ``audit-dir``: when set, a copy of every reply this device sends is written there
   (what leaves the device, for its owner to inspect; :func:`audit`).
@@ -30,7 +30,7 @@ from flwr.clientapp import ClientApp
 from clients.edge import identity as edge_identity
 from clients.edge import is_edge, relay
 from fedlora import protocol
-from fedlora.progress import quiet_libraries
+from fedlora.runs.progress import quiet_libraries
 
 quiet_libraries()
 
@@ -57,7 +57,7 @@ def _deployed(context: Context):
     node_dir = str(context.node_config.get("node-dir", "") or "")
     if not node_dir:
         return None, None
-    from fedlora.device import DeviceLocal
+    from fedlora.roles.device import DeviceLocal
     from fedlora.secure.identities import PlannedIdentities
 
     local = DeviceLocal.parse(str(context.node_config.get("device-settings", "") or ""),
@@ -90,7 +90,7 @@ def audit(context: Context, reply: Message, what: str) -> Message:
 def train(msg: Message, context: Context) -> Message:
     if is_edge(context.node_config):
         return relay(msg, context.node_config)
-    from fedlora.device import train_round  # torch only where training happens (Flower: one process per message)
+    from fedlora.roles.device import train_round  # torch only where training happens (Flower: one process per message)
 
     settings = protocol.decode_settings(str(msg.content[protocol.SETTINGS][protocol.SETTINGS_KEY]))
     global_state = {k: a.numpy() for k, a in msg.content[protocol.ADAPTER].items()}
@@ -108,7 +108,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.train(protocol.SECAGG)
 def secagg(msg: Message, context: Context) -> Message:
     """One secure-aggregation stage; the state between stages never leaves this node."""
-    from fedlora.device import secure_step  # torch only on devices (Flower: one process per message)
+    from fedlora.roles.device import secure_step  # torch only on devices (Flower: one process per message)
 
     request = msg.content[protocol.SECAGG]
     settings = protocol.decode_settings(str(msg.content[protocol.SETTINGS][protocol.SETTINGS_KEY]))

@@ -35,17 +35,17 @@ class UserError(Exception):
 def _user_errors() -> tuple[type[BaseException], ...]:
     from fedlora.config import ConfigError
     from fedlora.data import DataError
-    from fedlora.federation import FederationError
+    from fedlora.roles.cloud import FederationError
     from fedlora.deploy.plan import PlanError
     from fedlora.model import ModelError
     from fedlora.secure.identities import IdentityError
-    from server.deploy import DeployError
+    from fedlora.deploy.processes import DeployError
 
     return (UserError, ConfigError, DataError, ModelError, FederationError, DeployError, PlanError, IdentityError)
 
 
 def _setup_logging() -> None:
-    from fedlora.progress import quiet_libraries
+    from fedlora.runs.progress import quiet_libraries
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     quiet_libraries()
@@ -63,7 +63,7 @@ def cmd_run(argv: list[str]) -> None:
 
     @hydra.main(config_path=str(conf_dir()), config_name="config", version_base=None)
     def job(raw: DictConfig) -> float | None:
-        from fedlora.progress import quiet_libraries
+        from fedlora.runs.progress import quiet_libraries
         from server.simulation import simulate
 
         quiet_libraries()
@@ -151,7 +151,7 @@ def cmd_eval(argv: list[str]) -> None:
     import json
 
     from fedlora.data import eval_examples, tokenize
-    from fedlora.report import perplexity
+    from fedlora.runs.report import perplexity
     from fedlora.train import evaluate
 
     adapter, cfg = _adapter_and_config(args.target, args.overrides)
@@ -271,9 +271,9 @@ def cmd_cloud(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     import time
 
-    from fedlora import report
+    from fedlora.runs import report
     from fedlora.config import compose, load_yaml
-    from server.deploy import Security, Stop, run_cloud
+    from fedlora.deploy.processes import Security, Stop, run_cloud
 
     node = None
     if args.config is not None:
@@ -299,7 +299,7 @@ def cmd_cloud(argv: list[str]) -> None:
         run_dir = args.run_dir or Path(cfg.output_dir) / time.strftime("cloud-%Y%m%d-%H%M%S")
         work_dir = args.work_dir or Path("runs/nodes/cloud")
     if args.plan:
-        from server.deploy import plan
+        from fedlora.deploy.processes import plan
 
         print(plan(cfg, listen, args.overrides))
         return
@@ -326,7 +326,7 @@ def cmd_edge(argv: list[str]) -> None:
     parser.add_argument("--parent", help="HOST:PORT of the parent's SuperLink (the cloud's --listen)")
     parser.add_argument("--listen", help="HOST:PORT of this edge's SuperLink (its END clients' --edge)")
     args = parser.parse_args(argv)
-    from server.deploy import Security, Stop, run_edge
+    from fedlora.deploy.processes import Security, Stop, run_edge
 
     if args.config is not None:
         if args.insecure or args.cell or args.parent or args.listen:
@@ -357,13 +357,13 @@ def cmd_end(argv: list[str], prog: str = "fedlora end") -> None:
     parser.add_argument("--audit", action="store_true",
                         help="keep a copy of every reply this device sends in <folder>/logs/sent/ (with --config)")
     args = parser.parse_args(argv)
-    from server.deploy import Security, Stop, run_end
+    from fedlora.deploy.processes import Security, Stop, run_end
 
     try:
         if args.config is not None:
             if args.insecure or args.partition_id is not None or args.edge:
                 raise UserError("with --config the settings come from the plan folder; no --partition-id, --edge, --insecure")
-            from clients.launcher import launch
+            from fedlora.deploy.launcher import launch
             from fedlora.deploy.device import DeviceError
 
             try:
@@ -398,7 +398,7 @@ def cmd_status(argv: list[str]) -> None:
     import os
     import time
 
-    from fedlora.status import FINISHED, StatusError, render_text, run_status
+    from fedlora.runs.status import FINISHED, StatusError, render_text, run_status
 
     terminal = sys.stdout.isatty()
     shown = None

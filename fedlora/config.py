@@ -178,7 +178,7 @@ class DeviceProfileConfig:
 
 @dataclass
 class LinkConfig:
-    """One kind of link between tiers (``topology.links.<kind>``); see fedlora/netsim.py.
+    """One kind of link between tiers (``topology.links.<kind>``); see fedlora/world/netsim.py.
 
     Each cell has its own instance: the access link of a leaf cell (``end_*``) is one
     medium its END clients share, an upper link is the child cell's own line to its parent.
@@ -280,7 +280,7 @@ class PrivacyConfig:
 
     # auto (secagg on tree topologies with >= 2 clients per neighbourhood cell on average, else
     # none) | none | secagg | secagg_dp (secagg + central
-    # differential privacy at client level, see fedlora/dp.py).
+    # differential privacy at client level, see fedlora/aggregate/dp.py).
     mode: str = "auto"
     # b: bits of signed fixed point per coordinate.
     bits: int = 16

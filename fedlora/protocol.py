@@ -41,7 +41,7 @@ def decode_settings(text: str) -> dict[str, Any]:
         raise ValueError("training request settings lack 'config' or 'round'")
     return settings
 
-# Cloud <-> edge aggregator (deployment): a cell request/result as fedlora.cell wire bytes.
+# Cloud <-> edge aggregator (deployment): a cell request/result as fedlora.roles.neighbourhood wire bytes.
 CELL = "cell"
 CELL_REQUEST_KEY = "request"
 CELL_RESULT_KEY = "result"

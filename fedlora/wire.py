@@ -1,6 +1,6 @@
 """A safe, self-describing binary encoding for what travels between fedlora processes.
 
-Cell requests and results (``fedlora.cell``) and secure-aggregation messages come from
+Cell requests and results (``fedlora.roles.neighbourhood``) and secure-aggregation messages come from
 other machines, so they are never unpickled. Everything is built on the canonical,
 length-prefixed transcript encoding (:mod:`fedlora.secure.transcript`) with one type tag
 per value:

@@ -1,4 +1,4 @@
-"""Flower ServerApp for the urban/cloud tier: thin over fedlora.federation.run_federation.
+"""Flower ServerApp for the urban/cloud tier: thin over fedlora.roles.cloud.run_federation.
 
 Run config keys (pyproject ``[tool.flwr.app.config]``, or ``--run-config``):
 - ``config-file``: a resolved fedlora config.yaml (``fedlora run`` sets it); when empty,
@@ -9,7 +9,7 @@ Run config keys (pyproject ``[tool.flwr.app.config]``, or ``--run-config``):
   deployment without edges), ``"cloud"`` (this SuperLink's SuperNodes are edge aggregators,
   one per neighbourhood cell: ``server/edge.py``), or ``"edge"`` (the long-lived service of
   one edge on its own SuperLink; also needs ``cell`` and ``spool``). ``fedlora cloud|edge``
-  set these (``server/deploy.py``);
+  set these (``fedlora/deploy/processes.py``);
 - ``node-dir``: the cloud's or edge's folder of a deployment plan (``fedlora cloud|edge
   --config``): secure aggregation then uses the plan's registry and this machine's own key.
 """
@@ -26,8 +26,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.config import FedLoraConfig, compose, load_yaml
-from fedlora.federation import run_federation
-from fedlora.progress import make_progress
+from fedlora.roles.cloud import run_federation
+from fedlora.runs.progress import make_progress
 from server.transport import FlowerTransport
 
 app = ServerApp()
@@ -70,7 +70,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg, run_dir, resume = settings_from_run_config(run_config)
     runner = None
     if mode == "cloud":
-        from fedlora.topology import build_tree
+        from fedlora.world.topology import build_tree
         from server.edge import EdgeCellRunner
 
         runner = transport = EdgeCellRunner(grid, build_tree(cfg.topology, cfg.federation.num_clients, cfg.seed),

@@ -1,7 +1,7 @@
 """Edge (neighbourhood) aggregators as real processes: the edge service and the cloud's runner.
 
 An edge for neighbourhood cell X is a SuperNode of its parent's SuperLink and, at the same
-time, the SuperLink of its END children (``server/deploy.py`` starts both). Its two halves
+time, the SuperLink of its END children (``fedlora/deploy/processes.py`` starts both). Its two halves
 meet in a *spool* directory on the edge machine:
 
 - ``clients/edge.py`` (the edge SuperNode's ClientApp, ``role="edge"``): takes the cloud's
@@ -9,13 +9,13 @@ meet in a *spool* directory on the edge machine:
   service leaves there (or an error the cloud turns into "cell dropped").
 - :func:`serve` (a long-lived ``mode="edge"`` run of the ServerApp on the edge's own
   SuperLink): takes each request from the spool and runs it with
-  :func:`fedlora.cell.run_cell` over its Grid (:class:`ChildTransport`) -- the same call the
+  :func:`fedlora.roles.neighbourhood.run_cell` over its Grid (:class:`ChildTransport`) -- the same call the
   simulation makes in-process -- so the cell's sum is formed on the edge and only one
   message per cell crosses the backhaul. A long-lived run pays Flower's run start (FAB
   install, ``flwr-serverapp`` process, imports) once, not every round, and identifies
   its children once (new ones as they connect).
 - :class:`EdgeCellRunner` (the cloud ServerApp, ``mode="cloud"``): a
-  :class:`fedlora.federation.CellRunner` that sends each cell's request to the SuperNode of
+  :class:`fedlora.roles.cloud.CellRunner` that sends each cell's request to the SuperNode of
   that cell's edge and decodes the replies. A missing, failed or malformed edge reply drops
   that cell's clients with the reason; the round goes on with the other cells.
 
@@ -46,8 +46,8 @@ from flwr.serverapp import Grid
 
 from clients.edge import HEARTBEAT_S, EdgeError, Spool
 from fedlora import protocol
-from fedlora.cell import DROPPED, AggregatorKeys, CellRequest, CellResult, ClientReply, ClientStatus, run_cell
-from fedlora.topology import CellTree
+from fedlora.roles.neighbourhood import DROPPED, AggregatorKeys, CellRequest, CellResult, ClientReply, ClientStatus, run_cell
+from fedlora.world.topology import CellTree
 from server.transport import POLL_S, FlowerTransport, short_reason
 
 log = logging.getLogger("fedlora")

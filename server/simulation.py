@@ -17,8 +17,8 @@ import os
 from pathlib import Path
 
 from fedlora.config import FedLoraConfig, save_yaml
-from fedlora.progress import quiet_libraries
-from fedlora.report import SUMMARY
+from fedlora.runs.progress import quiet_libraries
+from fedlora.runs.report import SUMMARY
 
 APP_DIR = Path(__file__).resolve().parent.parent
 log = logging.getLogger("fedlora")

@@ -10,7 +10,7 @@ from flwr.serverapp import Grid
 
 from fedlora import protocol
 from fedlora.adapters import AdapterState
-from fedlora.federation import ClientReply, FederationError, ReplyCallback
+from fedlora.roles.cloud import ClientReply, FederationError, ReplyCallback
 
 log = logging.getLogger("fedlora")
 POLL_S = 0.05

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from fedlora import adapters
-from fedlora.aggregation import FedOpt, WeightedSum, make_strategy
+from fedlora.aggregate.strategies import FedOpt, make_strategy
+from fedlora.aggregate.sums import WeightedSum
 from fedlora.config import StrategyConfig
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from fedlora.config import compose
-from fedlora.federation import InProcessTransport, run_federation
+from fedlora.roles.cloud import run_federation
+from fedlora.roles.local import InProcessTransport
 
 REPO = Path(__file__).resolve().parent.parent
 FEDLORA = str(Path(sys.executable).parent / "fedlora")

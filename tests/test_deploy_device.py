@@ -155,7 +155,7 @@ def test_device_local_settings_change_how_a_device_trains_never_what(tmp_path):
     """What the launcher passes a device's ClientApp: only LOCAL_KEYS, applied to the
     federation's config; its own data file replaces the demo partition."""
     from fedlora.config import compose, to_dict, to_typed
-    from fedlora.device import DeviceLocal
+    from fedlora.roles.device import DeviceLocal
 
     data = tmp_path / "train.jsonl"
     data.write_text('{"instruction": "q", "input": "", "output": "a"}\n')

@@ -20,8 +20,8 @@ from fedlora.deploy.plan import (CA_CERT, IDENTITY_KEY, REGISTRY_FILE, SERVER_CE
                                  write_plan)
 from fedlora.secure.identities import IdentityError, PlannedIdentities, protocol_id, read_registry
 from fedlora.secure.keys import DeviceRegistry
-from server.deploy import Security
-from fedlora.topology import build_tree
+from fedlora.deploy.processes import Security
+from fedlora.world.topology import build_tree
 
 
 @pytest.fixture(scope="module")
@@ -209,8 +209,9 @@ def test_planned_identities_run_a_secure_round_and_refuse_a_seed_derived_key(tmp
     """Cloud, edges and devices each hold only their own plan key: a secure round works, and a
     device signing with the key derived from the run seed (what simulation uses; anyone who
     knows the seed has it) is refused by its cell, whose session completes without it."""
-    from fedlora.cell import AggregatorKeys, run_cells
-    from fedlora.federation import InProcessTransport, LocalCellRunner, run_federation
+    from fedlora.roles.neighbourhood import AggregatorKeys, run_cells
+    from fedlora.roles.cloud import run_federation
+    from fedlora.roles.local import InProcessTransport, LocalCellRunner
     from fedlora.secure.identities import SimulatedIdentities
 
     cfg = compose(["model=tiny", "topology=small6g", "topology.suburban_cells=1", "topology.neighbourhoods_per_suburban=2",

@@ -43,7 +43,7 @@ from fedlora.deploy import commands, pki
 from fedlora.deploy.plan import DeploySettings, read_node, write_plan
 from fedlora.secure.messages import AdvertiseKeys, MaskedInput, ShareKeys, UnmaskResponse
 from fedlora.secure.rounds import read_message
-from server.deploy import ProcessGroup, Security, _alive, _descendants, free_port_run, local_bin, placement
+from fedlora.deploy.processes import ProcessGroup, Security, _alive, _descendants, free_port_run, local_bin, placement
 
 pytestmark = pytest.mark.flower
 

@@ -1,4 +1,4 @@
-"""fedlora.dp: clipping, Gaussian noise, the RDP accountant of the subsampled Gaussian mechanism.
+"""fedlora.aggregate.dp: clipping, Gaussian noise, the RDP accountant of the subsampled Gaussian mechanism.
 
 Reference values and where they come from:
 * TF-Privacy ``tutorials/README.md`` (tensorflow/privacy, "Select Parameters" table, MNIST
@@ -25,7 +25,7 @@ import math
 import numpy as np
 import pytest
 
-from fedlora import dp
+from fedlora.aggregate import dp
 
 MNIST_ORDERS = dp.DEFAULT_ORDERS
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedlora import report
+from fedlora.runs import report
 from fedlora.config import compose
-from fedlora.device import private_update
-from fedlora.dp import DEFAULT_ORDERS, compute_rdp, rdp_to_epsilon
-from fedlora.federation import InProcessTransport, run_federation
+from fedlora.roles.device import private_update
+from fedlora.aggregate.dp import DEFAULT_ORDERS, compute_rdp, rdp_to_epsilon
+from fedlora.roles.cloud import run_federation
+from fedlora.roles.local import InProcessTransport
 from test_secure_rounds import adapter, cfg_for as secure_cfg, crash_in_round
 
 

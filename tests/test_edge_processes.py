@@ -19,12 +19,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from fedlora.aggregation import WeightedSum
-from fedlora.cell import ACCEPTED, DROPPED, CellRequest, CellResult, ClientStatus
+from fedlora.aggregate.sums import WeightedSum
+from fedlora.roles.neighbourhood import ACCEPTED, DROPPED, CellRequest, CellResult, ClientStatus
 from fedlora.config import compose
-from fedlora.federation import InProcessTransport, run_federation
+from fedlora.roles.cloud import run_federation
+from fedlora.roles.local import InProcessTransport
 from fedlora.secure.identities import SimulatedIdentities
-from server.deploy import DeployError, ProcessGroup, placement, plan, start_loopback_tiers
+from fedlora.deploy.processes import DeployError, ProcessGroup, placement, plan, start_loopback_tiers
 from clients.edge import EdgeError, Spool
 from fedlora import protocol
 from server.edge import check_result, decode_result
@@ -139,7 +140,7 @@ class _Devices:
         pass
 
     def exchange(self, server_round, stage, payloads, arrays, settings, on_reply):
-        from fedlora.cell import ClientReply
+        from fedlora.roles.neighbourhood import ClientReply
         from fedlora.secure.rounds import CLOUD_ID, client_step, device_id, simulated_identity, simulated_rng
 
         replies = []

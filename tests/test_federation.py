@@ -11,7 +11,8 @@ from safetensors.numpy import load_file
 
 from fedlora import adapters
 from fedlora.config import compose
-from fedlora.federation import ClientReply, FederationError, InProcessTransport, run_federation, sample_clients
+from fedlora.roles.cloud import ClientReply, FederationError, run_federation, sample_clients
+from fedlora.roles.local import InProcessTransport
 
 LINK = "end->cloud"
 
@@ -191,8 +192,8 @@ def test_sampling_is_seeded_and_respects_minimum():
 
 
 def test_cell_request_and_result_round_trip_as_safe_bytes_and_refuse_garbage():
-    from fedlora.aggregation import WeightedSum
-    from fedlora.cell import CellRequest, CellResult, CellWireError, ClientStatus
+    from fedlora.aggregate.sums import WeightedSum
+    from fedlora.roles.neighbourhood import CellRequest, CellResult, CellWireError, ClientStatus
 
     arrays = {"a.lora_B.weight": np.arange(6, dtype=np.float32).reshape(2, 3)}
     req = CellRequest("run-1", 3, "neighbourhood-0-1", [4, 7], arrays, {"round": 3, "config": {"x": 1.5}},
@@ -223,8 +224,8 @@ def test_cell_request_and_result_round_trip_as_safe_bytes_and_refuse_garbage():
 
 
 def test_run_cell_drops_bad_and_late_replies_with_reasons(cache_dir):
-    from fedlora.cell import CellRequest, run_cell
-    from fedlora.device import initial_adapter, round_settings
+    from fedlora.roles.neighbourhood import CellRequest, run_cell
+    from fedlora.roles.device import initial_adapter, round_settings
 
     cfg = tiny_cfg(cache_dir, "federation.num_clients=3")
     state = initial_adapter(cfg, freeze_a=False)

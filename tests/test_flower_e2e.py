@@ -19,7 +19,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from fedlora.config import compose
-from fedlora.federation import InProcessTransport, run_federation
+from fedlora.roles.cloud import run_federation
+from fedlora.roles.local import InProcessTransport
 
 pytestmark = pytest.mark.flower
 REPO = Path(__file__).resolve().parent.parent

@@ -9,7 +9,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from fedlora.config import compose
-from fedlora.federation import InProcessTransport, run_federation
+from fedlora.roles.cloud import run_federation
+from fedlora.roles.local import InProcessTransport
 
 
 @pytest.fixture(scope="module")

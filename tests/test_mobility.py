@@ -6,10 +6,11 @@ import os
 import numpy as np
 import pytest
 
-from fedlora.aggregation import WeightedSum
+from fedlora.aggregate.sums import WeightedSum
 from fedlora.config import ConfigError, FemtoConfig, MobilityConfig, TopologyConfig
-from fedlora.mobility import assignment_at, next_assignment, read_trace
-from fedlora.topology import aggregate_tree, build_tree
+from fedlora.world.mobility import assignment_at, next_assignment, read_trace
+from fedlora.world.topology import build_tree
+from fedlora.roles.suburban import aggregate_tree
 
 
 def walking_tree(clients=1000, handover_prob=0.2, far_prob=0.1, femto=0, seed=0):

@@ -4,8 +4,8 @@
 import pytest
 
 from fedlora.config import DeviceProfileConfig, FemtoConfig, LinkConfig, LinksConfig, TopologyConfig
-from fedlora.netsim import Transfer, fair_rates, is_available, share_link, simulate_round, unavailable
-from fedlora.topology import Link, build_tree
+from fedlora.world.netsim import Transfer, fair_rates, is_available, share_link, simulate_round, unavailable
+from fedlora.world.topology import Link, build_tree
 
 MBIT = 125_000  # bytes
 PROFILES = {

@@ -18,9 +18,11 @@ from flwr.supercore.task_identity import TaskIdentity
 from safetensors.numpy import load_file
 
 from clients.app import app as client_app
-from fedlora import protocol, report
+from fedlora import protocol
+from fedlora.runs import report
 from fedlora.config import compose
-from fedlora.federation import InProcessTransport, run_federation
+from fedlora.roles.cloud import run_federation
+from fedlora.roles.local import InProcessTransport
 from server.transport import FlowerTransport, decode_reply
 
 

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from fedlora import report, wire
-from fedlora.cell import ClientReply
+from fedlora import wire
+from fedlora.runs import report
+from fedlora.roles.neighbourhood import ClientReply
 from fedlora.config import ConfigError, compose
-from fedlora.federation import InProcessTransport, run_federation
+from fedlora.roles.cloud import run_federation
+from fedlora.roles.local import InProcessTransport
 from fedlora.secure.encoding import levels
 from fedlora.secure.identities import SimulatedIdentities
 
@@ -179,8 +181,8 @@ def test_an_unregistered_device_is_refused(tmp_path, cache_dir):
 def test_what_the_aggregator_hands_upward_holds_no_individual_value(tmp_path, cache_dir):
     """Capture every CellResult run_cell hands upward and every message the aggregator holds;
     no client's plain update, example count or loss appears in any of it."""
-    import fedlora.federation as federation
-    from fedlora.device import train_round
+    import fedlora.roles.cloud as federation
+    from fedlora.roles.device import train_round
 
     captured, sent_payloads = [], []
     real_run = federation.LocalCellRunner.run

@@ -13,10 +13,11 @@ import time
 import pytest
 
 from fedlora import cli
-from fedlora.cell import ClientReply
+from fedlora.roles.neighbourhood import ClientReply
 from fedlora.config import compose
-from fedlora.federation import InProcessTransport, run_federation
-from fedlora.status import FINISHED, INTERRUPTED, RUNNING, STALE_FLOOR_S, StatusError, read_records, render_text, run_status
+from fedlora.roles.cloud import run_federation
+from fedlora.roles.local import InProcessTransport
+from fedlora.runs.status import FINISHED, INTERRUPTED, RUNNING, STALE_FLOOR_S, StatusError, read_records, render_text, run_status
 
 OOM = "client error: out of memory"
 

@@ -6,7 +6,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from fedlora.aggregation import Strategy, WeightedSum
+from fedlora.aggregate.strategies import Strategy
+from fedlora.aggregate.sums import WeightedSum
 from fedlora.config import (
     ConfigError,
     DeviceProfileConfig,
@@ -16,7 +17,9 @@ from fedlora.config import (
     compose,
     to_typed,
 )
-from fedlora.topology import CellModels, aggregate_tree, build_tree
+from fedlora.world.topology import build_tree
+from fedlora.roles.hierfavg import CellModels
+from fedlora.roles.suburban import aggregate_tree
 
 
 def tree_cfg(**kw) -> TopologyConfig:

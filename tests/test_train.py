@@ -10,7 +10,7 @@ import torch
 from fedlora import adapters
 from fedlora.config import TrainConfig, compose
 from fedlora.data import batches, client_examples, tokenize
-from fedlora.device import initial_adapter, lora_model
+from fedlora.roles.device import initial_adapter, lora_model
 from fedlora.train import answer_loss, evaluate, lr_factor, num_steps, train_local
 
 

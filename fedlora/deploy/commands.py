@@ -3,7 +3,7 @@
 Two layers:
 
 - **Flower's processes** (:func:`superlink_argv`, :func:`supernode_argv`,
-  :func:`register_argv`, :func:`flwr_config_toml`), used by ``server/deploy.py`` to start
+  :func:`register_argv`, :func:`flwr_config_toml`), used by ``fedlora/deploy/processes.py`` to start
   every tier, with the flags verified on loopback (``tests/test_deployment.py``):
 
   - SuperLink: ``flower-superlink --ssl-ca-certfile --ssl-certfile --ssl-keyfile

@@ -1,7 +1,7 @@
 """``fedlora deploy plan``: one folder per machine from one config.
 
 From the composed config (the same Hydra overrides as ``fedlora run``) the cell tree of
-:mod:`fedlora.topology` gives the machines:
+:mod:`fedlora.world.topology` gives the machines:
 
 - ``cloud/``: the cloud SuperLink (TLS server certificate, SuperNode auth on); its
   SuperNodes are the edges (tree) or the END clients (flat). It keeps the CA certificate,
@@ -34,7 +34,7 @@ import yaml
 from fedlora.config import FedLoraConfig, save_yaml
 from fedlora.deploy import commands, pki
 from fedlora.secure.identities import REGISTRY_FORMAT
-from fedlora.topology import CLOUD, build_tree
+from fedlora.world.topology import CLOUD, build_tree
 
 LOOPBACK = ["127.0.0.1", "localhost"]
 REGISTRY_FILE = "secagg_registry.json"

@@ -5,8 +5,8 @@
   :class:`~fedlora.secure.unmasker.Unmasker` (one per sub-urban cell when
   ``privacy.unmasker=suburban``), adds the cells' masked sums up the tree
   (:func:`~fedlora.secure.tiers.add_masked`), unmasks, decodes, and hands the strategy an
-  ordinary :class:`~fedlora.aggregation.WeightedSum`.
-- neighbourhood aggregator: :func:`run_secure_cells` (called by ``fedlora.cell.run_cells``)
+  ordinary :class:`~fedlora.aggregate.sums.WeightedSum`.
+- neighbourhood aggregator: :func:`run_secure_cells` (called by ``fedlora.roles.neighbourhood.run_cells``)
   drives the :class:`~fedlora.secure.aggregator.NeighbourhoodAggregator` of each cell over a
   transport: train+advertise, share keys, masked input, unmask -- one exchange per stage
   for all cells of the round. It forwards only the masked sum and the sealed unmask bundle.
@@ -207,7 +207,7 @@ def _pack(client: CellClient, registry: DeviceRegistry, encoded: np.ndarray | No
 
 
 # exchange(stage, cell requests, payloads {client: bytes}) -> {client: reply} where a reply has
-# ``.update`` (bytes), ``.metrics``, ``.error``; provided by fedlora.cell over a Transport.
+# ``.update`` (bytes), ``.metrics``, ``.error``; provided by fedlora.roles.neighbourhood over a Transport.
 Exchange = Callable[[str, list, dict], dict]
 
 

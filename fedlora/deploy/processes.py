@@ -7,7 +7,7 @@ Control and runtime APIs):
   ``mode="cloud"``: its "clients" are the edges' SuperNodes, one per neighbourhood cell.
 - **edge** of neighbourhood cell X: its own ``flower-superlink`` for its END children, a
   long-lived run of this app on it with ``mode="edge"`` (``server.edge.serve``: takes cell
-  requests from a spool directory and runs each with ``fedlora.cell.run_cell`` over its
+  requests from a spool directory and runs each with ``fedlora.roles.neighbourhood.run_cell`` over its
   Grid), and a ``flower-supernode`` connected upward to the parent's SuperLink with node
   config ``role="edge" cell="X" spool="..."`` (its ClientApp relays the parent's request
   through the spool and returns the cell's result).
@@ -40,7 +40,7 @@ from pathlib import Path
 from fedlora.deploy import commands
 from fedlora.deploy.commands import toml_pairs
 
-APP_DIR = Path(__file__).resolve().parent.parent
+APP_DIR = Path(__file__).resolve().parents[2]  # the checkout: pyproject.toml, server/, clients/
 CONNECTION = commands.CONNECTION  # the flwr CLI's name for this machine's own SuperLink
 BIN = Path(sys.executable).parent
 log = logging.getLogger("fedlora")
@@ -503,7 +503,7 @@ def _local(listen: str) -> str:
 
 def placement(cfg) -> dict[str, list[int]]:
     """Neighbourhood cell -> the END clients the topology puts under its edge (round 1)."""
-    from fedlora.topology import build_tree
+    from fedlora.world.topology import build_tree
 
     tree = build_tree(cfg.topology, cfg.federation.num_clients, cfg.seed)
     cells: dict[str, list[int]] = {cell: [] for cell in tree.tier("neighbourhood")}

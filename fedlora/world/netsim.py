@@ -61,7 +61,7 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 import math
 
-from fedlora.topology import CLOUD, CellTree, Link, uniform
+from fedlora.world.topology import CLOUD, CellTree, Link, uniform
 
 
 @dataclass

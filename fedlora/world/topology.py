@@ -8,17 +8,13 @@
 
 A *placement* (``cell_of``) maps each END client to the *leaf* cell it uploads to: a
 neighbourhood, a femto cell, or ``cloud`` when flat. ``tree.initial`` is the placement of
-round 1; :mod:`fedlora.mobility` moves clients between rounds and :mod:`fedlora.netsim`
+round 1; :mod:`fedlora.world.mobility` moves clients between rounds and :mod:`fedlora.world.netsim`
 turns a placement into bytes per link and simulated time.
 
-:func:`aggregate_tree` adds client updates into their leaf cell's
-:class:`~fedlora.aggregation.WeightedSum` and merges every cell's sum into its parent's --
-what the edge aggregators do -- so the backhaul carries one sum per cell and each update
-is counted exactly once. :class:`CellModels` adds HierFAVG-style periods: neighbourhoods
-aggregate every round and sync with the cloud every ``topology.cloud_sync_every`` rounds.
+What the tiers do with the updates on this tree lives with the roles: the sums flowing up
+it in :mod:`fedlora.roles.suburban`, HierFAVG cell models in :mod:`fedlora.roles.hierfavg`.
 
-Everything here is pure Python + numpy: no Flower, torch or sockets at import time
-(``WeightedSum`` is imported where a sum is built).
+Everything here is pure Python + numpy: no Flower, torch or sockets.
 """
 
 from __future__ import annotations
@@ -26,16 +22,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedlora.config import DeviceProfileConfig, LinkConfig, MobilityConfig, TopologyConfig
-
-if TYPE_CHECKING:  # aggregation imports torch (via adapters); keep it out of import time
-    from fedlora.aggregation import WeightedSum
-
-AdapterState = dict[str, np.ndarray]
 
 CLOUD = "cloud"
 TIERS = ("cloud", "suburban", "neighbourhood", "femto")  # top to bottom
@@ -65,7 +55,7 @@ class Link:
     name: str
     bandwidth_mbps: float
     latency_ms: float
-    # One medium per cell whose capacity concurrent transfers share (fedlora.netsim), or
+    # One medium per cell whose capacity concurrent transfers share (fedlora.world.netsim), or
     # the full rate for every message.
     shared: bool = True
 
@@ -270,136 +260,3 @@ def _deal(clients: list[int], shares: Mapping[str, float], seed: int) -> dict[in
             out[clients[idx]] = name
         start += count
     return out
-
-
-# --------------------------------------------------------------------------- sums up the tree
-
-
-@dataclass
-class TreeSums:
-    """The weighted sums each cell forwards in one round.
-
-    ``cells`` holds every cell with at least one counted update below it; ``cloud`` is the
-    cloud's sum when the round went up to the cloud (always when flat), else None.
-    """
-
-    cells: dict[str, WeightedSum] = field(default_factory=dict)
-    cloud: WeightedSum | None = None
-
-    def tier(self, tree: CellTree, tier: str) -> dict[str, WeightedSum]:
-        return {c: s for c, s in self.cells.items() if tree.cells[c].tier == tier}
-
-
-def aggregate_tree(
-    tree: CellTree,
-    updates: Mapping[int, tuple[AdapterState, float]],
-    cell_of: Mapping[int, str],
-    *,
-    to_cloud: bool = True,
-) -> TreeSums:
-    """Add each client's ``(delta, weight)`` into its leaf cell, then merge each cell's sum
-    into its parent's, tier by tier, up to the neighbourhoods (``to_cloud=False``) or the cloud.
-
-    Promises: each update is added exactly once, in the cell ``cell_of`` names (where the
-    client uploads from this round); ``cloud.weight`` is the sum of the client weights and
-    ``cloud.mean()`` equals the flat weighted mean (to float rounding). Raises KeyError for a
-    client without a cell and ValueError for a cell no END client can upload to.
-    """
-    from fedlora.aggregation import WeightedSum
-
-    if tree.kind == "flat":  # the cloud is the only cell: every round goes up to it
-        to_cloud = True
-    leaves = set(tree.leaf_cells)
-    sums: dict[str, WeightedSum] = {}
-    for client in sorted(updates):
-        if client not in cell_of:
-            raise KeyError(f"client {client} has an update but no cell in cell_of")
-        cell = cell_of[client]
-        if cell not in leaves:
-            raise ValueError(f"client {client} is placed in {cell!r}, which is not a leaf cell of the tree")
-        delta, weight = updates[client]
-        sums.setdefault(cell, WeightedSum()).add(delta, weight)
-    return merge_up(tree, sums, to_cloud=to_cloud)
-
-
-def merge_up(tree: CellTree, sums: dict[str, WeightedSum], *, to_cloud: bool = True) -> TreeSums:
-    """Merge each cell's sum into its parent's, tier by tier from the bottom, up to the
-    neighbourhoods (``to_cloud=False``) or the cloud: what the edge aggregators above the
-    leaf cells do. ``sums`` (leaf or neighbourhood cell -> sum) is extended in place."""
-    from fedlora.aggregation import WeightedSum
-
-    if tree.kind == "flat":
-        to_cloud = True
-    top = "cloud" if to_cloud else "neighbourhood"
-    # Bottom-up, one tier at a time, so a parent forwards only once all its children merged.
-    for tier in reversed(TIERS[TIERS.index(top) + 1 :]):
-        for cell_id in tree.tier(tier):
-            if cell_id in sums:
-                sums.setdefault(tree.cells[cell_id].parent, WeightedSum()).merge(sums[cell_id])  # type: ignore[arg-type]
-    cloud = sums.get(CLOUD, WeightedSum()) if to_cloud else None
-    return TreeSums({c: s for c, s in sums.items() if c != CLOUD}, cloud)
-
-
-class CellModels:
-    """Neighbourhood adapters between cloud syncs, HierFAVG style (Liu et al., 2020).
-
-    Each round a neighbourhood averages the updates uploaded from it and moves its cell
-    model by that mean; clients in it start the next round from the cell model. On a cloud
-    sync every neighbourhood forwards its drift from the global adapter, weighted by the
-    examples behind it, up the tree; the cloud's mean of those is the average delta the
-    strategy applies, and every cell model is reset to the new global. With
-    ``cloud_sync_every = 1`` this is exactly flat FedAvg.
-    """
-
-    def __init__(self, tree: CellTree):
-        self.tree = tree
-        self.models: dict[str, AdapterState] = {}  # neighbourhood -> cell model (absent = global)
-        self.weights: dict[str, float] = {}  # neighbourhood -> example weight since the last sync
-        self.counts: dict[str, int] = {}  # neighbourhood -> client updates since the last sync
-
-    def start_from(self, cell: str, global_state: AdapterState) -> AdapterState:
-        """The adapter an END client in leaf ``cell`` trains from this round."""
-        return self.models.get(self.tree.neighbourhood_of(cell), global_state)
-
-    def absorb(self, sums: TreeSums, global_state: AdapterState) -> None:
-        """Apply this round's neighbourhood sums (``aggregate_tree(..., to_cloud=False)``)."""
-        for cell, total in sums.tier(self.tree, "neighbourhood").items():
-            if total.count == 0:
-                continue
-            base = self.start_from(cell, global_state)
-            self.models[cell] = {k: (base[k] + d).astype(np.float32) for k, d in total.mean().items()}
-            self.weights[cell] = self.weights.get(cell, 0.0) + total.weight
-            self.counts[cell] = self.counts.get(cell, 0) + total.count
-
-    def sync(self, global_state: AdapterState) -> WeightedSum:
-        """The cloud's sum of every neighbourhood's weighted drift, merged up the tree; resets
-        the cell models. ``count`` is the number of client updates behind it."""
-        from fedlora.aggregation import WeightedSum
-
-        sums: dict[str, WeightedSum] = {}
-        for cell, model in self.models.items():
-            w = self.weights[cell]
-            total = {k: (model[k].astype(np.float64) - global_state[k]) * w for k in model}
-            sums[cell] = WeightedSum(total=total, weight=w, count=self.counts[cell])
-        self.models, self.weights, self.counts = {}, {}, {}
-        return merge_up(self.tree, sums).cloud  # type: ignore[return-value]
-
-    def state(self) -> dict[str, np.ndarray]:
-        """Cell models and weights to checkpoint (``<cell>/<tensor>``, ``<cell>#weight``, ``<cell>#count``)."""
-        out: dict[str, np.ndarray] = {}
-        for cell, model in self.models.items():
-            out.update({f"{cell}/{k}": v for k, v in model.items()})
-            out[f"{cell}#weight"] = np.array(self.weights[cell])
-            out[f"{cell}#count"] = np.array(self.counts[cell])
-        return out
-
-    def load_state(self, state: Mapping[str, np.ndarray]) -> None:
-        self.models, self.weights, self.counts = {}, {}, {}
-        for key, value in state.items():
-            if key.endswith("#weight"):
-                self.weights[key[: -len("#weight")]] = float(value)
-            elif key.endswith("#count"):
-                self.counts[key[: -len("#count")]] = int(value)
-            else:
-                cell, tensor = key.split("/", 1)
-                self.models.setdefault(cell, {})[tensor] = value

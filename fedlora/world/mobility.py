@@ -1,11 +1,11 @@
 """END clients handing over between neighbourhood cells, between rounds.
 
 A placement ``cell_of`` maps every END client to the leaf cell it uploads from (see
-:mod:`fedlora.topology`). Mobility only ever *replaces* a client's cell, so after any
+:mod:`fedlora.world.topology`). Mobility only ever *replaces* a client's cell, so after any
 number of moves every client is still in exactly one cell. Models
 (``topology.mobility.model``):
 
-- ``none``: clients stay where :func:`~fedlora.topology.build_tree` put them.
+- ``none``: clients stay where :func:`~fedlora.world.topology.build_tree` put them.
 - ``random_walk``: from round 2 on, each client hands over with chance ``handover_prob``,
   to a sibling neighbourhood under the same sub-urban cell, or with chance ``far_prob``
   (or when it has no sibling) to any other neighbourhood; arriving, it may board one of
@@ -25,7 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from fedlora.config import ConfigError
-from fedlora.topology import CellTree, board, uniform
+from fedlora.world.topology import CellTree, board, uniform
 
 TRACE_SETTING = "topology.mobility.trace_path"
 

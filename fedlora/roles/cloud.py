@@ -17,20 +17,24 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from fedlora import adapters, report
+from fedlora import adapters
+from fedlora.runs import report
 from fedlora.adapters import AdapterState
-from fedlora.aggregation import make_strategy
-from fedlora.cell import (ACCEPTED, LATE, AggregatorKeys, CellRequest, CellResult, ClientReply, LateCallback, ReplyCallback, Transport,
+from fedlora.aggregate.strategies import make_strategy
+from fedlora.roles.neighbourhood import (ACCEPTED, LATE, AggregatorKeys, CellRequest, CellResult, ClientReply, LateCallback, ReplyCallback, Transport,
                           reject_reason, run_cells)
 from fedlora.config import FederationConfig, FedLoraConfig, max_examples, privacy_mode, save_yaml, secure_modes
 from fedlora.data import eval_examples, tokenize
-from fedlora.dp import FederatedDP
-from fedlora.device import initial_adapter, lora_model, round_settings, secure_step, stable_seed, train_round
-from fedlora.mobility import assignment_at, next_assignment
+from fedlora.aggregate.dp import FederatedDP
+from fedlora.roles.device import initial_adapter, lora_model, round_settings, secure_step, stable_seed, train_round
+from fedlora.world.mobility import assignment_at, next_assignment
 from fedlora.model import resolve_model_dir
-from fedlora.netsim import simulate_round, unavailable
-from fedlora.topology import CLOUD, CellModels, TreeSums, build_tree, merge_up
-from fedlora.progress import Progress
+from fedlora.world.netsim import simulate_round, unavailable
+from fedlora.world.topology import CLOUD, build_tree
+from fedlora.roles.hierfavg import CellModels
+from fedlora.roles.local import LocalCellRunner
+from fedlora.roles.suburban import TreeSums, merge_up
+from fedlora.runs.progress import Progress
 from fedlora.secure.encoding import EncodingConfig
 from fedlora.secure.identities import Identities, SimulatedIdentities
 from fedlora.secure.rounds import LOSS_KEY, SecureRound, SecureSettings, secure_layout
@@ -46,77 +50,12 @@ class CellRunner(Protocol):
     """Runs the round's neighbourhood cells and returns their results, one per request, in order.
 
     :class:`LocalCellRunner` runs them in this process; a deployment sends each request to
-    the cell's edge-aggregator process, which calls :func:`fedlora.cell.run_cell` there.
+    the cell's edge-aggregator process, which calls :func:`fedlora.roles.neighbourhood.run_cell` there.
     ``late`` and ``on_reply`` are hints a remote runner may apply on its side or ignore.
     """
 
     def run(self, requests: list[CellRequest], *, late: LateCallback | None = None,
             on_reply: ReplyCallback | None = None, keys: AggregatorKeys | None = None) -> list[CellResult]: ...
-
-
-class LocalCellRunner:
-    """Every cell in this process over one transport (simulation, tests, a single server)."""
-
-    def __init__(self, transport: Transport):
-        self.transport = transport
-
-    def clients(self) -> list[int]:
-        return self.transport.clients()
-
-    def run(self, requests, *, late=None, on_reply=None, keys=None):
-        return run_cells(requests, self.transport, late=late, on_reply=on_reply, keys=keys)
-
-
-class InProcessTransport:
-    """Runs every client in this process, one after another (tests, debugging)."""
-
-    def __init__(self, num_clients: int, fault: Callable[[int, ClientReply], ClientReply] | None = None,
-                 stage_fault: Callable[[int, str, ClientReply], ClientReply | None] | None = None,
-                 identities: Callable[[int], Identities] | None = None):
-        self.num_clients = num_clients
-        self.identities = identities  # client -> its keys (default: derived from the seed)
-        self.fault = fault  # lets tests corrupt or drop replies
-        self.stage_fault = stage_fault  # the same for secure-aggregation stages
-        self.device_state: dict[int, tuple[str, bytes]] = {}  # each client's own secure-session state
-
-    def exchange(self, server_round, stage, payloads, arrays, settings, on_reply):
-        def step(cid: int) -> ClientReply:
-            ids = self.identities(cid) if self.identities is not None else None
-            data, self.device_state[cid], metrics = secure_step(stage, payloads[cid], self.device_state.get(cid),
-                                                                settings, arrays, cid, identities=ids)
-            return ClientReply(cid, data, metrics, bytes_up=len(data))
-
-        fault = None if self.stage_fault is None else (lambda reply: self.stage_fault(server_round, stage, reply))
-        return _each(sorted(payloads), step, fault, on_reply)
-
-    def clients(self) -> list[int]:
-        return list(range(self.num_clients))
-
-    def train(self, server_round, clients, arrays, settings, on_reply):
-        def step(cid: int) -> ClientReply:
-            delta, metrics = train_round(settings, arrays, cid)
-            return ClientReply(cid, delta, metrics, bytes_up=adapters.nbytes(delta))
-
-        fault = None if self.fault is None else (lambda reply: self.fault(server_round, reply))
-        return _each(clients, step, fault, on_reply)
-
-
-def _each(clients: list[int], step: Callable[[int], ClientReply], fault, on_reply: ReplyCallback) -> list[ClientReply]:
-    """Run ``step`` for each client in turn; a raising client becomes an error reply; ``fault``
-    (tests) may replace or drop (None) a reply before it is reported."""
-    replies = []
-    for cid in clients:
-        try:
-            reply = step(cid)
-        except Exception as exc:  # a failing client is a dropped client, not a failed run
-            reply = ClientReply(cid, error=f"{type(exc).__name__}: {exc}")
-        if fault is not None:
-            reply = fault(reply)
-            if reply is None:
-                continue
-        on_reply(reply)
-        replies.append(reply)
-    return replies
 
 
 def sample_clients(available: list[int], fed: FederationConfig, seed: int, server_round: int) -> list[int]:
@@ -364,8 +303,8 @@ def _unmask_round(sr: SecureRound, results: list[CellResult], refused: dict, per
 
     -> (results with clients of aborted cells marked dropped, {cell or cloud: WeightedSum},
     metric sums, the round record's ``secure`` field)."""
-    from fedlora.aggregation import WeightedSum
-    from fedlora.cell import DROPPED, ClientStatus
+    from fedlora.aggregate.sums import WeightedSum
+    from fedlora.roles.neighbourhood import DROPPED, ClientStatus
 
     sums, aborted = sr.unmask({res.cell: res.secure for res in results}, per_cell=per_cell)
     record_cells = {}

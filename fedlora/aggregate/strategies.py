@@ -1,11 +1,8 @@
-"""Server-side aggregation of adapter updates: weighted sums and strategies.
+"""Strategies: how the cloud turns the round's average delta into the next global adapter.
 
 Clients send *deltas* (their trained LoRA tensors minus the global ones) with an example
-count. Aggregation is split in two phases, as the cell hierarchy needs:
-
-1. :class:`WeightedSum` accumulates ``sum(n_u * delta_u)`` and ``sum(n_u)``. Sums compose:
-   an edge aggregator can add its children and forward one sum upward.
-2. A :class:`Strategy` turns the average delta into the next global adapter.
+count; the tiers add them into a :class:`~fedlora.aggregate.sums.WeightedSum` on the way up
+and the cloud hands the strategy its mean.
 
 Strategies (``strategy.name``):
 - ``fedavg``  FedIT: average A and B separately (approximate: mean(B)mean(A) != mean(BA)).
@@ -18,45 +15,10 @@ Strategies (``strategy.name``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 
 from fedlora.adapters import AdapterState
 from fedlora.config import StrategyConfig
-
-
-@dataclass
-class WeightedSum:
-    """Running ``sum(weight * delta)`` and ``sum(weight)`` over client updates."""
-
-    total: AdapterState = field(default_factory=dict)
-    weight: float = 0.0
-    count: int = 0
-
-    def add(self, delta: AdapterState, weight: float) -> None:
-        if weight <= 0:
-            raise ValueError(f"weight must be positive, got {weight}")
-        for key, value in delta.items():
-            scaled = value.astype(np.float64) * weight
-            if key in self.total:
-                self.total[key] += scaled
-            else:
-                self.total[key] = scaled
-        self.weight += weight
-        self.count += 1
-
-    def merge(self, other: WeightedSum) -> None:
-        """Add another (child) sum into this one."""
-        for key, value in other.total.items():
-            self.total[key] = self.total[key] + value if key in self.total else value.copy()
-        self.weight += other.weight
-        self.count += other.count
-
-    def mean(self) -> AdapterState:
-        if self.count == 0:
-            raise ValueError("no updates to average")
-        return {k: (v / self.weight).astype(np.float32) for k, v in self.total.items()}
 
 
 class Strategy:

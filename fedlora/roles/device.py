@@ -17,7 +17,7 @@ import torch
 from fedlora import adapters
 from fedlora.adapters import AdapterState
 from fedlora.config import FedLoraConfig, max_examples, privacy_mode, to_dict, to_typed
-from fedlora.dp import clip_update
+from fedlora.aggregate.dp import clip_update
 from fedlora.data import client_examples, tokenize
 from fedlora.model import load_base_model, wrap_lora
 from fedlora.train import train_local

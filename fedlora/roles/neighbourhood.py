@@ -5,7 +5,7 @@ adapter they start from, the round settings); :func:`run_cell` asks those client
 through a :class:`Transport`, drops every reply that is an error or malformed (with the
 reason), drops stragglers the network model names (``late``), and sums what is left. The
 :class:`CellResult` carries only what the cell forwards upward: the cell's
-:class:`~fedlora.aggregation.WeightedSum` and per-client status (plain mode).
+:class:`~fedlora.aggregate.sums.WeightedSum` and per-client status (plain mode).
 
 The same call runs in the server process (simulation: ``federation.LocalCellRunner``) or in
 a separate edge-aggregator process (deployment), which receives the request and returns
@@ -29,7 +29,7 @@ import numpy as np
 
 from fedlora import adapters, wire
 from fedlora.adapters import AdapterState
-from fedlora.aggregation import WeightedSum
+from fedlora.aggregate.sums import WeightedSum
 
 ACCEPTED, LATE, DROPPED = "accepted", "late", "dropped"
 NO_REPLY = "no reply before the round timeout"

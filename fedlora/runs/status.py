@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedlora.report import CHECKPOINTS, ROUNDS, SUMMARY
+from fedlora.runs.report import CHECKPOINTS, ROUNDS, SUMMARY
 
 CONFIG = "config.yaml"
 FINISHED, RUNNING, INTERRUPTED = "finished", "running", "interrupted"
@@ -88,7 +88,7 @@ def run_status(run_dir: str | Path, now: float | None = None) -> dict[str, Any]:
     checkpoint = int(latest["round"]) if latest and isinstance(latest.get("round"), int) else None
     tree = None
     if cfg.topology.kind != "flat":
-        from fedlora.topology import build_tree
+        from fedlora.world.topology import build_tree
 
         tree = build_tree(cfg.topology, cfg.federation.num_clients, cfg.seed)
     rounds = _rounds(records, tree, cfg.seed)
@@ -187,7 +187,7 @@ class _Placements:
         if self._failed:
             return None
         if server_round not in self._by_round:
-            from fedlora.mobility import assignment_at, next_assignment
+            from fedlora.world.mobility import assignment_at, next_assignment
 
             try:
                 prev = max((r for r in self._by_round if r < server_round), default=None)

@@ -23,7 +23,7 @@ import json
 import logging
 
 from fedlora.deploy.plan import NodeFolder, read_node
-from server.deploy import Security, run_end
+from fedlora.deploy.processes import Security, run_end
 
 log = logging.getLogger("fedlora")
 
