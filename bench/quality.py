@@ -186,7 +186,7 @@ def main() -> None:
             "mean_tokens": sum(lengths) / len(lengths),
         }
         try:
-            from fedlora.data import question_type
+            from fedlora.data.partition import question_type
 
             out["data"]["clients_question_types"] = [
                 dict(collections.Counter(question_type(ex["messages"][-2]["content"]) for ex in tr).most_common(3))

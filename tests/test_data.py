@@ -18,6 +18,8 @@ import torch
 
 from fedlora import data as D
 from fedlora.config import DataConfig
+from fedlora.data.partition import QUESTION_TYPES, question_type
+from fedlora.data.wearable import PROFILES, profile_for, record_example, wearable_advice, wearable_records
 
 REPO = Path(__file__).resolve().parents[1]
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -136,18 +138,18 @@ def test_identical_across_processes(tmp_path):
 
 
 def test_clients_get_distinct_profiles_and_distributions():
-    assert len({D.profile_for(p).name for p in range(len(D.PROFILES))}) == len(D.PROFILES)
-    athlete = D.wearable_records(0, 0, 200)
-    diabetic = D.wearable_records(0, 1, 200)
-    hypertensive = D.wearable_records(0, 2, 200)
-    night = D.wearable_records(0, 3, 200)
+    assert len({profile_for(p).name for p in range(len(PROFILES))}) == len(PROFILES)
+    athlete = wearable_records(0, 0, 200)
+    diabetic = wearable_records(0, 1, 200)
+    hypertensive = wearable_records(0, 2, 200)
+    night = wearable_records(0, 3, 200)
     assert athlete[0]["profile"] == "endurance athlete" and diabetic[0]["profile"] == "type-2 diabetic"
     assert mean(r["hr"] for r in athlete) < mean(r["hr"] for r in diabetic) - 15
     assert mean(r["glucose"] for r in diabetic) > mean(r["glucose"] for r in athlete) + 40
     assert mean(r["sys"] for r in hypertensive) > mean(r["sys"] for r in athlete) + 20
     assert mean(r["sleep"] for r in night) < mean(r["sleep"] for r in athlete) - 2
     # ... which changes the advice each client sees, and how it asks.
-    share = lambda recs, text: mean(text in D.wearable_advice(r) for r in recs)  # noqa: E731
+    share = lambda recs, text: mean(text in wearable_advice(r) for r in recs)  # noqa: E731
     assert share(athlete, "is under 50") > 0.4 > share(diabetic, "is under 50")
     assert share(hypertensive, "stage 2 hypertension") > 0.5 > share(athlete, "stage 2 hypertension")
     assert not {r["question"].split(".")[0] for r in athlete} & {r["question"].split(".")[0] for r in diabetic}
@@ -173,25 +175,25 @@ def test_examples_are_normalised_messages():
 
 
 def test_answer_is_a_function_of_readings():
-    recs = D.wearable_records(9, 4, 50)
+    recs = wearable_records(9, 4, 50)
     for rec in recs:
-        assert D.record_example(rec)["messages"][1]["content"] == D.wearable_advice(rec)
+        assert record_example(rec)["messages"][1]["content"] == wearable_advice(rec)
         # Another question wording, another profile name: same readings, same answer.
         other = dict(rec, question="different words", profile="x")
-        assert D.wearable_advice(other) == D.wearable_advice(rec)
+        assert wearable_advice(other) == wearable_advice(rec)
     base = {"hr": 60, "glucose": 142, "glucose_kind": "fasting", "sys": 115, "dia": 75,
             "sleep": 7.5, "steps": None, "pregnant": False}
-    advice = D.wearable_advice(base)
+    advice = wearable_advice(base)
     assert "142 mg/dL" in advice and "126 diabetes threshold" in advice
     assert "blood pressure" in advice and "115/75" not in advice  # in range: named, not flagged
-    normal = D.wearable_advice(dict(base, glucose=92))
+    normal = wearable_advice(dict(base, glucose=92))
     assert "Keep up your routine." in normal and "threshold" not in normal
     # The pregnancy targets are stricter, and the question says "pregnant".
-    assert "threshold" not in D.wearable_advice(dict(base, glucose=97))
-    assert "95 pregnancy target" in D.wearable_advice(dict(base, glucose=97, pregnant=True))
-    assert all("regnant" in r["question"] for r in D.wearable_records(0, 5, 20))
-    assert "crisis" in D.wearable_advice(dict(base, sys=185, dia=100))
-    assert "5000" in D.wearable_advice(dict(base, steps=1200))
+    assert "threshold" not in wearable_advice(dict(base, glucose=97))
+    assert "95 pregnancy target" in wearable_advice(dict(base, glucose=97, pregnant=True))
+    assert all("regnant" in r["question"] for r in wearable_records(0, 5, 20))
+    assert "crisis" in wearable_advice(dict(base, sys=185, dia=100))
+    assert "5000" in wearable_advice(dict(base, steps=1200))
 
 
 def test_eval_examples_capped_and_round_robin():
@@ -370,8 +372,8 @@ def test_question_type_rules():
         "When to seek urgent medical care when I have Heart attack ?": "seek_care",
         "What Is The Syntax Of The Content?": "other",
     }
-    assert {q: D.question_type(q) for q in cases} == cases
-    assert set(cases.values()) == set(D.QUESTION_TYPES)
+    assert {q: question_type(q) for q in cases} == cases
+    assert set(cases.values()) == set(QUESTION_TYPES)
 
 
 def test_question_type_derived_partition_key(tmp_path):
@@ -380,7 +382,7 @@ def test_question_type_derived_partition_key(tmp_path):
              "output": f"a{i}"} for i in range(30)]
     path = write_jsonl(tmp_path / "mm.jsonl", rows)
     parts = all_partitions(file_cfg(path, partitioner="natural", partition_by="question_type"), 3)
-    kinds = [{D.question_type(user_of(e)) for e in p} for p in parts]
+    kinds = [{question_type(user_of(e)) for e in p} for p in parts]
     assert sorted(k.pop() for k in kinds if len(k) == 1) == ["causes", "symptoms", "treatment"]
 
 

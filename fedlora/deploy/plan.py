@@ -286,7 +286,7 @@ class NodeFolder:
 
     def data_file(self) -> str:
         """The device's own data file in ``data/`` ("" when there is none: demo partition)."""
-        from fedlora.data import FILE_BUILDERS
+        from fedlora.data.files import FILE_BUILDERS
 
         folder = self.folder / str(self.doc.get("data_path", DATA_DIR))
         files = sorted(p for p in folder.glob("*") if p.is_file() and p.suffix.lower() in FILE_BUILDERS) if folder.is_dir() else []
