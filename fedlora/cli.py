@@ -25,11 +25,9 @@ import logging
 import sys
 from pathlib import Path
 
+from fedlora.usage import UserError
+
 USAGE = __doc__
-
-
-class UserError(Exception):
-    """A mistake in what the user asked for; printed as one line, exit code 2."""
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
