@@ -88,6 +88,7 @@ def _cell(value: Any) -> str:
 def sweep_jobs(config: DictConfig, config_loader) -> list[list[str]] | None:
     """Every job's overrides, in Hydra's job order, as its basic sweeper expands them; None
     under another sweeper (those pick values as the sweep goes)."""
+    # Hydra's own expansion (a private module; hydra-core is pinned <1.4), so the jobs are the ones it launches.
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
