@@ -25,11 +25,9 @@ import logging
 import sys
 from pathlib import Path
 
+from fedlora.usage import UserError
+
 USAGE = __doc__
-
-
-class UserError(Exception):
-    """A mistake in what the user asked for; printed as one line, exit code 2."""
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -90,15 +88,38 @@ def cmd_resume(argv: list[str]) -> None:
     parser.add_argument("run_dir", type=Path)
     args = parser.parse_args(argv)
     from fedlora.config import load_yaml
+    from fedlora.runs import report
     from server.simulation import simulate
 
     if not (args.run_dir / "config.yaml").is_file():
         raise UserError(f"{args.run_dir} is not a run directory (no config.yaml)")
-    simulate(load_yaml(args.run_dir / "config.yaml"), args.run_dir, resume=True)
+    cfg = load_yaml(args.run_dir / "config.yaml")
+    checkpoint = report.load_checkpoint(args.run_dir)
+    done = checkpoint[0] if checkpoint is not None else 0
+    # Finished: its summary is written and its checkpoint holds every round its config asks for (a config
+    # that asks for more rounds than are done resumes). Nothing is loaded and the run dir stays untouched.
+    if (args.run_dir / report.SUMMARY).is_file() and done >= cfg.federation.rounds:
+        print(f"fedlora: {args.run_dir} is finished: {done} of its {cfg.federation.rounds} rounds done "
+              f"({report.SUMMARY} written); nothing to resume\n"
+              f"  fedlora status {args.run_dir}   |   fedlora eval {args.run_dir}")
+        return
+    simulate(cfg, args.run_dir, resume=True)
 
 
-def _adapter_and_config(target: Path, overrides: list[str]):
-    """(adapter dir, config) for a run directory or an adapter directory."""
+# What `fedlora eval` and `fedlora generate` read of a config beside the adapter (dotted prefixes).
+# Of model.* only how the base is loaded: which base it is comes with the run (or, for a bare
+# adapter directory, from the overrides).
+EVAL_READS = ("data", "seed", "federation.num_clients", "train.eval_batch_size", "train.max_seq_len", "model.dtype",
+              "model.cache_dir")
+GENERATE_READS = ("model.dtype", "model.cache_dir")
+
+
+def _adapter_and_config(target: Path, overrides: list[str], command: str, reads: tuple[str, ...]):
+    """(adapter dir, config) for a run directory or an adapter directory.
+
+    The config is the run's (beside the adapter) with the overrides, else the composed config.
+    An override that changes a setting ``command`` does not read from the config (LoRA from the
+    adapter, the model from the run, the rest not at all) is a UserError naming it and why."""
     from omegaconf import OmegaConf
 
     from fedlora.config import compose, load_yaml, to_dict, to_typed
@@ -109,29 +130,67 @@ def _adapter_and_config(target: Path, overrides: list[str]):
     run_config = adapter.parent / "config.yaml"
     if run_config.is_file():
         cfg = load_yaml(run_config)
+        base = to_dict(cfg)
         if overrides:
-            cfg = to_typed(OmegaConf.merge(OmegaConf.create(to_dict(cfg)), OmegaConf.from_dotlist(_dotlist(overrides))))
+            cfg = to_typed(OmegaConf.merge(OmegaConf.create(base), *map(_override_node, overrides)))
     else:
-        cfg = compose(overrides)
+        base, cfg = to_dict(compose([])), compose(overrides)
+        reads = (*reads, "model")
+    refused = [f"{o}: {why}" for o in overrides
+               if (why := _why_not_read(o, base, adapter, run_config, command, reads)) is not None]
+    if refused:
+        applies = ", ".join(f"{r}.*" if r in ("data", "model") else r for r in reads)
+        listed = refused[0] if len(refused) == 1 else "these overrides:" + "".join(f"\n  {r}" for r in refused)
+        raise UserError(f"{command} cannot apply {listed}\n  (it applies overrides of {applies})")
     return adapter, cfg
 
 
-def _dotlist(overrides: list[str]) -> list[str]:
-    """Group selections like ``data=medical`` expanded to that group file's keys."""
+def _why_not_read(override: str, base: dict, adapter: Path, run_config: Path, command: str, reads: tuple[str, ...]) -> str | None:
+    """Why ``override`` cannot change what ``command`` does, or None when it can (or changes nothing)."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    after = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(base), _override_node(override)))
+    for path in _changed(base, after):  # type: ignore[arg-type]
+        if any(path == r or path.startswith(f"{r}.") for r in reads):
+            continue
+        if path.startswith("lora."):
+            lora = json.loads((adapter / "adapter_config.json").read_text())
+            modules = lora.get("target_modules")
+            modules = ",".join(sorted(modules)) if isinstance(modules, list) else modules
+            return (f"the adapter fixes its LoRA settings (r={lora.get('r')}, lora_alpha={lora.get('lora_alpha')}, "
+                    f"target_modules={modules} in {adapter / 'adapter_config.json'})")
+        if path.startswith("model."):
+            return (f"the run fixes the model (model.source={base['model']['source']} in {run_config}); "
+                    "its adapter fits only that base")
+        return f"{command} does not read {path}"
+    return None
+
+
+def _changed(before: dict, after: dict, prefix: str = "") -> list[str]:
+    """Dotted paths of the settings whose value differs between two config dicts."""
+    paths = []
+    for key in sorted(set(before) | set(after)):
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            paths += _changed(old, new, f"{prefix}{key}.")
+        elif old != new:
+            paths.append(f"{prefix}{key}")
+    return paths
+
+
+def _override_node(item: str):
+    """One override as a config to merge; a group selection like ``data=medical`` is that group file's keys."""
     from omegaconf import OmegaConf
 
     from fedlora.config import conf_dir
 
-    out = []
-    for item in overrides:
-        key, _, value = item.partition("=")
-        group_file = conf_dir() / key / f"{value}.yaml"
-        if "." not in key and group_file.is_file():
-            node = OmegaConf.load(group_file)
-            out.extend(f"{key}.{k}={OmegaConf.to_yaml(v).strip() if not isinstance(v, str) else v}" for k, v in node.items())
-        else:
-            out.append(item)
-    return out
+    key, _, value = item.partition("=")
+    group_file = conf_dir() / key / f"{value}.yaml"
+    if "." not in key and group_file.is_file():
+        return OmegaConf.create({key: OmegaConf.to_container(OmegaConf.load(group_file))})
+    return OmegaConf.from_dotlist([item])
 
 
 def _load_adapted(adapter: Path, cfg):
@@ -154,7 +213,7 @@ def cmd_eval(argv: list[str]) -> None:
     from fedlora.runs.report import perplexity
     from fedlora.train import evaluate
 
-    adapter, cfg = _adapter_and_config(args.target, args.overrides)
+    adapter, cfg = _adapter_and_config(args.target, args.overrides, "fedlora eval", EVAL_READS)
     model, tokenizer = _load_adapted(adapter, cfg)
     held_out = tokenize(eval_examples(cfg.data, cfg.federation.num_clients, cfg.seed), tokenizer, cfg.train.max_seq_len)
     loss, tokens = evaluate(model, held_out, cfg.train.eval_batch_size, pad_id=tokenizer.pad_token_id)
@@ -178,11 +237,11 @@ def cmd_generate(argv: list[str]) -> None:
     parser.add_argument("--prompt", action="append", help="a prompt (repeatable); without one, an interactive chat")
     parser.add_argument("--max-new-tokens", type=int, default=120)
     parser.add_argument("--compare-base", action="store_true", help="also show the base model's answer")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.dtype=bfloat16 (before or after the options)")
+    args = parser.parse_intermixed_args(argv)
     import torch
 
-    adapter, cfg = _adapter_and_config(args.target, args.overrides)
+    adapter, cfg = _adapter_and_config(args.target, args.overrides, "fedlora generate", GENERATE_READS)
     model, tokenizer = _load_adapted(adapter, cfg)
 
     def answer(prompt: str) -> str:

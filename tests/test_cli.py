@@ -67,3 +67,108 @@ def test_usage_errors(args, needle, finished_run):
     out = fedlora(*args, env=finished_run[2])
     assert out.returncode == 2
     assert needle in out.stderr and "Traceback" not in out.stderr
+
+
+HELP = [[], ["run"], ["resume"], ["status"], ["eval"], ["generate"], ["deploy"], ["deploy", "plan"], ["deploy", "check"],
+        ["cloud"], ["edge"], ["end"], ["client"]]
+
+
+@pytest.mark.parametrize("command", HELP, ids=lambda c: " ".join(c) or "fedlora")
+def test_every_command_prints_its_help(command):
+    out = fedlora(*command, "--help", env=os.environ)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() and "error" not in out.stderr.lower()
+    if command == ["deploy"]:
+        assert "fedlora deploy plan" in out.stdout and "fedlora deploy check" in out.stdout
+
+
+def test_the_deploy_subcommands_do_not_import_the_fedlora_command():
+    code = "import sys, fedlora.deploy.cli; assert 'fedlora.cli' not in sys.modules, 'import cycle'"
+    out = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def _files(run_dir: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(run_dir)): (p.stat().st_mtime_ns, p.stat().st_size) for p in run_dir.rglob("*") if p.is_file()}
+
+
+def test_resume_of_a_finished_run_says_so_and_touches_nothing(finished_run, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import server.simulation
+    from fedlora import cli
+    from fedlora.config import load_yaml, save_yaml
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run[0], run_dir)
+    before = _files(run_dir)
+    resumed = []
+    monkeypatch.setattr(server.simulation, "simulate", lambda cfg, run_dir, resume=False: resumed.append((cfg, resume)))
+    cli.main(["resume", str(run_dir)])
+    out = capsys.readouterr().out
+    assert not resumed and f"{run_dir} is finished: 2 of its 2 rounds done" in out and "nothing to resume" in out
+    assert _files(run_dir) == before
+    # A config asking for more rounds than are done still resumes.
+    cfg = load_yaml(run_dir / "config.yaml")
+    cfg.federation.rounds = 3
+    save_yaml(cfg, run_dir / "config.yaml")
+    cli.main(["resume", str(run_dir)])
+    assert [(c.federation.rounds, resume) for c, resume in resumed] == [(3, True)]
+
+
+@pytest.mark.parametrize(
+    "args,needles",
+    [
+        (["eval", "{run}", "lora.r=4"], ["cannot apply lora.r=4", "the adapter fixes its LoRA settings (r=8"]),
+        (["eval", "{run}", "data.max_eval_examples=2", "federation.rounds=9", "model=smollm2"],
+         ["federation.rounds=9: fedlora eval does not read federation.rounds", "model=smollm2: the run fixes the model"]),
+        (["eval", "{run}/adapter", "lora=all_linear_r16"], ["lora=all_linear_r16: the adapter fixes"]),
+        (["generate", "{run}", "--prompt", "hi", "data.max_eval_examples=2"],
+         ["fedlora generate cannot apply data.max_eval_examples=2"]),
+    ],
+)
+def test_eval_and_generate_refuse_an_override_that_cannot_apply(args, needles, finished_run, capsys):
+    from fedlora import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([a.format(run=finished_run[0]) for a in args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and all(n in err for n in needles), err
+
+
+# `fedlora run` with the simulation replaced by one that records the job's config and writes its summary.
+FAKE_RUN = """
+import json, sys
+from pathlib import Path
+import server.simulation
+
+def simulate(cfg, run_dir, resume=False):
+    print("trained lora.r=%d" % cfg.lora.r, flush=True)
+    summary = {"final_eval_loss": 1.0, "wall_s": 0.0, "total_bytes": {"all": 0}}
+    (Path(run_dir) / "summary.json").write_text(json.dumps(summary))
+    return summary
+
+server.simulation.simulate = simulate
+from fedlora.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_a_sweep_with_bad_jobs_starts_none_and_names_every_bad_one(tmp_path):
+    def sweep(*values):
+        return subprocess.run([sys.executable, "-c", FAKE_RUN, "run", "--multirun", "model=tiny", *values,
+                               f"hydra.sweep.dir={tmp_path / 'sweep'}"], check=False, cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+
+    out = sweep("lora.r=4,-1,0", "strategy=fedavg,fedbogus")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "trained" not in out.stdout and not (tmp_path / "sweep").exists()
+    assert "5 of the sweep's 6 jobs cannot run; none was started" in out.stderr
+    assert "#2 model=tiny lora.r=-1 strategy=fedavg: lora.r=-1 must be > 0" in out.stderr
+    assert "#4 model=tiny lora.r=0 strategy=fedavg: lora.r=0 must be > 0" in out.stderr
+    assert "#1 model=tiny lora.r=4 strategy=fedbogus: In 'config': Could not find 'strategy/fedbogus'" in out.stderr
+    # A sweep of good jobs runs them all.
+    out = sweep("lora.r=4,8")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "trained lora.r=4" in out.stdout and "trained lora.r=8" in out.stdout
+    assert (tmp_path / "sweep" / "sweep_summary.csv").read_text().count("\n") == 3

@@ -2,6 +2,8 @@
 
     fedlora deploy plan OUT_DIR [overrides] [--cloud-host H]... [--edge-host CELL=H[,H]]...
     fedlora deploy check [--config NODE_FOLDER] [overrides] [--json]
+
+  fedlora deploy plan --help | fedlora deploy check --help: every option
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from fedlora.cli import UserError
+from fedlora.usage import UserError
 
 
 def _edge_host(text: str) -> tuple[str, list[str]]:
@@ -99,6 +101,9 @@ COMMANDS = {"plan": cmd_plan, "check": cmd_check}
 
 
 def main(argv: list[str]) -> None:
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        raise SystemExit(0)
     if not argv or argv[0] not in COMMANDS:
         raise UserError(f"usage: fedlora deploy {{{'|'.join(COMMANDS)}}} ...  ({__doc__.strip().splitlines()[0]})")
     COMMANDS[argv[0]](argv[1:])

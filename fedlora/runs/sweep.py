@@ -1,14 +1,21 @@
-"""Sweep summary for ``fedlora run --multirun``: one row per run, as CSV and a printed table."""
+"""``fedlora run --multirun``: every job's config checked before the first starts, and a summary
+after the last (one row per run, as CSV and a printed table)."""
 
 from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fedlora.config import ConfigError, to_typed
+
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 COLUMNS = ["run", "swept", "base_eval_loss", "final_eval_loss", "eval_loss_drop", "final_perplexity", "total_bytes", "wall_s", "status"]
 
@@ -78,8 +85,68 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def sweep_jobs(config: DictConfig, config_loader) -> list[list[str]] | None:
+    """Every job's overrides, in Hydra's job order, as its basic sweeper expands them; None
+    under another sweeper (those pick values as the sweep goes)."""
+    # Hydra's own expansion (a private module; hydra-core is pinned <1.4), so the jobs are the ones it launches.
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    sweeper = config.hydra.sweeper
+    if sweeper.get("_target_") != BASIC_SWEEPER:
+        return None
+    arguments = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
+    arguments += OmegaConf.to_container(config.hydra.overrides.task, resolve=False)  # type: ignore[operator]
+    parsed = OverridesParser.create(config_loader=config_loader).parse_overrides(arguments)
+    return [list(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def bad_jobs(config: DictConfig, config_loader, jobs: list[list[str]]) -> list[tuple[int, list[str], str]]:
+    """(job number, its overrides, the error) of each job whose config does not compose or
+    validate, composed the way Hydra's launcher composes it for the job."""
+    from hydra.errors import HydraException
+
+    bad = []
+    for num, overrides in enumerate(jobs):
+        try:
+            job_config = config_loader.load_sweep_config(config, overrides)
+            to_typed(OmegaConf.masked_copy(job_config, [k for k in job_config if k != "hydra"]))
+        except (ConfigError, HydraException, OmegaConfBaseException) as exc:
+            bad.append((num, overrides, _one_line(exc)))
+    return bad
+
+
+def _one_line(exc: BaseException) -> str:
+    """A Hydra or OmegaConf error on one line: its text without the config search path, and its cause."""
+    lines = [line.strip() for line in str(exc).split("Config search path:")[0].splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    if len(lines) > 1:  # e.g. "Available options in 'strategy':" and one option a line
+        text = f"{text.rstrip('.')}; {lines[1]} {', '.join(lines[2:])}".rstrip()
+    cause = str(exc.__cause__).strip().splitlines()[0] if exc.__cause__ is not None and str(exc.__cause__).strip() else ""
+    return f"{text} ({cause})" if cause and cause not in text else text
+
+
+def refusal(bad: list[tuple[int, list[str], str]], total: int) -> str:
+    """The message for a sweep none of whose jobs starts: every bad job, its overrides and its error."""
+    lines = [f"fedlora: error: {len(bad)} of the sweep's {total} jobs cannot run; none was started:"]
+    lines += [f"  #{num} {' '.join(overrides)}: {error}" for num, overrides, error in bad]
+    return "\n".join(lines)
+
+
 class SweepSummary(Callback):
-    """Hydra callback: after a multirun, tabulate every job's summary.json."""
+    """Hydra callback: before a multirun, check every job's config; after it, tabulate every job's summary.json."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Refuse the sweep (exit code 2) before any job starts when a job's config is bad, so no
+        job trains only for a sibling to stop the sweep."""
+        from hydra.core.global_hydra import GlobalHydra
+
+        config_loader = GlobalHydra.instance().config_loader()
+        jobs = sweep_jobs(config, config_loader)
+        bad = bad_jobs(config, config_loader, jobs) if jobs else []
+        if bad:
+            print(refusal(bad, len(jobs or [])), file=sys.stderr)
+            raise SystemExit(2)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
