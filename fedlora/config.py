@@ -4,6 +4,10 @@ Hydra composes ``conf/config.yaml`` and its groups on top of :class:`FedLoraConf
 because the schema is a set of dataclasses, a misspelt key is an error rather than a
 silently ignored setting. :func:`validate` then checks values (ranges, allowed names)
 and raises :class:`ConfigError` naming the setting and what would be right.
+
+Only the config's own fields are checked here; what follows from them for a run as a whole
+(``privacy=auto``, n_max, whether secure sums fit the encoding, the cell tree) is
+:func:`fedlora.run_settings.resolve_run`'s.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Names of the records in fedlora's Flower messages, shared by the server and clients.
 
 A training request carries the global adapter (``ADAPTER``) and the round's settings
-(:class:`~fedlora.round_settings.RoundSettings`) as JSON (``SETTINGS``); the reply carries the client's delta (``ADAPTER``) and its
-``METRICS`` (example count, training loss, timings). An identity query is answered
-with the client's id (``IDENTITY``), or by an edge aggregator with its role and cell.
+(:class:`~fedlora.round_settings.RoundSettings`) as JSON (``SETTINGS``); the reply carries the
+client's delta (``ADAPTER``) and its ``METRICS`` (example count, training loss, timings). An
+identity query is answered with the client's id (``IDENTITY``), or by an edge aggregator with
+its role and cell.
 Between the cloud and an edge, a ``CELL`` record carries one cell's request or result.
 
 Secure aggregation (``privacy=secagg``) sends one message per stage, of message type

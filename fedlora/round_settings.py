@@ -61,11 +61,9 @@ class RoundSettings:
     round_timeout_s: float
 
     def __post_init__(self) -> None:
-        if self.version != VERSION:
-            raise RoundSettingsError(f"round settings version={self.version!r}: this fedlora reads version {VERSION} only "
-                                     f"(the cloud and its devices must run the same fedlora)")
+        _check_version(self.version)
         try:  # every value against its field's type, exactly (a constructor on the wire converts nothing)
-            typed = OmegaConf.to_container(OmegaConf.structured(self))
+            typed = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(type(self)), dataclasses.asdict(self)))
         except Exception as exc:  # omegaconf raises several types; all mean "bad type"
             raise RoundSettingsError(f"round settings: {omegaconf_message(exc)}") from None
         for name, value in dataclasses.asdict(self).items():
@@ -78,14 +76,15 @@ class RoundSettings:
             validate_data(self.data, files=False)
         except ConfigError as exc:
             raise RoundSettingsError(f"round settings: {exc}") from None
-        for name in ("round", "num_partitions", "max_examples", "threads"):
-            if getattr(self, name) < 1:
-                raise RoundSettingsError(f"round settings: {name}={getattr(self, name)} must be >= 1")
+        bounds = {"round": 1, "num_partitions": 1, "max_examples": 1, "threads": 1, "proximal_mu": 0.0}
+        for name, low in bounds.items():
+            if getattr(self, name) < low:
+                raise RoundSettingsError(f"round settings: {name}={getattr(self, name)} must be >= {low}")
+        for name in ("clip_norm", "round_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise RoundSettingsError(f"round settings: {name}={getattr(self, name)} must be > 0")
         if self.privacy not in PRIVACY_MODES:
             raise RoundSettingsError(f"round settings: privacy={self.privacy!r} is not one of: {', '.join(PRIVACY_MODES)}")
-        if self.proximal_mu < 0 or self.clip_norm <= 0 or self.round_timeout_s <= 0:
-            raise RoundSettingsError(f"round settings: proximal_mu={self.proximal_mu} must be >= 0, clip_norm="
-                                     f"{self.clip_norm} and round_timeout_s={self.round_timeout_s} > 0")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready document; :meth:`from_dict` reads it back."""
@@ -97,9 +96,7 @@ class RoundSettings:
         another version, an unknown or missing key, or a value of the wrong type or out of range."""
         if not isinstance(doc, Mapping):
             raise RoundSettingsError(f"round settings must be a mapping, got {type(doc).__name__}")
-        if doc.get("version") != VERSION:
-            raise RoundSettingsError(f"round settings version={doc.get('version')!r}: this fedlora reads version "
-                                     f"{VERSION} only (the cloud and its devices must run the same fedlora)")
+        _check_version(doc.get("version"))  # first: another version may have other fields
         try:
             merged = OmegaConf.merge(OmegaConf.structured(cls), dict(doc))
         except Exception as exc:  # omegaconf raises several types; all mean "bad key/type"
@@ -124,20 +121,25 @@ def apply_device_settings(settings: RoundSettings, device_settings: str, data_fi
     train.batch_size=2"`` (a SuperNode's node config; keys of :data:`LOCAL_KEYS`), parsed and checked by
     the round settings' schema; ``data_file``: the device's own examples (all of them are its data), in
     place of the federation's partition. ValueError naming the device setting that cannot apply."""
-    doc = settings.to_dict()
-    for item in device_settings.split():
+    items = device_settings.split()
+    for item in items:
         key, sep, _ = item.partition("=")
         if not sep or key not in LOCAL_KEYS:
             raise ValueError(f"device setting {item!r}: only {', '.join(sorted(LOCAL_KEYS))} may be set per device")
-        field_value = f"{LOCAL_KEYS[key]}={item[len(key) + 1:]}"
-        try:
-            doc = RoundSettings.from_dict(OmegaConf.to_container(OmegaConf.merge(doc, OmegaConf.from_dotlist([field_value])))
-                                          ).to_dict()
-        except RoundSettingsError as exc:
-            raise ValueError(f"device setting {item!r}: {exc}") from None
+    doc = settings.to_dict()
     if data_file:
         doc["data"].update(source="file", path=data_file, partitioner="iid", partition_by="")
-    return RoundSettings.from_dict(doc)
+    fields = [f"{LOCAL_KEYS[item.partition('=')[0]]}={item.partition('=')[2]}" for item in items]
+    try:
+        return RoundSettings.from_dict(OmegaConf.to_container(OmegaConf.merge(doc, OmegaConf.from_dotlist(fields))))
+    except RoundSettingsError as exc:  # it names the field
+        raise ValueError(f"device settings {device_settings!r}: {exc}") from None
+
+
+def _check_version(version: Any) -> None:
+    if version != VERSION or type(version) is not int:
+        raise RoundSettingsError(f"round settings version={version!r}: this fedlora reads version {VERSION} only "
+                                 f"(the cloud and its devices must run the same fedlora)")
 
 
 def _missing_keys(schema: Mapping, doc: Mapping, prefix: str = "") -> list[str]:

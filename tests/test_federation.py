@@ -237,8 +237,8 @@ def test_run_cell_drops_bad_and_late_replies_with_reasons(cache_dir):
     def corrupt(server_round, reply):
         return ClientReply(reply.client, error="client error: disk full") if reply.client == 0 else reply
 
-    request = CellRequest("r", 1, "cloud", [0, 1, 2], state, resolve_run(cfg).round_settings(1, {"proximal_mu": 0.0, "freeze_a": False}),
-                          expected)
+    settings = resolve_run(cfg).round_settings(1, {"proximal_mu": 0.0, "freeze_a": False})
+    request = CellRequest("r", 1, "cloud", [0, 1, 2], state, settings, expected)
     result = run_cell(request, InProcessTransport(3, fault=corrupt), late=lambda usable: {2: "past the deadline"})
     assert result.accepted == [1] and result.plain.count == 1
     assert result.clients[0].reason == "client error: disk full" and result.clients[2].status == "late"

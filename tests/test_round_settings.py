@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -62,3 +63,13 @@ def test_a_run_resolves_privacy_n_max_and_its_tree_once_and_refuses_an_overflowi
     assert flat.privacy == "none" and flat.secure_settings({}) is None
     with pytest.raises(ConfigError, match="privacy.bits=24 with privacy.max_examples=64 and federation.num_clients=300"):
         resolve_run(compose(["privacy=secagg", "privacy.bits=24", "federation.num_clients=300"]))
+
+
+def test_round_settings_built_field_by_field_as_the_wire_does_are_checked_exactly():
+    s = settings()
+    with pytest.raises(RoundSettingsError, match="round='2' is not of the field's type"):
+        dataclasses.replace(s, round="2")
+    with pytest.raises(RoundSettingsError, match="lora.r"):
+        dataclasses.replace(s, lora=dataclasses.replace(s.lora, r="x"))
+    with pytest.raises(RoundSettingsError, match="threads=0 must be >= 1"):
+        dataclasses.replace(s, threads=0)
