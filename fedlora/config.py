@@ -364,8 +364,9 @@ def compose(overrides: list[str] | None = None) -> FedLoraConfig:
     return to_typed(cfg)
 
 
-def to_typed(cfg: DictConfig | dict[str, Any]) -> FedLoraConfig:
-    """Merge a (possibly partial) config onto the schema, validate it, and return it."""
+def to_typed(cfg: DictConfig | dict[str, Any], *, files: bool = True) -> FedLoraConfig:
+    """Merge a (possibly partial) config onto the schema, validate it, and return it.
+    ``files``: also check that the files it names exist on this machine (:func:`validate`)."""
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_container(cfg, resolve=True)
     cfg = {k: v for k, v in dict(cfg).items() if k != "hydra"}
@@ -375,16 +376,16 @@ def to_typed(cfg: DictConfig | dict[str, Any]) -> FedLoraConfig:
     except Exception as exc:  # omegaconf raises several types; all mean "bad key/type"
         raise ConfigError(omegaconf_message(exc)) from None
     typed: FedLoraConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    validate(typed)
+    validate(typed, files=files)
     return typed
 
 
-def load_yaml(path: str | Path) -> FedLoraConfig:
-    """Read a resolved ``config.yaml`` (as written into every run directory)."""
+def load_yaml(path: str | Path, *, files: bool = True) -> FedLoraConfig:
+    """Read a resolved ``config.yaml`` (as written into every run directory); ``files``: as :func:`to_typed`."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    return to_typed(OmegaConf.load(path))  # type: ignore[arg-type]
+    return to_typed(OmegaConf.load(path), files=files)  # type: ignore[arg-type]
 
 
 def save_yaml(cfg: FedLoraConfig, path: str | Path) -> None:
@@ -413,11 +414,13 @@ def _positive(name: str, value: float, *, zero_ok: bool = False) -> None:
         raise ConfigError(f"{name}={value} must be {bound}")
 
 
-def validate(cfg: FedLoraConfig) -> None:
-    """Check values the schema's types cannot; raise ConfigError naming the setting."""
-    validate_model(cfg.model, files=True)
+def validate(cfg: FedLoraConfig, *, files: bool = True) -> None:
+    """Check values the schema's types cannot; raise ConfigError naming the setting. ``files``: also
+    that ``model.path``, ``data.path`` and ``topology.mobility.trace_path`` exist on this machine (false
+    on a machine that reads none of them, e.g. a device with its own data)."""
+    validate_model(cfg.model, files=files)
     validate_lora(cfg.lora)
-    validate_data(cfg.data, files=True)
+    validate_data(cfg.data, files=files)
     validate_train(cfg.train)
     validate_strategy(cfg.strategy)
     f = cfg.federation
@@ -436,7 +439,7 @@ def validate(cfg: FedLoraConfig) -> None:
     _positive("simulation.cpus_per_client", cfg.simulation.cpus_per_client)
     _positive("simulation.threads_per_client", cfg.simulation.threads_per_client, zero_ok=True)
     _validate_ray_address(cfg.simulation.ray_address)
-    _validate_topology(cfg.topology, f.num_clients)
+    _validate_topology(cfg.topology, f.num_clients, files=files)
     _validate_privacy(cfg)
 
 
@@ -543,7 +546,7 @@ def _fraction(name: str, value: float) -> None:
         raise ConfigError(f"{name}={value} must be in [0, 1]")
 
 
-def _validate_topology(topo: TopologyConfig, num_clients: int) -> None:
+def _validate_topology(topo: TopologyConfig, num_clients: int, *, files: bool) -> None:
     """Topology values: tier sizes, profiles and their mix, links, deadline, mobility."""
     _choice("topology.kind", topo.kind, TOPOLOGY_KINDS)
     _choice("topology.mobility.model", topo.mobility.model, MOBILITY_MODELS)
@@ -609,5 +612,5 @@ def _validate_topology(topo: TopologyConfig, num_clients: int) -> None:
     if m.model == "trace":
         if not m.trace_path:
             raise ConfigError("topology.mobility.trace_path must name a CSV/JSON trace when topology.mobility.model=trace")
-        if not Path(m.trace_path).expanduser().is_file():
+        if files and not Path(m.trace_path).expanduser().is_file():
             raise ConfigError(f"topology.mobility.trace_path={m.trace_path!r} does not exist or is not a file")

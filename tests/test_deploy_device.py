@@ -170,3 +170,17 @@ def test_device_local_settings_change_how_a_device_trains_never_what(tmp_path):
     for bad in ["lora.r=4", "train.lr=1", "train.batch_size=0", "train.gradient_checkpointing=maybe", "model.dtype"]:
         with pytest.raises(ValueError, match="device setting"):
             DeviceLocal(bad).apply(federation)
+
+
+def test_a_device_reads_the_federations_config_without_looking_for_its_files(tmp_path):
+    from fedlora.config import ConfigError, compose
+    from fedlora.deploy.plan import read_node, write_plan
+
+    data = tmp_path / "federation.jsonl"
+    data.write_text('{"instruction": "q", "input": "", "output": "a"}\n')
+    write_plan(compose(["model=tiny", "topology=flat", "federation.num_clients=1", "federation.min_clients=1", "data=file",
+                        f"data.path={data}"]), tmp_path / "p")
+    data.unlink()  # the cloud's file: a device has its own data
+    assert read_node(tmp_path / "p" / "end-0", "end").config().data.path == str(data)
+    with pytest.raises(ConfigError, match="data.path"):
+        read_node(tmp_path / "p" / "cloud", "cloud").config()

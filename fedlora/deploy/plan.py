@@ -281,9 +281,11 @@ class NodeFolder:
         return self.folder / relative
 
     def config(self) -> FedLoraConfig:
+        """The federation's config. An END device does not look for the files it names (the federation's
+        data, a local model folder, the mobility trace): what it reads it checks where it reads it."""
         from fedlora.config import load_yaml
 
-        return load_yaml(self.folder / str(self.doc.get("config", "config.yaml")))
+        return load_yaml(self.folder / str(self.doc.get("config", "config.yaml")), files=self.role != "end")
 
     def data_file(self) -> str:
         """The device's own data file in ``data/`` ("" when there is none: demo partition)."""
