@@ -285,7 +285,8 @@ class NodeFolder:
         data, a local model folder, the mobility trace): what it reads it checks where it reads it."""
         from fedlora.config import load_yaml
 
-        return load_yaml(self.folder / str(self.doc.get("config", "config.yaml")), files=self.role != "end")
+        path = self.folder / str(self.doc.get("config", "config.yaml"))
+        return load_yaml(path, files=self.role != "end")
 
     def data_file(self) -> str:
         """The device's own data file in ``data/`` ("" when there is none: demo partition)."""
