@@ -115,10 +115,10 @@ def netsim_rounds(cfg, rounds: int, adapter_bytes: int, train_s: float | dict[in
     from fedlora.roles.cloud import sample_clients
     from fedlora.world.mobility import assignment_at, next_assignment
     from fedlora.world.netsim import simulate_round, unavailable
-    from fedlora.world.topology import build_tree
+    from fedlora.run_settings import resolve_run
 
     n = cfg.federation.num_clients
-    tree = build_tree(cfg.topology, n, cfg.seed)
+    tree = resolve_run(cfg).tree
     hierfavg = tree.kind != "flat" and tree.cloud_sync_every > 1
     cell_of = assignment_at(tree, 1, cfg.seed)
     available = list(range(n))

@@ -109,10 +109,10 @@ if _LOG:
         elif name == "fedlora.roles.device":
             real_train = module.train_round
 
-            def train_round(settings, global_state, partition_id):
+            def train_round(settings, global_state, partition_id, **kwargs):
                 t0 = time.time()
-                out = real_train(settings, global_state, partition_id)
-                _event("train", partition_id, settings.get("round"), f"{time.time() - t0:.3f}")
+                out = real_train(settings, global_state, partition_id, **kwargs)
+                _event("train", partition_id, settings.round, f"{time.time() - t0:.3f}")
                 return out
 
             module.train_round = train_round

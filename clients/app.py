@@ -13,7 +13,7 @@ A device started from a deployment plan (``fedlora client --config FOLDER``,
 
 - ``node-dir``: its folder -- its own Ed25519 key and the plan's registry for secure
   aggregation (never keys derived from the seed);
-- ``device-settings``: how this device trains (:data:`fedlora.roles.device.LOCAL_KEYS`, picked
+- ``device-settings``: how this device trains (:data:`fedlora.round_settings.LOCAL_KEYS`, picked
   from its memory by the launcher), and ``data-file``: its own examples, if any;
 - ``audit-dir``: when set, a copy of every reply this device sends is written there
   (what leaves the device, for its owner to inspect; :func:`audit`).
@@ -60,8 +60,8 @@ def _deployed(context: Context):
     from fedlora.roles.device import DeviceLocal
     from fedlora.secure.identities import PlannedIdentities
 
-    local = DeviceLocal.parse(str(context.node_config.get("device-settings", "") or ""),
-                              str(context.node_config.get("data-file", "") or ""))
+    local = DeviceLocal(str(context.node_config.get("device-settings", "") or ""),
+                        str(context.node_config.get("data-file", "") or ""))
     return PlannedIdentities.from_folder(node_dir), local
 
 
@@ -112,8 +112,8 @@ def secagg(msg: Message, context: Context) -> Message:
 
     request = msg.content[protocol.SECAGG]
     settings = protocol.decode_settings(str(msg.content[protocol.SETTINGS][protocol.SETTINGS_KEY]))
-    if int(request[protocol.ROUND_KEY]) != int(settings["round"]):
-        raise ValueError(f"secure stage for round {request[protocol.ROUND_KEY]} carries settings of round {settings['round']}")
+    if int(request[protocol.ROUND_KEY]) != settings.round:
+        raise ValueError(f"secure stage for round {request[protocol.ROUND_KEY]} carries settings of round {settings.round}")
     arrays = {k: a.numpy() for k, a in msg.content[protocol.ADAPTER].items()} if protocol.ADAPTER in msg.content else None
     kept = context.state.get(protocol.SECAGG_STATE)
     stored = (str(kept["session"]), bytes(kept["state"])) if kept is not None else None

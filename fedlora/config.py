@@ -4,6 +4,10 @@ Hydra composes ``conf/config.yaml`` and its groups on top of :class:`FedLoraConf
 because the schema is a set of dataclasses, a misspelt key is an error rather than a
 silently ignored setting. :func:`validate` then checks values (ranges, allowed names)
 and raises :class:`ConfigError` naming the setting and what would be right.
+
+Only the config's own fields are checked here; what follows from them for a run as a whole
+(``privacy=auto``, n_max, whether secure sums fit the encoding, the cell tree) is
+:func:`fedlora.run_settings.resolve_run`'s.
 """
 
 from __future__ import annotations
@@ -360,8 +364,9 @@ def compose(overrides: list[str] | None = None) -> FedLoraConfig:
     return to_typed(cfg)
 
 
-def to_typed(cfg: DictConfig | dict[str, Any]) -> FedLoraConfig:
-    """Merge a (possibly partial) config onto the schema, validate it, and return it."""
+def to_typed(cfg: DictConfig | dict[str, Any], *, files: bool = True) -> FedLoraConfig:
+    """Merge a (possibly partial) config onto the schema, validate it, and return it.
+    ``files``: also check that the files it names exist on this machine (:func:`validate`)."""
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_container(cfg, resolve=True)
     cfg = {k: v for k, v in dict(cfg).items() if k != "hydra"}
@@ -369,18 +374,18 @@ def to_typed(cfg: DictConfig | dict[str, Any]) -> FedLoraConfig:
     try:
         merged = OmegaConf.merge(schema, cfg)
     except Exception as exc:  # omegaconf raises several types; all mean "bad key/type"
-        raise ConfigError(_omegaconf_message(exc)) from None
+        raise ConfigError(omegaconf_message(exc)) from None
     typed: FedLoraConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    validate(typed)
+    validate(typed, files=files)
     return typed
 
 
-def load_yaml(path: str | Path) -> FedLoraConfig:
-    """Read a resolved ``config.yaml`` (as written into every run directory)."""
+def load_yaml(path: str | Path, *, files: bool = True) -> FedLoraConfig:
+    """Read a resolved ``config.yaml`` (as written into every run directory); ``files``: as :func:`to_typed`."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    return to_typed(OmegaConf.load(path))  # type: ignore[arg-type]
+    return to_typed(OmegaConf.load(path), files=files)  # type: ignore[arg-type]
 
 
 def save_yaml(cfg: FedLoraConfig, path: str | Path) -> None:
@@ -391,7 +396,8 @@ def to_dict(cfg: FedLoraConfig) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
 
 
-def _omegaconf_message(exc: Exception) -> str:
+def omegaconf_message(exc: Exception) -> str:
+    """An omegaconf error as one line naming the key."""
     key = getattr(exc, "full_key", None)
     msg = str(exc).splitlines()[0]
     return f"{key}: {msg}" if key else msg
@@ -408,51 +414,16 @@ def _positive(name: str, value: float, *, zero_ok: bool = False) -> None:
         raise ConfigError(f"{name}={value} must be {bound}")
 
 
-def validate(cfg: FedLoraConfig) -> None:
-    """Check values the schema's types cannot; raise ConfigError naming the setting."""
-    m, d, t, s, f = cfg.model, cfg.data, cfg.train, cfg.strategy, cfg.federation
-    _choice("model.source", m.source, MODEL_SOURCES)
-    _choice("model.dtype", m.dtype, DTYPES)
-    if m.source in ("local", "hub") and not m.path:
-        raise ConfigError(f"model.path must name a model directory or hub id when model.source={m.source}")
-    if m.source == "local" and not Path(m.path).expanduser().is_dir():
-        raise ConfigError(f"model.path={m.path!r} is not a directory (model.source=local)")
-    _positive("lora.r", cfg.lora.r)
-    _positive("lora.alpha", cfg.lora.alpha)
-    if not 0 <= cfg.lora.dropout < 1:
-        raise ConfigError(f"lora.dropout={cfg.lora.dropout} must be in [0, 1)")
-    if not cfg.lora.target_modules:
-        raise ConfigError("lora.target_modules must name at least one module, e.g. [q_proj, v_proj]")
-    _choice("data.source", d.source, DATA_SOURCES)
-    _choice("data.partitioner", d.partitioner, PARTITIONERS)
-    if d.source == "file":
-        if not d.path:
-            raise ConfigError("data.path must name a dataset file when data.source=file")
-        if not Path(d.path).expanduser().is_file():
-            raise ConfigError(f"data.path={d.path!r} does not exist or is not a file")
-        if d.partitioner in ("dirichlet", "natural") and not d.partition_by:
-            raise ConfigError(f"data.partition_by must name a column when data.partitioner={d.partitioner}")
-    if not 0 < d.eval_fraction < 1:
-        raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be in (0, 1)")
-    _positive("data.dirichlet_alpha", d.dirichlet_alpha)
-    _positive("data.records_per_client", d.records_per_client)
-    _positive("data.max_eval_examples", d.max_eval_examples)
-    _positive("train.local_steps", t.local_steps, zero_ok=True)
-    _positive("train.epochs", t.epochs)
-    for name in ("batch_size", "grad_accum", "max_seq_len", "eval_batch_size"):
-        _positive(f"train.{name}", getattr(t, name))
-    _positive("train.lr", t.lr)
-    _positive("train.weight_decay", t.weight_decay, zero_ok=True)
-    _positive("train.warmup_steps", t.warmup_steps, zero_ok=True)
-    _positive("train.max_grad_norm", t.max_grad_norm, zero_ok=True)
-    _choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
-    _choice("strategy.name", s.name, STRATEGIES)
-    _positive("strategy.proximal_mu", s.proximal_mu, zero_ok=True)
-    _positive("strategy.server_lr", s.server_lr)
-    _positive("strategy.tau", s.tau)
-    for name in ("beta1", "beta2"):
-        if not 0 <= getattr(s, name) < 1:
-            raise ConfigError(f"strategy.{name}={getattr(s, name)} must be in [0, 1)")
+def validate(cfg: FedLoraConfig, *, files: bool = True) -> None:
+    """Check values the schema's types cannot; raise ConfigError naming the setting. ``files``: also
+    that ``model.path``, ``data.path`` and ``topology.mobility.trace_path`` exist on this machine (false
+    on a machine that reads none of them, e.g. a device with its own data)."""
+    validate_model(cfg.model, files=files)
+    validate_lora(cfg.lora)
+    validate_data(cfg.data, files=files)
+    validate_train(cfg.train)
+    validate_strategy(cfg.strategy)
+    f = cfg.federation
     _positive("federation.num_clients", f.num_clients)
     _positive("federation.rounds", f.rounds)
     _positive("federation.min_clients", f.min_clients)
@@ -468,33 +439,70 @@ def validate(cfg: FedLoraConfig) -> None:
     _positive("simulation.cpus_per_client", cfg.simulation.cpus_per_client)
     _positive("simulation.threads_per_client", cfg.simulation.threads_per_client, zero_ok=True)
     _validate_ray_address(cfg.simulation.ray_address)
-    _validate_topology(cfg.topology, f.num_clients)
+    _validate_topology(cfg.topology, f.num_clients, files=files)
     _validate_privacy(cfg)
 
 
+def validate_model(m: ModelConfig, *, files: bool) -> None:
+    """``model.*`` values; ``files``: also that ``model.path`` exists here (where the run is composed)."""
+    _choice("model.source", m.source, MODEL_SOURCES)
+    _choice("model.dtype", m.dtype, DTYPES)
+    if m.source in ("local", "hub") and not m.path:
+        raise ConfigError(f"model.path must name a model directory or hub id when model.source={m.source}")
+    if files and m.source == "local" and not Path(m.path).expanduser().is_dir():
+        raise ConfigError(f"model.path={m.path!r} is not a directory (model.source=local)")
+
+
+def validate_lora(lora: LoraConfig) -> None:
+    _positive("lora.r", lora.r)
+    _positive("lora.alpha", lora.alpha)
+    if not 0 <= lora.dropout < 1:
+        raise ConfigError(f"lora.dropout={lora.dropout} must be in [0, 1)")
+    if not lora.target_modules:
+        raise ConfigError("lora.target_modules must name at least one module, e.g. [q_proj, v_proj]")
+
+
+def validate_data(d: DataConfig, *, files: bool) -> None:
+    """``data.*`` values; ``files``: also that ``data.path`` exists here (where the run is composed)."""
+    _choice("data.source", d.source, DATA_SOURCES)
+    _choice("data.partitioner", d.partitioner, PARTITIONERS)
+    if d.source == "file":
+        if not d.path:
+            raise ConfigError("data.path must name a dataset file when data.source=file")
+        if files and not Path(d.path).expanduser().is_file():
+            raise ConfigError(f"data.path={d.path!r} does not exist or is not a file")
+        if d.partitioner in ("dirichlet", "natural") and not d.partition_by:
+            raise ConfigError(f"data.partition_by must name a column when data.partitioner={d.partitioner}")
+    if not 0 < d.eval_fraction < 1:
+        raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be in (0, 1)")
+    _positive("data.dirichlet_alpha", d.dirichlet_alpha)
+    _positive("data.records_per_client", d.records_per_client)
+    _positive("data.max_eval_examples", d.max_eval_examples)
+
+
+def validate_train(t: TrainConfig) -> None:
+    _positive("train.local_steps", t.local_steps, zero_ok=True)
+    _positive("train.epochs", t.epochs)
+    for name in ("batch_size", "grad_accum", "max_seq_len", "eval_batch_size"):
+        _positive(f"train.{name}", getattr(t, name))
+    _positive("train.lr", t.lr)
+    _positive("train.weight_decay", t.weight_decay, zero_ok=True)
+    _positive("train.warmup_steps", t.warmup_steps, zero_ok=True)
+    _positive("train.max_grad_norm", t.max_grad_norm, zero_ok=True)
+    _choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+
+
+def validate_strategy(s: StrategyConfig) -> None:
+    _choice("strategy.name", s.name, STRATEGIES)
+    _positive("strategy.proximal_mu", s.proximal_mu, zero_ok=True)
+    _positive("strategy.server_lr", s.server_lr)
+    _positive("strategy.tau", s.tau)
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(s, name) < 1:
+            raise ConfigError(f"strategy.{name}={getattr(s, name)} must be in [0, 1)")
+
+
 PRIVACY_MODES = ("auto", "none", "secagg", "secagg_dp")
-
-
-def privacy_mode(cfg: FedLoraConfig) -> str:
-    """The effective privacy mode. ``auto`` is secagg on tree topologies whose neighbourhood
-    cells can hold a secure session (at least 2 clients per neighbourhood on average), and
-    none on flat or on trees too sparse for one (a cell of 1 cannot hide its client's update,
-    so it would never be aggregated)."""
-    if cfg.privacy.mode == "auto":
-        t = cfg.topology
-        sparse = cfg.federation.num_clients < 2 * t.suburban_cells * t.neighbourhoods_per_suburban
-        return "none" if t.kind == "flat" or sparse else "secagg"
-    return cfg.privacy.mode
-
-
-def secure_modes() -> tuple[str, ...]:
-    """Effective privacy modes that run secure aggregation."""
-    return ("secagg", "secagg_dp")
-
-
-def max_examples(cfg: FedLoraConfig) -> int:
-    """n_max: the public bound on one client's example count under secure aggregation."""
-    return cfg.privacy.max_examples or cfg.data.records_per_client
 
 
 def _validate_privacy(cfg: FedLoraConfig) -> None:
@@ -516,17 +524,6 @@ def _validate_privacy(cfg: FedLoraConfig) -> None:
     _positive("privacy.max_examples", p.max_examples, zero_ok=True)
     _positive("privacy.complete_graph_up_to", p.complete_graph_up_to)
     _positive("privacy.min_cell_clients", p.min_cell_clients)
-    if privacy_mode(cfg) == "none":
-        return
-    from fedlora.secure.encoding import check_overflow
-    from fedlora.secure.errors import UnsafeEncoding
-
-    n_max = max_examples(cfg)
-    try:  # worst case: every client's update in one sum
-        check_overflow(cfg.federation.num_clients, p.bits, n_max)
-    except UnsafeEncoding as exc:
-        raise ConfigError(f"privacy.bits={p.bits} with privacy.max_examples={n_max} and federation.num_clients="
-                          f"{cfg.federation.num_clients} is unsafe: {exc}") from None
 
 
 def _validate_ray_address(address: str) -> None:
@@ -549,7 +546,7 @@ def _fraction(name: str, value: float) -> None:
         raise ConfigError(f"{name}={value} must be in [0, 1]")
 
 
-def _validate_topology(topo: TopologyConfig, num_clients: int) -> None:
+def _validate_topology(topo: TopologyConfig, num_clients: int, *, files: bool) -> None:
     """Topology values: tier sizes, profiles and their mix, links, deadline, mobility."""
     _choice("topology.kind", topo.kind, TOPOLOGY_KINDS)
     _choice("topology.mobility.model", topo.mobility.model, MOBILITY_MODELS)
@@ -615,5 +612,5 @@ def _validate_topology(topo: TopologyConfig, num_clients: int) -> None:
     if m.model == "trace":
         if not m.trace_path:
             raise ConfigError("topology.mobility.trace_path must name a CSV/JSON trace when topology.mobility.model=trace")
-        if not Path(m.trace_path).expanduser().is_file():
+        if files and not Path(m.trace_path).expanduser().is_file():
             raise ConfigError(f"topology.mobility.trace_path={m.trace_path!r} does not exist or is not a file")

@@ -1,9 +1,10 @@
 """Names of the records in fedlora's Flower messages, shared by the server and clients.
 
-A training request carries the global adapter (``ADAPTER``) and the round's settings as
-JSON (``SETTINGS``); the reply carries the client's delta (``ADAPTER``) and its
-``METRICS`` (example count, training loss, timings). An identity query is answered
-with the client's id (``IDENTITY``), or by an edge aggregator with its role and cell.
+A training request carries the global adapter (``ADAPTER``) and the round's settings
+(:class:`~fedlora.round_settings.RoundSettings`) as JSON (``SETTINGS``); the reply carries the
+client's delta (``ADAPTER``) and its ``METRICS`` (example count, training loss, timings). An
+identity query is answered with the client's id (``IDENTITY``), or by an edge aggregator with
+its role and cell.
 Between the cloud and an edge, a ``CELL`` record carries one cell's request or result.
 
 Secure aggregation (``privacy=secagg``) sends one message per stage, of message type
@@ -15,7 +16,8 @@ keeps its session state in ``context.state[SECAGG_STATE]`` (never sent anywhere)
 """
 
 import json
-from typing import Any
+
+from fedlora.round_settings import RoundSettings, RoundSettingsError
 
 ADAPTER = "adapter"
 SETTINGS = "settings"
@@ -31,15 +33,17 @@ REPLY_KEY = "reply"
 SECAGG_STATE = "fedlora.secagg"
 
 
-def encode_settings(settings: dict[str, Any]) -> str:
-    return json.dumps(settings, sort_keys=True)
+def encode_settings(settings: RoundSettings) -> str:
+    return json.dumps(settings.to_dict(), sort_keys=True)
 
 
-def decode_settings(text: str) -> dict[str, Any]:
-    settings = json.loads(text)
-    if not isinstance(settings, dict) or "config" not in settings or "round" not in settings:
-        raise ValueError("training request settings lack 'config' or 'round'")
-    return settings
+def decode_settings(text: str) -> RoundSettings:
+    """A request's round settings; :class:`~fedlora.round_settings.RoundSettingsError` naming what is wrong."""
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise RoundSettingsError(f"training request settings are not JSON: {exc}") from None
+    return RoundSettings.from_dict(doc)
 
 # Cloud <-> edge aggregator (deployment): a cell request/result as fedlora.roles.neighbourhood wire bytes.
 CELL = "cell"

@@ -27,6 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlora.config import FedLoraConfig, compose, load_yaml
 from fedlora.roles.cloud import run_federation
+from fedlora.run_settings import resolve_run
 from fedlora.runs.progress import make_progress
 from server.transport import FlowerTransport
 
@@ -68,13 +69,12 @@ def main(grid: Grid, context: Context) -> None:
         serve(grid, str(run_config.get("cell", "")), str(run_config.get("spool", "")), node_dir=node_dir)
         return
     cfg, run_dir, resume = settings_from_run_config(run_config)
+    run = resolve_run(cfg)  # once per run: privacy=auto, n_max, the cell tree
     runner = None
     if mode == "cloud":
-        from fedlora.world.topology import build_tree
         from server.edge import EdgeCellRunner
 
-        runner = transport = EdgeCellRunner(grid, build_tree(cfg.topology, cfg.federation.num_clients, cfg.seed),
-                                            timeout_s=cfg.federation.round_timeout_s)
+        runner = transport = EdgeCellRunner(grid, run.tree, timeout_s=cfg.federation.round_timeout_s)
     else:
         transport = FlowerTransport(grid, expected_clients=cfg.federation.num_clients, timeout_s=cfg.federation.round_timeout_s)
     progress = make_progress(cfg.progress)
@@ -84,6 +84,6 @@ def main(grid: Grid, context: Context) -> None:
             from fedlora.secure.identities import PlannedIdentities
 
             identities = PlannedIdentities.from_folder(node_dir)
-        run_federation(cfg, run_dir, transport, resume=resume, progress=progress, runner=runner, identities=identities)
+        run_federation(run, run_dir, transport, resume=resume, progress=progress, runner=runner, identities=identities)
     finally:
         progress.close()

@@ -170,14 +170,14 @@ def run_request(request: CellRequest, cell: str, transport: ChildTransport, keys
     """One cell round on this edge; ``keys``: the edge's own (deployment), else derived from the seed."""
     if request.cell != cell:
         raise EdgeError(f"asked for cell {request.cell!r}, but this edge aggregates {cell!r}")
-    transport.timeout_s = float(request.settings.get("config", {}).get("federation", {}).get("round_timeout_s", 600.0))
+    transport.timeout_s = request.settings.round_timeout_s
     t0 = time.perf_counter()
     transport.find(request.clients, transport.connect_timeout_s)
     t1 = time.perf_counter()
     if request.secure is not None and keys is None:  # this edge is the cell's aggregator: it sees masked inputs only
         from fedlora.secure.identities import SimulatedIdentities
 
-        keys = AggregatorKeys.of(SimulatedIdentities(int(request.settings["config"]["seed"])))
+        keys = AggregatorKeys.of(SimulatedIdentities(request.settings.seed))
     result = run_cell(request, transport, keys=keys)
     if result.secure is not None:
         log.info("edge %s: round %d: secure session %s", cell, request.server_round, result.secure.aborted or "ok")

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from fedlora.config import FedLoraConfig, save_yaml
+from fedlora.run_settings import resolve_run
 from fedlora.runs.progress import quiet_libraries
 from fedlora.runs.report import SUMMARY
 
@@ -50,6 +51,7 @@ def simulate(cfg: FedLoraConfig, run_dir: Path, *, resume: bool = False) -> dict
     """Run (or resume) ``cfg`` in ``run_dir`` with Flower's simulation engine; return the summary."""
     import json
 
+    resolve_run(cfg)  # ConfigError now, before Ray starts, for a run that cannot be summed securely
     quiet_libraries()  # before Ray starts, so its workers inherit the settings
     from flwr.app import Context, RecordDict
     from flwr.simulation.run_simulation import _run_simulation

@@ -11,6 +11,7 @@ from flwr.serverapp import Grid
 from fedlora import protocol
 from fedlora.adapters import AdapterState
 from fedlora.roles.cloud import ClientReply, FederationError, ReplyCallback
+from fedlora.round_settings import RoundSettings
 
 log = logging.getLogger("fedlora")
 POLL_S = 0.05
@@ -71,13 +72,14 @@ class FlowerTransport:
             self.node_of[cid] = node
         return set(answered)
 
-    def train(self, server_round: int, clients: list[int], arrays: AdapterState, settings: dict, on_reply: ReplyCallback) -> list[ClientReply]:
+    def train(self, server_round: int, clients: list[int], arrays: AdapterState, settings: RoundSettings,
+              on_reply: ReplyCallback) -> list[ClientReply]:
         contents = {cid: RecordDict({protocol.ADAPTER: _adapter_record(arrays), protocol.SETTINGS: _settings_record(settings)})
                     for cid in clients}
         return self._ask(contents, MessageType.TRAIN, str(server_round), on_reply, secure=False)
 
     def exchange(self, server_round: int, stage: str, payloads: dict[int, bytes], arrays: AdapterState | None,
-                 settings: dict, on_reply: ReplyCallback) -> list[ClientReply]:
+                 settings: RoundSettings, on_reply: ReplyCallback) -> list[ClientReply]:
         """One secure-aggregation stage: message type ``train.secagg``, the stage, round and
         payload in a ConfigRecord, the adapter only when ``arrays`` is given (first stage)."""
         contents = {}
@@ -153,7 +155,7 @@ def _adapter_record(arrays: AdapterState) -> ArrayRecord:
     return ArrayRecord({k: Array(v) for k, v in arrays.items()})
 
 
-def _settings_record(settings: dict) -> ConfigRecord:
+def _settings_record(settings: RoundSettings) -> ConfigRecord:
     return ConfigRecord({protocol.SETTINGS_KEY: protocol.encode_settings(settings)})
 
 

@@ -153,19 +153,34 @@ def test_cli_check_on_a_node_folder(tmp_path, capsys):
 
 def test_device_local_settings_change_how_a_device_trains_never_what(tmp_path):
     """What the launcher passes a device's ClientApp: only LOCAL_KEYS, applied to the
-    federation's config; its own data file replaces the demo partition."""
-    from fedlora.config import compose, to_dict, to_typed
+    round's settings; its own data file replaces the demo partition."""
+    from fedlora.config import compose
     from fedlora.roles.device import DeviceLocal
+    from fedlora.run_settings import resolve_run
 
     data = tmp_path / "train.jsonl"
     data.write_text('{"instruction": "q", "input": "", "output": "a"}\n')
-    local = DeviceLocal.parse("model.dtype=bfloat16 train.gradient_checkpointing=true train.batch_size=2 "
-                              "simulation.threads_per_client=4", str(data))
-    federation = to_dict(compose(["model=tiny"]))
-    cfg = to_typed(local.apply(federation))
-    assert (cfg.model.dtype, cfg.train.gradient_checkpointing, cfg.train.batch_size) == ("bfloat16", True, 2)
-    assert cfg.simulation.threads_per_client == 4 and (cfg.data.source, cfg.data.path) == ("file", str(data))
-    assert cfg.lora == to_typed(federation).lora and federation["model"]["dtype"] != "bfloat16"  # input untouched
+    local = DeviceLocal("model.dtype=bfloat16 train.gradient_checkpointing=true train.batch_size=2 "
+                        "simulation.threads_per_client=4", str(data))
+    federation = resolve_run(compose(["model=tiny"])).round_settings(1, {"proximal_mu": 0.0, "freeze_a": False})
+    settings = local.apply(federation)
+    assert (settings.model.dtype, settings.train.gradient_checkpointing, settings.train.batch_size) == ("bfloat16", True, 2)
+    assert settings.threads == 4 and (settings.data.source, settings.data.path) == ("file", str(data))
+    assert settings.lora == federation.lora and federation.model.dtype != "bfloat16"  # input untouched
     for bad in ["lora.r=4", "train.lr=1", "train.batch_size=0", "train.gradient_checkpointing=maybe", "model.dtype"]:
         with pytest.raises(ValueError, match="device setting"):
-            DeviceLocal.parse(bad)
+            DeviceLocal(bad).apply(federation)
+
+
+def test_a_device_reads_the_federations_config_without_looking_for_its_files(tmp_path):
+    from fedlora.config import ConfigError, compose
+    from fedlora.deploy.plan import read_node, write_plan
+
+    data = tmp_path / "federation.jsonl"
+    data.write_text('{"instruction": "q", "input": "", "output": "a"}\n')
+    write_plan(compose(["model=tiny", "topology=flat", "federation.num_clients=1", "federation.min_clients=1", "data=file",
+                        f"data.path={data}"]), tmp_path / "p")
+    data.unlink()  # the cloud's file: a device has its own data
+    assert read_node(tmp_path / "p" / "end-0", "end").config().data.path == str(data)
+    with pytest.raises(ConfigError, match="data.path"):
+        read_node(tmp_path / "p" / "cloud", "cloud").config()

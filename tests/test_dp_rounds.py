@@ -11,6 +11,7 @@ from fedlora.roles.device import private_update
 from fedlora.aggregate.dp import DEFAULT_ORDERS, compute_rdp, rdp_to_epsilon
 from fedlora.roles.cloud import run_federation
 from fedlora.roles.local import InProcessTransport
+from fedlora.run_settings import resolve_run
 from test_secure_rounds import adapter, cfg_for as secure_cfg, crash_in_round
 
 
@@ -25,14 +26,16 @@ def cfg_for(cache_dir, *extra):
 
 
 def test_a_device_clips_its_update_weighs_it_like_everyone_and_withholds_its_loss():
-    cfg = compose(["model=tiny", "privacy=secagg_dp", "privacy.clip_norm=0.5", "data.records_per_client=12"])
+    strategy = {"proximal_mu": 0.0, "freeze_a": False}
+    cfg = resolve_run(compose(["model=tiny", "privacy=secagg_dp", "privacy.clip_norm=0.5", "data.records_per_client=12"])
+                      ).round_settings(1, strategy)
     delta = {"a": np.full((3, 4), 1.0, np.float32), "b": np.full((2,), -1.0, np.float32)}  # L2 norm sqrt(14)
     out, metrics = private_update(delta, {"num_examples": 7, "train_loss": 2.5, "train_seconds": 1.0}, cfg)
     norm = np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in out.values()))
     assert norm == pytest.approx(0.5, rel=1e-6)
     np.testing.assert_allclose(out["a"] / out["a"][0, 0], 1.0)  # direction kept
     assert metrics["num_examples"] == 12 and metrics["train_loss"] == 0.0 and metrics["update_norm"] == pytest.approx(np.sqrt(14))
-    plain = compose(["model=tiny", "privacy=secagg"])
+    plain = resolve_run(compose(["model=tiny", "privacy=secagg"])).round_settings(1, strategy)
     same, m = private_update(delta, {"num_examples": 7, "train_loss": 2.5}, plain)
     assert same is delta and m["num_examples"] == 7
 

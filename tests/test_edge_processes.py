@@ -51,9 +51,16 @@ OVERRIDES = [
 # --- pure parts ------------------------------------------------------------------------------
 
 
+def _settings(seed: int = 42):
+    """Round 1's settings of a tiny run with this seed."""
+    from fedlora.run_settings import resolve_run
+
+    return resolve_run(compose(["model=tiny", f"seed={seed}"])).round_settings(1, {"proximal_mu": 0.0, "freeze_a": False})
+
+
 def _request(clients=(0, 1)) -> CellRequest:
     arrays = {"a": np.zeros((2, 3), np.float32)}
-    return CellRequest("run", 1, "neighbourhood-0-0", list(clients), arrays, {"config": {}, "round": 1}, {"a": (2, 3)})
+    return CellRequest("run", 1, "neighbourhood-0-0", list(clients), arrays, _settings(), {"a": (2, 3)})
 
 
 def _result(request: CellRequest, total=None, weight=5.0, count=1, cell=None) -> CellResult:
@@ -168,7 +175,7 @@ def secure_cell():
                      settings=SecureSettings(EncodingConfig(bits=16, clip=0.05, max_examples=5), 0.6, "cloud",
                                              "aes128-ctr", 100),
                      layout=secure_layout({"a": (2, 3)}))
-    request = CellRequest("run", 1, CELL, clients, arrays, {"config": {"seed": SEED}, "round": 1}, {"a": (2, 3)},
+    request = CellRequest("run", 1, CELL, clients, arrays, _settings(SEED), {"a": (2, 3)},
                           sr.cell(CELL, clients, arrays))
     return sr, request, run_request(CellRequest.from_bytes(request.to_bytes()), CELL, _Devices())
 

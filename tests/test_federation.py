@@ -195,9 +195,11 @@ def test_cell_request_and_result_round_trip_as_safe_bytes_and_refuse_garbage():
     from fedlora.aggregate.sums import WeightedSum
     from fedlora.roles.neighbourhood import CellRequest, CellResult, CellWireError, ClientStatus
 
+    from fedlora.run_settings import resolve_run
+
     arrays = {"a.lora_B.weight": np.arange(6, dtype=np.float32).reshape(2, 3)}
-    req = CellRequest("run-1", 3, "neighbourhood-0-1", [4, 7], arrays, {"round": 3, "config": {"x": 1.5}},
-                      {"a.lora_B.weight": (2, 3)})
+    settings = resolve_run(compose(["model=tiny"])).round_settings(3, {"proximal_mu": 1.5, "freeze_a": False})
+    req = CellRequest("run-1", 3, "neighbourhood-0-1", [4, 7], arrays, settings, {"a.lora_B.weight": (2, 3)})
     back = CellRequest.from_bytes(req.to_bytes())
     assert back.clients == [4, 7] and back.settings == req.settings and back.expected == req.expected
     np.testing.assert_array_equal(back.arrays["a.lora_B.weight"], arrays["a.lora_B.weight"])
@@ -225,7 +227,8 @@ def test_cell_request_and_result_round_trip_as_safe_bytes_and_refuse_garbage():
 
 def test_run_cell_drops_bad_and_late_replies_with_reasons(cache_dir):
     from fedlora.roles.neighbourhood import CellRequest, run_cell
-    from fedlora.roles.device import initial_adapter, round_settings
+    from fedlora.roles.device import initial_adapter
+    from fedlora.run_settings import resolve_run
 
     cfg = tiny_cfg(cache_dir, "federation.num_clients=3")
     state = initial_adapter(cfg, freeze_a=False)
@@ -234,8 +237,8 @@ def test_run_cell_drops_bad_and_late_replies_with_reasons(cache_dir):
     def corrupt(server_round, reply):
         return ClientReply(reply.client, error="client error: disk full") if reply.client == 0 else reply
 
-    request = CellRequest("r", 1, "cloud", [0, 1, 2], state, round_settings(cfg, 1, {"proximal_mu": 0.0, "freeze_a": False}),
-                          expected)
+    settings = resolve_run(cfg).round_settings(1, {"proximal_mu": 0.0, "freeze_a": False})
+    request = CellRequest("r", 1, "cloud", [0, 1, 2], state, settings, expected)
     result = run_cell(request, InProcessTransport(3, fault=corrupt), late=lambda usable: {2: "past the deadline"})
     assert result.accepted == [1] and result.plain.count == 1
     assert result.clients[0].reason == "client error: disk full" and result.clients[2].status == "late"

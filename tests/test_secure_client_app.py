@@ -109,7 +109,10 @@ def test_secure_rounds_over_flower_messages_equal_the_in_process_run(runs):
 
 
 def secure_message(node: int, stage: str, server_round: int, payload: bytes = b"") -> Message:
-    settings = {"config": {"seed": 42}, "round": server_round}
+    from fedlora.run_settings import resolve_run
+
+    settings = resolve_run(compose(["model=tiny", "seed=42"])).round_settings(server_round, {"proximal_mu": 0.0,
+                                                                                           "freeze_a": False})
     content = RecordDict({
         protocol.SECAGG: ConfigRecord({protocol.STAGE_KEY: stage, protocol.ROUND_KEY: server_round,
                                        protocol.PAYLOAD_KEY: payload}),

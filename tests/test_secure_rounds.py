@@ -14,6 +14,7 @@ from fedlora.roles.neighbourhood import ClientReply
 from fedlora.config import ConfigError, compose
 from fedlora.roles.cloud import run_federation
 from fedlora.roles.local import InProcessTransport
+from fedlora.run_settings import resolve_run
 from fedlora.secure.encoding import levels
 from fedlora.secure.identities import SimulatedIdentities
 
@@ -250,6 +251,6 @@ def test_privacy_config_defaults_and_errors():
     with pytest.raises(ConfigError, match="privacy.clip_norm"):
         compose(["privacy=secagg_dp", "privacy.clip_norm=0"])
     with pytest.raises(ConfigError, match="privacy.bits=24"):
-        compose(["privacy=secagg", "privacy.bits=24", "federation.num_clients=300"])
+        resolve_run(compose(["privacy=secagg", "privacy.bits=24", "federation.num_clients=300"]))
     with pytest.raises(ConfigError, match="privacy.unmasker"):
         compose(["privacy.unmasker=edge"])

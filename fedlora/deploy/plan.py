@@ -33,8 +33,9 @@ import yaml
 
 from fedlora.config import FedLoraConfig, save_yaml
 from fedlora.deploy import commands, pki
+from fedlora.run_settings import resolve_run
 from fedlora.secure.identities import REGISTRY_FORMAT
-from fedlora.world.topology import CLOUD, build_tree
+from fedlora.world.topology import CLOUD
 
 LOOPBACK = ["127.0.0.1", "localhost"]
 REGISTRY_FILE = "secagg_registry.json"
@@ -104,7 +105,7 @@ def end_name(client: int) -> str:
 def layout(cfg: FedLoraConfig, settings: DeploySettings) -> dict[str, Node]:
     """The machines of a deployment and who connects to whom (pure: no files)."""
     _check_settings(settings)
-    tree = build_tree(cfg.topology, cfg.federation.num_clients, cfg.seed)
+    tree = resolve_run(cfg).tree  # ConfigError for a run that cannot be summed securely
     nodes: dict[str, Node] = {CLOUD: Node(CLOUD, "cloud", CLOUD, superlink_port=settings.base_port,
                                           hosts=list(settings.cloud_hosts))}
     edges = tree.tier("neighbourhood") if tree.kind == "tree" else []
@@ -280,9 +281,12 @@ class NodeFolder:
         return self.folder / relative
 
     def config(self) -> FedLoraConfig:
+        """The federation's config. An END device does not look for the files it names (the federation's
+        data, a local model folder, the mobility trace): what it reads it checks where it reads it."""
         from fedlora.config import load_yaml
 
-        return load_yaml(self.folder / str(self.doc.get("config", "config.yaml")))
+        path = self.folder / str(self.doc.get("config", "config.yaml"))
+        return load_yaml(path, files=self.role != "end")
 
     def data_file(self) -> str:
         """The device's own data file in ``data/`` ("" when there is none: demo partition)."""

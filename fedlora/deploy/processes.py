@@ -39,6 +39,7 @@ from pathlib import Path
 
 from fedlora.deploy import commands
 from fedlora.deploy.commands import toml_pairs
+from fedlora.run_settings import resolve_run
 
 APP_DIR = Path(__file__).resolve().parents[2]  # the checkout: pyproject.toml, server/, clients/
 CONNECTION = commands.CONNECTION  # the flwr CLI's name for this machine's own SuperLink
@@ -503,9 +504,7 @@ def _local(listen: str) -> str:
 
 def placement(cfg) -> dict[str, list[int]]:
     """Neighbourhood cell -> the END clients the topology puts under its edge (round 1)."""
-    from fedlora.world.topology import build_tree
-
-    tree = build_tree(cfg.topology, cfg.federation.num_clients, cfg.seed)
+    tree = resolve_run(cfg).tree
     cells: dict[str, list[int]] = {cell: [] for cell in tree.tier("neighbourhood")}
     if not cells:
         raise DeployError("edge processes need a tree topology with neighbourhood cells (topology=small6g or city)")

@@ -23,21 +23,21 @@ from fedlora.adapters import AdapterState
 from fedlora.aggregate.strategies import make_strategy
 from fedlora.roles.neighbourhood import (ACCEPTED, LATE, AggregatorKeys, CellRequest, CellResult, ClientReply, LateCallback, ReplyCallback, Transport,
                           reject_reason, run_cells)
-from fedlora.config import FederationConfig, FedLoraConfig, max_examples, privacy_mode, save_yaml, secure_modes
+from fedlora.config import FederationConfig, FedLoraConfig, save_yaml
 from fedlora.data import eval_examples, tokenize
 from fedlora.aggregate.dp import FederatedDP
-from fedlora.roles.device import initial_adapter, lora_model, round_settings, secure_step, stable_seed, train_round
+from fedlora.roles.device import initial_adapter, lora_model, secure_step, stable_seed, train_round
 from fedlora.world.mobility import assignment_at, next_assignment
 from fedlora.model import resolve_model_dir
 from fedlora.world.netsim import simulate_round, unavailable
-from fedlora.world.topology import CLOUD, build_tree
+from fedlora.world.topology import CLOUD
 from fedlora.roles.hierfavg import CellModels
 from fedlora.roles.local import LocalCellRunner
 from fedlora.roles.suburban import TreeSums, merge_up
+from fedlora.run_settings import RunSettings, resolve_run
 from fedlora.runs.progress import Progress
-from fedlora.secure.encoding import EncodingConfig
 from fedlora.secure.identities import Identities, SimulatedIdentities
-from fedlora.secure.rounds import LOSS_KEY, SecureRound, SecureSettings, secure_layout
+from fedlora.secure.rounds import LOSS_KEY, SecureRound, secure_layout
 from fedlora.train import evaluate
 
 log = logging.getLogger("fedlora")
@@ -66,7 +66,7 @@ def sample_clients(available: list[int], fed: FederationConfig, seed: int, serve
 
 
 def run_federation(
-    cfg: FedLoraConfig,
+    cfg: FedLoraConfig | RunSettings,
     run_dir: str | Path,
     transport: Transport,
     *,
@@ -81,7 +81,10 @@ def run_federation(
     (default: :class:`LocalCellRunner` over ``transport``, in this process);
     ``identities``: the secure rounds' keys (default: derived from the seed, simulation only;
     a deployed cloud passes the plan's, :class:`~fedlora.secure.identities.PlannedIdentities`).
+    ``cfg``: the run's config, or its settings already resolved (:func:`~fedlora.run_settings.resolve_run`).
     """
+    run = cfg if isinstance(cfg, RunSettings) else resolve_run(cfg)
+    cfg = run.config
     run_dir = Path(run_dir)
     runner = runner or LocalCellRunner(transport)
     identities = identities or SimulatedIdentities(cfg.seed)
@@ -127,16 +130,16 @@ def run_federation(
         raise FederationError(
             f"only {len(available)} client(s) connected, federation.min_clients={cfg.federation.min_clients}"
         )
-    tree = build_tree(cfg.topology, cfg.federation.num_clients, cfg.seed)
+    tree = run.tree
     hierfavg = tree.kind != "flat" and tree.cloud_sync_every > 1
     cells = CellModels(tree)
     if ckpt is not None:
         cells.load_state({k[len("cells/"):]: v for k, v in ckpt[1].items() if k.startswith("cells/")})
     cell_of = assignment_at(tree, done + 1, cfg.seed)
     sent = {k: global_state[k] for k in trainable}
-    secure = _secure_settings(cfg, expected) if privacy_mode(cfg) in secure_modes() else None
+    secure = run.secure_settings(expected)
     p = cfg.privacy
-    dp = FederatedDP(p.noise_multiplier, p.clip_norm, p.delta, weight=max_examples(cfg)) if privacy_mode(cfg) == "secagg_dp" else None
+    dp = FederatedDP(p.noise_multiplier, p.clip_norm, p.delta, weight=run.max_examples) if run.privacy == "secagg_dp" else None
     if dp is not None and ckpt is not None:
         dp.load_state({k[len("dp/"):]: v for k, v in ckpt[1].items() if k.startswith("dp/")})
     progress.start(cfg.federation.rounds, done + 1)
@@ -161,7 +164,7 @@ def run_federation(
             detail = reason or f"loss {reply.metrics.get('train_loss', float('nan')):.4f} in {reply.metrics.get('train_seconds', 0):.1f}s"
             progress.client_done(reply.client, reason is None, detail)
 
-        settings = round_settings(cfg, server_round, client_settings)
+        settings = run.round_settings(server_round, client_settings)
         sync = not hierfavg or tree.syncs_with_cloud(server_round) or server_round == cfg.federation.rounds
 
         def late(usable: dict[int, ClientReply], server_round=server_round, cell_of=cell_of, sync=sync, sent=sent):
@@ -286,15 +289,6 @@ def top_up_cells(selected: list[int], available: list[int], tree, cell_of, minim
             extra = [c for c in members if c not in chosen]
             chosen.update(int(c) for c in rng.choice(extra, size=missing, replace=False))
     return sorted(chosen)
-
-
-def _secure_settings(cfg: FedLoraConfig, expected: dict) -> SecureSettings:
-    p = cfg.privacy
-    clips = {name: v for name in expected for key, v in p.clip_per_tensor.items() if key in name}
-    clips[LOSS_KEY] = p.loss_clip
-    encoding = EncodingConfig(bits=p.bits, clip=p.clip, clip_per_tensor=clips,
-                              max_examples=max_examples(cfg))
-    return SecureSettings(encoding, p.threshold, p.unmasker, p.prg, p.complete_graph_up_to)
 
 
 def _unmask_round(sr: SecureRound, results: list[CellResult], refused: dict, per_cell: bool, dp: FederatedDP | None = None):

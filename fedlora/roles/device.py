@@ -7,19 +7,20 @@ model once and reuses it: only the LoRA tensors are reset to the global adapter 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fedlora import adapters
 from fedlora.adapters import AdapterState
-from fedlora.config import FedLoraConfig, max_examples, privacy_mode, to_dict, to_typed
+from fedlora.config import FedLoraConfig
 from fedlora.aggregate.dp import clip_update
 from fedlora.data import client_examples, tokenize
 from fedlora.model import load_base_model, wrap_lora
+from fedlora.round_settings import RoundSettings, apply_device_settings
 from fedlora.train import train_local
 
 if TYPE_CHECKING:
@@ -35,14 +36,15 @@ def stable_seed(*parts: object) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-def lora_model(cfg: FedLoraConfig, *, freeze_a: bool):
-    """The process-wide PEFT model for this config, built once; returns (model, tokenizer).
+def lora_model(cfg: FedLoraConfig | RoundSettings, *, freeze_a: bool):
+    """The process-wide PEFT model for this config (or a round's settings: both carry the model,
+    LoRA and seed), built once; returns (model, tokenizer).
 
     The model is shared by every client (and, in-process, the server) of this process, so
     its LoRA tensors hold whatever was loaded last: start from :func:`initial_adapter` or
     a received global adapter, never from the model's current values.
     """
-    key = json.dumps([to_dict(cfg)["model"], to_dict(cfg)["lora"], freeze_a, cfg.seed], sort_keys=True)
+    key = json.dumps([dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.lora), freeze_a, cfg.seed], sort_keys=True)
     if _peft.get("key") != key:
         if "model" in _peft:
             # The base is cached and shared: strip the old LoRA layers before re-wrapping.
@@ -53,76 +55,38 @@ def lora_model(cfg: FedLoraConfig, *, freeze_a: bool):
     return _peft["model"], _peft["tokenizer"]
 
 
-def initial_adapter(cfg: FedLoraConfig, *, freeze_a: bool) -> AdapterState:
+def initial_adapter(cfg: FedLoraConfig | RoundSettings, *, freeze_a: bool) -> AdapterState:
     """The seeded LoRA initialisation (A random, B zero): identical in every process."""
     lora_model(cfg, freeze_a=freeze_a)
     return {k: v.copy() for k, v in _peft["init"].items()}
 
 
-def local_training_set(cfg: FedLoraConfig, partition_id: int, tokenizer, num_partitions: int | None = None) -> list[dict]:
-    """This client's tokenized training examples: partition ``partition_id`` of the config's
-    data split ``num_partitions`` ways (default ``federation.num_clients``)."""
-    n = cfg.federation.num_clients if num_partitions is None else num_partitions
-    key = (json.dumps(to_dict(cfg)["data"], sort_keys=True), partition_id, n, cfg.seed, cfg.train.max_seq_len)
+def local_training_set(settings: RoundSettings, partition_id: int, tokenizer, num_partitions: int) -> list[dict]:
+    """This client's tokenized training examples: partition ``partition_id`` of the round's
+    data split ``num_partitions`` ways."""
+    key = (json.dumps(dataclasses.asdict(settings.data), sort_keys=True), partition_id, num_partitions, settings.seed,
+           settings.train.max_seq_len)
     if key not in _tokenized:
-        train, _ = client_examples(cfg.data, partition_id, n, cfg.seed)
-        _tokenized[key] = tokenize(train, tokenizer, cfg.train.max_seq_len)
+        train, _ = client_examples(settings.data, partition_id, num_partitions, settings.seed)
+        _tokenized[key] = tokenize(train, tokenizer, settings.train.max_seq_len)
     return _tokenized[key]
 
 
-# What a deployed device may set for itself (``fedlora client`` picks them from its memory,
-# fedlora/deploy/device.py): HOW it trains, never WHAT it trains (model, LoRA shape, steps,
-# learning rate stay the federation's, so every update has the same shape and meaning).
-LOCAL_KEYS = {"model.dtype": str, "train.gradient_checkpointing": bool, "train.batch_size": int,
-              "train.grad_accum": int, "train.max_seq_len": int, "simulation.threads_per_client": int}
-
-
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class DeviceLocal:
-    """A deployed device's own settings: ``overrides`` of :data:`LOCAL_KEYS`, and its own
-    data file (all of it is this device's; empty: the federation's partition, for demos)."""
+    """A deployed device's own settings, as its node config gives them: ``settings`` (``key=value``
+    of :data:`fedlora.round_settings.LOCAL_KEYS`) and its own data file (all of it is this device's;
+    empty: the federation's partition, for demos)."""
 
-    overrides: tuple[tuple[str, Any], ...] = ()
+    settings: str = ""
     data_file: str = ""
 
-    @classmethod
-    def parse(cls, text: str, data_file: str = "") -> DeviceLocal:
-        """From ``"model.dtype=bfloat16 train.batch_size=2"`` (a SuperNode's node config)."""
-        out = []
-        for item in text.split():
-            key, sep, value = item.partition("=")
-            if not sep or key not in LOCAL_KEYS:
-                raise ValueError(f"device setting {item!r}: only {', '.join(sorted(LOCAL_KEYS))} may be set per device")
-            kind = LOCAL_KEYS[key]
-            if kind is bool:
-                if value.lower() not in ("true", "false"):
-                    raise ValueError(f"device setting {item!r}: expected true or false")
-                out.append((key, value.lower() == "true"))
-            elif kind is int:
-                if not value.isdigit() or int(value) < 1:
-                    raise ValueError(f"device setting {item!r}: expected a positive integer")
-                out.append((key, int(value)))
-            else:
-                out.append((key, value))
-        return cls(tuple(out), data_file)
-
-    def apply(self, config: dict) -> dict:
-        """The federation's config (a plain dict) with this device's settings."""
-        config = json.loads(json.dumps(config))
-        for key, value in self.overrides:
-            section, name = key.split(".")
-            config[section][name] = value
-        if self.data_file:
-            config["data"].update(source="file", path=self.data_file, partitioner="iid", partition_by="")
-        return config
+    def apply(self, settings: RoundSettings) -> RoundSettings:
+        """The round's settings with this device's own (:func:`fedlora.round_settings.apply_device_settings`)."""
+        return apply_device_settings(settings, self.settings, self.data_file)
 
 
-def round_settings(cfg: FedLoraConfig, server_round: int, client_settings: dict[str, Any]) -> dict[str, Any]:
-    """The settings the server sends a device with each round's training request."""
-    return {"config": to_dict(cfg), "round": server_round, **client_settings}
-
-
-def train_round(settings: dict[str, Any], global_state: AdapterState, partition_id: int, *,
+def train_round(settings: RoundSettings, global_state: AdapterState, partition_id: int, *,
                 local: DeviceLocal | None = None) -> tuple[AdapterState, dict[str, float]]:
     """Train on this device's private data from the global adapter; return (delta, metrics).
 
@@ -131,25 +95,26 @@ def train_round(settings: dict[str, Any], global_state: AdapterState, partition_
     The delta covers the trainable LoRA tensors only (B alone under FFA-LoRA). Metrics
     carry the example count (the aggregation weight), the mean training loss and timings.
     """
-    cfg = to_typed(local.apply(settings["config"]) if local is not None else settings["config"])
-    freeze_a = bool(settings.get("freeze_a", False))
-    model, tokenizer = lora_model(cfg, freeze_a=freeze_a)
-    threads = cfg.simulation.threads_per_client or cfg.simulation.cpus_per_client
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
+    settings = local.apply(settings) if local is not None else settings
+    model, tokenizer = lora_model(settings, freeze_a=settings.freeze_a)
+    if torch.get_num_threads() != settings.threads:
+        torch.set_num_threads(settings.threads)
     # Tensors the server does not send (A under FFA-LoRA) stay at the shared initialisation.
     adapters.set_state(model, _peft["init"])
     adapters.set_state(model, global_state)
     start = adapters.get_state(model, trainable_only=True)
     own_file = local is not None and bool(local.data_file)  # all of the device's own file is its data
-    tokenized = local_training_set(cfg, 0, tokenizer, 1) if own_file else local_training_set(cfg, partition_id, tokenizer)
+    if own_file:
+        tokenized = local_training_set(settings, 0, tokenizer, 1)
+    else:
+        tokenized = local_training_set(settings, partition_id, tokenizer, settings.num_partitions)
     result = train_local(
         model,
         tokenized,
-        cfg.train,
+        settings.train,
         pad_id=tokenizer.pad_token_id,
-        seed=stable_seed(cfg.seed, settings["round"], partition_id),
-        proximal_mu=float(settings.get("proximal_mu", 0.0)),
+        seed=stable_seed(settings.seed, settings.round, partition_id),
+        proximal_mu=settings.proximal_mu,
     )
     delta = adapters.subtract(adapters.get_state(model, trainable_only=True), start)
     metrics = {
@@ -167,16 +132,16 @@ class StaleSessionState(ValueError):
     for another run or round: it is refused, never reused."""
 
 
-def secure_session(run: object, settings: dict[str, Any]) -> str:
+def secure_session(run: object, settings: RoundSettings) -> str:
     """The key a device keeps its secure-aggregation state under: the run and the round.
 
     A device is in one cell per round; the cell itself is bound by the protocol (a state for
     another header or session id is refused by :class:`~fedlora.secure.client.CellClient`).
     """
-    return f"{run}/round-{int(settings['round'])}"
+    return f"{run}/round-{settings.round}"
 
 
-def secure_step(stage: str, payload: bytes, stored: tuple[str, bytes] | None, settings: dict[str, Any],
+def secure_step(stage: str, payload: bytes, stored: tuple[str, bytes] | None, settings: RoundSettings,
                 global_state: AdapterState | None, partition_id: int, *, run: object = "local",
                 identities: Identities | None = None, local: DeviceLocal | None = None,
                 ) -> tuple[bytes, tuple[str, bytes], dict[str, float]]:
@@ -204,8 +169,8 @@ def secure_step(stage: str, payload: bytes, stored: tuple[str, bytes] | None, se
             raise StaleSessionState(f"stage {stage!r} of session {session}, but the state this device holds is "
                                     f"for session {stored[0]}; refusing to reuse it")
         state = stored[1]
-    server_round, me = int(settings["round"]), device_id(partition_id)
-    ids = identities or SimulatedIdentities(int(settings["config"]["seed"]))
+    server_round, me = settings.round, device_id(partition_id)
+    ids = identities or SimulatedIdentities(settings.seed)
     cloud_key = ids.public(CLOUD_ID)
     if cloud_key is None:
         raise ValueError("this device's registry has no key for the cloud")
@@ -213,17 +178,18 @@ def secure_step(stage: str, payload: bytes, stored: tuple[str, bytes] | None, se
                                         rng=ids.rng("device", me, server_round, stage),
                                         train=lambda: private_update(*train_round(settings, global_state, partition_id,
                                                                                   local=local),
-                                                                     to_typed(settings["config"])),
+                                                                     settings),
                                         arrays=global_state)
     return reply, (session, state), metrics
 
 
-def private_update(delta: AdapterState, metrics: dict[str, float], cfg: FedLoraConfig) -> tuple[AdapterState, dict[str, float]]:
+def private_update(delta: AdapterState, metrics: dict[str, float], settings: RoundSettings
+                   ) -> tuple[AdapterState, dict[str, float]]:
     """What a device hands to secure aggregation: under ``privacy=secagg_dp`` its update clipped to
     L2 norm ``privacy.clip_norm`` and weighted like every other client's (count = n_max), and its
     training loss withheld (0), so one client's influence on the released sum is bounded by the
     clip (DP-FedAvg). Otherwise unchanged."""
-    if privacy_mode(cfg) != "secagg_dp":
+    if settings.privacy != "secagg_dp":
         return delta, metrics
-    clipped, norm = clip_update(delta, cfg.privacy.clip_norm)
-    return clipped, {**metrics, "num_examples": max_examples(cfg), "train_loss": 0.0, "update_norm": norm}
+    clipped, norm = clip_update(delta, settings.clip_norm)
+    return clipped, {**metrics, "num_examples": settings.max_examples, "train_loss": 0.0, "update_norm": norm}

@@ -30,6 +30,8 @@ import numpy as np
 from fedlora import adapters, wire
 from fedlora.adapters import AdapterState
 from fedlora.aggregate.sums import WeightedSum
+from fedlora.config import DataConfig, LoraConfig, ModelConfig, TinyModelConfig, TrainConfig
+from fedlora.round_settings import RoundSettings
 
 ACCEPTED, LATE, DROPPED = "accepted", "late", "dropped"
 NO_REPLY = "no reply before the round timeout"
@@ -58,12 +60,12 @@ class Transport(Protocol):
         """Ids (partition ids) of the clients that can be asked to train."""
 
     def train(
-        self, server_round: int, clients: list[int], arrays: AdapterState, settings: dict, on_reply: ReplyCallback
+        self, server_round: int, clients: list[int], arrays: AdapterState, settings: RoundSettings, on_reply: ReplyCallback
     ) -> list[ClientReply]:
         """Ask each client to train from ``arrays``; return the replies that arrived."""
 
     def exchange(
-        self, server_round: int, stage: str, payloads: dict[int, bytes], arrays: AdapterState | None, settings: dict,
+        self, server_round: int, stage: str, payloads: dict[int, bytes], arrays: AdapterState | None, settings: RoundSettings,
         on_reply: ReplyCallback,
     ) -> list[ClientReply]:
         """One stage of a secure session: send each client its payload (and, at the first
@@ -90,8 +92,8 @@ class CellRequest:
     clients: list[int]
     # The adapter they start from (the global one, or the cell model under HierFAVG).
     arrays: AdapterState
-    # Round settings for the clients (``device.round_settings``).
-    settings: dict
+    # Round settings for the clients (``RunSettings.round_settings``).
+    settings: RoundSettings
     # Tensor name -> shape every update must have.
     expected: dict[str, tuple[int, ...]]
     # Per-cell secure-session data (privacy=secagg), None in plain mode.
@@ -102,7 +104,8 @@ class CellRequest:
         _check(_is_int(self.server_round) and self.server_round >= 1, f"server_round={self.server_round!r} must be >= 1")
         _check(isinstance(self.clients, list) and all(_is_int(c) and c >= 0 for c in self.clients),
                "clients must be a list of client ids")
-        _check(isinstance(self.settings, dict), "settings must be a mapping")
+        _check(isinstance(self.settings, RoundSettings) and self.settings.round == self.server_round,
+               "settings must be round settings of this round")
         _check(_is_state(self.arrays), "arrays must map tensor names to arrays")
         _check(isinstance(self.expected, dict) and all(isinstance(k, str) and isinstance(v, tuple)
                                                        for k, v in self.expected.items()), "expected must map names to shapes")
@@ -166,7 +169,8 @@ class CellResult:
         return _loads(data, "cell-result", cls)
 
 
-wire.register(CellRequest, CellResult, ClientStatus, WeightedSum)
+wire.register(CellRequest, CellResult, ClientStatus, WeightedSum,
+              RoundSettings, ModelConfig, TinyModelConfig, LoraConfig, TrainConfig, DataConfig)
 
 # ``late(usable)``: the network model's verdict on the cell's usable replies -> client -> reason.
 LateCallback = Callable[[Mapping[int, ClientReply]], Mapping[int, str]]

@@ -63,7 +63,8 @@ def read_records(run_dir: Path) -> tuple[list[dict], bool]:
 
 def run_status(run_dir: str | Path, now: float | None = None) -> dict[str, Any]:
     """Everything ``fedlora status`` shows, as a JSON-ready dict (see the module docstring)."""
-    from fedlora.config import ConfigError, load_yaml, privacy_mode
+    from fedlora.config import ConfigError, load_yaml
+    from fedlora.run_settings import resolve_run
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -72,9 +73,10 @@ def run_status(run_dir: str | Path, now: float | None = None) -> dict[str, Any]:
         raise StatusError(f"{run_dir} is not a run directory (no {CONFIG}); give the folder a run wrote, "
                           f"e.g. runs/<date>-<time>")
     try:
-        cfg = load_yaml(run_dir / CONFIG)
+        run = resolve_run(load_yaml(run_dir / CONFIG))
     except ConfigError as exc:
         raise StatusError(f"{run_dir / CONFIG} cannot be read: {exc}") from None
+    cfg = run.config
     records, partial = read_records(run_dir)
     summary = _read_json(run_dir / SUMMARY)
     latest = _read_json(run_dir / CHECKPOINTS / "latest.json")
@@ -86,12 +88,7 @@ def run_status(run_dir: str | Path, now: float | None = None) -> dict[str, Any]:
     total = cfg.federation.rounds
     done = max((r["round"] for r in records), default=0)
     checkpoint = int(latest["round"]) if latest and isinstance(latest.get("round"), int) else None
-    tree = None
-    if cfg.topology.kind != "flat":
-        from fedlora.world.topology import build_tree
-
-        tree = build_tree(cfg.topology, cfg.federation.num_clients, cfg.seed)
-    rounds = _rounds(records, tree, cfg.seed)
+    rounds = _rounds(records, run.tree if run.tree.kind != "flat" else None, cfg.seed)
     state, detail = _state(summary, idle_s, slowest, done, total, checkpoint)
     return {
         "run_dir": str(run_dir),
@@ -104,7 +101,7 @@ def run_status(run_dir: str | Path, now: float | None = None) -> dict[str, Any]:
         "partial_last_line": partial,
         "topology": cfg.topology.kind,
         "num_clients": cfg.federation.num_clients,
-        "privacy": privacy_mode(cfg),
+        "privacy": run.privacy,
         "base_eval_loss": latest.get("base_eval_loss") if latest else None,
         "rounds": rounds,
         "clients": _clients(rounds),

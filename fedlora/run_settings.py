@@ -1,0 +1,94 @@
+"""A run's derived settings, resolved once where the run starts: :func:`resolve_run` -> :class:`RunSettings`.
+
+The config (:mod:`fedlora.config`) holds what the user chose and checks each of its own fields;
+what follows from the choices as a whole is resolved here, once per run: the effective privacy
+mode (``privacy=auto`` -> none or secagg), n_max (the public bound on a client's example count),
+the cell tree, and whether the secure sums fit the encoding (a config whose sums could overflow
+is refused here with a :class:`~fedlora.config.ConfigError`, before anything runs). The cloud
+(:func:`fedlora.roles.cloud.run_federation`, ``server/app.py``), a deployment plan and
+``fedlora status`` make one and pass it on; the devices get the part they need each round
+(:meth:`RunSettings.round_settings`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from copy import deepcopy
+from dataclasses import dataclass
+from typing import Any
+
+from fedlora.config import ConfigError, FedLoraConfig
+from fedlora.round_settings import VERSION, RoundSettings
+from fedlora.secure.encoding import EncodingConfig, check_overflow
+from fedlora.secure.errors import UnsafeEncoding
+from fedlora.secure.rounds import LOSS_KEY, SecureSettings
+from fedlora.world.topology import CellTree, build_tree
+
+# Effective privacy modes that run secure aggregation.
+SECURE_MODES = ("secagg", "secagg_dp")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """One run's config and what is derived from it (:func:`resolve_run`)."""
+
+    config: FedLoraConfig
+    # Effective privacy mode: none | secagg | secagg_dp (``privacy=auto`` resolved).
+    privacy: str
+    # n_max: the public bound on one client's example count under secure aggregation.
+    max_examples: int
+    # The cell tree between the END clients and the cloud (round 1's placement; mobility moves clients).
+    tree: CellTree
+
+    @property
+    def secure(self) -> bool:
+        """Whether the run's rounds use secure aggregation."""
+        return self.privacy in SECURE_MODES
+
+    def secure_settings(self, expected: Mapping[str, Any]) -> SecureSettings | None:
+        """The secure sessions' settings for an adapter of these tensors (None without secure aggregation)."""
+        if not self.secure:
+            return None
+        p = self.config.privacy
+        clips = {name: v for name in expected for key, v in p.clip_per_tensor.items() if key in name}
+        clips[LOSS_KEY] = p.loss_clip
+        encoding = EncodingConfig(bits=p.bits, clip=p.clip, clip_per_tensor=clips, max_examples=self.max_examples)
+        return SecureSettings(encoding, p.threshold, p.unmasker, p.prg, p.complete_graph_up_to)
+
+    def round_settings(self, server_round: int, client_settings: Mapping[str, Any]) -> RoundSettings:
+        """What the devices get with round ``server_round``'s requests; ``client_settings``: the
+        strategy's (``freeze_a``, ``proximal_mu``)."""
+        cfg = self.config
+        return RoundSettings(
+            version=VERSION, round=server_round, seed=cfg.seed, num_partitions=cfg.federation.num_clients,
+            model=deepcopy(cfg.model), lora=deepcopy(cfg.lora), train=deepcopy(cfg.train), data=deepcopy(cfg.data),
+            freeze_a=bool(client_settings["freeze_a"]), proximal_mu=float(client_settings["proximal_mu"]),
+            privacy=self.privacy, clip_norm=float(cfg.privacy.clip_norm), max_examples=self.max_examples,
+            threads=cfg.simulation.threads_per_client or cfg.simulation.cpus_per_client,
+            round_timeout_s=float(cfg.federation.round_timeout_s))
+
+
+def resolve_run(cfg: FedLoraConfig) -> RunSettings:
+    """The run's settings from its (validated) config; :class:`ConfigError` when its secure sums could overflow."""
+    privacy = _privacy_mode(cfg)
+    n_max = cfg.privacy.max_examples or cfg.data.records_per_client
+    if privacy in SECURE_MODES:
+        p = cfg.privacy
+        try:  # worst case: every client's update in one sum
+            check_overflow(cfg.federation.num_clients, p.bits, n_max)
+        except UnsafeEncoding as exc:
+            raise ConfigError(f"privacy.bits={p.bits} with privacy.max_examples={n_max} and federation.num_clients="
+                              f"{cfg.federation.num_clients} is unsafe: {exc}") from None
+    return RunSettings(cfg, privacy, n_max, build_tree(cfg.topology, cfg.federation.num_clients, cfg.seed))
+
+
+def _privacy_mode(cfg: FedLoraConfig) -> str:
+    """The effective privacy mode. ``auto`` is secagg on tree topologies whose neighbourhood
+    cells can hold a secure session (at least 2 clients per neighbourhood on average), and
+    none on flat or on trees too sparse for one (a cell of 1 cannot hide its client's update,
+    so it would never be aggregated)."""
+    if cfg.privacy.mode == "auto":
+        t = cfg.topology
+        sparse = cfg.federation.num_clients < 2 * t.suburban_cells * t.neighbourhoods_per_suburban
+        return "none" if t.kind == "flat" or sparse else "secagg"
+    return cfg.privacy.mode
