@@ -137,6 +137,7 @@ ray.shutdown()
 
 
 @pytest.mark.flower
+@pytest.mark.slow
 def test_fedlora_run_joins_a_separately_started_ray_head(tmp_path, ray_head, model_cache):
     env = dict(ray_head["env"], FLWR_TELEMETRY_ENABLED="0", FEDLORA_CACHE=str(model_cache))
     run = subprocess.Popen(
