@@ -22,7 +22,10 @@ SHORT_RUN = ("train.local_steps=2", "train.max_seq_len=128", "data.records_per_c
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory) -> Path:
     """The converted-model cache of this test session (never ~/.cache): the tiny model and the
-    extracted tokenizer are built once and shared by every test that loads them."""
+    extracted tokenizer are built once and shared by every test that loads them. The loaded
+    base is then shared in-process too (fedlora.model caches it per cache root), which the
+    round loop allows: it re-wraps the base and sets every LoRA tensor itself. test_model.py
+    keeps a cache of its own, as it checks the cache and the plain base object directly."""
     return tmp_path_factory.mktemp("model-cache")
 
 

@@ -59,8 +59,13 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 
 @pytest.fixture(scope="session")
-def tiny_cfg(model_cache: Path) -> ModelConfig:
-    return ModelConfig(source="tiny", cache_dir=str(model_cache))
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fedlora-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg(cache_dir: Path) -> ModelConfig:
+    return ModelConfig(source="tiny", cache_dir=str(cache_dir))
 
 
 @pytest.fixture(scope="session")
@@ -69,10 +74,10 @@ def tiny_dir(tiny_cfg: ModelConfig) -> str:
 
 
 @pytest.fixture()
-def fresh_root(tmp_path: Path, tiny_dir: str, model_cache: Path) -> Path:
+def fresh_root(tmp_path: Path, tiny_dir: str, cache_dir: Path) -> Path:
     """An empty cache root except for a copy of the extracted tokenizer, so building the
     tiny model there does not pay for reading the tokenizer out of the GGUF again."""
-    shutil.copytree(model_cache / fm.TOKENIZER_DIR, tmp_path / fm.TOKENIZER_DIR)
+    shutil.copytree(cache_dir / fm.TOKENIZER_DIR, tmp_path / fm.TOKENIZER_DIR)
     return tmp_path
 
 
@@ -100,15 +105,15 @@ def test_cache_root_prefers_setting_then_env_then_home(monkeypatch, tmp_path):
     assert cache_root(ModelConfig(cache_dir="~/c")) == tmp_path / "home" / "c"
 
 
-def test_tiny_is_a_real_model_directory_cached_on_disk(tiny_cfg, tiny_dir, model_cache):
+def test_tiny_is_a_real_model_directory_cached_on_disk(tiny_cfg, tiny_dir, cache_dir):
     d = Path(tiny_dir)
-    assert d.parent == model_cache and d.name.startswith("tiny-")
+    assert d.parent == cache_dir and d.name.startswith("tiny-")
     for name in ("config.json", "model.safetensors", "tokenizer.json", "fedlora-cache.json"):
         assert (d / name).is_file(), name
     stamp = (d / "model.safetensors").stat().st_mtime_ns
     assert resolve_model_dir(tiny_cfg) == tiny_dir
     assert (d / "model.safetensors").stat().st_mtime_ns == stamp, "rebuilt instead of reused"
-    assert not list(model_cache.glob(".*.tmp-*"))
+    assert not list(cache_dir.glob(".*.tmp-*"))
 
     config = json.loads((d / "config.json").read_text())
     tok = AutoTokenizer.from_pretrained(tiny_dir)
@@ -390,10 +395,10 @@ def test_saved_adapter_loads_with_plain_peft(tiny_cfg, tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_converts_once_and_reloads_identically(model_cache):
-    cfg = ModelConfig(source="smollm2", cache_dir=str(model_cache))
+def test_smollm2_converts_once_and_reloads_identically(cache_dir):
+    cfg = ModelConfig(source="smollm2", cache_dir=str(cache_dir))
     model_dir = resolve_model_dir(cfg)
-    assert Path(model_dir) == model_cache / fm.SMOLLM2_DIR
+    assert Path(model_dir) == cache_dir / fm.SMOLLM2_DIR
     config = json.loads((Path(model_dir) / "config.json").read_text())
     assert "quantization_config" not in config
     assert config["tie_word_embeddings"] is True
