@@ -25,7 +25,10 @@ from typing import Any, Iterable, Iterator, Sequence
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_LOCK = "/tmp/fedlora-bench.lock"
-MEDICAL = "/work/shared/data/medical_meadow_dev.jsonl"
+# The project's shared data sits next to the checkout (../shared/data/ from the repo root) and is
+# read in place, never copied into the repo.
+SHARED_DATA = REPO.parent / "shared" / "data"
+MEDICAL = str(SHARED_DATA / "medical_meadow_dev.jsonl")
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -172,7 +175,8 @@ def require_medical(path: str) -> str:
         sys.exit(
             f"error: the medical data file {p} does not exist.\n"
             "This benchmark needs the Medical Meadow dev file (read-only, shared; never copied into "
-            f"the repo). Point --data-path at it (default {MEDICAL})."
+            f"the repo), by default in the shared data folder next to the checkout ({SHARED_DATA}). "
+            "Put the shared folder there or point --data-path at the file."
         )
     return str(p.resolve())
 

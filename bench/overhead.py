@@ -30,7 +30,7 @@ own round loop.
 Run (takes the benchmark lock itself; ~4-6 min on 2 cores):
 
     .venv/bin/python bench/overhead.py
-    .venv/bin/python bench/overhead.py --local-steps 10 data=medical data.path=/work/shared/data/medical_meadow_dev.jsonl
+    .venv/bin/python bench/overhead.py --local-steps 10 data=medical data.path="$PWD/../shared/data/medical_meadow_dev.jsonl"
     .venv/bin/python bench/overhead.py --model tiny --no-lock        # smoke test
 
 Positional arguments are extra Hydra overrides (applied last).

@@ -19,8 +19,8 @@ FEDLORA = str(Path(sys.executable).parent / "fedlora")
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    cache = str(tmp_path_factory.mktemp("cache"))
+def finished_run(tmp_path_factory, model_cache):
+    cache = str(model_cache)
     os.environ["FEDLORA_CACHE"] = cache
     run_dir = tmp_path_factory.mktemp("run")
     cfg = compose(["model=tiny", "topology=flat", "federation.num_clients=3", "federation.rounds=2", "train.local_steps=3",

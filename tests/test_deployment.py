@@ -45,7 +45,7 @@ from fedlora.secure.messages import AdvertiseKeys, MaskedInput, ShareKeys, Unmas
 from fedlora.secure.rounds import read_message
 from fedlora.deploy.processes import ProcessGroup, Security, _alive, _descendants, free_port_run, local_bin, placement
 
-pytestmark = pytest.mark.flower
+pytestmark = [pytest.mark.flower, pytest.mark.slow]
 
 OVERRIDES = [
     "model=tiny",

@@ -12,17 +12,11 @@ from fedlora.aggregate.dp import DEFAULT_ORDERS, compute_rdp, rdp_to_epsilon
 from fedlora.roles.cloud import run_federation
 from fedlora.roles.local import InProcessTransport
 from fedlora.run_settings import resolve_run
-from test_secure_rounds import adapter, cfg_for as secure_cfg, crash_in_round
+from test_secure_rounds import EIGHT_LAPTOPS, adapter, crash_in_round
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("model-cache"))
-
-
-def cfg_for(cache_dir, *extra):
-    return secure_cfg(cache_dir, "federation.rounds=2", "privacy=secagg_dp", "privacy.clip=1.0", "privacy.clip_norm=0.05",
-                      *extra)
+# test_secure_rounds' eight laptops, two rounds under secagg_dp.
+DP_LAPTOPS = (*EIGHT_LAPTOPS, "federation.rounds=2", "privacy=secagg_dp", "privacy.clip=1.0", "privacy.clip_norm=0.05")
 
 
 def test_a_device_clips_its_update_weighs_it_like_everyone_and_withholds_its_loss():
@@ -41,12 +35,12 @@ def test_a_device_clips_its_update_weighs_it_like_everyone_and_withholds_its_los
 
 
 @pytest.fixture(scope="module")
-def noisy_and_noiseless(tmp_path_factory, cache_dir):
+def noisy_and_noiseless(tmp_path_factory, short_run):
     base = tmp_path_factory.mktemp("dp-runs")
-    run_federation(cfg_for(cache_dir, "privacy.noise_multiplier=1.0"), base / "noisy", InProcessTransport(8))
-    run_federation(cfg_for(cache_dir, "privacy.noise_multiplier=0.0", "federation.rounds=1"), base / "noiseless",
+    run_federation(short_run(*DP_LAPTOPS, "privacy.noise_multiplier=1.0"), base / "noisy", InProcessTransport(8))
+    run_federation(short_run(*DP_LAPTOPS, "privacy.noise_multiplier=0.0", "federation.rounds=1"), base / "noiseless",
                    InProcessTransport(8))
-    run_federation(cfg_for(cache_dir, "privacy.noise_multiplier=1.0", "federation.rounds=1"), base / "noisy1",
+    run_federation(short_run(*DP_LAPTOPS, "privacy.noise_multiplier=1.0", "federation.rounds=1"), base / "noisy1",
                    InProcessTransport(8))
     return base
 
@@ -78,8 +72,8 @@ def test_the_released_mean_carries_gaussian_noise_of_the_configured_size(noisy_a
     assert abs(np.mean(diff)) < 5 * expected_std / np.sqrt(diff.size)
 
 
-def test_resume_carries_the_privacy_spent(tmp_path, cache_dir):
-    cfg = cfg_for(cache_dir, "privacy.noise_multiplier=1.0", "federation.fraction=0.5", "federation.rounds=3")
+def test_resume_carries_the_privacy_spent(tmp_path, short_run):
+    cfg = short_run(*DP_LAPTOPS, "privacy.noise_multiplier=1.0", "federation.fraction=0.5", "federation.rounds=3")
     with pytest.raises(KeyboardInterrupt):
         run_federation(cfg, tmp_path / "run", InProcessTransport(8, stage_fault=crash_in_round(3)))
     run_federation(cfg, tmp_path / "run", InProcessTransport(8), resume=True)

@@ -333,6 +333,7 @@ def _logs(path: Path) -> str:
 
 
 @pytest.mark.flower
+@pytest.mark.slow
 def test_cloud_two_edges_four_end_clients_match_the_simulation(tmp_path, env, reference, tiers):
     run_dir = tmp_path / "run"
     wall = run_cloud(tiers, env, run_dir, OVERRIDES)
@@ -352,6 +353,7 @@ SECURE = [o if o != "privacy=none" else "privacy=secagg" for o in OVERRIDES]
 
 
 @pytest.mark.flower
+@pytest.mark.slow
 def test_secagg_through_edge_processes_matches_the_in_process_secure_run(tmp_path, env, tiers):
     """privacy=secagg: each edge process runs its cell's secure session (it sees masked inputs
     only) and sends up the masked sum and unmask bundle; the cloud unmasks. Same adapter as
@@ -374,6 +376,7 @@ def test_secagg_through_edge_processes_matches_the_in_process_secure_run(tmp_pat
 
 
 @pytest.mark.flower
+@pytest.mark.slow
 def test_a_failed_edge_drops_its_cell_and_the_round_goes_on(tmp_path, env, tiers):
     """Stop one edge's service (its SuperNode stays up and relays): the next cloud run drops
     that cell's clients with the reason and aggregates the other cell; then the edge starts

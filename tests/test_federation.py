@@ -17,39 +17,19 @@ from fedlora.roles.local import InProcessTransport
 LINK = "end->cloud"
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("model-cache"))
-
-
-def tiny_cfg(cache_dir, *extra):
-    return compose(
-        [
-            "model=tiny",
-            f"model.cache_dir={cache_dir}",
-            "topology=flat",
-            "federation.num_clients=4",
-            "federation.rounds=2",
-            "federation.fraction=0.5",
-            "train.local_steps=2",
-            "train.max_seq_len=128",
-            "data.records_per_client=12",
-            "data.max_eval_examples=8",
-            "progress=false",
-            *extra,
-        ]
-    )
+# Four flat clients, two rounds of half of them (a test's own overrides come after).
+FLAT4 = ("topology=flat", "federation.num_clients=4", "federation.rounds=2", "federation.fraction=0.5")
 
 
 def adapter_tensors(run_dir):
     return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
 
 
-def test_run_directory_contract_and_plain_peft_load(tmp_path, cache_dir):
+def test_run_directory_contract_and_plain_peft_load(tmp_path, short_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    cfg = tiny_cfg(cache_dir)
+    cfg = short_run(*FLAT4)
     run_dir = tmp_path / "run"
     summary = run_federation(cfg, run_dir, InProcessTransport(4))
 
@@ -86,8 +66,9 @@ def test_run_directory_contract_and_plain_peft_load(tmp_path, cache_dir):
     assert not torch.allclose(adapted, plain), "the adapter should change the model's output"
 
 
-def test_bad_replies_are_dropped_and_the_round_goes_on(tmp_path, cache_dir):
-    cfg = tiny_cfg(cache_dir, "federation.num_clients=6", "federation.fraction=1.0", "federation.rounds=1", "federation.min_clients=1")
+def test_bad_replies_are_dropped_and_the_round_goes_on(tmp_path, short_run):
+    cfg = short_run(*FLAT4, "federation.num_clients=6", "federation.fraction=1.0", "federation.rounds=1",
+                    "federation.min_clients=1")
 
     def corrupt(server_round, reply: ClientReply):
         key = next(iter(reply.update)) if isinstance(reply.update, dict) else None
@@ -113,8 +94,8 @@ def test_bad_replies_are_dropped_and_the_round_goes_on(tmp_path, cache_dir):
     assert all(np.isfinite(v).all() for v in adapter_tensors(run_dir).values())
 
 
-def test_too_few_usable_updates_leave_the_adapter_unchanged(tmp_path, cache_dir):
-    cfg = tiny_cfg(cache_dir, "federation.fraction=1.0", "federation.rounds=1", "federation.min_clients=3")
+def test_too_few_usable_updates_leave_the_adapter_unchanged(tmp_path, short_run):
+    cfg = short_run(*FLAT4, "federation.fraction=1.0", "federation.rounds=1", "federation.min_clients=3")
 
     def break_most(server_round, reply):
         return reply if reply.client == 0 else ClientReply(reply.client, error="boom")
@@ -126,15 +107,15 @@ def test_too_few_usable_updates_leave_the_adapter_unchanged(tmp_path, cache_dir)
     assert summary["final_eval_loss"] == pytest.approx(summary["base_eval_loss"])
 
 
-def test_not_enough_clients_connected_is_a_clear_error(tmp_path, cache_dir):
-    cfg = tiny_cfg(cache_dir, "federation.min_clients=4")
+def test_not_enough_clients_connected_is_a_clear_error(tmp_path, short_run):
+    cfg = short_run(*FLAT4, "federation.min_clients=4")
     with pytest.raises(FederationError, match="min_clients"):
         run_federation(cfg, tmp_path / "run", InProcessTransport(2))
 
 
-def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, cache_dir):
+def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, short_run):
     """Crash in round 2 of 3 (server optimiser state included), resume, same final adapter."""
-    cfg = tiny_cfg(cache_dir, "federation.rounds=3", "strategy=fedadam")
+    cfg = short_run(*FLAT4, "federation.rounds=3", "strategy=fedadam")
     full = tmp_path / "full"
     run_federation(cfg, full, InProcessTransport(4))
 
@@ -162,17 +143,17 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, cache_dir):
     assert full_losses == resumed_losses
 
 
-def test_ffa_lora_sends_only_b_and_keeps_a_frozen(tmp_path, cache_dir):
+def test_ffa_lora_sends_only_b_and_keeps_a_frozen(tmp_path, short_run):
     fedavg = tmp_path / "fedavg"
     ffa = tmp_path / "ffa"
-    s_avg = run_federation(tiny_cfg(cache_dir, "federation.rounds=1"), fedavg, InProcessTransport(4))
-    s_ffa = run_federation(tiny_cfg(cache_dir, "federation.rounds=1", "strategy=ffa_lora"), ffa, InProcessTransport(4))
+    s_avg = run_federation(short_run(*FLAT4, "federation.rounds=1"), fedavg, InProcessTransport(4))
+    s_ffa = run_federation(short_run(*FLAT4, "federation.rounds=1", "strategy=ffa_lora"), ffa, InProcessTransport(4))
     a_avg, a_ffa = adapter_tensors(fedavg), adapter_tensors(ffa)
     b_bytes = sum(v.nbytes for k, v in a_ffa.items() if "lora_B" in k)
     assert s_ffa["adapter_bytes_per_client"] == b_bytes  # only B travels
     assert s_avg["adapter_bytes_per_client"] == sum(v.nbytes for v in a_avg.values())
     init = tmp_path / "init"
-    run_federation(tiny_cfg(cache_dir, "federation.rounds=1", "strategy=ffa_lora", "train.lr=1e-9"), init, InProcessTransport(4))
+    run_federation(short_run(*FLAT4, "federation.rounds=1", "strategy=ffa_lora", "train.lr=1e-9"), init, InProcessTransport(4))
     a_init = adapter_tensors(init)
     for key in a_ffa:
         if "lora_A" in key:
@@ -225,12 +206,12 @@ def test_cell_request_and_result_round_trip_as_safe_bytes_and_refuse_garbage():
             CellRequest.from_bytes(transcript.encode(wire.MAGIC, "cell-request", value))
 
 
-def test_run_cell_drops_bad_and_late_replies_with_reasons(cache_dir):
+def test_run_cell_drops_bad_and_late_replies_with_reasons(short_run):
     from fedlora.roles.neighbourhood import CellRequest, run_cell
     from fedlora.roles.device import initial_adapter
     from fedlora.run_settings import resolve_run
 
-    cfg = tiny_cfg(cache_dir, "federation.num_clients=3")
+    cfg = short_run(*FLAT4, "federation.num_clients=3")
     state = initial_adapter(cfg, freeze_a=False)
     expected = {k: v.shape for k, v in state.items()}
 

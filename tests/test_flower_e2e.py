@@ -65,6 +65,7 @@ def same_adapter(run_dir: Path, reference: dict) -> None:
         np.testing.assert_allclose(got[key], reference[key], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_fedlora_run_through_flower_simulation(tmp_path, env, reference):
     out = subprocess.run(
         [str(BIN / "fedlora"), "run", *OVERRIDES, f"output_dir={tmp_path}"],
@@ -81,6 +82,7 @@ def test_fedlora_run_through_flower_simulation(tmp_path, env, reference):
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_ref), str(run_dir / "adapter"))
 
 
+@pytest.mark.slow
 def test_flwr_run_dot_gives_the_same_result(tmp_path, env, reference):
     """Flower users' way in: `flwr run .` with a local SuperLink, stopped afterwards."""
     env = dict(env, FLWR_HOME=str(tmp_path / "flwr-home"))
@@ -112,6 +114,7 @@ SECURE_OVERRIDES = [o for o in OVERRIDES if not o.startswith(("topology", "feder
 ]
 
 
+@pytest.mark.slow
 def test_fedlora_run_secagg_through_flower_equals_the_in_process_secure_run(tmp_path, env):
     """Every secure stage as real Flower messages (Ray workers, state in context.state)."""
     os.environ["FEDLORA_CACHE"] = env["FEDLORA_CACHE"]
@@ -169,6 +172,7 @@ def test_cli_errors_are_one_clear_line(tmp_path, env, args, needle):
     assert "Traceback" not in out.stderr + out.stdout
 
 
+@pytest.mark.slow
 def test_ctrl_c_then_fedlora_resume_matches_uninterrupted(tmp_path, env):
     """SIGINT mid-run through the CLI, `fedlora resume`, same adapter as one clean run."""
     import time
@@ -207,6 +211,7 @@ def test_ctrl_c_then_fedlora_resume_matches_uninterrupted(tmp_path, env):
     same_adapter(run_dir, load_file(str(clean / "adapter" / "adapter_model.safetensors")))
 
 
+@pytest.mark.slow
 def test_multirun_sweep_writes_one_run_per_setting_and_a_summary(tmp_path, env):
     out = subprocess.run(
         [str(BIN / "fedlora"), "run", "--multirun", "lora.r=2,4",

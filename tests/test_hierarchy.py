@@ -8,20 +8,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from fedlora.config import compose
 from fedlora.roles.cloud import run_federation
 from fedlora.roles.local import InProcessTransport
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("model-cache"))
-
-
-def cfg_for(cache_dir, *extra):
-    return compose(["model=tiny", f"model.cache_dir={cache_dir}", "federation.num_clients=8", "federation.rounds=2",
-                    "federation.fraction=0.5", "train.local_steps=2", "train.max_seq_len=128",
-                    "data.records_per_client=12", "data.max_eval_examples=8", "progress=false", "privacy=none", *extra])
+# Eight clients, two rounds of half of them, no secure aggregation (a test adds its topology).
+EIGHT = ("federation.num_clients=8", "federation.rounds=2", "federation.fraction=0.5", "privacy=none")
 
 
 def rounds_of(run_dir):
@@ -32,10 +24,10 @@ def adapter(run_dir):
     return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
 
 
-def test_tree_with_k1_equals_flat_fedavg_and_backhaul_carries_one_sum_per_cell(tmp_path, cache_dir):
+def test_tree_with_k1_equals_flat_fedavg_and_backhaul_carries_one_sum_per_cell(tmp_path, short_run):
     flat, tree = tmp_path / "flat", tmp_path / "tree"
-    s_flat = run_federation(cfg_for(cache_dir, "topology=flat"), flat, InProcessTransport(8))
-    run_federation(cfg_for(cache_dir, "topology=small6g"), tree, InProcessTransport(8))
+    s_flat = run_federation(short_run(*EIGHT, "topology=flat"), flat, InProcessTransport(8))
+    run_federation(short_run(*EIGHT, "topology=small6g"), tree, InProcessTransport(8))
     a, b = adapter(flat), adapter(tree)
     for key in a:
         np.testing.assert_allclose(a[key], b[key], atol=1e-6, rtol=1e-5)
@@ -52,9 +44,9 @@ def test_tree_with_k1_equals_flat_fedavg_and_backhaul_carries_one_sum_per_cell(t
         assert rt["sim_network_s"] > 0 and rf["sim_network_s"] > 0
 
 
-def test_hierfavg_syncs_every_k_rounds_and_resumes_exactly(tmp_path, cache_dir):
-    cfg = cfg_for(cache_dir, "topology=small6g", "topology.cloud_sync_every=2", "federation.rounds=3",
-                  "topology.mobility.handover_prob=0.5")
+def test_hierfavg_syncs_every_k_rounds_and_resumes_exactly(tmp_path, short_run):
+    cfg = short_run(*EIGHT, "topology=small6g", "topology.cloud_sync_every=2", "federation.rounds=3",
+                    "topology.mobility.handover_prob=0.5")
     full = tmp_path / "full"
     run_federation(cfg, full, InProcessTransport(8))
     assert [r["cloud_sync"] for r in rounds_of(full)] == [False, True, True]  # the last round always syncs
@@ -75,9 +67,9 @@ def test_hierfavg_syncs_every_k_rounds_and_resumes_exactly(tmp_path, cache_dir):
     assert [r["cell_of"] for r in rounds_of(full)] == [r["cell_of"] for r in rounds_of(broken)]
 
 
-def test_mobility_counts_each_update_once_in_the_cell_it_uploads_from(tmp_path, cache_dir):
-    cfg = cfg_for(cache_dir, "topology=small6g", "topology.mobility.handover_prob=1.0", "federation.rounds=3",
-                  "federation.fraction=1.0")
+def test_mobility_counts_each_update_once_in_the_cell_it_uploads_from(tmp_path, short_run):
+    cfg = short_run(*EIGHT, "topology=small6g", "topology.mobility.handover_prob=1.0", "federation.rounds=3",
+                    "federation.fraction=1.0")
     run_dir = tmp_path / "run"
     run_federation(cfg, run_dir, InProcessTransport(8))
     records = rounds_of(run_dir)
@@ -89,8 +81,8 @@ def test_mobility_counts_each_update_once_in_the_cell_it_uploads_from(tmp_path, 
     assert moved, "with handover_prob=1 clients change cells between rounds"
 
 
-def test_clients_past_the_deadline_are_stragglers(tmp_path, cache_dir):
-    cfg = cfg_for(cache_dir, "topology=small6g", "topology.deadline_s=0.000001", "federation.rounds=1")
+def test_clients_past_the_deadline_are_stragglers(tmp_path, short_run):
+    cfg = short_run(*EIGHT, "topology=small6g", "topology.deadline_s=0.000001", "federation.rounds=1")
     run_dir = tmp_path / "run"
     summary = run_federation(cfg, run_dir, InProcessTransport(8))
     (record,) = rounds_of(run_dir)

@@ -137,10 +137,11 @@ ray.shutdown()
 
 
 @pytest.mark.flower
-def test_fedlora_run_joins_a_separately_started_ray_head(tmp_path, ray_head):
-    env = dict(ray_head["env"], FLWR_TELEMETRY_ENABLED="0", FEDLORA_CACHE=str(tmp_path / "cache"))
+@pytest.mark.slow
+def test_fedlora_run_joins_a_separately_started_ray_head(tmp_path, ray_head, model_cache):
+    env = dict(ray_head["env"], FLWR_TELEMETRY_ENABLED="0", FEDLORA_CACHE=str(model_cache))
     run = subprocess.Popen(
-        [str(BIN / "fedlora"), "run", *OVERRIDES, f"output_dir={tmp_path / 'runs'}", f"model.cache_dir={tmp_path / 'cache'}",
+        [str(BIN / "fedlora"), "run", *OVERRIDES, f"output_dir={tmp_path / 'runs'}", f"model.cache_dir={model_cache}",
          f"simulation.ray_address={ray_head['address']}"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )

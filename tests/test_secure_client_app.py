@@ -20,7 +20,6 @@ from safetensors.numpy import load_file
 from clients.app import app as client_app
 from fedlora import protocol
 from fedlora.runs import report
-from fedlora.config import compose
 from fedlora.roles.cloud import run_federation
 from fedlora.roles.local import InProcessTransport
 from server.transport import FlowerTransport, decode_reply
@@ -75,23 +74,16 @@ def server_identity():
     TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("model-cache"))
-
-
-def cfg_for(cache_dir):
-    return compose(["model=tiny", f"model.cache_dir={cache_dir}", "topology=small6g", "federation.num_clients=8",
-                    "federation.rounds=2", "federation.fraction=1.0", "train.local_steps=2", "train.max_seq_len=128",
-                    "data.records_per_client=12", "data.max_eval_examples=8", "progress=false", "privacy=secagg"])
+# Eight clients on the small6g tree, all of them in each of two secure rounds.
+SECURE8 = ("topology=small6g", "federation.num_clients=8", "federation.rounds=2", "federation.fraction=1.0", "privacy=secagg")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, cache_dir):
+def runs(tmp_path_factory, short_run):
     base = tmp_path_factory.mktemp("runs")
-    run_federation(cfg_for(cache_dir), base / "inprocess", InProcessTransport(8))
+    run_federation(short_run(*SECURE8), base / "inprocess", InProcessTransport(8))
     grid = MemoryGrid(8)
-    run_federation(cfg_for(cache_dir), base / "messages", FlowerTransport(grid, expected_clients=8, timeout_s=60))
+    run_federation(short_run(*SECURE8), base / "messages", FlowerTransport(grid, expected_clients=8, timeout_s=60))
     return base / "inprocess", base / "messages", grid
 
 

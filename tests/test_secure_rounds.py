@@ -19,17 +19,9 @@ from fedlora.secure.encoding import levels
 from fedlora.secure.identities import SimulatedIdentities
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("model-cache"))
-
-
-def cfg_for(cache_dir, *extra):
-    return compose(["model=tiny", f"model.cache_dir={cache_dir}", "topology=small6g", "federation.num_clients=8",
-                    "federation.rounds=1", "federation.fraction=1.0", "train.local_steps=2", "train.max_seq_len=128",
-                    "data.records_per_client=12", "data.max_eval_examples=8", "progress=false",
-                    "topology.profile_mix={rpi4: 0, phone: 0, car: 0, laptop: 1.0}",
-                    "topology.profiles.laptop.availability=1.0", *extra])
+# Eight always-available laptops on the small6g tree, all of them in one round.
+EIGHT_LAPTOPS = ("topology=small6g", "federation.num_clients=8", "federation.rounds=1", "federation.fraction=1.0",
+                 "topology.profile_mix={rpi4: 0, phone: 0, car: 0, laptop: 1.0}", "topology.profiles.laptop.availability=1.0")
 
 
 def rounds_of(run_dir):
@@ -41,10 +33,10 @@ def adapter(run_dir):
 
 
 @pytest.fixture(scope="module")
-def plain_and_secure(tmp_path_factory, cache_dir):
+def plain_and_secure(tmp_path_factory, short_run):
     base = tmp_path_factory.mktemp("runs")
-    run_federation(cfg_for(cache_dir, "privacy=none"), base / "plain", InProcessTransport(8))
-    run_federation(cfg_for(cache_dir, "privacy=secagg", "privacy.clip=1.0"), base / "secure", InProcessTransport(8))
+    run_federation(short_run(*EIGHT_LAPTOPS, "privacy=none"), base / "plain", InProcessTransport(8))
+    run_federation(short_run(*EIGHT_LAPTOPS, "privacy=secagg", "privacy.clip=1.0"), base / "secure", InProcessTransport(8))
     return base / "plain", base / "secure"
 
 
@@ -75,9 +67,9 @@ def stage_dropper(drops):
 
 
 @pytest.mark.parametrize("stage", ["advertise", "share-keys", "masked-input", "unmask"])
-def test_a_dropout_at_any_stage_leaves_the_exact_sum_of_the_survivors(tmp_path, cache_dir, stage):
-    cfg = cfg_for(cache_dir, "topology.suburban_cells=1", "topology.neighbourhoods_per_suburban=1",
-                  "privacy.threshold=0.5")  # one cell of 8: t = 5
+def test_a_dropout_at_any_stage_leaves_the_exact_sum_of_the_survivors(tmp_path, short_run, stage):
+    cfg = short_run(*EIGHT_LAPTOPS, "topology.suburban_cells=1", "topology.neighbourhoods_per_suburban=1",
+                    "privacy.threshold=0.5")  # one cell of 8: t = 5
     run_federation(cfg, tmp_path / "drop", InProcessTransport(8, stage_fault=stage_dropper({(3, stage)})))
     rec = rounds_of(tmp_path / "drop")[0]
     cell = rec["secure"]["cells"]["neighbourhood-0-0"]
@@ -90,15 +82,16 @@ def test_a_dropout_at_any_stage_leaves_the_exact_sum_of_the_survivors(tmp_path, 
     assert cell["dropped"] == {stage: [3]}
 
 
-def test_survivors_sum_equals_the_plain_sum_of_the_same_clients(tmp_path, cache_dir):
-    cfg = cfg_for(cache_dir, "topology.suburban_cells=1", "topology.neighbourhoods_per_suburban=1", "privacy.threshold=0.5",
-                  "privacy.clip=1.0")
+def test_survivors_sum_equals_the_plain_sum_of_the_same_clients(tmp_path, short_run):
+    cfg = short_run(*EIGHT_LAPTOPS, "topology.suburban_cells=1", "topology.neighbourhoods_per_suburban=1",
+                    "privacy.threshold=0.5", "privacy.clip=1.0")
     run_federation(cfg, tmp_path / "s", InProcessTransport(8, stage_fault=stage_dropper({(2, "masked-input"), (5, "unmask")})))
 
     def drop_2(server_round, reply):
         return None if reply.client == 2 else reply
 
-    run_federation(cfg_for(cache_dir, "privacy=none", "topology.suburban_cells=1", "topology.neighbourhoods_per_suburban=1"),
+    run_federation(short_run(*EIGHT_LAPTOPS, "privacy=none", "topology.suburban_cells=1",
+                             "topology.neighbourhoods_per_suburban=1"),
                    tmp_path / "p", InProcessTransport(8, fault=drop_2))
     rs, rp = rounds_of(tmp_path / "s")[0], rounds_of(tmp_path / "p")[0]
     assert rs["participants"] == rp["participants"] == [0, 1, 3, 4, 5, 6, 7]
@@ -107,9 +100,10 @@ def test_survivors_sum_equals_the_plain_sum_of_the_same_clients(tmp_path, cache_
     assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) <= rs["secure"]["decode_error_bound"] + 1e-6
 
 
-def test_a_cell_below_t_aborts_and_the_other_cells_count(tmp_path, cache_dir):
+def test_a_cell_below_t_aborts_and_the_other_cells_count(tmp_path, short_run):
     # cell neighbourhood-1-1 holds clients 3 and 7 (n = 2, t = 2): losing one aborts it
-    run_federation(cfg_for(cache_dir), tmp_path / "r", InProcessTransport(8, stage_fault=stage_dropper({(7, "share-keys")})))
+    run_federation(short_run(*EIGHT_LAPTOPS), tmp_path / "r",
+                   InProcessTransport(8, stage_fault=stage_dropper({(7, "share-keys")})))
     rec = rounds_of(tmp_path / "r")[0]
     cells = rec["secure"]["cells"]
     assert cells["neighbourhood-1-1"]["ok"] is False and "t=2" in cells["neighbourhood-1-1"]["reason"]
@@ -118,7 +112,7 @@ def test_a_cell_below_t_aborts_and_the_other_cells_count(tmp_path, cache_dir):
     assert {d["client"] for d in rec["dropped"]} == {3, 7}
 
 
-def test_a_tampered_masked_input_is_rejected_and_the_round_goes_on(tmp_path, cache_dir):
+def test_a_tampered_masked_input_is_rejected_and_the_round_goes_on(tmp_path, short_run):
     from fedlora.secure.rounds import message, read_message
     from fedlora.secure.messages import MaskedInput
 
@@ -131,14 +125,15 @@ def test_a_tampered_masked_input_is_rejected_and_the_round_goes_on(tmp_path, cac
                                 reply.metrics, bytes_up=reply.bytes_up)
         return reply
 
-    cfg = cfg_for(cache_dir, "topology.suburban_cells=1", "topology.neighbourhoods_per_suburban=1", "privacy.threshold=0.5")
+    cfg = short_run(*EIGHT_LAPTOPS, "topology.suburban_cells=1", "topology.neighbourhoods_per_suburban=1",
+                    "privacy.threshold=0.5")
     run_federation(cfg, tmp_path / "r", InProcessTransport(8, stage_fault=tamper))
     rec = rounds_of(tmp_path / "r")[0]
     reasons = {d["client"]: d["reason"] for d in rec["dropped"]}
     assert "signature" in reasons[4] and 4 not in rec["participants"] and rec["aggregated"]
 
 
-def test_an_unregistered_device_is_refused(tmp_path, cache_dir):
+def test_an_unregistered_device_is_refused(tmp_path, short_run):
     from fedlora.secure.rounds import client_step, message, read_message, simulated_identity, simulated_rng, Join
     from fedlora.secure.messages import AdvertiseKeys
 
@@ -152,7 +147,8 @@ def test_an_unregistered_device_is_refused(tmp_path, cache_dir):
                                                          advert.mask_key, sig)), reply.metrics)
         return reply
 
-    cfg = cfg_for(cache_dir, "topology.suburban_cells=1", "topology.neighbourhoods_per_suburban=1", "privacy.threshold=0.5")
+    cfg = short_run(*EIGHT_LAPTOPS, "topology.suburban_cells=1", "topology.neighbourhoods_per_suburban=1",
+                    "privacy.threshold=0.5")
     run_federation(cfg, tmp_path / "r", InProcessTransport(8, stage_fault=impostor))
     rec = rounds_of(tmp_path / "r")[0]
     reasons = {d["client"]: d["reason"] for d in rec["dropped"]}
@@ -179,7 +175,7 @@ def test_an_unregistered_device_is_refused(tmp_path, cache_dir):
         agg.receive_advert(read_message(data, AdvertiseKeys))
 
 
-def test_what_the_aggregator_hands_upward_holds_no_individual_value(tmp_path, cache_dir):
+def test_what_the_aggregator_hands_upward_holds_no_individual_value(tmp_path, short_run):
     """Capture every CellResult run_cell hands upward and every message the aggregator holds;
     no client's plain update, example count or loss appears in any of it."""
     import fedlora.roles.cloud as federation
@@ -204,7 +200,7 @@ def test_what_the_aggregator_hands_upward_holds_no_individual_value(tmp_path, ca
     try:
         transport = Spy(8)
         transport.arrays = None
-        run_federation(cfg_for(cache_dir), tmp_path / "r", transport)
+        run_federation(short_run(*EIGHT_LAPTOPS), tmp_path / "r", transport)
     finally:
         federation.LocalCellRunner.run = real_run
     blob = b"".join(captured + sent_payloads)
@@ -231,8 +227,8 @@ def crash_in_round(n):
     return fault
 
 
-def test_resume_with_secagg_equals_the_uninterrupted_run(tmp_path, cache_dir):
-    cfg = cfg_for(cache_dir, "federation.rounds=2", "federation.fraction=0.5")
+def test_resume_with_secagg_equals_the_uninterrupted_run(tmp_path, short_run):
+    cfg = short_run(*EIGHT_LAPTOPS, "federation.rounds=2", "federation.fraction=0.5")
     run_federation(cfg, tmp_path / "full", InProcessTransport(8))
     with pytest.raises(KeyboardInterrupt):
         run_federation(cfg, tmp_path / "broken", InProcessTransport(8, stage_fault=crash_in_round(2)))

@@ -14,7 +14,6 @@ import pytest
 
 from fedlora import cli
 from fedlora.roles.neighbourhood import ClientReply
-from fedlora.config import compose
 from fedlora.roles.cloud import run_federation
 from fedlora.roles.local import InProcessTransport
 from fedlora.runs.status import FINISHED, INTERRUPTED, RUNNING, STALE_FLOOR_S, StatusError, read_records, render_text, run_status
@@ -22,33 +21,32 @@ from fedlora.runs.status import FINISHED, INTERRUPTED, RUNNING, STALE_FLOOR_S, S
 OOM = "client error: out of memory"
 
 
-def cfg_for(cache_dir, *extra):
-    return compose(["model=tiny", f"model.cache_dir={cache_dir}", "federation.num_clients=6", "federation.rounds=2",
-                    "federation.fraction=1.0", "federation.min_clients=1", "train.local_steps=1", "train.max_seq_len=64",
-                    "data.records_per_client=6", "data.max_eval_examples=4", "progress=false",
-                    "topology.profile_mix={rpi4: 0, phone: 0, car: 0, laptop: 1.0}",
-                    "topology.profiles.laptop.availability=1.0", *extra])
+# Six always-available laptops, all of them in each of two one-step rounds on short examples.
+SIX_LAPTOPS = ("federation.num_clients=6", "federation.rounds=2", "federation.fraction=1.0", "federation.min_clients=1",
+               "train.local_steps=1", "train.max_seq_len=64", "data.records_per_client=6", "data.max_eval_examples=4",
+               "progress=false", "topology.profile_mix={rpi4: 0, phone: 0, car: 0, laptop: 1.0}",
+               "topology.profiles.laptop.availability=1.0")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, tiny_config):
     """A flat run where clients 1 (error) and 3 (no reply) drop in round 2, and a secure run on
     the small6g tree where two clients miss the masked-input stage of round 2."""
     base = tmp_path_factory.mktemp("runs")
-    cache = str(base / "cache")
 
     def fault(server_round, reply):
         if server_round == 2 and reply.client == 1:
             return ClientReply(1, error=OOM)
         return None if server_round == 2 and reply.client == 3 else reply
 
-    run_federation(cfg_for(cache, "topology=flat", "privacy=none"), base / "flat", InProcessTransport(6, fault=fault))
+    run_federation(tiny_config(*SIX_LAPTOPS, "topology=flat", "privacy=none"), base / "flat",
+                   InProcessTransport(6, fault=fault))
 
     def stage_fault(server_round, stage, reply):
         return None if server_round == 2 and stage == "masked-input" and reply.client in (0, 1) else reply
 
-    run_federation(cfg_for(cache, "topology=small6g", "federation.num_clients=8", "privacy=secagg_dp"), base / "secure",
-                   InProcessTransport(8, stage_fault=stage_fault))
+    run_federation(tiny_config(*SIX_LAPTOPS, "topology=small6g", "federation.num_clients=8", "privacy=secagg_dp"),
+                   base / "secure", InProcessTransport(8, stage_fault=stage_fault))
     return base
 
 

@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from fedlora import adapters
-from fedlora.config import TrainConfig, compose
+from fedlora.config import TrainConfig
 from fedlora.data import batches, client_examples, tokenize
 from fedlora.roles.device import initial_adapter, lora_model
 from fedlora.train import answer_loss, evaluate, lr_factor, num_steps, train_local
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    cfg = compose(["model=tiny", f"model.cache_dir={tmp_path_factory.mktemp('cache')}", "data.records_per_client=16"])
+def setup(tiny_config):
+    cfg = tiny_config("data.records_per_client=16")
     model, tok = lora_model(cfg, freeze_a=False)
     train, _ = client_examples(cfg.data, 0, 4, cfg.seed)
     return cfg, model, tok, tokenize(train, tok, 128)

@@ -3,8 +3,8 @@
 No aggregator ever sees one client's update: clients upload masked vectors in Z_2^32,
 neighbourhood and upper tiers only add them, and the unmasking tier (the cloud by default)
 removes the masks of whole cells from shares that at least t survivors reveal. See
-``shared/design/SECURE_AGGREGATION.md`` for the protocol. Pure Python + numpy +
-``cryptography``: no Flower, Ray, torch or sockets.
+``docs/secure_aggregation.md`` for the protocol (roles, stages, who sees what). Pure Python +
+numpy + ``cryptography``: no Flower, Ray, torch or sockets.
 
 Primitives (one file each):
     transcript   canonical bytes for signatures, hashes, HKDF info, AEAD associated data
