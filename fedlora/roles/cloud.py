@@ -1,9 +1,23 @@
 """The server's round loop, independent of how messages travel.
 
-One round: sample clients, send them the global adapter, collect their deltas, drop
-any reply that is an error or malformed (wrong tensors, shapes, dtype, NaN/inf, bad
-example count) and go on with the rest, aggregate, evaluate the new global adapter on
-held-out data, write the round's record and a checkpoint. A :class:`Transport` delivers
+:func:`run_federation` reads top to bottom; each round is one phase after another:
+
+1. :func:`sample_participants`: a seeded sample of the connected clients (topped up per
+   neighbourhood under secure aggregation), less the devices that are off this round.
+2. :func:`dispatch`: one :class:`CellRequest` per neighbourhood cell with a training client (with
+   its secure session under secure aggregation), run by the :class:`CellRunner`. The cells drop
+   any reply that is an error or malformed (wrong tensors, shapes, dtype, NaN/inf, bad example
+   count) or late, and go on with the rest.
+3. :func:`aggregate_up`: the cells' sums up the tree -- unmasked and decoded under secure
+   aggregation, merged tier by tier, or under HierFAVG absorbed into the neighbourhoods' cell
+   models and synced with the cloud every ``topology.cloud_sync_every`` rounds.
+4. :func:`apply_strategy`: the strategy moves the global adapter by the mean update.
+5. :func:`evaluate_global`: the new global adapter on held-out data.
+6. :func:`round_network`, :func:`round_record`, :func:`save_round`: the network model's bytes and
+   times, the round's record in ``rounds.jsonl`` and a checkpoint.
+
+Around the rounds, :func:`start_run` sets up a new run or resumes one from its checkpoint, and
+:func:`finish_run` exports the adapter, plots and summarises. A :class:`Transport` delivers
 messages: Flower's Grid in ``server/app.py``, or :class:`InProcessTransport` for tests.
 """
 
@@ -12,32 +26,34 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from fedlora import adapters
 from fedlora.runs import report
 from fedlora.adapters import AdapterState
-from fedlora.aggregate.strategies import make_strategy
-from fedlora.roles.neighbourhood import (ACCEPTED, LATE, AggregatorKeys, CellRequest, CellResult, ClientReply, LateCallback, ReplyCallback, Transport,
-                          reject_reason, run_cells)
+from fedlora.aggregate.strategies import Strategy, make_strategy
+from fedlora.aggregate.sums import WeightedSum
+from fedlora.roles.neighbourhood import (ACCEPTED, DROPPED, LATE, AggregatorKeys, CellRequest, CellResult, ClientReply,
+                                         ClientStatus, LateCallback, ReplyCallback, Transport, reject_reason)
 from fedlora.config import FederationConfig, FedLoraConfig, save_yaml
 from fedlora.data import eval_examples, tokenize
 from fedlora.aggregate.dp import FederatedDP
-from fedlora.roles.device import initial_adapter, lora_model, secure_step, stable_seed, train_round
+from fedlora.roles.device import initial_adapter, lora_model, stable_seed
 from fedlora.world.mobility import assignment_at, next_assignment
 from fedlora.model import resolve_model_dir
-from fedlora.world.netsim import simulate_round, unavailable
-from fedlora.world.topology import CLOUD
+from fedlora.world.netsim import RoundNetwork, simulate_round, unavailable
+from fedlora.world.topology import CLOUD, CellTree
 from fedlora.roles.hierfavg import CellModels
 from fedlora.roles.local import LocalCellRunner
 from fedlora.roles.suburban import TreeSums, merge_up
 from fedlora.run_settings import RunSettings, resolve_run
 from fedlora.runs.progress import Progress
 from fedlora.secure.identities import Identities, SimulatedIdentities
-from fedlora.secure.rounds import LOSS_KEY, SecureRound, secure_layout
+from fedlora.secure.rounds import LOSS_KEY, SecureRound, SecureSettings, secure_layout
 from fedlora.train import evaluate
 
 log = logging.getLogger("fedlora")
@@ -58,13 +74,6 @@ class CellRunner(Protocol):
             on_reply: ReplyCallback | None = None, keys: AggregatorKeys | None = None) -> list[CellResult]: ...
 
 
-def sample_clients(available: list[int], fed: FederationConfig, seed: int, server_round: int) -> list[int]:
-    """The clients asked to train in a round: a seeded sample, same on resume."""
-    k = min(len(available), max(fed.min_clients, math.ceil(fed.fraction * len(available))))
-    rng = np.random.default_rng(stable_seed(seed, "sample", server_round))
-    return sorted(int(c) for c in rng.choice(sorted(available), size=k, replace=False))
-
-
 def run_federation(
     cfg: FedLoraConfig | RunSettings,
     run_dir: str | Path,
@@ -83,14 +92,134 @@ def run_federation(
     a deployed cloud passes the plan's, :class:`~fedlora.secure.identities.PlannedIdentities`).
     ``cfg``: the run's config, or its settings already resolved (:func:`~fedlora.run_settings.resolve_run`).
     """
-    run = cfg if isinstance(cfg, RunSettings) else resolve_run(cfg)
-    cfg = run.config
-    run_dir = Path(run_dir)
-    runner = runner or LocalCellRunner(transport)
-    identities = identities or SimulatedIdentities(cfg.seed)
-    run_id = run_dir.resolve().name
-    progress = progress or Progress()
+    resolved = cfg if isinstance(cfg, RunSettings) else resolve_run(cfg)
+    cfg = resolved.config
+    run = start_run(resolved, Path(run_dir), transport, resume=resume, progress=progress or Progress(),
+                    runner=runner or LocalCellRunner(transport), identities=identities or SimulatedIdentities(cfg.seed))
+    sent = run.sent()
+    run.progress.start(cfg.federation.rounds, run.done + 1)
+    for server_round in range(run.done + 1, cfg.federation.rounds + 1):
+        t0 = time.perf_counter()
+        if server_round > run.done + 1:
+            run.cell_of = next_assignment(run.tree, run.cell_of, server_round, cfg.seed)  # handovers between rounds
+        who = sample_participants(run, server_round)
+        run.progress.start_round(server_round, who.training)
+        sent = run.sent()
+        sync = run.syncs_with_cloud(server_round)
+        replies = dispatch(run, server_round, who, sent, sync)
+        up = aggregate_up(run, server_round, replies, sync)
+        aggregated = apply_strategy(run, server_round, up.total)
+        eval_loss, eval_s = evaluate_global(run)
+        net = round_network(run, server_round, who, up, sent, sync)
+        record = round_record(run, server_round, who, up, net, aggregated=aggregated, sync=sync, eval_loss=eval_loss,
+                              eval_s=eval_s, wall_s=time.perf_counter() - t0)
+        save_round(run, server_round, record)
+        pause_between_rounds(run, server_round)
+    return finish_run(run, sent)
+
+
+# -- the run: set-up or resume, and what lasts across its rounds -------------------------------------------------
+
+
+@dataclass
+class HeldOut:
+    """The cloud's own copy of the model and the held-out data it evaluates each global adapter on."""
+
+    model: Any
+    tokenizer: Any
+    examples: list
+    batch_size: int
+
+    def loss(self, state: AdapterState) -> float:
+        adapters.set_state(self.model, state)
+        return evaluate(self.model, self.examples, self.batch_size, pad_id=self.tokenizer.pad_token_id)[0]
+
+
+@dataclass
+class Run:
+    """What lasts across the rounds of one run: set up by :func:`start_run`, moved on by each round."""
+
+    cfg: FedLoraConfig
+    resolved: RunSettings  # privacy mode, n_max and the cell tree, resolved once for the run
+    run_dir: Path
+    run_id: str  # the run directory's name: every secure session is bound to it
+    progress: Progress
+    runner: CellRunner
+    identities: Identities
+    strategy: Strategy
+    client_settings: dict[str, Any]  # the strategy's part of every round's settings (freeze_a)
+    held_out: HeldOut
+    trainable: list[str]  # the adapter tensors clients train and send back
+    expected: dict[str, tuple]  # trainable tensor -> the shape a reply must have
+    global_state: AdapterState
+    base_loss: float  # held-out loss of the base model (round 0)
+    done: int  # rounds finished before this session
+    wall_before: float  # run seconds spent before this session
+    started: float  # perf_counter() when this session started
+    available: list[int]  # connected clients, in id order
+    tree: CellTree
+    hierfavg: bool  # neighbourhood cell models between cloud syncs (topology.cloud_sync_every > 1)
+    cells: CellModels
+    cell_of: dict[int, str]  # client -> the leaf cell it is in this round
+    secure: SecureSettings | None  # None: plain sums
+    dp: FederatedDP | None  # None: no DP noise (privacy is not secagg_dp)
+
+    def sent(self) -> AdapterState:
+        """The trainable part of the global adapter: what a round sends down."""
+        return {k: self.global_state[k] for k in self.trainable}
+
+    def syncs_with_cloud(self, server_round: int) -> bool:
+        """Whether this round's sums reach the cloud: always, but under HierFAVG every k-th round and the last."""
+        return not self.hierfavg or self.tree.syncs_with_cloud(server_round) or server_round == self.cfg.federation.rounds
+
+    def wall_s(self) -> float:
+        """Run seconds so far, sessions before this one included."""
+        return self.wall_before + time.perf_counter() - self.started
+
+
+def start_run(resolved: RunSettings, run_dir: Path, transport: Transport, *, resume: bool, progress: Progress,
+              runner: CellRunner, identities: Identities) -> Run:
+    """A new run (config saved, base model evaluated, round-0 checkpoint) or one resumed from its last checkpoint."""
     started = time.perf_counter()
+    cfg = resolved.config
+    ckpt = _open_run_dir(cfg, run_dir, resume)
+    strategy = make_strategy(cfg.strategy)
+    client_settings = strategy.client_settings()
+    model, tokenizer = lora_model(cfg, freeze_a=bool(client_settings["freeze_a"]))
+    global_state = initial_adapter(cfg, freeze_a=bool(client_settings["freeze_a"]))
+    trainable = list(adapters.get_state(model, trainable_only=True))
+    expected = {k: global_state[k].shape for k in trainable}
+    examples = tokenize(eval_examples(cfg.data, cfg.federation.num_clients, cfg.seed), tokenizer, cfg.train.max_seq_len)
+    held_out = HeldOut(model, tokenizer, examples, cfg.train.eval_batch_size)
+    if ckpt is not None:
+        done, arrays, meta = ckpt
+        global_state = _section(arrays, "adapter/")
+        strategy.load_state(_section(arrays, "strategy/"))
+        base_loss, wall_before = meta["base_eval_loss"], meta["wall_s"]
+        report.truncate_rounds(run_dir, done)
+        progress.note(f"resuming {run_dir} after round {done}")
+    else:
+        done, wall_before = 0, 0.0
+        base_loss = held_out.loss(global_state)
+        progress.note(f"held-out loss of the base model: {base_loss:.4f} ({len(examples)} examples)")
+        _checkpoint(run_dir, 0, global_state, strategy, base_loss, 0.0)
+    available = _connected_clients(cfg, transport)
+    tree = resolved.tree
+    cells = CellModels(tree)
+    if ckpt is not None:
+        cells.load_state(_section(ckpt[1], "cells/"))
+    cell_of = assignment_at(tree, done + 1, cfg.seed)
+    secure, dp = _privacy(resolved, expected, ckpt)
+    return Run(cfg=cfg, resolved=resolved, run_dir=run_dir, run_id=run_dir.resolve().name, progress=progress, runner=runner,
+               identities=identities, strategy=strategy, client_settings=client_settings, held_out=held_out,
+               trainable=trainable, expected=expected, global_state=global_state, base_loss=base_loss, done=done,
+               wall_before=wall_before, started=started, available=available, tree=tree,
+               hierfavg=tree.kind != "flat" and tree.cloud_sync_every > 1, cells=cells, cell_of=cell_of, secure=secure, dp=dp)
+
+
+def _open_run_dir(cfg: FedLoraConfig, run_dir: Path, resume: bool) -> tuple[int, dict, dict] | None:
+    """The checkpoint to resume from (None for a new run, whose config is saved here); raises
+    :class:`FederationError` when the directory does not fit the request."""
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = report.load_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:
@@ -99,178 +228,61 @@ def run_federation(
         if report.read_rounds(run_dir):
             raise FederationError(f"{run_dir} already holds rounds; use `fedlora resume {run_dir}` to continue it")
         save_yaml(cfg, run_dir / "config.yaml")
+    return ckpt
 
-    strategy = make_strategy(cfg.strategy)
-    client_settings = strategy.client_settings()
-    model, tokenizer = lora_model(cfg, freeze_a=bool(client_settings["freeze_a"]))
-    global_state = initial_adapter(cfg, freeze_a=bool(client_settings["freeze_a"]))
-    trainable = list(adapters.get_state(model, trainable_only=True))
-    expected = {k: global_state[k].shape for k in trainable}
-    held_out = tokenize(eval_examples(cfg.data, cfg.federation.num_clients, cfg.seed), tokenizer, cfg.train.max_seq_len)
 
-    def eval_loss(state: AdapterState) -> float:
-        adapters.set_state(model, state)
-        return evaluate(model, held_out, cfg.train.eval_batch_size, pad_id=tokenizer.pad_token_id)[0]
-
-    if ckpt is not None:
-        done, arrays, meta = ckpt
-        global_state = {k[len("adapter/"):]: v for k, v in arrays.items() if k.startswith("adapter/")}
-        strategy.load_state({k[len("strategy/"):]: v for k, v in arrays.items() if k.startswith("strategy/")})
-        base_loss, wall_before = meta["base_eval_loss"], meta["wall_s"]
-        report.truncate_rounds(run_dir, done)
-        progress.note(f"resuming {run_dir} after round {done}")
-    else:
-        done, wall_before = 0, 0.0
-        base_loss = eval_loss(global_state)
-        progress.note(f"held-out loss of the base model: {base_loss:.4f} ({len(held_out)} examples)")
-        _checkpoint(run_dir, 0, global_state, strategy, base_loss, 0.0)
-
+def _connected_clients(cfg: FedLoraConfig, transport: Transport) -> list[int]:
     available = sorted(transport.clients())
     if len(available) < cfg.federation.min_clients:
         raise FederationError(
             f"only {len(available)} client(s) connected, federation.min_clients={cfg.federation.min_clients}"
         )
-    tree = run.tree
-    hierfavg = tree.kind != "flat" and tree.cloud_sync_every > 1
-    cells = CellModels(tree)
-    if ckpt is not None:
-        cells.load_state({k[len("cells/"):]: v for k, v in ckpt[1].items() if k.startswith("cells/")})
-    cell_of = assignment_at(tree, done + 1, cfg.seed)
-    sent = {k: global_state[k] for k in trainable}
-    secure = run.secure_settings(expected)
-    p = cfg.privacy
-    dp = FederatedDP(p.noise_multiplier, p.clip_norm, p.delta, weight=run.max_examples) if run.privacy == "secagg_dp" else None
+    return available
+
+
+def _privacy(resolved: RunSettings, expected: dict, ckpt) -> tuple[SecureSettings | None, FederatedDP | None]:
+    """The run's secure-aggregation settings and DP accountant (resumed from ``ckpt``), each None when off."""
+    secure = resolved.secure_settings(expected)
+    p = resolved.config.privacy
+    dp = FederatedDP(p.noise_multiplier, p.clip_norm, p.delta, weight=resolved.max_examples) if resolved.privacy == "secagg_dp" else None
     if dp is not None and ckpt is not None:
-        dp.load_state({k[len("dp/"):]: v for k, v in ckpt[1].items() if k.startswith("dp/")})
-    progress.start(cfg.federation.rounds, done + 1)
-    for server_round in range(done + 1, cfg.federation.rounds + 1):
-        t0 = time.perf_counter()
-        if server_round > done + 1:
-            cell_of = next_assignment(tree, cell_of, server_round, cfg.seed)  # handovers between rounds
-        selected = sample_clients(available, cfg.federation, cfg.seed, server_round)
-        if secure is not None:
-            selected = top_up_cells(selected, available, tree, cell_of, cfg.privacy.min_cell_clients, cfg.seed, server_round)
-        off = unavailable(tree, selected, server_round, cfg.seed)
-        training = [c for c in selected if c not in off]
-        progress.start_round(server_round, training)
-        sent = {k: global_state[k] for k in trainable}
+        dp.load_state(_section(ckpt[1], "dp/"))
+    return secure, dp
 
-        def on_reply(reply: ClientReply) -> None:
-            if isinstance(reply.update, bytes) or (secure is not None and reply.error):  # a secure stage reply
-                done_s = f"trained in {reply.metrics.get('train_seconds', 0):.1f}s, keys advertised"
-                progress.client_done(reply.client, reply.error is None, reply.error or done_s)
-                return
-            reason = reject_reason(reply, expected)
-            detail = reason or f"loss {reply.metrics.get('train_loss', float('nan')):.4f} in {reply.metrics.get('train_seconds', 0):.1f}s"
-            progress.client_done(reply.client, reason is None, detail)
 
-        settings = run.round_settings(server_round, client_settings)
-        sync = not hierfavg or tree.syncs_with_cloud(server_round) or server_round == cfg.federation.rounds
+def _section(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    """The checkpoint arrays under ``prefix`` (``adapter/``, ``strategy/``, ``cells/``, ``dp/``), prefix removed."""
+    return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
 
-        def late(usable: dict[int, ClientReply], server_round=server_round, cell_of=cell_of, sync=sync, sent=sent):
-            """The network model's deadline verdict on one cell's usable replies."""
-            net = simulate_round(tree, cell_of, server_round, selected=list(usable),
-                                 train_s={c: float(r.metrics.get("train_seconds", 0.0)) for c, r in usable.items()},
-                                 adapter_bytes=adapters.nbytes(sent), up_bytes={c: r.bytes_up for c, r in usable.items()},
-                                 seed=cfg.seed, cloud_sync=sync)
-            return {c: why for c, why in net.stragglers.items() if c in usable}
 
-        groups = _cell_groups(training, cell_of, cells, sent, trainable, hierfavg)
-        sr, refused, keys = None, {}, None
-        if secure is not None:
-            sr = SecureRound(identities=identities, run_id=run_id, server_round=server_round, clients=available,
-                             cells_above={cell: tree.cells[cell].parent or CLOUD for cell, _, _ in groups},
-                             settings=secure, layout=secure_layout(expected))
-            keys = AggregatorKeys.of(identities, cloud=True)
-        requests = []
-        for cell, group, start in groups:
-            data = sr.cell(cell, group, start) if sr is not None else None
-            if isinstance(data, str):
-                refused[cell] = (group, data)
-                continue
-            requests.append(CellRequest(run_id, server_round, cell, group, start, settings, expected, data))
-        results = runner.run(requests, late=late, on_reply=on_reply, keys=keys)
-        secure_record = None
-        if sr is not None:
-            results, cell_sums, metric_sums, secure_record = _unmask_round(sr, results, refused, hierfavg, dp)
-        else:
-            cell_sums = {res.cell: res.plain for res in results if res.plain is not None}
-            metric_sums = {k: sum(res.metrics.get(k, 0.0) for res in results) for k in ("num_examples", "train_loss")}
-        dropped = [{"client": c, "reason": why} for c, why in off.items()]
-        statuses = {c: st for res in results for c, st in res.clients.items()}
-        dropped += [{"client": c, "reason": st.reason} for c, st in statuses.items() if st.status != ACCEPTED]
-        for c, st in sorted(statuses.items()):
-            if st.status not in (ACCEPTED, LATE):
-                log.warning("round %d: dropped client %d: %s", server_round, c, st.reason)
-        usable = {c: st for c, st in statuses.items() if st.status in (ACCEPTED, LATE) or st.train_seconds is not None and sr is not None}
-        net = simulate_round(
-            tree, cell_of, server_round, selected=selected,
-            train_s={c: float(st.train_seconds or 0.0) for c, st in usable.items()},
-            adapter_bytes=adapters.nbytes(sent), up_bytes={c: st.bytes_up for c, st in usable.items()},
-            aggregate_bytes=4 * secure_layout(expected).size if sr is not None else None,
-            seed=cfg.seed, cloud_sync=sync,
-        )
-        kept = [c for c, st in sorted(statuses.items()) if st.status == ACCEPTED]
-        if hierfavg:
-            cells.absorb(TreeSums(cells=cell_sums), global_state)
-            total = cells.sync(global_state) if sync else None
-        else:
-            total = merge_up(tree, cell_sums).cloud
-        aggregated = total is not None and total.count >= cfg.federation.min_clients
-        if aggregated:
-            global_state = strategy.apply(global_state, total.mean())
-        elif total is not None:
-            log.warning(
-                "round %d: only %d usable update(s), federation.min_clients=%d: global adapter unchanged",
-                server_round, total.count, cfg.federation.min_clients,
-            )
-        participants = sorted(kept)
-        t_eval = time.perf_counter()
-        round_eval_loss = eval_loss(global_state)
-        eval_s = time.perf_counter() - t_eval
-        record = {
-            "round": server_round,
-            "train_loss": metric_sums["train_loss"] / metric_sums["num_examples"] if kept and dp is None else None,
-            "eval_loss": round_eval_loss,
-            "participants": participants,
-            "dropped": sorted(dropped, key=lambda d: d["client"]),
-            "aggregated": aggregated,
-            "cloud_sync": sync,
-            "num_examples": metric_sums["num_examples"],
-            "cell_of": {str(c): cell_of[c] for c in participants},
-            **({"secure": secure_record} if secure_record is not None else {}),
-            **({"dp": _dp_record(dp, len(selected) / len(available))} if dp is not None else {}),
-            **net.record(),
-            "client_train_s": {str(c): st.train_seconds for c, st in sorted(statuses.items()) if st.train_seconds is not None},
-            "eval_s": eval_s,
-            "wall_s": time.perf_counter() - t0,
-        }
-        report.append_round(run_dir, record)
-        _checkpoint(run_dir, server_round, global_state, strategy, base_loss, wall_before + time.perf_counter() - started, cells,
-                    dp)
-        progress.end_round(record)
-        if cfg.federation.round_pause_s > 0 and server_round < cfg.federation.rounds:
-            progress.note(f"next round in {cfg.federation.round_pause_s:.0f}s (federation.round_pause_s)")
-            time.sleep(cfg.federation.round_pause_s)
+# -- 1. sample participants ---------------------------------------------------------------------------------------
 
-    adapters.export_peft(model, global_state, run_dir / "adapter", resolve_model_dir(cfg.model))
-    report.plot(run_dir, base_loss, tree=tree)
-    wall = wall_before + time.perf_counter() - started
-    summary = report.summarise(
-        run_dir,
-        base_loss,
-        wall,
-        extra={
-            "strategy": cfg.strategy.name,
-            "adapter_parameters_sent": adapters.num_parameters(sent),
-            "adapter_bytes_per_client": adapters.nbytes(sent),
-        },
-    )
-    progress.note(
-        f"done: held-out loss {base_loss:.4f} -> {summary['final_eval_loss']:.4f} "
-        f"(perplexity {summary['base_perplexity']:.2f} -> {summary['final_perplexity']:.2f}); adapter in {run_dir / 'adapter'}"
-    )
-    return summary
+
+@dataclass
+class Participants:
+    """Who takes part in one round."""
+
+    selected: list[int]  # sampled (and topped up per neighbourhood under secure aggregation), in id order
+    off: dict[int, str]  # selected clients whose device is off this round -> why; they receive nothing
+    training: list[int]  # selected and on: sent the round's adapter
+
+
+def sample_participants(run: Run, server_round: int) -> Participants:
+    """The round's clients: a seeded sample (same on resume), topped up under secure aggregation, less those off."""
+    cfg = run.cfg
+    selected = sample_clients(run.available, cfg.federation, cfg.seed, server_round)
+    if run.secure is not None:
+        selected = top_up_cells(selected, run.available, run.tree, run.cell_of, cfg.privacy.min_cell_clients, cfg.seed,
+                                server_round)
+    off = unavailable(run.tree, selected, server_round, cfg.seed)
+    return Participants(selected, off, [c for c in selected if c not in off])
+
+
+def sample_clients(available: list[int], fed: FederationConfig, seed: int, server_round: int) -> list[int]:
+    """The clients asked to train in a round: a seeded sample, same on resume."""
+    k = min(len(available), max(fed.min_clients, math.ceil(fed.fraction * len(available))))
+    rng = np.random.default_rng(stable_seed(seed, "sample", server_round))
+    return sorted(int(c) for c in rng.choice(sorted(available), size=k, replace=False))
 
 
 def top_up_cells(selected: list[int], available: list[int], tree, cell_of, minimum: int, seed: int,
@@ -291,15 +303,132 @@ def top_up_cells(selected: list[int], available: list[int], tree, cell_of, minim
     return sorted(chosen)
 
 
+# -- 2. dispatch to the cells -------------------------------------------------------------------------------------
+
+
+@dataclass
+class CellReplies:
+    """What the round's cells handed back."""
+
+    results: list[CellResult]  # one per request, in cell order
+    secure_round: SecureRound | None  # the round's secure session (None: plain sums)
+    refused: dict[str, tuple[list[int], str]]  # cell -> (its clients, why it cannot run a secure session)
+
+
+def dispatch(run: Run, server_round: int, who: Participants, sent: AdapterState, sync: bool) -> CellReplies:
+    """Send every neighbourhood cell with a training client its request and run the cells (``runner.run``)."""
+    settings = run.resolved.round_settings(server_round, run.client_settings)
+    groups = _cell_groups(who.training, run.cell_of, run.cells, sent, run.trainable, run.hierfavg)
+    sr, keys = _secure_round(run, server_round, groups) if run.secure is not None else (None, None)
+    requests, refused = [], {}
+    for cell, group, start in groups:
+        data = sr.cell(cell, group, start) if sr is not None else None
+        if isinstance(data, str):
+            refused[cell] = (group, data)
+            continue
+        requests.append(CellRequest(run.run_id, server_round, cell, group, start, settings, run.expected, data))
+    late = _deadline_verdict(run, server_round, sent, sync)
+    results = run.runner.run(requests, late=late, on_reply=_reply_reporter(run), keys=keys)
+    return CellReplies(results, sr, refused)
+
+
+def _cell_groups(clients, cell_of, cells: CellModels, sent: AdapterState, trainable: list[str], hierfavg: bool):
+    """(neighbourhood cell, its clients, the adapter they start from) for every cell with a
+    client this round: the global adapter (one shared object), or under HierFAVG the
+    neighbourhood's cell model. Flat: one cell, the cloud."""
+    groups: dict[str, list[int]] = {}
+    tree = cells.tree
+    for c in sorted(clients):
+        cell = CLOUD if tree.kind == "flat" else tree.neighbourhood_of(cell_of[c])
+        groups.setdefault(cell, []).append(c)
+    out = []
+    for cell, group in sorted(groups.items()):
+        start = sent
+        if hierfavg:
+            model = cells.start_from(cell, sent)
+            start = sent if model is sent else {k: model[k] for k in trainable}
+        out.append((cell, group, start))
+    return out
+
+
+def _secure_round(run: Run, server_round: int, groups) -> tuple[SecureRound, AggregatorKeys]:
+    """The cloud's side of this round's secure session over the cells in ``groups``, and the keys it aggregates with."""
+    sr = SecureRound(identities=run.identities, run_id=run.run_id, server_round=server_round, clients=run.available,
+                     cells_above={cell: run.tree.cells[cell].parent or CLOUD for cell, _, _ in groups},
+                     settings=run.secure, layout=secure_layout(run.expected))
+    return sr, AggregatorKeys.of(run.identities, cloud=True)
+
+
+def _deadline_verdict(run: Run, server_round: int, sent: AdapterState, sync: bool) -> LateCallback:
+    """The network model's deadline verdict on one cell's usable replies: client -> why it is late."""
+    tree, cell_of, seed = run.tree, run.cell_of, run.cfg.seed
+
+    def late(usable: dict[int, ClientReply]) -> dict[int, str]:
+        net = simulate_round(tree, cell_of, server_round, selected=list(usable),
+                             train_s={c: float(r.metrics.get("train_seconds", 0.0)) for c, r in usable.items()},
+                             adapter_bytes=adapters.nbytes(sent), up_bytes={c: r.bytes_up for c, r in usable.items()},
+                             seed=seed, cloud_sync=sync)
+        return {c: why for c, why in net.stragglers.items() if c in usable}
+
+    return late
+
+
+def _reply_reporter(run: Run) -> ReplyCallback:
+    """Tells the progress display about each client's reply as it arrives."""
+
+    def on_reply(reply: ClientReply) -> None:
+        if isinstance(reply.update, bytes) or (run.secure is not None and reply.error):  # a secure stage reply
+            done_s = f"trained in {reply.metrics.get('train_seconds', 0):.1f}s, keys advertised"
+            run.progress.client_done(reply.client, reply.error is None, reply.error or done_s)
+            return
+        reason = reject_reason(reply, run.expected)
+        detail = reason or f"loss {reply.metrics.get('train_loss', float('nan')):.4f} in {reply.metrics.get('train_seconds', 0):.1f}s"
+        run.progress.client_done(reply.client, reason is None, detail)
+
+    return on_reply
+
+
+# -- 3. aggregate up the tree -------------------------------------------------------------------------------------
+
+
+@dataclass
+class RoundSums:
+    """The round's updates summed up the tree, and what became of each client's."""
+
+    statuses: dict[int, ClientStatus]  # every client a cell answered for, by cell
+    metric_sums: dict[str, float]  # num_examples and (example-weighted) train_loss summed over the cells
+    secure_record: dict | None  # the round record's ``secure`` field (None: plain sums)
+    total: WeightedSum | None  # the cloud's sum (None: a HierFAVG round without a cloud sync)
+
+
+def aggregate_up(run: Run, server_round: int, replies: CellReplies, sync: bool) -> RoundSums:
+    """Unmask the cells' sums (secure aggregation) or take them as they are, then sum them up to the cloud."""
+    secure_record = None
+    results = replies.results
+    if replies.secure_round is not None:
+        results, cell_sums, metric_sums, secure_record = _unmask_round(replies.secure_round, results, replies.refused,
+                                                                       run.hierfavg, run.dp)
+    else:
+        cell_sums = {res.cell: res.plain for res in results if res.plain is not None}
+        metric_sums = {k: sum(res.metrics.get(k, 0.0) for res in results) for k in ("num_examples", "train_loss")}
+    statuses = {c: st for res in results for c, st in res.clients.items()}
+    for c, st in sorted(statuses.items()):
+        if st.status not in (ACCEPTED, LATE):
+            log.warning("round %d: dropped client %d: %s", server_round, c, st.reason)
+    if run.hierfavg:
+        run.cells.absorb(TreeSums(cells=cell_sums), run.global_state)
+        total = run.cells.sync(run.global_state) if sync else None
+    else:
+        total = merge_up(run.tree, cell_sums).cloud
+    return RoundSums(statuses, metric_sums, secure_record, total)
+
+
 def _unmask_round(sr: SecureRound, results: list[CellResult], refused: dict, per_cell: bool, dp: FederatedDP | None = None):
     """The cloud's part of a secure round: unmask, decode (adding the DP noise once to each
     released sum under ``secagg_dp``), and say per cell what happened.
 
     -> (results with clients of aborted cells marked dropped, {cell or cloud: WeightedSum},
     metric sums, the round record's ``secure`` field)."""
-    from fedlora.aggregate.sums import WeightedSum
-    from fedlora.roles.neighbourhood import DROPPED, ClientStatus
-
     sums, aborted = sr.unmask({res.cell: res.secure for res in results}, per_cell=per_cell)
     record_cells = {}
     for res in results:
@@ -327,23 +456,73 @@ def _unmask_round(sr: SecureRound, results: list[CellResult], refused: dict, per
     return results, cell_sums, metric_sums, record
 
 
-def _cell_groups(clients, cell_of, cells: CellModels, sent: AdapterState, trainable: list[str], hierfavg: bool):
-    """(neighbourhood cell, its clients, the adapter they start from) for every cell with a
-    client this round: the global adapter (one shared object), or under HierFAVG the
-    neighbourhood's cell model. Flat: one cell, the cloud."""
-    groups: dict[str, list[int]] = {}
-    tree = cells.tree
-    for c in sorted(clients):
-        cell = CLOUD if tree.kind == "flat" else tree.neighbourhood_of(cell_of[c])
-        groups.setdefault(cell, []).append(c)
-    out = []
-    for cell, group in sorted(groups.items()):
-        start = sent
-        if hierfavg:
-            model = cells.start_from(cell, sent)
-            start = sent if model is sent else {k: model[k] for k in trainable}
-        out.append((cell, group, start))
-    return out
+# -- 4. apply the strategy, 5. evaluate ---------------------------------------------------------------------------
+
+
+def apply_strategy(run: Run, server_round: int, total: WeightedSum | None) -> bool:
+    """Move the global adapter by the mean update when at least ``federation.min_clients`` are behind it;
+    -> whether it moved."""
+    aggregated = total is not None and total.count >= run.cfg.federation.min_clients
+    if aggregated:
+        run.global_state = run.strategy.apply(run.global_state, total.mean())
+    elif total is not None:
+        log.warning(
+            "round %d: only %d usable update(s), federation.min_clients=%d: global adapter unchanged",
+            server_round, total.count, run.cfg.federation.min_clients,
+        )
+    return aggregated
+
+
+def evaluate_global(run: Run) -> tuple[float, float]:
+    """-> (held-out loss of the global adapter, seconds it took)."""
+    t_eval = time.perf_counter()
+    loss = run.held_out.loss(run.global_state)
+    return loss, time.perf_counter() - t_eval
+
+
+# -- 6. record and checkpoint -------------------------------------------------------------------------------------
+
+
+def round_network(run: Run, server_round: int, who: Participants, up: RoundSums, sent: AdapterState,
+                  sync: bool) -> RoundNetwork:
+    """The network model's bytes and times of the round, over every client whose training time is known."""
+    secure = run.secure is not None
+    usable = {c: st for c, st in up.statuses.items()
+              if st.status in (ACCEPTED, LATE) or st.train_seconds is not None and secure}
+    return simulate_round(
+        run.tree, run.cell_of, server_round, selected=who.selected,
+        train_s={c: float(st.train_seconds or 0.0) for c, st in usable.items()},
+        adapter_bytes=adapters.nbytes(sent), up_bytes={c: st.bytes_up for c, st in usable.items()},
+        aggregate_bytes=4 * secure_layout(run.expected).size if secure else None,
+        seed=run.cfg.seed, cloud_sync=sync,
+    )
+
+
+def round_record(run: Run, server_round: int, who: Participants, up: RoundSums, net: RoundNetwork, *, aggregated: bool,
+                 sync: bool, eval_loss: float, eval_s: float, wall_s: float) -> dict:
+    """The round's line in ``rounds.jsonl`` (accounts the round's DP release under ``secagg_dp``)."""
+    statuses, metric_sums = up.statuses, up.metric_sums
+    dropped = [{"client": c, "reason": why} for c, why in who.off.items()]
+    dropped += [{"client": c, "reason": st.reason} for c, st in statuses.items() if st.status != ACCEPTED]
+    participants = sorted(c for c, st in sorted(statuses.items()) if st.status == ACCEPTED)
+    dp = run.dp
+    return {
+        "round": server_round,
+        "train_loss": metric_sums["train_loss"] / metric_sums["num_examples"] if participants and dp is None else None,
+        "eval_loss": eval_loss,
+        "participants": participants,
+        "dropped": sorted(dropped, key=lambda d: d["client"]),
+        "aggregated": aggregated,
+        "cloud_sync": sync,
+        "num_examples": metric_sums["num_examples"],
+        "cell_of": {str(c): run.cell_of[c] for c in participants},
+        **({"secure": up.secure_record} if up.secure_record is not None else {}),
+        **({"dp": _dp_record(dp, len(who.selected) / len(run.available))} if dp is not None else {}),
+        **net.record(),
+        "client_train_s": {str(c): st.train_seconds for c, st in sorted(statuses.items()) if st.train_seconds is not None},
+        "eval_s": eval_s,
+        "wall_s": wall_s,
+    }
 
 
 def _dp_record(dp: FederatedDP, sample_rate: float) -> dict:
@@ -351,6 +530,13 @@ def _dp_record(dp: FederatedDP, sample_rate: float) -> dict:
     epsilon = dp.account(sample_rate)
     return {"epsilon": epsilon if math.isfinite(epsilon) else None, "delta": dp.delta, "sample_rate": sample_rate,
             "noise_multiplier": dp.noise_multiplier, "clip_norm": dp.clip_norm, "rounds_accounted": dp.rounds}
+
+
+def save_round(run: Run, server_round: int, record: dict) -> None:
+    """Append the round's record, checkpoint everything a resume needs, report the round."""
+    report.append_round(run.run_dir, record)
+    _checkpoint(run.run_dir, server_round, run.global_state, run.strategy, run.base_loss, run.wall_s(), run.cells, run.dp)
+    run.progress.end_round(record)
 
 
 def _checkpoint(run_dir: Path, server_round: int, state: AdapterState, strategy, base_loss: float, wall_s: float,
@@ -362,3 +548,36 @@ def _checkpoint(run_dir: Path, server_round: int, state: AdapterState, strategy,
     if cells is not None:
         arrays.update({f"cells/{k}": v for k, v in cells.state().items()})
     report.save_checkpoint(run_dir, server_round, arrays, {"base_eval_loss": base_loss, "wall_s": wall_s})
+
+
+def pause_between_rounds(run: Run, server_round: int) -> None:
+    """Wait ``federation.round_pause_s`` before the next round (none after the last)."""
+    fed = run.cfg.federation
+    if fed.round_pause_s > 0 and server_round < fed.rounds:
+        run.progress.note(f"next round in {fed.round_pause_s:.0f}s (federation.round_pause_s)")
+        time.sleep(fed.round_pause_s)
+
+
+# -- the finish -----------------------------------------------------------------------------------------------------
+
+
+def finish_run(run: Run, sent: AdapterState) -> dict:
+    """Export the global adapter (PEFT format), plot the rounds, write and return the summary."""
+    cfg, run_dir, base_loss = run.cfg, run.run_dir, run.base_loss
+    adapters.export_peft(run.held_out.model, run.global_state, run_dir / "adapter", resolve_model_dir(cfg.model))
+    report.plot(run_dir, base_loss, tree=run.tree)
+    summary = report.summarise(
+        run_dir,
+        base_loss,
+        run.wall_s(),
+        extra={
+            "strategy": cfg.strategy.name,
+            "adapter_parameters_sent": adapters.num_parameters(sent),
+            "adapter_bytes_per_client": adapters.nbytes(sent),
+        },
+    )
+    run.progress.note(
+        f"done: held-out loss {base_loss:.4f} -> {summary['final_eval_loss']:.4f} "
+        f"(perplexity {summary['base_perplexity']:.2f} -> {summary['final_perplexity']:.2f}); adapter in {run_dir / 'adapter'}"
+    )
+    return summary

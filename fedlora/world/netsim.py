@@ -211,10 +211,7 @@ def simulate_round(
     Promises: a deterministic function of its arguments; every reached client is placed
     in ``cell_of``; ``survivors`` is a subset of ``train_s`` and disjoint from ``stragglers``.
     """
-    sync = tree.syncs_with_cloud(server_round) if cloud_sync is None else cloud_sync
-    if tree.kind == "flat":
-        sync = True  # the cloud is every client's only aggregator
-    global_down = tree.global_download(server_round) or tree.kind == "flat"
+    routes = _Routes.of(tree, server_round, cloud_sync)
     agg_bytes = adapter_bytes if aggregate_bytes is None else aggregate_bytes
     selected = sorted(set(selected))
     stragglers = unavailable(tree, selected, server_round, seed)
@@ -222,24 +219,63 @@ def simulate_round(
     unknown = [c for c in train_s if c not in selected]
     if unknown:
         raise ValueError(f"clients {unknown} have training times but were not selected this round")
+    down_cells, downloaded = _downlink(routes, cell_of, reached, adapter_bytes)
+    trained = [c for c in reached if c in train_s]
+    ready = _compute(tree, trained, downloaded, train_s)
+    sizes = {c: adapter_bytes if up_bytes is None else int(up_bytes[c]) for c in trained}
+    path_s = _uplink(routes, cell_of, trained, ready, sizes, agg_bytes)
+    stragglers.update(_past_deadline(tree, path_s))
+    survivors = [c for c in sorted(path_s) if c not in stragglers]
+    up, down = _link_bytes(routes, cell_of, reached, down_cells, survivors, sizes, adapter_bytes, agg_bytes)
+    return RoundNetwork(
+        bytes_up=up,
+        bytes_down=down,
+        sim_network_s=_round_end(tree, path_s, survivors, stragglers),
+        stragglers=dict(sorted(stragglers.items())),
+        path_s=dict(sorted(path_s.items())),
+        survivors=survivors,
+        cloud_sync=routes.sync,
+    )
 
-    def holder(leaf: str) -> str:
-        return CLOUD if global_down else tree.neighbourhood_of(leaf)
 
-    def top(leaf: str) -> str:
-        return CLOUD if sync else tree.neighbourhood_of(leaf)
+@dataclass(frozen=True)
+class _Routes:
+    """Where a round's adapter comes down from and where its sums go up to, for any leaf cell."""
 
-    def below(leaf: str, upper: str) -> list[str]:
+    tree: CellTree
+    sync: bool  # the round's sums go up to the cloud (else they stop at the neighbourhood)
+    global_down: bool  # clients start from the cloud's adapter (else from their neighbourhood's cell model)
+
+    @classmethod
+    def of(cls, tree: CellTree, server_round: int, cloud_sync: bool | None) -> _Routes:
+        sync = tree.syncs_with_cloud(server_round) if cloud_sync is None else cloud_sync
+        if tree.kind == "flat":
+            sync = True  # the cloud is every client's only aggregator
+        return cls(tree, sync, tree.global_download(server_round) or tree.kind == "flat")
+
+    def holder(self, leaf: str) -> str:
+        return CLOUD if self.global_down else self.tree.neighbourhood_of(leaf)
+
+    def top(self, leaf: str) -> str:
+        return CLOUD if self.sync else self.tree.neighbourhood_of(leaf)
+
+    def below(self, leaf: str, upper: str) -> list[str]:
         """Cells from ``leaf`` up to (not including) ``upper``: the uplinks in between."""
-        chain = tree.chain(leaf)
+        chain = self.tree.chain(leaf)
         return chain[: chain.index(upper)]
 
-    def uplink(cell: str) -> Link:
-        return tree.links[tree.cells[cell].uplink]  # type: ignore[index]
+    def uplink(self, cell: str) -> Link:
+        return self.tree.links[self.tree.cells[cell].uplink]  # type: ignore[index]
 
-    # Down the tree: one copy per cell between the holder and a reached client, each on
-    # its own uplink instance, leaving the parent when the parent has it.
-    down_cells = {cell for c in reached for cell in below(cell_of[c], holder(cell_of[c]))}
+
+def _downlink(routes: _Routes, cell_of: Mapping[int, str], reached: list[int],
+              adapter_bytes: int) -> tuple[set[str], dict[int, float]]:
+    """Down the tree: one copy per cell between the holder and a reached client, each on its
+    own uplink instance, leaving the parent when the parent has it; then every reached client
+    of a leaf downloads on the leaf's shared access link. -> (cells a copy crossed into,
+    client -> when its download ends)."""
+    tree = routes.tree
+    down_cells = {cell for c in reached for cell in routes.below(cell_of[c], routes.holder(cell_of[c]))}
     has_copy: dict[str, float] = {}
 
     def copy_at(cell: str) -> float:
@@ -247,10 +283,9 @@ def simulate_round(
             return 0.0  # the holder, or a cell that got nothing this round
         if cell not in has_copy:
             start = copy_at(tree.cells[cell].parent)  # type: ignore[arg-type]
-            has_copy[cell] = share_link(uplink(cell), [Transfer(cell, start, adapter_bytes)])[cell]
+            has_copy[cell] = share_link(routes.uplink(cell), [Transfer(cell, start, adapter_bytes)])[cell]
         return has_copy[cell]
 
-    # Each leaf's access link, downlink direction: every reached client of the cell.
     downloaded: dict[int, float] = {}
     for leaf, group in _by_leaf(reached, cell_of).items():
         link = tree.links[tree.first_hop(leaf)]
@@ -258,58 +293,72 @@ def simulate_round(
         downloaded.update(share_link(link, [
             Transfer(c, start, adapter_bytes, tree.profile(c).downlink_mbps, tree.profile(c).latency_ms) for c in group
         ]))
+    return down_cells, downloaded
 
-    # Up: train, then upload on the leaf's shared access link; then one sum per cell upward.
-    def up_size(c: int) -> int:
-        return adapter_bytes if up_bytes is None else int(up_bytes[c])
 
-    trained = [c for c in reached if c in train_s]
+def _compute(tree: CellTree, trained: list[int], downloaded: Mapping[int, float],
+             train_s: Mapping[int, float]) -> dict[int, float]:
+    """Client -> when its update is ready to upload: its download's end plus its training on its own device."""
+    return {c: downloaded[c] + compute_seconds(tree, c, float(train_s[c])) for c in trained}
+
+
+def _uplink(routes: _Routes, cell_of: Mapping[int, str], trained: list[int], ready: Mapping[int, float],
+            sizes: Mapping[int, int], agg_bytes: int) -> dict[int, float]:
+    """Up: every trained client uploads on its leaf's shared access link once ready, then one sum
+    per cell goes on up to the round's top. -> client -> its path time."""
+    tree = routes.tree
     path_s: dict[int, float] = {}
     forward: dict[str, float] = {}  # cell -> seconds one sum takes on its uplink
     for leaf, group in _by_leaf(trained, cell_of).items():
         link = tree.links[tree.first_hop(leaf)]
         arrived = share_link(link, [
-            Transfer(c, downloaded[c] + compute_seconds(tree, c, float(train_s[c])), up_size(c),
-                     tree.profile(c).uplink_mbps, tree.profile(c).latency_ms)
-            for c in group
+            Transfer(c, ready[c], sizes[c], tree.profile(c).uplink_mbps, tree.profile(c).latency_ms) for c in group
         ])
+        hops = routes.below(leaf, routes.top(leaf))
+        for cell in hops:
+            if cell not in forward:
+                forward[cell] = share_link(routes.uplink(cell), [Transfer(cell, 0.0, agg_bytes)])[cell]
         for c in group:
-            for cell in below(leaf, top(leaf)):
-                if cell not in forward:
-                    forward[cell] = share_link(uplink(cell), [Transfer(cell, 0.0, agg_bytes)])[cell]
-            path_s[c] = arrived[c] + sum(forward[cell] for cell in below(leaf, top(leaf)))
-            if tree.deadline_s > 0 and path_s[c] > tree.deadline_s:
-                stragglers[c] = f"past the deadline: path {path_s[c]:.3f} s > topology.deadline_s={tree.deadline_s:g}"
+            path_s[c] = arrived[c] + sum(forward[cell] for cell in hops)
+    return path_s
 
-    # Bytes: every link kind present, 0 if unused.
+
+def _past_deadline(tree: CellTree, path_s: Mapping[int, float]) -> dict[int, str]:
+    """Clients whose path time exceeds ``topology.deadline_s`` (0: no deadline) -> why they are late."""
+    if tree.deadline_s <= 0:
+        return {}
+    return {c: f"past the deadline: path {s:.3f} s > topology.deadline_s={tree.deadline_s:g}"
+            for c, s in path_s.items() if s > tree.deadline_s}
+
+
+def _link_bytes(routes: _Routes, cell_of: Mapping[int, str], reached: list[int], down_cells: set[str],
+                survivors: list[int], sizes: Mapping[int, int], adapter_bytes: int,
+                agg_bytes: int) -> tuple[dict[str, int], dict[str, int]]:
+    """-> (bytes up, bytes down) per link kind, every kind of the tree present (0 if unused):
+    one adapter per reached client and per cell a copy crossed into; one update per survivor
+    and one sum per cell between a survivor and the round's top."""
+    tree = routes.tree
     down = {name: 0 for name in tree.links}
     up = {name: 0 for name in tree.links}
     for c in reached:
         down[tree.first_hop(cell_of[c])] += adapter_bytes
     for cell in down_cells:
         down[tree.cells[cell].uplink] += adapter_bytes  # type: ignore[index]
-    survivors = [c for c in sorted(path_s) if c not in stragglers]
     up_cells: set[str] = set()
     for c in survivors:
-        up[tree.first_hop(cell_of[c])] += up_size(c)
-        up_cells.update(below(cell_of[c], top(cell_of[c])))
+        up[tree.first_hop(cell_of[c])] += sizes[c]
+        up_cells.update(routes.below(cell_of[c], routes.top(cell_of[c])))
     for cell in up_cells:
         up[tree.cells[cell].uplink] += agg_bytes  # type: ignore[index]
+    return up, down
 
-    late = any(c in path_s for c in stragglers)
+
+def _round_end(tree: CellTree, path_s: Mapping[int, float], survivors: list[int], stragglers: Mapping[int, str]) -> float:
+    """When the round ends: the slowest surviving path; the deadline when none survived and some
+    were late; 0 when nobody tried."""
     if survivors:
-        sim_s = max(path_s[c] for c in survivors)
-    else:
-        sim_s = tree.deadline_s if late else 0.0
-    return RoundNetwork(
-        bytes_up=up,
-        bytes_down=down,
-        sim_network_s=sim_s,
-        stragglers=dict(sorted(stragglers.items())),
-        path_s=dict(sorted(path_s.items())),
-        survivors=survivors,
-        cloud_sync=sync,
-    )
+        return max(path_s[c] for c in survivors)
+    return tree.deadline_s if any(c in path_s for c in stragglers) else 0.0
 
 
 def _by_leaf(clients: Iterable[int], cell_of: Mapping[int, str]) -> dict[str, list[int]]:
