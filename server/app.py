@@ -26,8 +26,11 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.config import FedLoraConfig, compose, load_yaml
+from fedlora.deploy.plan import read_node
 from fedlora.roles.cloud import run_federation
 from fedlora.runs.progress import make_progress
+from fedlora.world.topology import build_tree
+from server.edge import EdgeCellRunner, serve
 from server.transport import FlowerTransport
 
 app = ServerApp()
@@ -63,16 +66,11 @@ def main(grid: Grid, context: Context) -> None:
     if mode not in MODES:
         raise ValueError(f"run config mode={mode!r} is not one of: {', '.join(repr(m) for m in MODES)}")
     if mode == "edge":
-        from server.edge import serve
-
         serve(grid, str(run_config.get("cell", "")), str(run_config.get("spool", "")), node_dir=node_dir)
         return
     cfg, run_dir, resume = settings_from_run_config(run_config)
     runner = None
     if mode == "cloud":
-        from fedlora.world.topology import build_tree
-        from server.edge import EdgeCellRunner
-
         runner = transport = EdgeCellRunner(grid, build_tree(cfg.topology, cfg.federation.num_clients, cfg.seed),
                                             timeout_s=cfg.federation.round_timeout_s)
     else:
@@ -81,9 +79,7 @@ def main(grid: Grid, context: Context) -> None:
     try:
         identities = None
         if node_dir:  # a planned deployment: the plan's registry and the cloud's own key
-            from fedlora.secure.identities import PlannedIdentities
-
-            identities = PlannedIdentities.from_folder(node_dir)
+            identities = read_node(node_dir).identities()
         run_federation(cfg, run_dir, transport, resume=resume, progress=progress, runner=runner, identities=identities)
     finally:
         progress.close()
