@@ -5,8 +5,8 @@ upward to its parent's SuperLink) is no END device: ``clients/app.py`` hands its
 here. :func:`identity` tells the parent which neighbourhood cell it aggregates;
 :func:`relay` drops the parent's cell request bytes in the edge's *spool* directory
 (:mod:`fedlora.deploy.spool`) and answers with the result bytes the edge service
-(``server/edge.py``, a long-lived run on the edge's own SuperLink) leaves there. A failure raises, so the parent gets an error reply and
-drops that cell's clients with the reason.
+(``server/edge.py``, a long-lived run on the edge's own SuperLink) leaves there. A failure
+raises, so the parent gets an error reply and drops that cell's clients with the reason.
 
 Light on purpose: Flower starts a new ClientApp process for every message, and the relay
 needs neither torch nor the model (importing them would cost seconds per round).

@@ -115,14 +115,14 @@ def _statement_lists(node: ast.AST, in_function: bool = False):
 
 
 def _explained(body: list[ast.stmt], i: int, comments: set[int], lines: list[str]) -> bool:
-    """Whether the import ``body[i]`` has a comment on its own lines or just above the run of
-    adjacent imports that it belongs to."""
+    """Whether the import ``body[i]`` has a comment on its own lines or just above the block of
+    imports that it belongs to (imports separated by blank lines at most, as isort groups them)."""
     node = body[i]
     if any(n in comments for n in range(node.lineno, node.end_lineno + 1)):
         return True
     first = i
     while first > 0 and isinstance(body[first - 1], (ast.Import, ast.ImportFrom)) \
-            and body[first - 1].end_lineno + 1 == body[first].lineno:
+            and not any(line.strip() for line in lines[body[first - 1].end_lineno:body[first].lineno - 1]):
         first -= 1
     above = body[first].lineno - 1
     return above >= 1 and lines[above - 1].lstrip().startswith("#")
@@ -296,6 +296,10 @@ def test_checker_on_a_synthetic_graph():
                            "    import torch\n"
                            "    from fedlora.high import h\n"  # covered by the comment above the run
                            "    import numpy  # heavy\n"
+                           "\n"
+                           "    from fedlora.low import f\n"  # same block, after a blank line: covered
+                           "    x = 1\n"
+                           "    from fedlora.high import h\n"  # after a statement: a new block, silent
                            "    return torch\n"),
         "fedlora.high": src("fedlora/high.py", False,
                             "def h():\n"
@@ -316,13 +320,15 @@ def test_checker_on_a_synthetic_graph():
         "fedlora/low.py:2: fedlora.low (layer 1) imports fedlora.high (layer 3)",
         "fedlora/low.py:5 (in a function): fedlora.low (layer 1) imports fedlora.mid (layer 2)",
         "fedlora/mid.py:5 (in a function): fedlora.mid (layer 2) imports fedlora.high (layer 3)",
+        "fedlora/mid.py:10 (in a function): fedlora.mid (layer 2) imports fedlora.high (layer 3)",
     ]
     assert upward_imports(graph, {1: ("fedlora",)}, (("fedlora.low", "fedlora.high"),)) == [
         "fedlora/low.py:2: fedlora.low imports fedlora.high, and these never import each other",
     ]
     assert graph.silent_lazy == ["fedlora/high.py:2: import numpy",
                                  "fedlora/high.py:3: from fedlora.gone import x",
-                                 "fedlora/low.py:5: from fedlora.mid import g"]
+                                 "fedlora/low.py:5: from fedlora.mid import g",
+                                 "fedlora/mid.py:10: from fedlora.high import h"]
     assert graph.missing == ["fedlora/high.py:3 imports fedlora.gone, which is no module here"]
     assert layer_of("fedlora.aggregate.sums") == 1 and layer_of("fedlora.aggregate.dp") == 2
     assert layer_of("fedlora.cli") == 6 and layer_of("fedlora.deploy.cli") == 4 and layer_of("elsewhere") is None
