@@ -21,8 +21,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 
 USAGE = __doc__
@@ -33,6 +36,7 @@ class UserError(Exception):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    # only once an error reaches a handler: fedlora.roles.cloud, fedlora.model and fedlora.data import torch
     from fedlora.config import ConfigError
     from fedlora.data import DataError
     from fedlora.roles.cloud import FederationError
@@ -45,6 +49,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _setup_logging() -> None:
+    # per command, as every import below: `fedlora --help` and `fedlora status` load no torch, Flower or Hydra
     from fedlora.runs.progress import quiet_libraries
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -53,6 +58,7 @@ def _setup_logging() -> None:
 
 def cmd_run(argv: list[str]) -> None:
     """Hydra app: compose conf/ with the overrides, run the simulation in Hydra's output dir."""
+    # Hydra only for `fedlora run`
     import hydra
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import DictConfig
@@ -63,6 +69,7 @@ def cmd_run(argv: list[str]) -> None:
 
     @hydra.main(config_path=str(conf_dir()), config_name="config", version_base=None)
     def job(raw: DictConfig) -> float | None:
+        # the simulation (Flower, Ray) only once Hydra has composed this job's config
         from fedlora.runs.progress import quiet_libraries
         from server.simulation import simulate
 
@@ -89,6 +96,7 @@ def cmd_resume(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="fedlora resume", description="Continue an interrupted run from its last checkpoint.")
     parser.add_argument("run_dir", type=Path)
     args = parser.parse_args(argv)
+    # the simulation (Flower, Ray) only for `fedlora resume`
     from fedlora.config import load_yaml
     from server.simulation import simulate
 
@@ -99,6 +107,7 @@ def cmd_resume(argv: list[str]) -> None:
 
 def _adapter_and_config(target: Path, overrides: list[str]):
     """(adapter dir, config) for a run directory or an adapter directory."""
+    # configs only for the commands that read a run (eval, generate)
     from omegaconf import OmegaConf
 
     from fedlora.config import compose, load_yaml, to_dict, to_typed
@@ -118,6 +127,7 @@ def _adapter_and_config(target: Path, overrides: list[str]):
 
 def _dotlist(overrides: list[str]) -> list[str]:
     """Group selections like ``data=medical`` expanded to that group file's keys."""
+    # configs only for the commands that read a run (eval, generate)
     from omegaconf import OmegaConf
 
     from fedlora.config import conf_dir
@@ -135,6 +145,7 @@ def _dotlist(overrides: list[str]) -> list[str]:
 
 
 def _load_adapted(adapter: Path, cfg):
+    # torch, transformers and peft only for the commands that load a model
     from peft import PeftModel
 
     from fedlora.model import load_base_model
@@ -148,8 +159,7 @@ def cmd_eval(argv: list[str]) -> None:
     parser.add_argument("target", type=Path, help="run directory or PEFT adapter directory")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data=medical data.max_eval_examples=200")
     args = parser.parse_args(argv)
-    import json
-
+    # torch only for `fedlora eval`
     from fedlora.data import eval_examples, tokenize
     from fedlora.runs.report import perplexity
     from fedlora.train import evaluate
@@ -180,6 +190,7 @@ def cmd_generate(argv: list[str]) -> None:
     parser.add_argument("--compare-base", action="store_true", help="also show the base model's answer")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
+    # torch only for `fedlora generate`
     import torch
 
     adapter, cfg = _adapter_and_config(args.target, args.overrides)
@@ -242,6 +253,7 @@ def _by_hand(args, parser, *required: str) -> None:
 
 
 def _node(folder: Path, role: str):
+    # the plan reader only for the tiers started from a plan folder (--config)
     from fedlora.deploy.plan import PlanError, read_node
 
     try:
@@ -269,8 +281,7 @@ def cmd_cloud(argv: list[str]) -> None:
                              "then exit")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. topology=small6g federation.rounds=3")
     args = parser.parse_args(argv)
-    import time
-
+    # the deployment's modules only for `fedlora cloud`
     from fedlora.runs import report
     from fedlora.config import compose, load_yaml
     from fedlora.deploy.processes import Security, Stop, run_cloud
@@ -299,6 +310,7 @@ def cmd_cloud(argv: list[str]) -> None:
         run_dir = args.run_dir or Path(cfg.output_dir) / time.strftime("cloud-%Y%m%d-%H%M%S")
         work_dir = args.work_dir or Path("runs/nodes/cloud")
     if args.plan:
+        # the edge placement only for --plan
         from fedlora.deploy.processes import plan
 
         print(plan(cfg, listen, args.overrides))
@@ -326,6 +338,7 @@ def cmd_edge(argv: list[str]) -> None:
     parser.add_argument("--parent", help="HOST:PORT of the parent's SuperLink (the cloud's --listen)")
     parser.add_argument("--listen", help="HOST:PORT of this edge's SuperLink (its END clients' --edge)")
     args = parser.parse_args(argv)
+    # the deployment's modules only for `fedlora edge`
     from fedlora.deploy.processes import Security, Stop, run_edge
 
     if args.config is not None:
@@ -357,12 +370,14 @@ def cmd_end(argv: list[str], prog: str = "fedlora end") -> None:
     parser.add_argument("--audit", action="store_true",
                         help="keep a copy of every reply this device sends in <folder>/logs/sent/ (with --config)")
     args = parser.parse_args(argv)
+    # the deployment's modules only for `fedlora client`
     from fedlora.deploy.processes import Security, Stop, run_end
 
     try:
         if args.config is not None:
             if args.insecure or args.partition_id is not None or args.edge:
                 raise UserError("with --config the settings come from the plan folder; no --partition-id, --edge, --insecure")
+            # the launcher (device checks, plan reader) only for a planned device
             from fedlora.deploy.launcher import launch
             from fedlora.deploy.device import DeviceError
 
@@ -394,10 +409,7 @@ def cmd_status(argv: list[str]) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable status (with --follow: one JSON line per change)")
     parser.add_argument("--round", type=int, help="the round shown by cell (default the latest)")
     args = parser.parse_args(argv)
-    import json
-    import os
-    import time
-
+    # the run reader only for `fedlora status`
     from fedlora.runs.status import FINISHED, StatusError, render_text, run_status
 
     terminal = sys.stdout.isatty()
@@ -425,6 +437,7 @@ def cmd_status(argv: list[str]) -> None:
 
 
 def cmd_deploy(argv: list[str]) -> None:
+    # `fedlora deploy`'s modules (cryptography, the planner) only for that command
     from fedlora.deploy.cli import main as deploy_main
 
     deploy_main(argv)

@@ -21,7 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedlora.config import ConfigError, load_yaml, privacy_mode
 from fedlora.runs.report import CHECKPOINTS, ROUNDS, SUMMARY
+from fedlora.world.mobility import assignment_at, next_assignment
+from fedlora.world.topology import build_tree
 
 CONFIG = "config.yaml"
 FINISHED, RUNNING, INTERRUPTED = "finished", "running", "interrupted"
@@ -63,8 +66,6 @@ def read_records(run_dir: Path) -> tuple[list[dict], bool]:
 
 def run_status(run_dir: str | Path, now: float | None = None) -> dict[str, Any]:
     """Everything ``fedlora status`` shows, as a JSON-ready dict (see the module docstring)."""
-    from fedlora.config import ConfigError, load_yaml, privacy_mode
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise StatusError(f"{run_dir} does not exist or is not a directory")
@@ -88,8 +89,6 @@ def run_status(run_dir: str | Path, now: float | None = None) -> dict[str, Any]:
     checkpoint = int(latest["round"]) if latest and isinstance(latest.get("round"), int) else None
     tree = None
     if cfg.topology.kind != "flat":
-        from fedlora.world.topology import build_tree
-
         tree = build_tree(cfg.topology, cfg.federation.num_clients, cfg.seed)
     rounds = _rounds(records, tree, cfg.seed)
     state, detail = _state(summary, idle_s, slowest, done, total, checkpoint)
@@ -187,8 +186,6 @@ class _Placements:
         if self._failed:
             return None
         if server_round not in self._by_round:
-            from fedlora.world.mobility import assignment_at, next_assignment
-
             try:
                 prev = max((r for r in self._by_round if r < server_round), default=None)
                 if prev is None:

@@ -9,6 +9,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
 
 COLUMNS = ["run", "swept", "base_eval_loss", "final_eval_loss", "eval_loss_drop", "final_perplexity", "total_bytes", "wall_s", "status"]
 
@@ -59,9 +61,6 @@ def write(sweep_dir: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 def print_table(rows: list[dict[str, Any]], path: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=f"sweep summary ({path})")
     for col in COLUMNS:
         table.add_column(HEADERS.get(col, col), justify="left" if col in ("run", "swept", "status") else "right", overflow="fold")
