@@ -57,12 +57,14 @@ def _deployed(context: Context):
     node_dir = str(context.node_config.get("node-dir", "") or "")
     if not node_dir:
         return None, None
+    # torch (fedlora.roles.device) and the plan reader load on a planned END device only, never in an
+    # edge's relay (Flower: one process per message)
+    from fedlora.deploy.plan import read_node
     from fedlora.roles.device import DeviceLocal
-    from fedlora.secure.identities import PlannedIdentities
 
     local = DeviceLocal(str(context.node_config.get("device-settings", "") or ""),
                         str(context.node_config.get("data-file", "") or ""))
-    return PlannedIdentities.from_folder(node_dir), local
+    return read_node(node_dir).identities(), local
 
 
 def audit(context: Context, reply: Message, what: str) -> Message:

@@ -21,8 +21,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 
 from fedlora.usage import UserError
@@ -31,6 +34,7 @@ USAGE = __doc__
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    # only once an error reaches a handler: fedlora.roles.cloud, fedlora.model and fedlora.data import torch
     from fedlora.config import ConfigError
     from fedlora.data import DataError
     from fedlora.roles.cloud import FederationError
@@ -43,6 +47,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _setup_logging() -> None:
+    # per command, as every import below: `fedlora --help` and `fedlora status` load no torch, Flower or Hydra
     from fedlora.runs.progress import quiet_libraries
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -51,6 +56,7 @@ def _setup_logging() -> None:
 
 def cmd_run(argv: list[str]) -> None:
     """Hydra app: compose conf/ with the overrides, run the simulation in Hydra's output dir."""
+    # Hydra only for `fedlora run`
     import hydra
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import DictConfig
@@ -61,6 +67,7 @@ def cmd_run(argv: list[str]) -> None:
 
     @hydra.main(config_path=str(conf_dir()), config_name="config", version_base=None)
     def job(raw: DictConfig) -> float | None:
+        # the simulation (Flower, Ray) only once Hydra has composed this job's config
         from fedlora.runs.progress import quiet_libraries
         from server.simulation import simulate
 
@@ -87,6 +94,7 @@ def cmd_resume(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="fedlora resume", description="Continue an interrupted run from its last checkpoint.")
     parser.add_argument("run_dir", type=Path)
     args = parser.parse_args(argv)
+    # the simulation (Flower, Ray) only for `fedlora resume`
     from fedlora.config import load_yaml
     from fedlora.runs import report
     from server.simulation import simulate
@@ -147,9 +155,7 @@ def _adapter_and_config(target: Path, overrides: list[str], command: str, reads:
 
 def _why_not_read(override: str, base: dict, adapter: Path, run_config: Path, command: str, reads: tuple[str, ...]) -> str | None:
     """Why ``override`` cannot change what ``command`` does, or None when it can (or changes nothing)."""
-    import json
-
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf  # Hydra/OmegaConf only for the commands that read a run (eval, generate)
 
     after = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(base), _override_node(override)))
     for path in _changed(base, after):  # type: ignore[arg-type]
@@ -194,6 +200,7 @@ def _override_node(item: str):
 
 
 def _load_adapted(adapter: Path, cfg):
+    # torch, transformers and peft only for the commands that load a model
     from peft import PeftModel
 
     from fedlora.model import load_base_model
@@ -207,8 +214,7 @@ def cmd_eval(argv: list[str]) -> None:
     parser.add_argument("target", type=Path, help="run directory or PEFT adapter directory")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data=medical data.max_eval_examples=200")
     args = parser.parse_args(argv)
-    import json
-
+    # torch only for `fedlora eval`
     from fedlora.data import eval_examples, tokenize
     from fedlora.runs.report import perplexity
     from fedlora.train import evaluate
@@ -239,6 +245,7 @@ def cmd_generate(argv: list[str]) -> None:
     parser.add_argument("--compare-base", action="store_true", help="also show the base model's answer")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.dtype=bfloat16 (before or after the options)")
     args = parser.parse_intermixed_args(argv)
+    # torch only for `fedlora generate`
     import torch
 
     adapter, cfg = _adapter_and_config(args.target, args.overrides, "fedlora generate", GENERATE_READS)
@@ -301,6 +308,7 @@ def _by_hand(args, parser, *required: str) -> None:
 
 
 def _node(folder: Path, role: str):
+    # the plan reader only for the tiers started from a plan folder (--config)
     from fedlora.deploy.plan import PlanError, read_node
 
     try:
@@ -328,8 +336,7 @@ def cmd_cloud(argv: list[str]) -> None:
                              "then exit")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. topology=small6g federation.rounds=3")
     args = parser.parse_args(argv)
-    import time
-
+    # the deployment's modules only for `fedlora cloud`
     from fedlora.runs import report
     from fedlora.config import compose, load_yaml
     from fedlora.deploy.processes import Security, Stop, run_cloud
@@ -358,6 +365,7 @@ def cmd_cloud(argv: list[str]) -> None:
         run_dir = args.run_dir or Path(cfg.output_dir) / time.strftime("cloud-%Y%m%d-%H%M%S")
         work_dir = args.work_dir or Path("runs/nodes/cloud")
     if args.plan:
+        # the edge placement only for --plan
         from fedlora.deploy.processes import plan
 
         print(plan(cfg, listen, args.overrides))
@@ -385,6 +393,7 @@ def cmd_edge(argv: list[str]) -> None:
     parser.add_argument("--parent", help="HOST:PORT of the parent's SuperLink (the cloud's --listen)")
     parser.add_argument("--listen", help="HOST:PORT of this edge's SuperLink (its END clients' --edge)")
     args = parser.parse_args(argv)
+    # the deployment's modules only for `fedlora edge`
     from fedlora.deploy.processes import Security, Stop, run_edge
 
     if args.config is not None:
@@ -416,12 +425,14 @@ def cmd_end(argv: list[str], prog: str = "fedlora end") -> None:
     parser.add_argument("--audit", action="store_true",
                         help="keep a copy of every reply this device sends in <folder>/logs/sent/ (with --config)")
     args = parser.parse_args(argv)
+    # the deployment's modules only for `fedlora client`
     from fedlora.deploy.processes import Security, Stop, run_end
 
     try:
         if args.config is not None:
             if args.insecure or args.partition_id is not None or args.edge:
                 raise UserError("with --config the settings come from the plan folder; no --partition-id, --edge, --insecure")
+            # the launcher (device checks, plan reader) only for a planned device
             from fedlora.deploy.launcher import launch
             from fedlora.deploy.device import DeviceError
 
@@ -453,10 +464,7 @@ def cmd_status(argv: list[str]) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable status (with --follow: one JSON line per change)")
     parser.add_argument("--round", type=int, help="the round shown by cell (default the latest)")
     args = parser.parse_args(argv)
-    import json
-    import os
-    import time
-
+    # the run reader only for `fedlora status`
     from fedlora.runs.status import FINISHED, StatusError, render_text, run_status
 
     terminal = sys.stdout.isatty()
@@ -484,6 +492,7 @@ def cmd_status(argv: list[str]) -> None:
 
 
 def cmd_deploy(argv: list[str]) -> None:
+    # `fedlora deploy`'s modules (cryptography, the planner) only for that command
     from fedlora.deploy.cli import main as deploy_main
 
     deploy_main(argv)

@@ -340,7 +340,7 @@ class FedLoraConfig:
 
 def register_schema() -> None:
     """Register the schema with Hydra's ConfigStore (idempotent)."""
-    from hydra.core.config_store import ConfigStore
+    from hydra.core.config_store import ConfigStore  # Hydra only where configs are composed, not in every reader
 
     ConfigStore.instance().store(name="fedlora_schema", node=FedLoraConfig)
 
@@ -352,6 +352,7 @@ def conf_dir() -> Path:
 
 def compose(overrides: list[str] | None = None) -> FedLoraConfig:
     """Compose ``conf/config.yaml`` with Hydra overrides, outside a Hydra app."""
+    # Hydra only where configs are composed: devices and Flower's per-message processes only read them
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra

@@ -2,7 +2,7 @@
 
 Cell requests and results (``fedlora.roles.neighbourhood``) and secure-aggregation messages come from
 other machines, so they are never unpickled. Everything is built on the canonical,
-length-prefixed transcript encoding (:mod:`fedlora.secure.transcript`) with one type tag
+length-prefixed transcript encoding (:mod:`fedlora.transcript`) with one type tag
 per value:
 
     None, bool, int (any sign), float (exact hex), str, bytes, tuple/list, dict, frozenset,
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from fedlora.secure import transcript
+from fedlora import transcript
 
 MAGIC = "fedlora/wire/v1"
 _DTYPES = {"<f4", "<f8", "<u4", "<i4", "<i8", "<u8", "|u1"}

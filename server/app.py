@@ -26,9 +26,11 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.config import FedLoraConfig, compose, load_yaml
+from fedlora.deploy.plan import read_node
 from fedlora.roles.cloud import run_federation
 from fedlora.run_settings import resolve_run
 from fedlora.runs.progress import make_progress
+from server.edge import EdgeCellRunner, serve
 from server.transport import FlowerTransport
 
 app = ServerApp()
@@ -64,16 +66,12 @@ def main(grid: Grid, context: Context) -> None:
     if mode not in MODES:
         raise ValueError(f"run config mode={mode!r} is not one of: {', '.join(repr(m) for m in MODES)}")
     if mode == "edge":
-        from server.edge import serve
-
         serve(grid, str(run_config.get("cell", "")), str(run_config.get("spool", "")), node_dir=node_dir)
         return
     cfg, run_dir, resume = settings_from_run_config(run_config)
     run = resolve_run(cfg)  # once per run: privacy=auto, n_max, the cell tree
     runner = None
     if mode == "cloud":
-        from server.edge import EdgeCellRunner
-
         runner = transport = EdgeCellRunner(grid, run.tree, timeout_s=cfg.federation.round_timeout_s)
     else:
         transport = FlowerTransport(grid, expected_clients=cfg.federation.num_clients, timeout_s=cfg.federation.round_timeout_s)
@@ -81,9 +79,7 @@ def main(grid: Grid, context: Context) -> None:
     try:
         identities = None
         if node_dir:  # a planned deployment: the plan's registry and the cloud's own key
-            from fedlora.secure.identities import PlannedIdentities
-
-            identities = PlannedIdentities.from_folder(node_dir)
+            identities = read_node(node_dir).identities()
         run_federation(run, run_dir, transport, resume=resume, progress=progress, runner=runner, identities=identities)
     finally:
         progress.close()

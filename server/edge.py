@@ -2,7 +2,7 @@
 
 An edge for neighbourhood cell X is a SuperNode of its parent's SuperLink and, at the same
 time, the SuperLink of its END children (``fedlora/deploy/processes.py`` starts both). Its two halves
-meet in a *spool* directory on the edge machine:
+meet in a *spool* directory on the edge machine (:mod:`fedlora.deploy.spool`):
 
 - ``clients/edge.py`` (the edge SuperNode's ClientApp, ``role="edge"``): takes the cloud's
   cell request bytes, drops them in the spool and answers with the result bytes the edge
@@ -44,9 +44,13 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from clients.edge import HEARTBEAT_S, EdgeError, Spool
 from fedlora import protocol
+from fedlora.deploy.plan import read_node
+from fedlora.deploy.spool import HEARTBEAT_S, EdgeError, Spool
 from fedlora.roles.neighbourhood import DROPPED, AggregatorKeys, CellRequest, CellResult, ClientReply, ClientStatus, run_cell
+from fedlora.secure.identities import SimulatedIdentities
+from fedlora.secure.messages import MaskedSum, UnmaskBundle
+from fedlora.secure.rounds import SecureOutcome
 from fedlora.world.topology import CellTree
 from server.transport import POLL_S, FlowerTransport, short_reason
 
@@ -113,9 +117,7 @@ def serve(grid: Grid, cell: str, spool_dir: str | Path, *, connect_timeout_s: fl
         raise ValueError("mode=edge needs the run config keys cell and spool (fedlora edge sets them)")
     keys = None
     if node_dir:
-        from fedlora.secure.identities import PlannedIdentities
-
-        keys = AggregatorKeys.of(PlannedIdentities.from_folder(node_dir))
+        keys = AggregatorKeys.of(read_node(node_dir).identities())
     spool = Spool(spool_dir)
     # Flower keeps a ServerApp's output to itself (`flwr log`); the edge's own log file:
     handler = logging.FileHandler(spool.root / "service.log")
@@ -175,8 +177,6 @@ def run_request(request: CellRequest, cell: str, transport: ChildTransport, keys
     transport.find(request.clients, transport.connect_timeout_s)
     t1 = time.perf_counter()
     if request.secure is not None and keys is None:  # this edge is the cell's aggregator: it sees masked inputs only
-        from fedlora.secure.identities import SimulatedIdentities
-
         keys = AggregatorKeys.of(SimulatedIdentities(request.settings.seed))
     result = run_cell(request, transport, keys=keys)
     if result.secure is not None:
@@ -284,8 +284,6 @@ def dropped(request: CellRequest, reason: str) -> CellResult:
     log.warning("round %d: %s", request.server_round, reason)
     secure = None
     if request.secure is not None:  # the cloud reads an aborted secure session for the cell
-        from fedlora.secure.rounds import SecureOutcome
-
         secure = SecureOutcome(aborted=reason)
     return CellResult(request.cell, {c: ClientStatus(c, DROPPED, reason) for c in request.clients}, secure=secure)
 
@@ -329,9 +327,6 @@ def check_result(request: CellRequest, result: CellResult) -> str | None:
 def _check_secure(request: CellRequest, result: CellResult) -> str | None:
     """The shape of a secure cell's result; its cryptography (signed header and roster, the
     shares) the cloud's unmasker checks itself."""
-    from fedlora.secure.messages import MaskedSum, UnmaskBundle
-    from fedlora.secure.rounds import SecureOutcome
-
     if request.secure is None or result.plain is not None or result.metrics:
         return "a secure cell must send its masked sum only, no plain sum or clear metrics"
     outcome = result.secure

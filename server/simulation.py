@@ -12,8 +12,10 @@ running Ray cluster instead and Flower's actor pool spreads over all its nodes.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 from fedlora.config import FedLoraConfig, save_yaml
@@ -49,10 +51,9 @@ def backend_config(cfg: FedLoraConfig) -> dict:
 
 def simulate(cfg: FedLoraConfig, run_dir: Path, *, resume: bool = False) -> dict:
     """Run (or resume) ``cfg`` in ``run_dir`` with Flower's simulation engine; return the summary."""
-    import json
-
     resolve_run(cfg)  # ConfigError now, before Ray starts, for a run that cannot be summed securely
     quiet_libraries()  # before Ray starts, so its workers inherit the settings
+    # Flower (and with it Ray) loads only when a simulation starts, not for `fedlora run`'s config checks
     from flwr.app import Context, RecordDict
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.telemetry import EventType
@@ -89,9 +90,7 @@ def simulate(cfg: FedLoraConfig, run_dir: Path, *, resume: bool = False) -> dict
 def _hard_exit(run_dir: Path) -> None:
     """Ctrl-C: Flower's ServerApp thread and Ray's worker threads would keep the process
     alive, so stop Ray and leave at once. Every finished round is checkpointed."""
-    import sys
-
-    import ray
+    import ray  # loaded by the running simulation; at the top it would load Ray wherever this module is imported
 
     print(f"\nfedlora: interrupted; continue with: fedlora resume {run_dir}", file=sys.stderr, flush=True)
     ray.shutdown()

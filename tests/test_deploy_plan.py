@@ -16,9 +16,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fedlora.config import compose
 from fedlora.deploy import pki
 from fedlora.deploy.plan import (CA_CERT, IDENTITY_KEY, REGISTRY_FILE, SERVER_CERT, SERVER_KEY, SUPERNODE_KEY,
-                                 SUPERNODE_PUB, DeploySettings, PlanError, layout, read_node,
-                                 write_plan)
-from fedlora.secure.identities import IdentityError, PlannedIdentities, protocol_id, read_registry
+                                 SUPERNODE_PUB, DeploySettings, PlanError, layout, protocol_id, read_node,
+                                 read_registry, write_plan)
+from fedlora.secure.identities import IdentityError
 from fedlora.secure.keys import DeviceRegistry
 from fedlora.deploy.processes import Security
 from fedlora.world.topology import build_tree
@@ -132,7 +132,7 @@ def test_secagg_registry_consistent(plan):
     assert {protocol_id(n) for n in nodes} >= {"cloud", "device-0", "aggregator/neighbourhood-0-0"}
     for name in nodes:
         assert (out / name / REGISTRY_FILE).read_bytes() == (out / "cloud" / REGISTRY_FILE).read_bytes()
-        ids = PlannedIdentities.from_folder(out / name)  # checks its key is the registry's
+        ids = read_node(out / name).identities()  # checks its key is the registry's
         me = ids.own(protocol_id(name))
         message = b"masked update of " + name.encode()
         DeviceRegistry(registry).check(protocol_id(name), message, me.sign(message), "test message")
@@ -219,7 +219,7 @@ def test_planned_identities_run_a_secure_round_and_refuse_a_seed_derived_key(tmp
                    "federation.num_clients=6", "federation.fraction=1.0", "federation.rounds=1", "train.local_steps=1",
                    "train.max_seq_len=64", "data.records_per_client=8", "data.max_eval_examples=4", "progress=false"])
     nodes = write_plan(cfg, tmp_path / "plan")
-    ids = {name: PlannedIdentities.from_folder(tmp_path / "plan" / name) for name in nodes}
+    ids = {name: read_node(tmp_path / "plan" / name).identities() for name in nodes}
     impostor = 5
 
     class SeedKey(SimulatedIdentities):  # the plan's registry and randomness, but the seed's key

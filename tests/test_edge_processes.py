@@ -26,7 +26,7 @@ from fedlora.roles.cloud import run_federation
 from fedlora.roles.local import InProcessTransport
 from fedlora.secure.identities import SimulatedIdentities
 from fedlora.deploy.processes import DeployError, ProcessGroup, placement, plan, start_loopback_tiers
-from clients.edge import EdgeError, Spool
+from fedlora.deploy.spool import EdgeError, Spool
 from fedlora import protocol
 from server.edge import check_result, decode_result
 
@@ -102,7 +102,7 @@ class _Reply:
 
 
 class _Error:
-    reason = "<class 'clients.edge.EdgeError'>:<'no cell result within 660s'>"
+    reason = "<class 'fedlora.deploy.spool.EdgeError'>:<'no cell result within 660s'>"
 
 
 @pytest.mark.parametrize(

@@ -196,7 +196,7 @@ def test_cell_request_and_result_round_trip_as_safe_bytes_and_refuse_garbage():
         with pytest.raises(CellWireError):
             CellRequest.from_bytes(bad)
     from fedlora import wire
-    from fedlora.secure import transcript
+    from fedlora import transcript
 
     forged = [("a", "<f4", (2, 3), b"\0" * 4),  # an array whose shape disagrees with its bytes
               ("c", "os.system", (("command", ("s", "true")),)),  # a type that is not a message

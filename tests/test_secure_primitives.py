@@ -9,7 +9,8 @@ change that would make two versions disagree on a mask fails here first.
 import numpy as np
 import pytest
 
-from fedlora.secure import aead, transcript
+from fedlora import transcript
+from fedlora.secure import aead
 from fedlora.secure.errors import RejectedMessage, UnknownDevice
 from fedlora.secure.keys import (PAIR_MASK, SHARE_TRANSPORT, AgreementKey, DeviceRegistry, IdentityKey, derive_key,
                                  pair_key, verify_signature)

@@ -4,7 +4,8 @@ import itertools
 
 import pytest
 
-from fedlora.secure import shamir, transcript
+from fedlora import transcript
+from fedlora.secure import shamir
 from fedlora.secure.graph import (COMPLETE, HARARY, cell_graph, complete_graph, harary_graph,
                                   secagg_plus_parameters)
 from fedlora.secure.prg import SeededStream

@@ -12,6 +12,9 @@ import argparse
 import json
 from pathlib import Path
 
+from fedlora.config import compose, load_yaml
+from fedlora.deploy.device import DeviceError, describe, pick_settings, read_facts
+from fedlora.deploy.plan import LOOPBACK, DeploySettings, PlanError, write_plan
 from fedlora.usage import UserError
 
 
@@ -23,9 +26,6 @@ def _edge_host(text: str) -> tuple[str, list[str]]:
 
 
 def cmd_plan(argv: list[str]) -> None:
-    from fedlora.config import compose
-    from fedlora.deploy.plan import LOOPBACK, DeploySettings, PlanError, write_plan
-
     p = argparse.ArgumentParser(prog="fedlora deploy plan",
                                 description="Write one folder per machine (cloud, edges, END clients) from one config.")
     p.add_argument("out_dir", type=Path)
@@ -57,9 +57,6 @@ def cmd_plan(argv: list[str]) -> None:
 
 
 def cmd_check(argv: list[str]) -> None:
-    from fedlora.config import compose, load_yaml
-    from fedlora.deploy.device import DeviceError, describe, pick_settings, read_facts
-
     p = argparse.ArgumentParser(prog="fedlora deploy check",
                                 description="Inspect this device and pick safe training settings for the model.")
     p.add_argument("--config", type=Path, help="a node folder from `fedlora deploy plan` (uses its config.yaml)")

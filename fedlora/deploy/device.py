@@ -39,11 +39,13 @@ aggregation, which fedlora does not have).
 from __future__ import annotations
 
 import json
+import os
 import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fedlora.config import FedLoraConfig, ModelConfig
+from fedlora.secure.prg import AES128_CTR, CHACHA20
 
 MIB = 1 << 20
 RUNTIME_MIB = 356.0  # maxrss after imports, every row of client_memory.json
@@ -125,13 +127,11 @@ def read_facts() -> DeviceFacts:
     except OSError:
         cpuinfo = ""
     try:
-        import torch
+        import torch  # seconds to import, and maybe not installed: only its version, only when facts are read
 
         torch_version: str | None = torch.__version__
     except ImportError:
         torch_version = None
-    import os
-
     return DeviceFacts(total, available, platform.machine().lower(), platform.python_version(), torch_version,
                        cpu_has_aes(cpuinfo), os.cpu_count() or 1)
 
@@ -139,8 +139,6 @@ def read_facts() -> DeviceFacts:
 def mask_prg(facts: DeviceFacts) -> str:
     """The secure-aggregation mask PRG for this CPU: AES-128-CTR with AES instructions, else
     ChaCha20 (software AES is slow and not constant-time)."""
-    from fedlora.secure.prg import AES128_CTR, CHACHA20
-
     return AES128_CTR if facts.aes else CHACHA20
 
 

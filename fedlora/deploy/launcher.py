@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 
+from fedlora.deploy.device import describe, pick_settings, read_facts
 from fedlora.deploy.plan import NodeFolder, read_node
 from fedlora.deploy.processes import Security, run_end
 
@@ -30,8 +31,6 @@ log = logging.getLogger("fedlora")
 
 def device_node_config(node: NodeFolder, *, audit: bool = False) -> tuple[dict, dict]:
     """(the SuperNode's extra node config, what was checked and picked) for an END folder."""
-    from fedlora.deploy.device import describe, pick_settings, read_facts
-
     cfg = node.config()
     facts = read_facts()
     settings = pick_settings(cfg, facts)  # DeviceError: this device cannot train the model

@@ -31,14 +31,17 @@ from pathlib import Path
 
 import yaml
 
-from fedlora.config import FedLoraConfig, save_yaml
+from fedlora.config import FedLoraConfig, load_yaml, save_yaml
 from fedlora.deploy import commands, pki
 from fedlora.run_settings import resolve_run
-from fedlora.secure.identities import REGISTRY_FORMAT
+from fedlora.secure.identities import IdentityError, PlannedIdentities
+from fedlora.secure.keys import IdentityKey
+from fedlora.secure.rounds import CLOUD_ID, aggregator_id, device_id
 from fedlora.world.topology import CLOUD
 
 LOOPBACK = ["127.0.0.1", "localhost"]
 REGISTRY_FILE = "secagg_registry.json"
+REGISTRY_FORMAT = "fedlora-secagg-registry/v1"
 CA_CERT = "ca.pem"
 SERVER_CERT = "tls/server.pem"
 SERVER_KEY = "tls/server.key"
@@ -283,20 +286,26 @@ class NodeFolder:
     def config(self) -> FedLoraConfig:
         """The federation's config. An END device does not look for the files it names (the federation's
         data, a local model folder, the mobility trace): what it reads it checks where it reads it."""
-        from fedlora.config import load_yaml
-
         path = self.folder / str(self.doc.get("config", "config.yaml"))
         return load_yaml(path, files=self.role != "end")
 
     def data_file(self) -> str:
         """The device's own data file in ``data/`` ("" when there is none: demo partition)."""
-        from fedlora.data.files import FILE_BUILDERS
+        from fedlora.data.files import FILE_BUILDERS  # fedlora.data imports torch; only an END device's folder has data
 
         folder = self.folder / str(self.doc.get("data_path", DATA_DIR))
         files = sorted(p for p in folder.glob("*") if p.is_file() and p.suffix.lower() in FILE_BUILDERS) if folder.is_dir() else []
         if len(files) > 1:
             raise PlanError(f"{folder} holds {len(files)} data files ({', '.join(p.name for p in files)}); keep one")
         return str(files[0]) if files else ""
+
+    def identities(self) -> PlannedIdentities:
+        """This machine's secure-aggregation keys: its own identity key and the plan's registry."""
+        try:
+            key = IdentityKey(pki.load_pem_key(self.folder / IDENTITY_KEY))
+        except (OSError, ValueError, TypeError) as exc:
+            raise IdentityError(f"cannot load this node's identity key {self.folder / IDENTITY_KEY}: {exc}") from None
+        return PlannedIdentities(protocol_id(self.name), key, read_registry(self.folder / REGISTRY_FILE))
 
 
 def read_node(folder: Path | str, role: str | None = None) -> NodeFolder:
@@ -320,3 +329,35 @@ def read_node(folder: Path | str, role: str | None = None) -> NodeFolder:
         if not (folder / key).is_file():
             raise PlanError(f"{folder} lacks {key}; copy the whole folder from the plan")
     return node
+
+
+def protocol_id(name: str) -> str:
+    """A plan's node name as the secure protocol names it: ``cloud``, ``end-3`` ->
+    ``device-3``, ``edge-<cell>`` -> ``aggregator/<cell>``."""
+    if name == "cloud":
+        return CLOUD_ID
+    if name.startswith("end-") and name[4:].isdigit():
+        return device_id(int(name[4:]))
+    if name.startswith("edge-") and len(name) > 5:
+        return aggregator_id(name[5:])
+    raise IdentityError(f"registry entry {name!r} is not a node name of a plan (cloud, edge-<cell>, end-<n>)")
+
+
+def read_registry(path: Path) -> dict[str, bytes]:
+    """A plan's ``secagg_registry.json`` as {protocol id: Ed25519 public key}."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise IdentityError(f"cannot read the secure-aggregation registry {path}: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("format") != REGISTRY_FORMAT or not isinstance(doc.get("devices"), dict):
+        raise IdentityError(f"{path} is not a fedlora secure-aggregation registry (format {REGISTRY_FORMAT})")
+    keys = {}
+    for name, entry in doc["devices"].items():
+        try:
+            key = base64.b64decode(entry["ed25519_public_key"], validate=True)
+        except (KeyError, TypeError, ValueError):
+            key = b""
+        if len(key) != 32:
+            raise IdentityError(f"{path}: entry {name!r} has no valid 32-byte Ed25519 public key")
+        keys[protocol_id(name)] = key
+    return keys

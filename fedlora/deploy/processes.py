@@ -37,8 +37,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedlora.config import save_yaml
 from fedlora.deploy import commands
 from fedlora.deploy.commands import toml_pairs
+from fedlora.deploy.spool import Spool
 from fedlora.run_settings import resolve_run
 
 APP_DIR = Path(__file__).resolve().parents[2]  # the checkout: pyproject.toml, server/, clients/
@@ -419,8 +421,6 @@ def run_cloud(cfg, run_dir: Path, listen: str, work_dir: Path, security: Securit
     """The cloud tier for one federation: its SuperLink, then a ``mode="cloud"`` run on it,
     followed until it ends; the SuperLink stops afterwards. Returns the run's exit code.
     ``node_dir``: the cloud's plan folder (secure aggregation uses its registry and key)."""
-    from fedlora.config import save_yaml
-
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
@@ -456,8 +456,6 @@ def run_edge(cell: str, parent: str, listen: str, work_dir: Path, security: Secu
                 log.info("edge %s: SuperLink on %s, service run %d", cell, listen, run_id)
 
             def watch() -> None:  # a service run that died is started again
-                from clients.edge import Spool
-
                 if not Spool(spool).alive() and not Spool(spool).stopping():
                     log.warning("edge %s: the service run stopped beating; starting a new one", cell)
                     start_service()
@@ -473,8 +471,6 @@ def run_edge(cell: str, parent: str, listen: str, work_dir: Path, security: Secu
 
 
 def _wait_for_service(group: ProcessGroup, spool: Path, run_id: int, timeout_s: float = 180.0) -> None:
-    from clients.edge import Spool
-
     deadline = time.time() + timeout_s
     while not Spool(spool).alive():
         group.check()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -21,10 +21,9 @@ from fedlora.aggregate.dp import clip_update
 from fedlora.data import client_examples, tokenize
 from fedlora.model import load_base_model, wrap_lora
 from fedlora.round_settings import RoundSettings, apply_device_settings
+from fedlora.secure.identities import Identities, SimulatedIdentities
+from fedlora.secure.rounds import CLOUD_ID, STAGES, client_step, device_id
 from fedlora.train import train_local
-
-if TYPE_CHECKING:
-    from fedlora.secure.identities import Identities
 
 _peft: dict[str, Any] = {}  # the one LoRA-wrapped model of this process, with its key
 _tokenized: dict[tuple, list[dict]] = {}
@@ -156,9 +155,6 @@ def secure_step(stage: str, payload: bytes, stored: tuple[str, bytes] | None, se
     derived from the run seed (SIMULATION ONLY); a deployed device passes its node folder's
     (:class:`~fedlora.secure.identities.PlannedIdentities`).
     """
-    from fedlora.secure.identities import SimulatedIdentities
-    from fedlora.secure.rounds import CLOUD_ID, STAGES, client_step, device_id
-
     session = secure_session(run, settings)
     state = None
     if stage != STAGES[0]:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bars, TextColumn, TimeElapsedColumn
 
 log = logging.getLogger("fedlora")
 
@@ -43,8 +46,6 @@ class RichProgress(Progress):
     """A rounds bar and a clients-in-this-round bar, with log lines printed above them."""
 
     def __init__(self) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bars, TextColumn, TimeElapsedColumn
-
         self._bars = Bars(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -89,8 +90,6 @@ class RichProgress(Progress):
 
 def quiet_libraries() -> None:
     """Keep the console to fedlora's own progress: libraries speak only on warnings."""
-    import os
-
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -100,7 +99,7 @@ def quiet_libraries() -> None:
     # flwr has its own console handler; do not print its records twice through the root's.
     logging.getLogger("flwr").propagate = False
     try:
-        from transformers.utils import logging as hf_logging
+        from transformers.utils import logging as hf_logging  # seconds to import: only where quieting is asked for
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()

@@ -108,10 +108,11 @@ def summarise(run_dir: Path, base_eval_loss: float | None, wall_s: float, extra:
 def plot(run_dir: Path, base_eval_loss: float | None, tree=None) -> list[Path]:
     """Loss per round, bytes per round per link and (given the cell tree) the tree with the
     run's bytes on each tier's links, as PNGs under plots/."""
+    # matplotlib takes seconds to import: only when plotting; its backend is chosen before pyplot loads
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # only after the backend is chosen
 
     rounds = read_rounds(run_dir)
     out_dir = Path(run_dir) / "plots"

@@ -21,7 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedlora.config import ConfigError, load_yaml
+from fedlora.run_settings import resolve_run
 from fedlora.runs.report import CHECKPOINTS, ROUNDS, SUMMARY
+from fedlora.world.mobility import assignment_at, next_assignment
 
 CONFIG = "config.yaml"
 FINISHED, RUNNING, INTERRUPTED = "finished", "running", "interrupted"
@@ -63,9 +66,6 @@ def read_records(run_dir: Path) -> tuple[list[dict], bool]:
 
 def run_status(run_dir: str | Path, now: float | None = None) -> dict[str, Any]:
     """Everything ``fedlora status`` shows, as a JSON-ready dict (see the module docstring)."""
-    from fedlora.config import ConfigError, load_yaml
-    from fedlora.run_settings import resolve_run
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise StatusError(f"{run_dir} does not exist or is not a directory")
@@ -184,8 +184,6 @@ class _Placements:
         if self._failed:
             return None
         if server_round not in self._by_round:
-            from fedlora.world.mobility import assignment_at, next_assignment
-
             try:
                 prev = max((r for r in self._by_round if r < server_round), default=None)
                 if prev is None:

@@ -12,6 +12,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from rich.console import Console
+from rich.table import Table
 
 from fedlora.config import ConfigError, to_typed
 
@@ -66,9 +68,6 @@ def write(sweep_dir: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 def print_table(rows: list[dict[str, Any]], path: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=f"sweep summary ({path})")
     for col in COLUMNS:
         table.add_column(HEADERS.get(col, col), justify="left" if col in ("run", "swept", "status") else "right", overflow="fold")

@@ -24,6 +24,7 @@ from enum import Enum
 
 import numpy as np
 
+from fedlora import wire
 from fedlora.secure import aead, shamir
 from fedlora.secure.encoding import adapter_digest, check_encoded, encode_update
 from fedlora.secure.errors import ProtocolStateError, RejectedMessage, ShareRequestRefused
@@ -249,8 +250,6 @@ class CellClient:
         """This client's session state as bytes, for a device that handles each message in a
         new process (Flower deployment: kept in the node's ``context.state``). It holds the
         round's X25519 private keys, self-mask seed and shares: it must never leave the device."""
-        from fedlora import wire
-
         keys = [k.private_bytes() if k is not None else None for k in (self._share_key, self._mask_key)]
         return wire.dumps({"device": self.device_id, "state": self.state.value, "header": self._header,
                            "keys": keys, "roster": self._roster, "sid": self._sid, "self_seed": self._self_seed,
@@ -260,8 +259,6 @@ class CellClient:
     def restore(cls, data: bytes, identity: IdentityKey, registry: DeviceRegistry, *, cloud_id: str = "cloud",
                 rng: Randomness = os.urandom) -> CellClient:
         """The client :meth:`export_state` saved, with its identity, registry and a fresh ``rng``."""
-        from fedlora import wire
-
         s = wire.loads(data, "secagg-client-state")
         client = cls(s["device"], identity, registry, cloud_id=cloud_id, rng=rng)
         client.state = ClientState(s["state"])

@@ -13,22 +13,17 @@ Every role of a secure round asks an :class:`Identities` for three things:
 :class:`SimulatedIdentities` derives all of it from the run seed: reproducible, and
 SIMULATION ONLY (anyone who knows the seed can sign as any device and recompute every
 mask). :class:`PlannedIdentities` is a deployment's: the registry and this machine's own
-key come from its node folder written by ``fedlora deploy plan`` (the same names as its
-SuperNode authentication keys), and randomness comes from ``os.urandom``.
+key, which ``fedlora.deploy.plan`` reads from its node folder (``NodeFolder.identities``), and
+randomness from ``os.urandom``.
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import os
-from pathlib import Path
 
 from fedlora.secure.errors import SecAggError
 from fedlora.secure.keys import IdentityKey
 from fedlora.secure.prg import SeededStream
-
-REGISTRY_FORMAT = "fedlora-secagg-registry/v1"
 
 
 class IdentityError(SecAggError, ValueError):
@@ -73,40 +68,6 @@ class SimulatedIdentities(Identities):
     local = own
 
 
-def protocol_id(name: str) -> str:
-    """A plan's node name as the secure protocol names it: ``cloud``, ``end-3`` ->
-    ``device-3``, ``edge-<cell>`` -> ``aggregator/<cell>``."""
-    from fedlora.secure.rounds import CLOUD_ID, aggregator_id, device_id
-
-    if name == "cloud":
-        return CLOUD_ID
-    if name.startswith("end-") and name[4:].isdigit():
-        return device_id(int(name[4:]))
-    if name.startswith("edge-") and len(name) > 5:
-        return aggregator_id(name[5:])
-    raise IdentityError(f"registry entry {name!r} is not a node name of a plan (cloud, edge-<cell>, end-<n>)")
-
-
-def read_registry(path: Path) -> dict[str, bytes]:
-    """A plan's ``secagg_registry.json`` as {protocol id: Ed25519 public key}."""
-    try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise IdentityError(f"cannot read the secure-aggregation registry {path}: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("format") != REGISTRY_FORMAT or not isinstance(doc.get("devices"), dict):
-        raise IdentityError(f"{path} is not a fedlora secure-aggregation registry (format {REGISTRY_FORMAT})")
-    keys = {}
-    for name, entry in doc["devices"].items():
-        try:
-            key = base64.b64decode(entry["ed25519_public_key"], validate=True)
-        except (KeyError, TypeError, ValueError):
-            key = b""
-        if len(key) != 32:
-            raise IdentityError(f"{path}: entry {name!r} has no valid 32-byte Ed25519 public key")
-        keys[protocol_id(name)] = key
-    return keys
-
-
 class PlannedIdentities(Identities):
     """A deployed machine's keys: the plan's registry plus its own Ed25519 key; os.urandom."""
 
@@ -116,20 +77,6 @@ class PlannedIdentities(Identities):
                                 "the node folder and the registry come from different plans")
         self.me, self._key, self.registry = me, key, dict(registry)
         self._local: dict[str, IdentityKey] = {}
-
-    @classmethod
-    def from_folder(cls, folder: Path | str) -> PlannedIdentities:
-        """From a node folder of ``fedlora deploy plan`` (its node.yaml names the files)."""
-        from fedlora.deploy.pki import load_pem_key
-        from fedlora.deploy.plan import IDENTITY_KEY, REGISTRY_FILE, read_node
-
-        node = read_node(folder)  # PlanError when it is not a node folder
-        folder, name = node.folder, node.name
-        try:
-            key = IdentityKey(load_pem_key(folder / IDENTITY_KEY))
-        except (OSError, ValueError, TypeError) as exc:
-            raise IdentityError(f"cannot load this node's identity key {folder / IDENTITY_KEY}: {exc}") from None
-        return cls(protocol_id(name), key, read_registry(folder / REGISTRY_FILE))
 
     def own(self, uid: str) -> IdentityKey:
         if uid != self.me:

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from fedlora.secure import transcript
+from fedlora import transcript
 from fedlora.secure.errors import RejectedMessage, UnknownDevice
 from fedlora.secure.prg import Randomness
 

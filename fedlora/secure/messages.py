@@ -16,7 +16,7 @@ stage                   who -> whom                                 message
 6 remove masks          unmasker -> cloud                           :class:`CellMask`
 ======================  ==========================================  =====================
 
-Everything a signature or AEAD tag covers is built with :mod:`~fedlora.secure.transcript`
+Everything a signature or AEAD tag covers is built with :mod:`~fedlora.transcript`
 and starts with a domain string naming the message, so no message can pass for another.
 """
 
@@ -28,7 +28,7 @@ from enum import Enum
 
 import numpy as np
 
-from fedlora.secure import transcript
+from fedlora import transcript
 from fedlora.secure.encoding import EncodingConfig, TensorLayout
 from fedlora.secure.errors import RejectedMessage
 from fedlora.secure.graph import DEFAULT_COMPLETE_UP_TO, NeighbourGraph, cell_graph

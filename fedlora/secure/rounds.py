@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedlora import wire
-from fedlora.secure import shamir, transcript
+from fedlora import transcript, wire
+from fedlora.secure import shamir
 from fedlora.secure.aggregator import NeighbourhoodAggregator
 from fedlora.secure.client import CellClient
 from fedlora.secure.encoding import EncodingConfig, TensorLayout, adapter_digest, decode_sum

@@ -7,6 +7,10 @@ field here is typed and length-prefixed, and :func:`decode` accepts only the exa
 :func:`encode` produces (no trailing bytes, minimal integers).
 
 Fields: ``bytes``, ``str`` (UTF-8), non-negative ``int`` and tuples/lists of fields.
+
+The secure-aggregation protocol (:mod:`fedlora.secure`) signs and derives from these bytes,
+and the message codec (:mod:`fedlora.wire`) frames every message with them; so this module
+sits below both and imports nothing of fedlora.
 """
 
 from __future__ import annotations
