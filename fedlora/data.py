@@ -15,8 +15,8 @@ Two sources (``DataConfig.source``):
   ``messages`` layout) split across clients with flwr-datasets partitioners.
 
 Everything is deterministic given its arguments, in every process: randomness comes
-from :class:`random.Random` seeded with strings (never ``hash()``, which Python
-randomises per process) and from the partitioners' own seeded generators.
+from :class:`random.Random` seeded with strings (:func:`fedlora.seeds.data_rng`; never ``hash()``, which
+Python randomises per process) and from the partitioners' own seeded generators.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import io
 import json
 import logging
 import math
-import random
 import re
 import warnings
 from collections.abc import Iterator
@@ -38,6 +37,7 @@ from typing import Any
 import torch
 
 from fedlora.config import DataConfig
+from fedlora.seeds import data_rng
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def client_examples(
     if cfg.source == "file":
         rows = _file_partition(cfg, partition_id, num_partitions, seed)
         order = list(range(len(rows)))
-        random.Random(f"fedlora-heldout:{seed}:{partition_id}").shuffle(order)
+        data_rng("heldout", seed, partition_id).shuffle(order)
         n_eval = _held_out_count(len(rows), cfg.eval_fraction)
         held_out = [_copy_example(rows[i]) for i in order[:n_eval]]
         train = [_copy_example(rows[i]) for i in order[n_eval:]]
@@ -167,7 +167,7 @@ def batches(
         raise DataError(f"batch_size={batch_size} must be >= 1")
     order = list(range(len(tokenized)))
     if shuffle:
-        random.Random(f"fedlora-batches:{seed}").shuffle(order)
+        data_rng("batches", seed).shuffle(order)
     for start in range(0, len(order), batch_size):
         items = [tokenized[i] for i in order[start : start + batch_size]]
         longest = max(len(it["input_ids"]) for it in items)
@@ -254,7 +254,7 @@ def wearable_records(seed: int, partition_id: int, n: int) -> list[dict]:
     "question"}``; identical in every process for the same arguments.
     """
     profile = profile_for(partition_id)
-    rng = random.Random(f"fedlora-wearable:{seed}:{partition_id}")
+    rng = data_rng("wearable", seed, partition_id)
 
     def draw(spec: tuple[float, float], lo: float, hi: float) -> float:
         return min(hi, max(lo, rng.gauss(*spec)))
@@ -586,7 +586,7 @@ def _partition_assignment(
 
     n = len(_file_examples(path, mtime_ns)[0])
     order = list(range(n))
-    random.Random(f"fedlora-partition:{seed}").shuffle(order)
+    data_rng("partition", seed).shuffle(order)
     columns: dict[str, list] = {"_row": order}
     if partitioner in ("dirichlet", "natural"):
         if not key:

@@ -26,7 +26,7 @@ from fedlora.roles.neighbourhood import (ACCEPTED, LATE, AggregatorKeys, CellReq
 from fedlora.config import FederationConfig, FedLoraConfig, max_examples, privacy_mode, save_yaml, secure_modes
 from fedlora.data import eval_examples, tokenize
 from fedlora.aggregate.dp import FederatedDP
-from fedlora.roles.device import initial_adapter, lora_model, round_settings, secure_step, stable_seed, train_round
+from fedlora.roles.device import initial_adapter, lora_model, round_settings, secure_step, train_round
 from fedlora.world.mobility import assignment_at, next_assignment
 from fedlora.model import resolve_model_dir
 from fedlora.world.netsim import simulate_round, unavailable
@@ -35,6 +35,7 @@ from fedlora.roles.hierfavg import CellModels
 from fedlora.roles.local import LocalCellRunner
 from fedlora.roles.suburban import TreeSums, merge_up
 from fedlora.runs.progress import Progress
+from fedlora.seeds import round_seed
 from fedlora.secure.encoding import EncodingConfig
 from fedlora.secure.identities import Identities, SimulatedIdentities
 from fedlora.secure.rounds import LOSS_KEY, SecureRound, SecureSettings, secure_layout
@@ -61,7 +62,7 @@ class CellRunner(Protocol):
 def sample_clients(available: list[int], fed: FederationConfig, seed: int, server_round: int) -> list[int]:
     """The clients asked to train in a round: a seeded sample, same on resume."""
     k = min(len(available), max(fed.min_clients, math.ceil(fed.fraction * len(available))))
-    rng = np.random.default_rng(stable_seed(seed, "sample", server_round))
+    rng = np.random.default_rng(round_seed(seed, "sample", server_round))
     return sorted(int(c) for c in rng.choice(sorted(available), size=k, replace=False))
 
 
@@ -278,7 +279,7 @@ def top_up_cells(selected: list[int], available: list[int], tree, cell_of, minim
         cell_of = {c: CLOUD for c in available}
     hood = {c: CLOUD if tree.kind == "flat" else tree.neighbourhood_of(cell_of[c]) for c in available}
     chosen = set(selected)
-    rng = np.random.default_rng(stable_seed(seed, "secagg-top-up", server_round))
+    rng = np.random.default_rng(round_seed(seed, "secagg-top-up", server_round))
     for cell in sorted({hood[c] for c in selected}):
         members = sorted(c for c in available if hood[c] == cell)
         missing = min(minimum, len(members)) - sum(1 for c in members if c in chosen)

@@ -7,7 +7,6 @@ model once and reuses it: only the LoRA tensors are reset to the global adapter 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,6 +19,7 @@ from fedlora.config import FedLoraConfig, max_examples, privacy_mode, to_dict, t
 from fedlora.aggregate.dp import clip_update
 from fedlora.data import client_examples, tokenize
 from fedlora.model import load_base_model, wrap_lora
+from fedlora.seeds import round_seed
 from fedlora.train import train_local
 
 if TYPE_CHECKING:
@@ -27,12 +27,6 @@ if TYPE_CHECKING:
 
 _peft: dict[str, Any] = {}  # the one LoRA-wrapped model of this process, with its key
 _tokenized: dict[tuple, list[dict]] = {}
-
-
-def stable_seed(*parts: object) -> int:
-    """A 31-bit seed from its parts, identical in every process (unlike hash())."""
-    digest = hashlib.sha256(json.dumps(parts, default=str).encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def lora_model(cfg: FedLoraConfig, *, freeze_a: bool):
@@ -148,7 +142,7 @@ def train_round(settings: dict[str, Any], global_state: AdapterState, partition_
         tokenized,
         cfg.train,
         pad_id=tokenizer.pad_token_id,
-        seed=stable_seed(cfg.seed, settings["round"], partition_id),
+        seed=round_seed(cfg.seed, settings["round"], partition_id),
         proximal_mu=float(settings.get("proximal_mu", 0.0)),
     )
     delta = adapters.subtract(adapters.get_state(model, trainable_only=True), start)
