@@ -46,7 +46,8 @@ from flwr.serverapp import Grid
 
 from clients.edge import HEARTBEAT_S, EdgeError, Spool
 from fedlora import protocol
-from fedlora.roles.neighbourhood import DROPPED, AggregatorKeys, CellRequest, CellResult, ClientReply, ClientStatus, run_cell
+from fedlora.roles.neighbourhood import AggregatorKeys, CellRequest, CellResult, ClientReply, ClientStatus, run_cell
+from fedlora.secure.rounds import DROPPED
 from fedlora.world.topology import CellTree
 from server.transport import POLL_S, FlowerTransport, short_reason
 

@@ -21,7 +21,7 @@ from fedlora import adapters
 from fedlora.runs import report
 from fedlora.adapters import AdapterState
 from fedlora.aggregate.strategies import make_strategy
-from fedlora.roles.neighbourhood import (ACCEPTED, LATE, AggregatorKeys, CellRequest, CellResult, ClientReply, LateCallback, ReplyCallback, Transport,
+from fedlora.roles.neighbourhood import (AggregatorKeys, CellRequest, CellResult, ClientReply, LateCallback, ReplyCallback, Transport,
                           reject_reason, run_cells)
 from fedlora.config import FederationConfig, FedLoraConfig, max_examples, privacy_mode, save_yaml, secure_modes
 from fedlora.data import eval_examples, tokenize
@@ -38,7 +38,8 @@ from fedlora.runs.progress import Progress
 from fedlora.seeds import round_seed
 from fedlora.secure.encoding import EncodingConfig
 from fedlora.secure.identities import Identities, SimulatedIdentities
-from fedlora.secure.rounds import LOSS_KEY, SecureRound, SecureSettings, secure_layout
+from fedlora.secure.rounds import (ACCEPTED, CELL_ABORTED, CELL_REFUSED, DROPPED, LATE, LOSS_KEY, SecureRound, SecureSettings,
+                                   secure_layout)
 from fedlora.train import evaluate
 
 log = logging.getLogger("fedlora")
@@ -305,7 +306,7 @@ def _unmask_round(sr: SecureRound, results: list[CellResult], refused: dict, per
     -> (results with clients of aborted cells marked dropped, {cell or cloud: WeightedSum},
     metric sums, the round record's ``secure`` field)."""
     from fedlora.aggregate.sums import WeightedSum
-    from fedlora.roles.neighbourhood import DROPPED, ClientStatus
+    from fedlora.roles.neighbourhood import ClientStatus
 
     sums, aborted = sr.unmask({res.cell: res.secure for res in results}, per_cell=per_cell)
     record_cells = {}
@@ -314,11 +315,11 @@ def _unmask_round(sr: SecureRound, results: list[CellResult], refused: dict, per
         if why is not None:
             for st in res.clients.values():
                 if st.status == ACCEPTED:
-                    st.status, st.reason = DROPPED, f"cell aborted: {why}"
+                    st.status, st.reason = DROPPED, f"{CELL_ABORTED}: {why}"
         record_cells[res.cell] = {"ok": why is None, "reason": why, "survivors": res.accepted,
                                   "dropped": {k: sorted(v) for k, v in res.secure.dropped.items()}}
     for cell, (group, why) in refused.items():
-        results.append(CellResult(cell, {c: ClientStatus(c, DROPPED, f"cell refused: {why}") for c in group}))
+        results.append(CellResult(cell, {c: ClientStatus(c, DROPPED, f"{CELL_REFUSED}: {why}") for c in group}))
         record_cells[cell] = {"ok": False, "reason": why, "survivors": [], "dropped": {}}
     cell_sums, metric_sums, bound = {}, {"num_examples": 0.0, "train_loss": 0.0}, 0.0
     for key, decoded in sums.items():

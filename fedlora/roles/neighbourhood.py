@@ -30,9 +30,7 @@ import numpy as np
 from fedlora import adapters, wire
 from fedlora.adapters import AdapterState
 from fedlora.aggregate.sums import WeightedSum
-
-ACCEPTED, LATE, DROPPED = "accepted", "late", "dropped"
-NO_REPLY = "no reply before the round timeout"
+from fedlora.secure.rounds import ACCEPTED, CLOUD_ID, DROPPED, LATE, NO_REPLY, STAGES, run_secure_cells
 
 
 class CellWireError(wire.WireError):
@@ -184,8 +182,6 @@ class AggregatorKeys:
     def of(cls, identities, *, cloud: bool = False) -> AggregatorKeys:
         """From a :class:`fedlora.secure.identities.Identities`: a deployed edge's own key, or
         (``cloud=True``) the keys of the cells the cloud aggregates itself (in-process)."""
-        from fedlora.secure.rounds import CLOUD_ID
-
         cloud_key = identities.public(CLOUD_ID)
         if cloud_key is None:
             raise ValueError("the registry has no key for the cloud")
@@ -244,8 +240,6 @@ def _same_start(requests: list[CellRequest]) -> list[list[CellRequest]]:
 
 
 def _secure_results(requests, transport, server_round, late, on_reply, keys) -> list[CellResult]:
-    from fedlora.secure.rounds import STAGES, run_secure_cells
-
     def exchange(stage: str, reqs: list[CellRequest], payloads: dict[int, bytes]) -> dict[int, ClientReply]:
         out: dict[int, ClientReply] = {}
         for group in _same_start(reqs):
