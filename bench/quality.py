@@ -139,7 +139,8 @@ def main() -> None:
     from fedlora import adapters
     from fedlora.config import to_dict
     from fedlora.data import client_examples, eval_examples, tokenize
-    from fedlora.roles.device import initial_adapter, lora_model, stable_seed
+    from fedlora.roles.device import initial_adapter, lora_model
+    from fedlora.seeds import round_seed
     from fedlora.roles.cloud import run_federation
     from fedlora.roles.local import InProcessTransport
     from fedlora.runs.progress import quiet_libraries
@@ -270,7 +271,7 @@ def main() -> None:
             print(f"[quality] (b) centralised: {n * R * S} steps on {len(union)} examples", file=sys.stderr, flush=True)
             reset()
             t0 = time.perf_counter()
-            res = train_steps(union, n * R * S, stable_seed(cfg.seed, "bench-central"))
+            res = train_steps(union, n * R * S, round_seed(cfg.seed, "bench-central"))
             loss = held_out_loss()
             out["results"]["central"] = {"eval_loss": loss, "train_loss": res.loss, "steps": res.steps,
                                          "train_seconds": res.seconds, "seconds": time.perf_counter() - t0}
@@ -282,7 +283,7 @@ def main() -> None:
             t0 = time.perf_counter()
             for c in range(n):
                 reset()
-                res = train_steps(train_tok[c], R * S, stable_seed(cfg.seed, "bench-local", c))
+                res = train_steps(train_tok[c], R * S, round_seed(cfg.seed, "bench-local", c))
                 loss = held_out_loss()
                 per_client.append({"client": c, "eval_loss": loss, "train_loss": res.loss, "examples": res.examples,
                                    "train_seconds": res.seconds})

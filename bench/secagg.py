@@ -16,7 +16,7 @@ client), in cells of 10, 100 and 1,000 clients, it measures:
    keys and before uploading (the expensive case: their pairwise masks must be rebuilt).
 
 fedlora is driven only through ``fedlora.secure``'s public API, in the order of
-``run_cell_session`` (which it calls): ``Enrolment`` for identities and the signed header,
+``run_cell_session`` (which it calls): ``Enrolment`` (over ``SimulatedIdentities``) for identities and the signed header,
 ``CellClient``/``NeighbourhoodAggregator``/``Unmasker`` role objects wrapped in timers,
 then ``remove_masks`` + ``decode_sum`` at the cloud. Defaults as shipped: b = 16, clip 0.05,
 complete graph up to 100 clients with t = n // 2 + 1, Harary k = 52, t = 37 at n = 1,000
@@ -87,9 +87,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DEFAULT_LOCK, RESULTS, bench_lock, code_version, machine, table, write_json  # noqa: E402
 
-from fedlora.secure import (EncodingConfig, Enrolment, NeighbourhoodAggregator, Stage, TensorLayout,  # noqa: E402
-                            decode_sum, run_cell_session)
+from fedlora.secure import EncodingConfig, NeighbourhoodAggregator, Stage, TensorLayout, decode_sum  # noqa: E402
 from fedlora.secure.graph import secagg_plus_parameters  # noqa: E402
+from fedlora.secure.identities import SimulatedIdentities  # noqa: E402
+from fedlora.secure.session import run_cell_session  # noqa: E402
+from fedlora.secure.simulation import Enrolment  # noqa: E402
 
 # SmolLM2-135M (HuggingFaceTB/SmolLM2-135M config.json): hidden 576, intermediate 1536,
 # 30 layers, 9 heads / 3 KV heads of 64 -> q,o: 576x576, k,v: 576->192.
@@ -232,7 +234,7 @@ def fedlora_cell(n: int, size: str, *, drops: int = 0, seed: int = 0, sample: in
     ids = [f"c{i:04d}" for i in range(n)]
     updates = Updates(ids, size, seed)
     k, t = secagg_plus_parameters(n)
-    enrol = Enrolment()  # keys and rounding from os.urandom
+    enrol = Enrolment(SimulatedIdentities(int.from_bytes(os.urandom(8), "big")))  # keys and rounding from a fresh secret seed
     for u in ids:
         enrol.enroll(u)
     unmasker = Timed(enrol.unmasker("cloud", 1))

@@ -47,10 +47,10 @@ from flwr.serverapp import Grid
 from fedlora import protocol
 from fedlora.deploy.plan import read_node
 from fedlora.deploy.spool import HEARTBEAT_S, EdgeError, Spool
-from fedlora.roles.neighbourhood import DROPPED, AggregatorKeys, CellRequest, CellResult, ClientReply, ClientStatus, run_cell
+from fedlora.roles.neighbourhood import AggregatorKeys, CellRequest, CellResult, ClientReply, ClientStatus, run_cell
 from fedlora.secure.identities import SimulatedIdentities
 from fedlora.secure.messages import MaskedSum, UnmaskBundle
-from fedlora.secure.rounds import SecureOutcome
+from fedlora.secure.rounds import DROPPED, SecureOutcome
 from fedlora.world.topology import CellTree
 from server.transport import POLL_S, FlowerTransport, short_reason
 

@@ -20,7 +20,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from fedlora.aggregate.sums import WeightedSum
-from fedlora.roles.neighbourhood import ACCEPTED, DROPPED, CellRequest, CellResult, ClientStatus
+from fedlora.roles.neighbourhood import CellRequest, CellResult, ClientStatus
+from fedlora.secure.rounds import ACCEPTED, DROPPED
 from fedlora.config import compose
 from fedlora.roles.cloud import run_federation
 from fedlora.roles.local import InProcessTransport
@@ -148,15 +149,15 @@ class _Devices:
 
     def exchange(self, server_round, stage, payloads, arrays, settings, on_reply):
         from fedlora.roles.neighbourhood import ClientReply
-        from fedlora.secure.rounds import CLOUD_ID, client_step, device_id, simulated_identity, simulated_rng
+        from fedlora.secure.rounds import CLOUD_ID, client_step, device_id
 
         replies = []
         for c, payload in payloads.items():
             me = device_id(c)
             update = ({"a": np.full((2, 3), 0.01 * (c + 1), np.float32)}, {"train_loss": 1.0, "num_examples": 5})
             reply, self.state[c], metrics = client_step(
-                stage, payload, self.state.get(c), identity=simulated_identity(SEED, me),
-                cloud_key=simulated_identity(SEED, CLOUD_ID).public_bytes, rng=simulated_rng(SEED, "device", me, stage),
+                stage, payload, self.state.get(c), identity=SimulatedIdentities(SEED).own(me),
+                cloud_key=SimulatedIdentities(SEED).public(CLOUD_ID), rng=SimulatedIdentities(SEED).rng("device", me, stage),
                 train=lambda update=update: update, arrays=arrays)
             replies.append(ClientReply(c, reply, metrics, bytes_up=len(reply)))
             on_reply(replies[-1])

@@ -6,21 +6,22 @@ cryptographic streams, so the statistical tests are deterministic.
 """
 
 import dataclasses
-import hashlib
 import math
 
 import numpy as np
 import pytest
 
-from fedlora.secure import (CellAborted, EncodingConfig, Enrolment, NeighbourhoodAggregator, ProtocolStateError,
+from fedlora.secure import (CellAborted, EncodingConfig, NeighbourhoodAggregator, ProtocolStateError,
                             RejectedMessage, ShareRequestRefused, Stage, UnknownDevice, add_masked, decode_sum,
                             remove_masks)
 from fedlora.secure.client import ClientState
 from fedlora.secure.encoding import encode_update
+from fedlora.secure.identities import SimulatedIdentities
 from fedlora.secure.keys import IdentityKey
 from fedlora.secure.messages import (AdvertiseKeys, MaskedInput, Roster, SignedHeader, UnmaskRequest,
                                      UnmaskResponse)
 from fedlora.secure.prg import SeededStream
+from fedlora.secure.simulation import Enrolment
 
 SHAPES = {"l0.lora_B.weight": (48, 40), "l1.lora_B.weight": (40, 50)}
 GLOBAL = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
@@ -30,7 +31,7 @@ SIZE = sum(math.prod(s) for s in SHAPES.values()) + 1
 
 @pytest.fixture(scope="module")
 def fed():
-    return Enrolment(seed=b"fedlora secure aggregation tests")
+    return Enrolment(SimulatedIdentities(20240601))
 
 
 def members(n, cell="n0"):
@@ -52,7 +53,7 @@ def encoded(ids, seed):
     """q_u for each client, encoded here so the test knows the exact plain vectors."""
     out = {}
     for u, (update, n) in raw_updates(ids, seed, counts=[100 + 37 * i for i in range(len(ids))]).items():
-        stream = SeededStream(hashlib.sha256(f"{seed}/{u}".encode()).digest())
+        stream = SimulatedIdentities(seed).rng("rounding", u)
         out[u] = encode_update(update, n, _layout(), ENC, stream)
     return out
 

@@ -134,14 +134,14 @@ def test_a_tampered_masked_input_is_rejected_and_the_round_goes_on(tmp_path, sho
 
 
 def test_an_unregistered_device_is_refused(tmp_path, short_run):
-    from fedlora.secure.rounds import client_step, message, read_message, simulated_identity, simulated_rng, Join
+    from fedlora.secure.rounds import client_step, message, read_message, Join
     from fedlora.secure.messages import AdvertiseKeys
 
     # Client 6 signs with a key the cloud never enrolled (an impostor device).
     def impostor(server_round, stage, reply):
         if stage == "advertise" and reply.client == 6 and reply.error is None:
             advert = read_message(reply.update, AdvertiseKeys)
-            rogue = simulated_identity(999, "rogue")
+            rogue = SimulatedIdentities(999).own("rogue")
             sig = rogue.sign(AdvertiseKeys.signed_bytes(advert.header_digest, "rogue-device", advert.share_key, advert.mask_key))
             reply = ClientReply(6, message(AdvertiseKeys(advert.header_digest, "rogue-device", advert.share_key,
                                                          advert.mask_key, sig)), reply.metrics)
@@ -166,10 +166,10 @@ def test_an_unregistered_device_is_refused(tmp_path, short_run):
                      layout=secure_layout({"w": (2, 2)}))
     cell = sr.cell("n", [0, 1], state)
     registry = cell.registry.verify(sr.cloud_key)
-    agg = NeighbourhoodAggregator(aggregator_id("n"), simulated_identity(1, aggregator_id("n")), registry, cell.header)
+    agg = NeighbourhoodAggregator(aggregator_id("n"), SimulatedIdentities(1).own(aggregator_id("n")), registry, cell.header)
     outsider = Join(cell.header, cell.registry, "device-77")  # never enrolled
-    data, _, _ = client_step("advertise", message(outsider), None, identity=simulated_identity(1, "device-77"),
-                             cloud_key=sr.cloud_key, rng=simulated_rng(1, "x"),
+    data, _, _ = client_step("advertise", message(outsider), None, identity=SimulatedIdentities(1).own("device-77"),
+                             cloud_key=sr.cloud_key, rng=SimulatedIdentities(1).rng("x"),
                              train=lambda: (state, {"train_loss": 1.0, "num_examples": 3}), arrays=state)
     with pytest.raises(UnknownDevice):
         agg.receive_advert(read_message(data, AdvertiseKeys))

@@ -16,7 +16,7 @@ Two sources (``DataConfig.source``):
   ``messages`` layout) split across clients with flwr-datasets partitioners.
 
 Everything is deterministic given its arguments, in every process: randomness comes
-from :class:`random.Random` seeded with strings (never ``hash()``, which Python
+from :class:`random.Random` seeded with strings (:func:`fedlora.seeds.data_rng`; never ``hash()``, which Python
 randomises per process) and from the partitioners' own seeded generators.
 
 One module per concern: :mod:`~fedlora.data.wearable` (the synthetic source and its advice

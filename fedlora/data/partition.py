@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
-import random
 import re
 import warnings
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 from fedlora.config import DataConfig
 from fedlora.data.errors import DataError
 from fedlora.data.files import cell_text, checked_path, file_examples, load_table
+from fedlora.seeds import data_rng
 
 # Partition key derived from the question text when a file has no such column.
 QUESTION_TYPE = "question_type"
@@ -102,7 +102,7 @@ def _partition_assignment(
 
     n = len(file_examples(path, mtime_ns)[0])
     order = list(range(n))
-    random.Random(f"fedlora-partition:{seed}").shuffle(order)
+    data_rng("partition", seed).shuffle(order)
     columns: dict[str, list] = {"_row": order}
     if partitioner in ("dirichlet", "natural"):
         if not key:
@@ -189,7 +189,7 @@ def shuffled_held_out_split(rows: list[dict], fraction: float, seed: int, partit
                             ) -> tuple[list[dict], list[dict]]:
     """(train, held_out) copies of a client's ``rows``: a seeded shuffle, then ~``fraction`` held out."""
     order = list(range(len(rows)))
-    random.Random(f"fedlora-heldout:{seed}:{partition_id}").shuffle(order)
+    data_rng("heldout", seed, partition_id).shuffle(order)
     n_eval = held_out_count(len(rows), fraction)
     held_out = [_copy_example(rows[i]) for i in order[:n_eval]]
     train = [_copy_example(rows[i]) for i in order[n_eval:]]

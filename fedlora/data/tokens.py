@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from fedlora.data.errors import DataError
+from fedlora.seeds import data_rng
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def batches(
         raise DataError(f"batch_size={batch_size} must be >= 1")
     order = list(range(len(tokenized)))
     if shuffle:
-        random.Random(f"fedlora-batches:{seed}").shuffle(order)
+        data_rng("batches", seed).shuffle(order)
     for start in range(0, len(order), batch_size):
         items = [tokenized[i] for i in order[start : start + batch_size]]
         longest = max(len(it["input_ids"]) for it in items)

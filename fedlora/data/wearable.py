@@ -9,9 +9,10 @@ process draws the same records.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from fedlora.seeds import data_rng
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def wearable_records(seed: int, partition_id: int, n: int) -> list[dict]:
     "question"}``; identical in every process for the same arguments.
     """
     profile = profile_for(partition_id)
-    rng = random.Random(f"fedlora-wearable:{seed}:{partition_id}")
+    rng = data_rng("wearable", seed, partition_id)
 
     def draw(spec: tuple[float, float], lo: float, hi: float) -> float:
         return min(hi, max(lo, rng.gauss(*spec)))

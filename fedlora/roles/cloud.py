@@ -37,12 +37,12 @@ from fedlora.runs import report
 from fedlora.adapters import AdapterState
 from fedlora.aggregate.strategies import Strategy, make_strategy
 from fedlora.aggregate.sums import WeightedSum
-from fedlora.roles.neighbourhood import (ACCEPTED, DROPPED, LATE, AggregatorKeys, CellRequest, CellResult, ClientReply,
-                                         ClientStatus, LateCallback, ReplyCallback, Transport, reject_reason)
+from fedlora.roles.neighbourhood import (AggregatorKeys, CellRequest, CellResult, ClientReply, ClientStatus, LateCallback,
+                                         ReplyCallback, Transport, reject_reason)
 from fedlora.config import FederationConfig, FedLoraConfig, save_yaml
 from fedlora.data import eval_examples, tokenize
 from fedlora.aggregate.dp import FederatedDP
-from fedlora.roles.device import initial_adapter, lora_model, stable_seed
+from fedlora.roles.device import initial_adapter, lora_model
 from fedlora.world.mobility import assignment_at, next_assignment
 from fedlora.model import resolve_model_dir
 from fedlora.world.netsim import RoundNetwork, simulate_round, unavailable
@@ -52,8 +52,10 @@ from fedlora.roles.local import LocalCellRunner
 from fedlora.roles.suburban import TreeSums, merge_up
 from fedlora.run_settings import RunSettings, resolve_run
 from fedlora.runs.progress import Progress
+from fedlora.seeds import round_seed
 from fedlora.secure.identities import Identities, SimulatedIdentities
-from fedlora.secure.rounds import LOSS_KEY, SecureRound, SecureSettings, secure_layout
+from fedlora.secure.rounds import (ACCEPTED, CELL_ABORTED, CELL_REFUSED, DROPPED, LATE, LOSS_KEY, SecureRound, SecureSettings,
+                                   secure_layout)
 from fedlora.train import evaluate
 
 log = logging.getLogger("fedlora")
@@ -281,7 +283,7 @@ def sample_participants(run: Run, server_round: int) -> Participants:
 def sample_clients(available: list[int], fed: FederationConfig, seed: int, server_round: int) -> list[int]:
     """The clients asked to train in a round: a seeded sample, same on resume."""
     k = min(len(available), max(fed.min_clients, math.ceil(fed.fraction * len(available))))
-    rng = np.random.default_rng(stable_seed(seed, "sample", server_round))
+    rng = np.random.default_rng(round_seed(seed, "sample", server_round))
     return sorted(int(c) for c in rng.choice(sorted(available), size=k, replace=False))
 
 
@@ -293,7 +295,7 @@ def top_up_cells(selected: list[int], available: list[int], tree, cell_of, minim
         cell_of = {c: CLOUD for c in available}
     hood = {c: CLOUD if tree.kind == "flat" else tree.neighbourhood_of(cell_of[c]) for c in available}
     chosen = set(selected)
-    rng = np.random.default_rng(stable_seed(seed, "secagg-top-up", server_round))
+    rng = np.random.default_rng(round_seed(seed, "secagg-top-up", server_round))
     for cell in sorted({hood[c] for c in selected}):
         members = sorted(c for c in available if hood[c] == cell)
         missing = min(minimum, len(members)) - sum(1 for c in members if c in chosen)
@@ -436,11 +438,11 @@ def _unmask_round(sr: SecureRound, results: list[CellResult], refused: dict, per
         if why is not None:
             for st in res.clients.values():
                 if st.status == ACCEPTED:
-                    st.status, st.reason = DROPPED, f"cell aborted: {why}"
+                    st.status, st.reason = DROPPED, f"{CELL_ABORTED}: {why}"
         record_cells[res.cell] = {"ok": why is None, "reason": why, "survivors": res.accepted,
                                   "dropped": {k: sorted(v) for k, v in res.secure.dropped.items()}}
     for cell, (group, why) in refused.items():
-        results.append(CellResult(cell, {c: ClientStatus(c, DROPPED, f"cell refused: {why}") for c in group}))
+        results.append(CellResult(cell, {c: ClientStatus(c, DROPPED, f"{CELL_REFUSED}: {why}") for c in group}))
         record_cells[cell] = {"ok": False, "reason": why, "survivors": [], "dropped": {}}
     cell_sums, metric_sums, bound = {}, {"num_examples": 0.0, "train_loss": 0.0}, 0.0
     for key, decoded in sums.items():

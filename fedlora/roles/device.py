@@ -8,7 +8,6 @@ model once and reuses it: only the LoRA tensors are reset to the global adapter 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from typing import Any
 
@@ -23,16 +22,11 @@ from fedlora.model import load_base_model, wrap_lora
 from fedlora.round_settings import RoundSettings, apply_device_settings
 from fedlora.secure.identities import Identities, SimulatedIdentities
 from fedlora.secure.rounds import CLOUD_ID, STAGES, client_step, device_id
+from fedlora.seeds import round_seed
 from fedlora.train import train_local
 
 _peft: dict[str, Any] = {}  # the one LoRA-wrapped model of this process, with its key
 _tokenized: dict[tuple, list[dict]] = {}
-
-
-def stable_seed(*parts: object) -> int:
-    """A 31-bit seed from its parts, identical in every process (unlike hash())."""
-    digest = hashlib.sha256(json.dumps(parts, default=str).encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def lora_model(cfg: FedLoraConfig | RoundSettings, *, freeze_a: bool):
@@ -112,7 +106,7 @@ def train_round(settings: RoundSettings, global_state: AdapterState, partition_i
         tokenized,
         settings.train,
         pad_id=tokenizer.pad_token_id,
-        seed=stable_seed(settings.seed, settings.round, partition_id),
+        seed=round_seed(settings.seed, settings.round, partition_id),
         proximal_mu=settings.proximal_mu,
     )
     delta = adapters.subtract(adapters.get_state(model, trainable_only=True), start)

@@ -32,10 +32,7 @@ from fedlora.adapters import AdapterState
 from fedlora.aggregate.sums import WeightedSum
 from fedlora.config import DataConfig, LoraConfig, ModelConfig, TinyModelConfig, TrainConfig
 from fedlora.round_settings import RoundSettings
-from fedlora.secure.rounds import CLOUD_ID, STAGES, run_secure_cells
-
-ACCEPTED, LATE, DROPPED = "accepted", "late", "dropped"
-NO_REPLY = "no reply before the round timeout"
+from fedlora.secure.rounds import ACCEPTED, CLOUD_ID, DROPPED, LATE, NO_REPLY, STAGES, run_secure_cells
 
 
 class CellWireError(wire.WireError):

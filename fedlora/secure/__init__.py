@@ -21,7 +21,10 @@ Protocol:
     aggregator   neighbourhood aggregator state machine (verify, route, add)
     unmasker     unmasking tier: rebuild seeds, cell masks, remove_masks
     tiers        upper tiers: add masked sums of cells
-    session      one cell's session in one process (reference call order)
+Drivers (import them from their modules: they send messages through ``fedlora.wire``, which
+imports this package, so exporting them here would be an import cycle):
+    rounds       secure rounds over real messages; the one driver of a cell's stages
+    session      one cell's session in one process, the same driver over an in-memory exchange
     simulation   enrolled identities and signed headers for in-process runs and tests
 """
 
@@ -32,15 +35,12 @@ from fedlora.secure.errors import (CellAborted, ProtocolStateError, RejectedMess
                                    UnknownDevice, UnsafeEncoding)
 from fedlora.secure.keys import DeviceRegistry, IdentityKey
 from fedlora.secure.messages import CellHeader, CellMask, MaskedSum, SignedHeader, Stage, UnmaskedSum
-from fedlora.secure.session import CellOutcome, run_cell_session
-from fedlora.secure.simulation import Enrolment
 from fedlora.secure.tiers import add_masked
 from fedlora.secure.unmasker import Unmasker, remove_masks
 
 __all__ = [
-    "CellAborted", "CellClient", "CellHeader", "CellMask", "CellOutcome", "DecodedSum", "DeviceRegistry",
-    "EncodingConfig", "Enrolment", "IdentityKey", "MaskedSum", "NeighbourhoodAggregator", "ProtocolStateError", "RejectedMessage",
+    "CellAborted", "CellClient", "CellHeader", "CellMask", "DecodedSum", "DeviceRegistry",
+    "EncodingConfig", "IdentityKey", "MaskedSum", "NeighbourhoodAggregator", "ProtocolStateError", "RejectedMessage",
     "SecAggError", "ShareRequestRefused", "SignedHeader", "Stage", "TensorLayout", "UnknownDevice", "Unmasker",
     "UnmaskedSum", "UnsafeEncoding", "add_masked", "calibrate_clip", "decode_sum", "encode_update", "remove_masks",
-    "run_cell_session",
 ]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 
+from fedlora.seeds import simulation_secret
 from fedlora.secure.errors import SecAggError
 from fedlora.secure.keys import IdentityKey
 from fedlora.secure.prg import SeededStream
@@ -47,23 +48,23 @@ class Identities:
 
 
 class SimulatedIdentities(Identities):
-    """SIMULATION ONLY: every key and every secret derived from the run seed."""
+    """SIMULATION ONLY: every key and every secret derived from the run seed
+    (:func:`fedlora.seeds.simulation_secret`); the one source of simulated identities, for the
+    federation's rounds, the edge processes of a simulation and the in-process cells of the tests
+    and benchmarks (:class:`fedlora.secure.simulation.Enrolment`)."""
 
     def __init__(self, seed: int):
         self.seed = int(seed)
 
     def own(self, uid: str) -> IdentityKey:
-        from fedlora.secure.rounds import simulated_identity
-
-        return simulated_identity(self.seed, uid)
+        return IdentityKey.from_seed(simulation_secret(self.seed, "identity", uid))
 
     def public(self, uid: str) -> bytes:
         return self.own(uid).public_bytes
 
     def rng(self, *purpose: object) -> SeededStream:
-        from fedlora.secure.rounds import simulated_rng
-
-        return simulated_rng(self.seed, *purpose)
+        """Reproducible secret randomness for one purpose (e.g. device, round, stage)."""
+        return SeededStream(simulation_secret(self.seed, "rng", *purpose))
 
     local = own
 

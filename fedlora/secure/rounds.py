@@ -25,7 +25,6 @@ from its node folder, and ``os.urandom`` (:class:`~fedlora.secure.identities.Pla
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -43,7 +42,6 @@ from fedlora.secure.keys import DeviceRegistry, IdentityKey
 from fedlora.secure.messages import (AdvertiseKeys, CellHeader, CellMask, DeliveredShare, EncryptedShare, MaskedInput,
                                      MaskedSum, Roster, ShareDelivery, ShareKeys, SignedHeader, Stage, UnmaskBundle,
                                      UnmaskRequest, UnmaskResponse)
-from fedlora.secure.prg import SeededStream
 from fedlora.secure.tiers import add_masked
 from fedlora.secure.unmasker import Unmasker, remove_masks
 
@@ -53,6 +51,14 @@ LOSS_KEY = "~train_loss"
 # Stages as messages to the clients, in order (the first also trains).
 STAGES = (Stage.ADVERTISE.value, Stage.SHARE_KEYS.value, Stage.MASKED_INPUT.value, Stage.UNMASK.value)
 
+# A client's status in a cell's result, the one spelling for every tier (fedlora.roles.neighbourhood,
+# fedlora.roles.cloud, server/edge.py): in the cell's sum, valid but past the deadline, or left out.
+ACCEPTED, LATE, DROPPED = "accepted", "late", "dropped"
+# The reasons the tiers give for a dropped client: no reply at all; a cell the protocol ended
+# ("cell aborted: <why>"); a cell the cloud could not start ("cell refused: <why>").
+NO_REPLY = "no reply before the round timeout"
+CELL_ABORTED, CELL_REFUSED = "cell aborted", "cell refused"
+
 
 def device_id(client: int) -> str:
     return f"device-{int(client)}"
@@ -60,20 +66,6 @@ def device_id(client: int) -> str:
 
 def aggregator_id(cell: str) -> str:
     return f"aggregator/{cell}"
-
-
-def _derive(seed: int, *purpose: object) -> bytes:
-    return hashlib.sha256(transcript.encode("fedlora/simulation", str(seed), tuple(str(p) for p in purpose))).digest()
-
-
-def simulated_identity(seed: int, device: str) -> IdentityKey:
-    """SIMULATION ONLY: the Ed25519 identity of ``device`` derived from the run seed."""
-    return IdentityKey.from_seed(_derive(seed, "identity", device))
-
-
-def simulated_rng(seed: int, *purpose: object) -> SeededStream:
-    """SIMULATION ONLY: reproducible secret randomness for one purpose (e.g. device, round, stage)."""
-    return SeededStream(_derive(seed, "rng", *purpose))
 
 
 @dataclass(frozen=True)
@@ -207,134 +199,202 @@ def _pack(client: CellClient, registry: DeviceRegistry, encoded: np.ndarray | No
 
 
 # exchange(stage, cell requests, payloads {client: bytes}) -> {client: reply} where a reply has
-# ``.update`` (bytes), ``.metrics``, ``.error``; provided by fedlora.roles.neighbourhood over a Transport.
+# ``.update`` (bytes), ``.metrics``, ``.error``, ``.bytes_up``; provided by fedlora.roles.neighbourhood over a
+# Transport, or in process by fedlora.secure.session.
 Exchange = Callable[[str, list, dict], dict]
+# A client's reply in the neighbourhood aggregator's hands, fed to the aggregator role.
+Receive = Callable[["CellRun", int, object], None]
+
+
+@dataclass
+class CellRun:
+    """One cell's session as its neighbourhood aggregator drives it: the state between stages.
+
+    ``clients`` are END clients as the exchange names them; ``status[client]`` is
+    (status, reason, first-stage reply), every client DROPPED with NO_REPLY until it does better.
+    """
+
+    cell: str
+    clients: list
+    request: object = None  # what the exchange is handed for this cell (a CellRequest; None in process)
+    aggregator: NeighbourhoodAggregator | None = None
+    of: dict = field(default_factory=dict)  # device id -> END client
+    joins: dict = field(default_factory=dict)  # END client -> its first-stage payload
+    outcome: SecureOutcome = field(default_factory=SecureOutcome)
+    status: dict = field(default_factory=dict)
+    abort: CellAborted | None = None  # why the protocol ended the cell (outcome.aborted holds it as text)
+    adverts: dict = field(default_factory=dict)
+    roster: Roster | None = None
+    deliveries: dict | None = None
+    unmask_request: UnmaskRequest | None = None
+
+    def __post_init__(self):
+        self.status = self.status or {c: (DROPPED, NO_REPLY, None) for c in self.clients}
+
+    @property
+    def live(self) -> bool:
+        return self.aggregator is not None and self.outcome.aborted is None
+
+    def fail(self, reason: str | CellAborted) -> None:
+        self.outcome.aborted = str(reason)
+        if isinstance(reason, CellAborted):
+            self.abort = reason
+
+    def close(self, action: Callable[[NeighbourhoodAggregator], object]):
+        """``action(aggregator)`` (a stage's close), or None once it aborted the cell."""
+        try:
+            return action(self.aggregator)
+        except CellAborted as exc:
+            self.fail(exc)
+            return None
 
 
 def run_secure_cells(requests: list, exchange: Exchange, *, aggregator_identity: Callable[[str], IdentityKey],
                      cloud_key: bytes, late=None, upload_bytes: Callable[[object], int] = lambda r: 0) -> dict:
     """Stages 2-5 of every cell of one round; -> {cell: (SecureOutcome, {client: (status, reason, reply)})}.
 
-    ``status`` is "accepted" (in the masked sum), "late" (deadline) or "dropped"; ``reply`` the
+    ``status`` is ACCEPTED (in the masked sum), LATE (deadline) or DROPPED; ``reply`` the
     client's first-stage reply (for its clear training time), if any.
     """
-    cells: dict[str, dict] = {}
-    for req in requests:
-        info = {"req": req, "status": {c: ("dropped", "no reply before the round timeout", None) for c in req.clients},
-                "outcome": SecureOutcome(), "agg": None, "of": {}}
-        cells[req.cell] = info
-        try:
-            sec: SecureCell = req.secure
-            registry = sec.registry.verify(cloud_key)
-            header = sec.header.header
-            info["agg"] = NeighbourhoodAggregator(header.aggregator, aggregator_identity(header.aggregator), registry,
-                                                  sec.header, cloud_id=CLOUD_ID)
-            info["of"] = {sec.devices[c]: c for c in req.clients}
-            if sorted(info["of"].values()) != sorted(req.clients):
-                raise RejectedMessage("the request's device map does not cover its clients")
-        except (SecAggError, KeyError, AttributeError, TypeError, ValueError) as exc:
-            _abort(info, f"cell request refused: {exc}")
+    runs = [open_cell(req, aggregator_identity=aggregator_identity, cloud_key=cloud_key) for req in requests]
+    drive_cells(runs, exchange, late=late, upload_bytes=upload_bytes)
+    return {run.cell: (run.outcome, _settle(run)) for run in runs}
 
-    def live() -> list[dict]:
-        return [i for i in cells.values() if i["agg"] is not None and i["outcome"].aborted is None]
 
-    def ask(stage: str, payloads: dict[str, dict[int, bytes]], receive: Callable) -> None:
-        """Send one stage's payloads for every live cell; feed the replies to ``receive``."""
-        flat = {c: p for cell in payloads.values() for c, p in cell.items()}
-        replies = exchange(stage, [cells[c]["req"] for c in payloads], flat) if flat else {}
-        for cell, sent in payloads.items():
-            info = cells[cell]
-            for client in sorted(sent):
-                reply = replies.get(client)
-                why = "no reply" if reply is None else reply.error
-                if why is None:
-                    try:
-                        receive(info, client, reply)
-                        continue
-                    except (RejectedMessage, TypeError, ValueError, AttributeError, KeyError) as exc:
-                        why = f"rejected: {exc}"
-                info["outcome"].dropped.setdefault(stage, []).append(client)
-                if why != "no reply":
-                    info["status"][client] = ("dropped", f"secagg {stage}: {why}", info["status"][client][2])
+def open_cell(req, *, aggregator_identity: Callable[[str], IdentityKey], cloud_key: bytes) -> CellRun:
+    """The aggregator's session for ``req`` (its ``.cell``, ``.clients``, ``.secure`` :class:`SecureCell`),
+    aborted at once with the reason when the request does not check out."""
+    run = CellRun(req.cell, list(req.clients), request=req)
+    try:
+        sec: SecureCell = req.secure
+        registry = sec.registry.verify(cloud_key)
+        header = sec.header.header
+        run.aggregator = NeighbourhoodAggregator(header.aggregator, aggregator_identity(header.aggregator), registry,
+                                                 sec.header, cloud_id=CLOUD_ID)
+        run.of = {sec.devices[c]: c for c in req.clients}
+        if sorted(run.of.values()) != sorted(req.clients):
+            raise RejectedMessage("the request's device map does not cover its clients")
+    except (SecAggError, KeyError, AttributeError, TypeError, ValueError) as exc:
+        run.fail(f"cell request refused: {exc}")
+    if run.live:
+        run.joins = {c: message(Join(sec.header, sec.registry, sec.devices[c])) for c in req.clients}
+    return run
 
-    def advertise(info, client, reply):
-        info["status"][client] = ("dropped", "no reply before the round timeout", reply)
+
+def drive_cells(runs: list[CellRun], exchange: Exchange, *, late=None,
+                upload_bytes: Callable[[object], int] = lambda r: 0) -> None:
+    """Every stage of the live cells of ``runs``, one exchange per stage for all of them.
+
+    ``late(usable first-stage replies)`` -> {client: reason} names the stragglers (the network
+    model); ``upload_bytes(request)`` is what each client's upload weighs, for that model.
+    """
+    _advertise(runs, exchange, late, upload_bytes)
+    _share_keys(runs, exchange)
+    _masked_input(runs, exchange)
+    _unmask(runs, exchange)
+
+
+def _ask(exchange: Exchange, stage: str, sends: list[tuple[CellRun, dict]], receive: Receive) -> None:
+    """Send one stage's payloads ({client: bytes} per cell); feed each usable reply to ``receive``."""
+    flat = {c: p for _, sent in sends for c, p in sent.items()}
+    replies = exchange(stage, [run.request for run, _ in sends], flat) if flat else {}
+    for run, sent in sends:
+        for client in sorted(sent):
+            reply = replies.get(client)
+            why = "no reply" if reply is None else reply.error
+            if why is None:
+                try:
+                    receive(run, client, reply)
+                    continue
+                except (RejectedMessage, TypeError, ValueError, AttributeError, KeyError) as exc:
+                    why = f"rejected: {exc}"
+            run.outcome.dropped.setdefault(stage, []).append(client)
+            if why != "no reply":
+                run.status[client] = (DROPPED, f"secagg {stage}: {why}", run.status[client][2])
+
+
+def _live(runs: list[CellRun]) -> list[CellRun]:
+    return [run for run in runs if run.live]
+
+
+def _advertise(runs: list[CellRun], exchange: Exchange, late, upload_bytes: Callable[[object], int]) -> None:
+    """Stage 1: clients train and advertise keys; stragglers are LATE; the roster closes."""
+    def receive(run: CellRun, client: int, reply) -> None:
+        run.status[client] = (DROPPED, NO_REPLY, reply)
         advert = read_message(reply.update, AdvertiseKeys)
-        if info["of"].get(advert.sender) != client:
+        if run.of.get(advert.sender) != client:
             raise RejectedMessage(f"client {client} advertised as {advert.sender!r}, not its own device")
-        info["adverts"] = info.get("adverts", {})
-        info["adverts"][client] = advert
+        run.adverts[client] = advert
 
-    ask(STAGES[0], {i["req"].cell: {c: message(Join(i["req"].secure.header, i["req"].secure.registry,
-                                                    i["req"].secure.devices[c])) for c in i["req"].clients}
-                    for i in live()}, advertise)
-    for info in live():
-        adverts = info.pop("adverts", {})
-        usable = {c: info["status"][c][2] for c in adverts}
+    _ask(exchange, STAGES[0], [(run, run.joins) for run in _live(runs)], receive)
+    for run in _live(runs):
+        adverts, run.adverts = run.adverts, {}
+        usable = {c: run.status[c][2] for c in adverts}
         for reply in usable.values():
-            reply.bytes_up = upload_bytes(info["req"])
+            reply.bytes_up = upload_bytes(run.request)
         stragglers = dict(late(usable)) if late is not None and usable else {}
         for client, advert in sorted(adverts.items()):
             if client in stragglers:
-                info["status"][client] = ("late", stragglers[client], usable[client])
+                run.status[client] = (LATE, stragglers[client], usable[client])
                 continue
             try:
-                info["agg"].receive_advert(advert)
+                run.aggregator.receive_advert(advert)
             except RejectedMessage as exc:
-                info["status"][client] = ("dropped", f"secagg advertise: rejected: {exc}", usable[client])
-        _close(info, lambda a: a.close_advertising(), "roster")
-
-    ask(STAGES[1], {i["req"].cell: {i["of"][u]: message(i["roster"]) for u in i["roster"].members} for i in live()},
-        lambda info, c, r: info["agg"].receive_shares(_from(info, c, read_message(r.update, ShareKeys))))
-    for info in live():
-        _close(info, lambda a: a.close_sharing(), "deliveries")
-    ask(STAGES[2], {i["req"].cell: {i["of"][u]: message(d) for u, d in i["deliveries"].items()} for i in live()},
-        lambda info, c, r: info["agg"].receive_masked_input(_from(info, c, read_message(r.update, MaskedInput))))
-    for info in live():
-        if _close(info, lambda a: a.close_upload(), "upload"):
-            request, info["outcome"].masked = info.pop("upload")
-            info["request"] = request
-            info["outcome"].survivors = sorted(info["of"][u] for u in request.survivors)
-    ask(STAGES[3], {i["req"].cell: {i["of"][u]: message(i["request"]) for u in i["request"].survivors} for i in live()},
-        lambda info, c, r: info["agg"].receive_unmask_response(_from(info, c, read_message(r.update, UnmaskResponse))))
-    for info in live():
-        if _close(info, lambda a: a.close_unmask(), "bundle"):
-            info["outcome"].bundle = info.pop("bundle")
-    out = {}
-    for cell, info in cells.items():
-        outcome = info["outcome"]
-        for c in outcome.survivors if outcome.aborted is None else ():
-            info["status"][c] = ("accepted", None, info["status"][c][2])
-        if outcome.aborted is not None:
-            outcome.masked = outcome.bundle = None  # nothing partial leaves an aborted cell
-            for c, (st, why, reply) in info["status"].items():
-                if st == "accepted" or why == "no reply before the round timeout" and reply is not None:
-                    info["status"][c] = ("dropped", f"cell aborted: {outcome.aborted}", reply)
-        for c, (st, why, reply) in info["status"].items():
-            if st == "dropped" and why == "no reply before the round timeout" and reply is not None:
-                stage = next((s for s in STAGES[1:] if c in outcome.dropped.get(s, [])), "a later stage")
-                info["status"][c] = ("dropped", f"secagg: no reply at {stage}", reply)
-        out[cell] = (outcome, info["status"])
-    return out
+                run.status[client] = (DROPPED, f"secagg advertise: rejected: {exc}", usable[client])
+        run.roster = run.close(lambda a: a.close_advertising())
 
 
-def _from(info: dict, client: int, msg):
-    if info["of"].get(msg.sender) != client:
+def _share_keys(runs: list[CellRun], exchange: Exchange) -> None:
+    """Stage 2: the roster to its members, their encrypted shares back; deliveries close."""
+    _ask(exchange, STAGES[1], [(run, {run.of[u]: message(run.roster) for u in run.roster.members}) for run in _live(runs)],
+         lambda run, c, r: run.aggregator.receive_shares(_from(run, c, read_message(r.update, ShareKeys))))
+    for run in _live(runs):
+        run.deliveries = run.close(lambda a: a.close_sharing())
+
+
+def _masked_input(runs: list[CellRun], exchange: Exchange) -> None:
+    """Stage 3: each member's share delivery, its masked input back; the upload closes."""
+    _ask(exchange, STAGES[2], [(run, {run.of[u]: message(d) for u, d in run.deliveries.items()}) for run in _live(runs)],
+         lambda run, c, r: run.aggregator.receive_masked_input(_from(run, c, read_message(r.update, MaskedInput))))
+    for run in _live(runs):
+        upload = run.close(lambda a: a.close_upload())
+        if upload is not None:
+            run.unmask_request, run.outcome.masked = upload
+            run.outcome.survivors = sorted(run.of[u] for u in run.unmask_request.survivors)
+
+
+def _unmask(runs: list[CellRun], exchange: Exchange) -> None:
+    """Stage 4: the unmask request to the survivors, their sealed responses back; the bundle closes."""
+    _ask(exchange, STAGES[3],
+         [(run, {run.of[u]: message(run.unmask_request) for u in run.unmask_request.survivors}) for run in _live(runs)],
+         lambda run, c, r: run.aggregator.receive_unmask_response(_from(run, c, read_message(r.update, UnmaskResponse))))
+    for run in _live(runs):
+        bundle = run.close(lambda a: a.close_unmask())
+        if bundle is not None:
+            run.outcome.bundle = bundle
+
+
+def _settle(run: CellRun) -> dict:
+    """The cell's final client statuses; an aborted cell forwards nothing partial."""
+    outcome, status = run.outcome, run.status
+    for c in outcome.survivors if outcome.aborted is None else ():
+        status[c] = (ACCEPTED, None, status[c][2])
+    if outcome.aborted is not None:
+        outcome.masked = outcome.bundle = None
+        for c, (st, why, reply) in status.items():
+            if st == ACCEPTED or why == NO_REPLY and reply is not None:
+                status[c] = (DROPPED, f"{CELL_ABORTED}: {outcome.aborted}", reply)
+    for c, (st, why, reply) in status.items():
+        if st == DROPPED and why == NO_REPLY and reply is not None:
+            stage = next((s for s in STAGES[1:] if c in outcome.dropped.get(s, [])), "a later stage")
+            status[c] = (DROPPED, f"secagg: no reply at {stage}", reply)
+    return status
+
+
+def _from(run: CellRun, client: int, msg):
+    if run.of.get(msg.sender) != client:
         raise RejectedMessage(f"client {client} sent a message as {msg.sender!r}")
     return msg
-
-
-def _close(info: dict, action, key: str) -> bool:
-    try:
-        info[key] = action(info["agg"])
-        return True
-    except CellAborted as exc:
-        _abort(info, str(exc))
-        return False
-
-
-def _abort(info: dict, reason: str) -> None:
-    info["outcome"].aborted = reason
 
 
 # --------------------------------------------------------------------------- cloud

@@ -16,8 +16,10 @@ message between machines:
     unmasker:    cell_mask  = unmasker.unmask_cell(bundle)                  -> cloud
     cloud:       plain = remove_masks(add_masked(masked sums), cell masks); decode_sum(plain, ...)
 
-A client that raises :class:`RejectedMessage` (or is told to drop) simply stops taking
-part, as a device that lost its connection would; a :class:`CellAborted` ends the cell.
+:func:`run_cell_session` is the round loop's own driver (:func:`fedlora.secure.rounds.drive_cells`)
+over an in-memory exchange: every message is serialised as on the network, and a client that
+raises :class:`RejectedMessage` (or is told to drop) simply stops taking part, as a device that
+lost its connection would; a :class:`CellAborted` ends the cell.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ import numpy as np
 from fedlora.secure.aggregator import NeighbourhoodAggregator
 from fedlora.secure.client import CellClient
 from fedlora.secure.errors import CellAborted, RejectedMessage
-from fedlora.secure.messages import CellMask, MaskedSum, SignedHeader, Stage, UnmaskedSum
+from fedlora.secure.messages import (CellMask, MaskedSum, Roster, ShareDelivery, SignedHeader, Stage, UnmaskedSum,
+                                     UnmaskRequest)
+from fedlora.secure.rounds import NO_REPLY, STAGES, CellRun, drive_cells, message, read_message
 from fedlora.secure.unmasker import Unmasker, remove_masks
 
 # A client's contribution: its update and example count (encoded by the client), or an
@@ -79,43 +83,74 @@ def run_cell_session(signed_header: SignedHeader, clients: Mapping[str, CellClie
     missing = sorted(set(clients) - set(inputs))
     if missing:
         raise ValueError(f"clients {missing} have no input for cell {signed_header.header.cell!r}")
-    drop_at = dict(drop_at or {})
-    outcome = CellOutcome(cell=signed_header.header.cell)
+    devices = sorted(clients)  # the exchange names END client i by its index
+    run = CellRun(signed_header.header.cell, list(range(len(devices))), aggregator=aggregator,
+                  of={u: i for i, u in enumerate(devices)}, joins={i: b"" for i in range(len(devices))})
+    session = _InProcessClients(signed_header, global_adapter, devices, clients, inputs, drop_at or {})
+    drive_cells([run], session.exchange)
+    return _outcome(run, devices, unmasker)
 
-    def active(client_id: str, stage: Stage) -> bool:
-        if drop_at.get(client_id) == stage:
-            outcome.dropped[client_id] = f"dropped at {stage.value}"
-            del drop_at[client_id]  # and stays away for every later stage
-        return client_id not in outcome.dropped
 
-    def attempt(client_id: str, action) -> None:
+@dataclass
+class _Reply:
+    """A client's answer to one stage as the exchange hands it back (serialised message or error)."""
+
+    update: bytes | None = None
+    error: str | None = None
+    bytes_up: int = 0
+
+
+@dataclass
+class _InProcessClients:
+    """The exchange of an in-process cell: each payload straight to its :class:`CellClient`."""
+
+    signed_header: SignedHeader
+    global_adapter: Mapping[str, np.ndarray] | None
+    devices: list[str]
+    clients: Mapping[str, CellClient]
+    inputs: Mapping[str, ClientInput]
+    drop_at: Mapping[str, Stage]
+
+    def exchange(self, stage: str, _requests: list, payloads: dict[int, bytes]) -> dict[int, _Reply]:
+        replies = {}
+        for c, payload in payloads.items():
+            u = self.devices[c]
+            if u in self.drop_at and STAGES.index(Stage(self.drop_at[u]).value) <= STAGES.index(stage):
+                continue  # gone from its drop stage on
+            try:
+                replies[c] = _Reply(message(self._answer(stage, u, payload)))
+            except RejectedMessage as exc:
+                replies[c] = _Reply(error=f"rejected: {exc}")
+        return replies
+
+    def _answer(self, stage: str, u: str, payload: bytes):
+        client = self.clients[u]
+        if stage == Stage.ADVERTISE.value:
+            return client.advertise(self.signed_header, self.global_adapter)
+        if stage == Stage.SHARE_KEYS.value:
+            return client.share_keys(read_message(payload, Roster))
+        if stage == Stage.MASKED_INPUT.value:
+            return client.masked_input(read_message(payload, ShareDelivery), _encoded(client, self.inputs[u]))
+        return client.unmask(read_message(payload, UnmaskRequest))
+
+
+def _outcome(run: CellRun, devices: list[str], unmasker: Unmasker) -> CellOutcome:
+    """The session's :class:`CellOutcome`, unmasking the cell's bundle unless it aborted."""
+    outcome = CellOutcome(cell=run.cell, masked_sum=run.outcome.masked, aborted=run.abort)
+    if run.unmask_request is not None:
+        outcome.survivors = tuple(run.unmask_request.survivors)
+    if outcome.aborted is None:
         try:
-            action()
-        except RejectedMessage as exc:
-            outcome.dropped[client_id] = f"rejected: {exc}"
-
-    try:
-        for u in sorted(clients):
-            if active(u, Stage.ADVERTISE):
-                attempt(u, lambda: aggregator.receive_advert(clients[u].advertise(signed_header, global_adapter)))
-        roster = aggregator.close_advertising()
-        for u in roster.members:
-            if active(u, Stage.SHARE_KEYS):
-                attempt(u, lambda: aggregator.receive_shares(clients[u].share_keys(roster)))
-        deliveries = aggregator.close_sharing()
-        for u, delivery in deliveries.items():
-            if active(u, Stage.MASKED_INPUT):
-                attempt(u, lambda: aggregator.receive_masked_input(
-                    clients[u].masked_input(delivery, _encoded(clients[u], inputs[u]))))
-        request, outcome.masked_sum = aggregator.close_upload()
-        outcome.survivors = request.survivors
-        for u in request.survivors:
-            if active(u, Stage.UNMASK):
-                attempt(u, lambda: aggregator.receive_unmask_response(clients[u].unmask(request)))
-        outcome.mask = unmasker.unmask_cell(aggregator.close_unmask())
-    except CellAborted as exc:
-        outcome.aborted, outcome.mask = exc, None
-    for u in clients:
+            outcome.mask = unmasker.unmask_cell(run.outcome.bundle)
+        except CellAborted as exc:
+            outcome.aborted = exc
+    for c, (_, why, _) in run.status.items():  # refused by the aggregator, or refused to go on
+        if why != NO_REPLY:
+            outcome.dropped[devices[c]] = why
+    for stage in STAGES:
+        for c in run.outcome.dropped.get(stage, []):
+            outcome.dropped.setdefault(devices[c], f"dropped at {stage}")
+    for u in devices:
         if u not in outcome.survivors and u not in outcome.dropped:
             outcome.dropped[u] = "left out when the cell aborted"
     return outcome

@@ -1,17 +1,15 @@
 """In-process stand-ins for what a deployment sets up once: enrolled identities and headers.
 
 In a deployment every device makes its Ed25519 identity on first start and the cloud
-enrols the public half. In a simulation (and in the tests) all devices live in one process:
-:class:`Enrolment` makes and enrols identities on demand, issues signed cell headers, and
-runs a cell session with fresh role objects. With a ``seed`` every key, share and rounding
-draw is reproducible (AES-CTR streams per device, round and purpose -- still a
-cryptographic generator); without one everything comes from ``os.urandom``.
+enrols the public half. In a simulation (and in the tests and benchmarks) all devices live
+in one process: :class:`Enrolment` takes every key and every secret from one
+:class:`~fedlora.secure.identities.SimulatedIdentities` (derived from its seed: AES-CTR
+streams per device, round and purpose -- still a cryptographic generator), enrols identities
+on demand, issues signed cell headers, and runs a cell session with fresh role objects.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 from collections.abc import Mapping
 
 import numpy as np
@@ -19,36 +17,33 @@ import numpy as np
 from fedlora.secure.aggregator import NeighbourhoodAggregator
 from fedlora.secure.client import CellClient
 from fedlora.secure.encoding import EncodingConfig, TensorLayout, adapter_digest
+from fedlora.secure.identities import SimulatedIdentities
 from fedlora.secure.keys import DeviceRegistry, IdentityKey
 from fedlora.secure.messages import CellHeader, SignedHeader, Stage
-from fedlora.secure.prg import AES128_CTR, Randomness, SeededStream
+from fedlora.secure.prg import AES128_CTR, Randomness
 from fedlora.secure.session import CellOutcome, ClientInput, run_cell_session
 from fedlora.secure.unmasker import Unmasker
 
 
 class Enrolment:
-    """Identities of every device of a simulated federation and the cloud's registry."""
+    """The cloud's registry of the devices of an in-process federation, keys from ``identities``."""
 
-    def __init__(self, seed: bytes | None = None, *, cloud_id: str = "cloud"):
-        self.seed = seed
+    def __init__(self, identities: SimulatedIdentities, *, cloud_id: str = "cloud"):
+        self.identities = identities
         self.cloud_id = cloud_id
         self.registry = DeviceRegistry()
-        self._identities: dict[str, IdentityKey] = {}
         self.enroll(cloud_id)
 
     def rng(self, *purpose: object) -> Randomness:
-        """A secret random source for ``purpose`` (reproducible from the seed, if any)."""
-        if self.seed is None:
-            return os.urandom
-        return SeededStream(hashlib.sha256(self.seed + repr(purpose).encode()).digest())
+        """A secret random source for ``purpose`` (reproducible from the identities' seed)."""
+        return self.identities.rng(*purpose)
 
     def enroll(self, device_id: str) -> IdentityKey:
-        """The identity of ``device_id``, made and enrolled in the registry on first use."""
-        if device_id not in self._identities:
-            identity = IdentityKey.generate(self.rng("identity", device_id))
+        """The identity of ``device_id``, enrolled in the registry on first use."""
+        identity = self.identities.own(device_id)
+        if device_id not in self.registry:
             self.registry.enroll(device_id, identity.public_bytes)
-            self._identities[device_id] = identity
-        return self._identities[device_id]
+        return identity
 
     def unmasker(self, device_id: str, server_round: int) -> Unmasker:
         """A fresh unmasker (one X25519 key) for one round."""
@@ -66,7 +61,7 @@ class Enrolment:
             layout=TensorLayout.of(global_adapter), encoding=encoding or EncodingConfig(), threshold=threshold,
             max_clients=max_clients, graph_seed=self.rng("graph-seed", run_id, server_round, cell)(32),
             complete_graph_up_to=complete_graph_up_to, graph_degree=graph_degree, prg=prg)
-        return SignedHeader.sign(header, self._identities[self.cloud_id], self.cloud_id)
+        return SignedHeader.sign(header, self.enroll(self.cloud_id), self.cloud_id)
 
     def client(self, device_id: str, signed_header: SignedHeader) -> CellClient:
         """A fresh client role for ``device_id`` in the header's cell and round."""

@@ -25,7 +25,8 @@ from functools import lru_cache
 from pathlib import Path
 
 from fedlora.config import ConfigError
-from fedlora.world.topology import CellTree, board, uniform
+from fedlora.seeds import world_draw
+from fedlora.world.topology import CellTree, board
 
 TRACE_SETTING = "topology.mobility.trace_path"
 
@@ -64,16 +65,16 @@ def _random_walk(tree: CellTree, cell_of: Mapping[int, str], server_round: int, 
         return out
     neighbourhoods = tree.tier("neighbourhood")
     for client in sorted(cell_of):
-        if uniform(seed, "handover", server_round, client) >= m.handover_prob:
+        if world_draw(seed, "handover", server_round, client) >= m.handover_prob:
             continue
         here = tree.neighbourhood_of(cell_of[client])
         others = [n for n in neighbourhoods if n != here]
         if not others:
             continue
         siblings = [n for n in tree.cells[tree.cells[here].parent].children if n != here]  # type: ignore[index]
-        far = uniform(seed, "far", server_round, client) < m.far_prob
+        far = world_draw(seed, "far", server_round, client) < m.far_prob
         candidates = others if far or not siblings else siblings
-        dest = candidates[int(uniform(seed, "dest", server_round, client) * len(candidates))]
+        dest = candidates[int(world_draw(seed, "dest", server_round, client) * len(candidates))]
         out[client] = board(tree.cells, dest, client, server_round, seed, tree.passenger_fraction)
     return out
 

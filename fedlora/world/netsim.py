@@ -61,7 +61,8 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 import math
 
-from fedlora.world.topology import CLOUD, CellTree, Link, uniform
+from fedlora.seeds import world_draw
+from fedlora.world.topology import CLOUD, CellTree, Link
 
 
 @dataclass
@@ -92,7 +93,7 @@ class RoundNetwork:
 
 def is_available(tree: CellTree, client: int, server_round: int, seed: int) -> bool:
     """Whether the client's device is reachable this round; fixed by (seed, round, client)."""
-    return uniform(seed, "available", server_round, client) < tree.profile(client).availability
+    return world_draw(seed, "available", server_round, client) < tree.profile(client).availability
 
 
 def unavailable(tree: CellTree, clients: Iterable[int], server_round: int, seed: int) -> dict[int, str]:

@@ -19,33 +19,17 @@ Everything here is pure Python + numpy: no Flower, torch or sockets.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from fedlora.config import DeviceProfileConfig, LinkConfig, MobilityConfig, TopologyConfig
+from fedlora.seeds import world_draw, world_seed
 
 CLOUD = "cloud"
 TIERS = ("cloud", "suburban", "neighbourhood", "femto")  # top to bottom
 REFERENCE_PROFILE = "reference"
-
-
-def stable_seed(*parts: object) -> int:
-    """A 31-bit seed from its parts, the same in every process (unlike ``hash()``)."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
-def uniform(*parts: object) -> float:
-    """A uniform draw in [0, 1) fixed by its parts (e.g. seed, purpose, round, client).
-
-    Hash-based rather than a shared generator, so one client's draw does not depend on
-    which other clients exist or in which order they are asked.
-    """
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2.0**64
 
 
 @dataclass(frozen=True)
@@ -165,7 +149,7 @@ def build_tree(topo: TopologyConfig, num_clients: int, seed: int) -> CellTree:
     links_cfg = topo.links
     profiles = dict(topo.profiles)
     profiles.setdefault(REFERENCE_PROFILE, DeviceProfileConfig())
-    profile_of = _deal(clients, dict(topo.profile_mix) or {REFERENCE_PROFILE: 1.0}, stable_seed(seed, "profiles"))
+    profile_of = _deal(clients, dict(topo.profile_mix) or {REFERENCE_PROFILE: 1.0}, world_seed(seed, "profiles"))
 
     if topo.kind == "flat":
         cells = {CLOUD: Cell(CLOUD, "cloud", None, (), None)}
@@ -179,7 +163,7 @@ def build_tree(topo: TopologyConfig, num_clients: int, seed: int) -> CellTree:
         weights = list(topo.neighbourhood_weights) or [1.0] * len(neighbourhoods)
         if len(weights) != len(neighbourhoods):
             raise ValueError(f"topology.neighbourhood_weights needs {len(neighbourhoods)} entries, got {len(weights)}")
-        home = _deal(clients, {n.id: w for n, w in zip(neighbourhoods, weights)}, stable_seed(seed, "cells"))
+        home = _deal(clients, {n.id: w for n, w in zip(neighbourhoods, weights)}, world_seed(seed, "cells"))
         initial = {c: board(cells, home[c], c, 0, seed, topo.femto.passenger_fraction) for c in clients}
     return CellTree(
         kind=topo.kind,
@@ -200,9 +184,9 @@ def board(cells: Mapping[str, Cell], neighbourhood: str, client: int, server_rou
     """The leaf cell of a client arriving in ``neighbourhood``: one of its femto cells (a
     vehicle) with chance ``passenger_fraction``, else the neighbourhood itself."""
     vehicles = [c for c in cells[neighbourhood].children if cells[c].tier == "femto"]
-    if not vehicles or uniform(seed, "board", server_round, client) >= passenger_fraction:
+    if not vehicles or world_draw(seed, "board", server_round, client) >= passenger_fraction:
         return neighbourhood
-    return vehicles[int(uniform(seed, "vehicle", server_round, client) * len(vehicles))]
+    return vehicles[int(world_draw(seed, "vehicle", server_round, client) * len(vehicles))]
 
 
 def _link(name: str, spec: LinkConfig) -> Link:
