@@ -128,6 +128,7 @@ def _adapter_and_config(target: Path, overrides: list[str], command: str, reads:
     The config is the run's (beside the adapter) with the overrides, else the composed config.
     An override that changes a setting ``command`` does not read from the config (LoRA from the
     adapter, the model from the run, the rest not at all) is a UserError naming it and why."""
+    # Hydra/OmegaConf only for the commands that read a run (eval, generate)
     from omegaconf import OmegaConf
 
     from fedlora.config import compose, load_yaml, to_dict, to_typed
@@ -188,6 +189,7 @@ def _changed(before: dict, after: dict, prefix: str = "") -> list[str]:
 
 def _override_node(item: str):
     """One override as a config to merge; a group selection like ``data=medical`` is that group file's keys."""
+    # Hydra/OmegaConf only for the commands that read a run (eval, generate)
     from omegaconf import OmegaConf
 
     from fedlora.config import conf_dir

@@ -30,15 +30,17 @@ PACKAGES = ("fedlora", "server", "clients")
 # Layers, low to high. A module may import from its own layer or a lower one, never from a higher
 # one. A module's layer is that of the longest prefix below that names it or a package above it.
 LAYERS: dict[int, tuple[str, ...]] = {
-    # 1: primitives and protocol state machines, no tier or deployment knowledge: seeds, the
-    #    message codec and the canonical bytes it shares with the signatures, the typed config,
-    #    the names of Flower message records, the secure-aggregation protocol, weighted sums.
-    1: ("fedlora.seeds", "fedlora.transcript", "fedlora.wire", "fedlora.config", "fedlora.protocol",
-        "fedlora.secure", "fedlora.aggregate.sums"),
+    # 0: what everything may use and which knows nothing of federated learning: seeds, the
+    #    canonical bytes of signatures and messages, the typed config schema, the user-error type.
+    0: ("fedlora.seeds", "fedlora.transcript", "fedlora.config", "fedlora.usage"),
+    # 1: primitives and protocol state machines, no tier or deployment knowledge: the message
+    #    codec, the typed round settings a device receives, the names of Flower message records,
+    #    the secure-aggregation protocol, weighted sums.
+    1: ("fedlora.wire", "fedlora.round_settings", "fedlora.protocol", "fedlora.secure", "fedlora.aggregate.sums"),
     # 2: the learning and the world it runs in: model, training, adapters, data, the cell tree,
-    #    network and mobility model, strategies and DP, the run records.
+    #    network and mobility model, strategies and DP, the run records, a run's settings resolved once.
     2: ("fedlora.model", "fedlora.train", "fedlora.adapters", "fedlora.data", "fedlora.world",
-        "fedlora.aggregate", "fedlora.runs"),
+        "fedlora.aggregate", "fedlora.runs", "fedlora.run_settings"),
     # 3: the roles of a round: device, neighbourhood, sub-urban, HierFAVG, cloud, local cells.
     3: ("fedlora.roles",),
     # 4: deployment: plan and node folders, keys, device facts, processes, launcher.

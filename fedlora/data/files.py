@@ -38,7 +38,7 @@ def checked_path(raw: str) -> Path:
 @functools.lru_cache(maxsize=8)
 def load_table(path: str, mtime_ns: int) -> Any:
     """The file as a ``datasets.Dataset`` (cached per path and modification time)."""
-    import datasets
+    import datasets  # takes seconds to import: only when a dataset file is read
 
     builder = FILE_BUILDERS[Path(path).suffix.lower()]
     # Quiet while loading: progress bars are noise in a client's log, and on a bad file

@@ -97,6 +97,7 @@ def _partition_assignment(
     The rows are first shuffled with ``seed`` (as flwr-datasets' FederatedDataset does)
     so that IID partitions of a topic-sorted file are not topic blocks.
     """
+    # datasets and flwr_datasets take seconds to import: only when a file is partitioned
     import datasets
     from flwr_datasets.partitioner import IidPartitioner, NaturalIdPartitioner
 
@@ -151,7 +152,7 @@ def _dirichlet(table: Any, path: str, key: str, alpha: float, num_partitions: in
     minimum of one row. Each attempt is a fresh partitioner with the same seed, so the
     outcome is deterministic.
     """
-    from flwr_datasets.partitioner import DirichletPartitioner
+    from flwr_datasets.partitioner import DirichletPartitioner  # seconds to import: only for a Dirichlet split
 
     n = table.num_rows
     if n < num_partitions:

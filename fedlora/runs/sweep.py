@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -103,8 +105,6 @@ def sweep_jobs(config: DictConfig, config_loader) -> list[list[str]] | None:
 def bad_jobs(config: DictConfig, config_loader, jobs: list[list[str]]) -> list[tuple[int, list[str], str]]:
     """(job number, its overrides, the error) of each job whose config does not compose or
     validate, composed the way Hydra's launcher composes it for the job."""
-    from hydra.errors import HydraException
-
     bad = []
     for num, overrides in enumerate(jobs):
         try:
@@ -138,8 +138,6 @@ class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Refuse the sweep (exit code 2) before any job starts when a job's config is bad, so no
         job trains only for a sibling to stop the sweep."""
-        from hydra.core.global_hydra import GlobalHydra
-
         config_loader = GlobalHydra.instance().config_loader()
         jobs = sweep_jobs(config, config_loader)
         bad = bad_jobs(config, config_loader, jobs) if jobs else []
