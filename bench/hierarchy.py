@@ -113,9 +113,9 @@ def netsim_rounds(cfg, rounds: int, adapter_bytes: int, train_s: float | dict[in
     ``{round: {client: seconds}}`` (e.g. the measured ones of a real run).
     """
     from fedlora.roles.cloud import sample_clients
+    from fedlora.run_settings import resolve_run
     from fedlora.world.mobility import assignment_at, next_assignment
     from fedlora.world.netsim import simulate_round, unavailable
-    from fedlora.run_settings import resolve_run
 
     n = cfg.federation.num_clients
     tree = resolve_run(cfg).tree
@@ -213,9 +213,9 @@ def backhaul_point(n: int, tree_name: str, args) -> dict:
 
 def confirm_real(args) -> dict:
     """One real in-process run per topology (tiny model) vs the netsim-only prediction."""
-    from fedlora.runs import report
     from fedlora.roles.cloud import run_federation
     from fedlora.roles.local import InProcessTransport
+    from fedlora.runs import report
     from fedlora.runs.progress import quiet_libraries
 
     quiet_libraries()

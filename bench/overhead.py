@@ -51,9 +51,9 @@ from _common import (  # noqa: E402
     DEFAULT_LOCK,
     RESULTS,
     bench_lock,
-    provenance,
     compose_all_available,
     machine,
+    provenance,
     table,
     write_json,
 )

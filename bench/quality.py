@@ -62,9 +62,9 @@ from _common import (  # noqa: E402
     MEDICAL,
     RESULTS,
     bench_lock,
-    provenance,
     compose_all_available,
     machine,
+    provenance,
     require_medical,
     table,
     write_json,
@@ -139,11 +139,11 @@ def main() -> None:
     from fedlora import adapters
     from fedlora.config import to_dict
     from fedlora.data import client_examples, eval_examples, tokenize
-    from fedlora.roles.device import initial_adapter, lora_model
-    from fedlora.seeds import round_seed
     from fedlora.roles.cloud import run_federation
+    from fedlora.roles.device import initial_adapter, lora_model
     from fedlora.roles.local import InProcessTransport
     from fedlora.runs.progress import quiet_libraries
+    from fedlora.seeds import round_seed
     from fedlora.train import evaluate, train_local
 
     quiet_libraries()

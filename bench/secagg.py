@@ -304,9 +304,15 @@ def _flwr():
     from flwr.common import bytes_to_ndarray, ndarrays_to_parameters
     from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
     from flwr.common.secure_aggregation.crypto.symmetric_encryption import encrypt, generate_shared_key
-    from flwr.common.secure_aggregation.ndarrays_arithmetic import (factor_combine, factor_extract, get_parameters_shape,
-                                                                    parameters_addition, parameters_mod,
-                                                                    parameters_multiply, parameters_subtraction)
+    from flwr.common.secure_aggregation.ndarrays_arithmetic import (
+        factor_combine,
+        factor_extract,
+        get_parameters_shape,
+        parameters_addition,
+        parameters_mod,
+        parameters_multiply,
+        parameters_subtraction,
+    )
     from flwr.common.secure_aggregation.quantization import dequantize, quantize
     from flwr.common.secure_aggregation.secaggplus_constants import Key
     from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen, share_keys_plaintext_concat

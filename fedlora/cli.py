@@ -37,11 +37,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     # only once an error reaches a handler: fedlora.roles.cloud, fedlora.model and fedlora.data import torch
     from fedlora.config import ConfigError
     from fedlora.data import DataError
-    from fedlora.roles.cloud import FederationError
     from fedlora.deploy.plan import PlanError
-    from fedlora.model import ModelError
-    from fedlora.secure.identities import IdentityError
     from fedlora.deploy.processes import DeployError
+    from fedlora.model import ModelError
+    from fedlora.roles.cloud import FederationError
+    from fedlora.secure.identities import IdentityError
 
     return (UserError, ConfigError, DataError, ModelError, FederationError, DeployError, PlanError, IdentityError)
 
@@ -339,9 +339,9 @@ def cmd_cloud(argv: list[str]) -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. topology=small6g federation.rounds=3")
     args = parser.parse_args(argv)
     # the deployment's modules only for `fedlora cloud`
-    from fedlora.runs import report
     from fedlora.config import compose, load_yaml
     from fedlora.deploy.processes import Security, Stop, run_cloud
+    from fedlora.runs import report
 
     node = None
     if args.config is not None:
@@ -435,8 +435,8 @@ def cmd_end(argv: list[str], prog: str = "fedlora end") -> None:
             if args.insecure or args.partition_id is not None or args.edge:
                 raise UserError("with --config the settings come from the plan folder; no --partition-id, --edge, --insecure")
             # the launcher (device checks, plan reader) only for a planned device
-            from fedlora.deploy.launcher import launch
             from fedlora.deploy.device import DeviceError
+            from fedlora.deploy.launcher import launch
 
             try:
                 launch(args.config, audit=args.audit)

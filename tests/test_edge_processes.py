@@ -19,16 +19,16 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from fedlora import protocol
 from fedlora.aggregate.sums import WeightedSum
-from fedlora.roles.neighbourhood import CellRequest, CellResult, ClientStatus
-from fedlora.secure.rounds import ACCEPTED, DROPPED
 from fedlora.config import compose
-from fedlora.roles.cloud import run_federation
-from fedlora.roles.local import InProcessTransport
-from fedlora.secure.identities import SimulatedIdentities
 from fedlora.deploy.processes import DeployError, ProcessGroup, placement, plan, start_loopback_tiers
 from fedlora.deploy.spool import EdgeError, Spool
-from fedlora import protocol
+from fedlora.roles.cloud import run_federation
+from fedlora.roles.local import InProcessTransport
+from fedlora.roles.neighbourhood import CellRequest, CellResult, ClientStatus
+from fedlora.secure.identities import SimulatedIdentities
+from fedlora.secure.rounds import ACCEPTED, DROPPED
 from server.edge import check_result, decode_result
 
 OVERRIDES = [

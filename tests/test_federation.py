@@ -175,7 +175,6 @@ def test_sampling_is_seeded_and_respects_minimum():
 def test_cell_request_and_result_round_trip_as_safe_bytes_and_refuse_garbage():
     from fedlora.aggregate.sums import WeightedSum
     from fedlora.roles.neighbourhood import CellRequest, CellResult, CellWireError, ClientStatus
-
     from fedlora.run_settings import resolve_run
 
     arrays = {"a.lora_B.weight": np.arange(6, dtype=np.float32).reshape(2, 3)}
@@ -195,8 +194,7 @@ def test_cell_request_and_result_round_trip_as_safe_bytes_and_refuse_garbage():
     for bad in (b"", b"\x80\x03}q\x00.", data[:-3], data + b"x", res.to_bytes()):  # pickle, truncated, wrong kind
         with pytest.raises(CellWireError):
             CellRequest.from_bytes(bad)
-    from fedlora import wire
-    from fedlora import transcript
+    from fedlora import transcript, wire
 
     forged = [("a", "<f4", (2, 3), b"\0" * 4),  # an array whose shape disagrees with its bytes
               ("c", "os.system", (("command", ("s", "true")),)),  # a type that is not a message
@@ -207,8 +205,8 @@ def test_cell_request_and_result_round_trip_as_safe_bytes_and_refuse_garbage():
 
 
 def test_run_cell_drops_bad_and_late_replies_with_reasons(short_run):
-    from fedlora.roles.neighbourhood import CellRequest, run_cell
     from fedlora.roles.device import initial_adapter
+    from fedlora.roles.neighbourhood import CellRequest, run_cell
     from fedlora.run_settings import resolve_run
 
     cfg = short_run(*FLAT4, "federation.num_clients=3")

@@ -11,7 +11,6 @@ from safetensors.numpy import load_file
 from fedlora.roles.cloud import run_federation
 from fedlora.roles.local import InProcessTransport
 
-
 # Eight clients, two rounds of half of them, no secure aggregation (a test adds its topology).
 EIGHT = ("federation.num_clients=8", "federation.rounds=2", "federation.fraction=0.5", "privacy=none")
 

@@ -8,9 +8,9 @@ import pytest
 
 from fedlora.aggregate.sums import WeightedSum
 from fedlora.config import ConfigError, FemtoConfig, MobilityConfig, TopologyConfig
+from fedlora.roles.suburban import aggregate_tree
 from fedlora.world.mobility import assignment_at, next_assignment, read_trace
 from fedlora.world.topology import build_tree
-from fedlora.roles.suburban import aggregate_tree
 
 
 def walking_tree(clients=1000, handover_prob=0.2, far_prob=0.1, femto=0, seed=0):

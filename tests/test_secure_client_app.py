@@ -20,9 +20,9 @@ from safetensors.numpy import load_file
 from clients.app import app as client_app
 from fedlora import protocol
 from fedlora.config import compose
-from fedlora.runs import report
 from fedlora.roles.cloud import run_federation
 from fedlora.roles.local import InProcessTransport
+from fedlora.runs import report
 from server.transport import FlowerTransport, decode_reply
 
 

@@ -3,9 +3,20 @@
 import numpy as np
 import pytest
 
-from fedlora.secure.encoding import (EncodingConfig, TensorLayout, adapter_digest, calibrate_clip, check_encoded,
-                                     check_overflow, decode_sum, encode_update, from_ring, max_summands,
-                                     stochastic_round, to_ring)
+from fedlora.secure.encoding import (
+    EncodingConfig,
+    TensorLayout,
+    adapter_digest,
+    calibrate_clip,
+    check_encoded,
+    check_overflow,
+    decode_sum,
+    encode_update,
+    from_ring,
+    max_summands,
+    stochastic_round,
+    to_ring,
+)
 from fedlora.secure.errors import UnsafeEncoding
 from fedlora.secure.prg import SeededStream
 

@@ -12,8 +12,16 @@ import pytest
 from fedlora import transcript
 from fedlora.secure import aead
 from fedlora.secure.errors import RejectedMessage, UnknownDevice
-from fedlora.secure.keys import (PAIR_MASK, SHARE_TRANSPORT, AgreementKey, DeviceRegistry, IdentityKey, derive_key,
-                                 pair_key, verify_signature)
+from fedlora.secure.keys import (
+    PAIR_MASK,
+    SHARE_TRANSPORT,
+    AgreementKey,
+    DeviceRegistry,
+    IdentityKey,
+    derive_key,
+    pair_key,
+    verify_signature,
+)
 from fedlora.secure.prg import AES128_CTR, CHACHA20, SeededStream, keystream, mask_vector
 
 h = bytes.fromhex

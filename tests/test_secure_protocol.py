@@ -11,15 +11,24 @@ import math
 import numpy as np
 import pytest
 
-from fedlora.secure import (CellAborted, EncodingConfig, NeighbourhoodAggregator, ProtocolStateError,
-                            RejectedMessage, ShareRequestRefused, Stage, UnknownDevice, add_masked, decode_sum,
-                            remove_masks)
+from fedlora.secure import (
+    CellAborted,
+    EncodingConfig,
+    NeighbourhoodAggregator,
+    ProtocolStateError,
+    RejectedMessage,
+    ShareRequestRefused,
+    Stage,
+    UnknownDevice,
+    add_masked,
+    decode_sum,
+    remove_masks,
+)
 from fedlora.secure.client import ClientState
 from fedlora.secure.encoding import encode_update
 from fedlora.secure.identities import SimulatedIdentities
 from fedlora.secure.keys import IdentityKey
-from fedlora.secure.messages import (AdvertiseKeys, MaskedInput, Roster, SignedHeader, UnmaskRequest,
-                                     UnmaskResponse)
+from fedlora.secure.messages import AdvertiseKeys, MaskedInput, Roster, SignedHeader, UnmaskRequest, UnmaskResponse
 from fedlora.secure.prg import SeededStream
 from fedlora.secure.simulation import Enrolment
 

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
 from fedlora import wire
-from fedlora.runs import report
-from fedlora.roles.neighbourhood import ClientReply
 from fedlora.config import ConfigError, compose
 from fedlora.roles.cloud import run_federation
 from fedlora.roles.local import InProcessTransport
+from fedlora.roles.neighbourhood import ClientReply
 from fedlora.run_settings import resolve_run
+from fedlora.runs import report
 from fedlora.secure.encoding import levels
 from fedlora.secure.identities import SimulatedIdentities
-
 
 # Eight always-available laptops on the small6g tree, all of them in one round.
 EIGHT_LAPTOPS = ("topology=small6g", "federation.num_clients=8", "federation.rounds=1", "federation.fraction=1.0",
@@ -113,8 +110,8 @@ def test_a_cell_below_t_aborts_and_the_other_cells_count(tmp_path, short_run):
 
 
 def test_a_tampered_masked_input_is_rejected_and_the_round_goes_on(tmp_path, short_run):
-    from fedlora.secure.rounds import message, read_message
     from fedlora.secure.messages import MaskedInput
+    from fedlora.secure.rounds import message, read_message
 
     def tamper(server_round, stage, reply):
         if stage == "masked-input" and reply.client == 4 and reply.error is None:
@@ -134,8 +131,8 @@ def test_a_tampered_masked_input_is_rejected_and_the_round_goes_on(tmp_path, sho
 
 
 def test_an_unregistered_device_is_refused(tmp_path, short_run):
-    from fedlora.secure.rounds import client_step, message, read_message, Join
     from fedlora.secure.messages import AdvertiseKeys
+    from fedlora.secure.rounds import Join, client_step, message, read_message
 
     # Client 6 signs with a key the cloud never enrolled (an impostor device).
     def impostor(server_round, stage, reply):
@@ -156,9 +153,9 @@ def test_an_unregistered_device_is_refused(tmp_path, short_run):
 
     # and the aggregator refuses a registered-looking advert from a device not in the registry
     from fedlora.secure.aggregator import NeighbourhoodAggregator
-    from fedlora.secure.errors import UnknownDevice
-    from fedlora.secure.rounds import SecureRound, SecureSettings, secure_layout, aggregator_id
     from fedlora.secure.encoding import EncodingConfig
+    from fedlora.secure.errors import UnknownDevice
+    from fedlora.secure.rounds import SecureRound, SecureSettings, aggregator_id, secure_layout
 
     state = {"w": np.zeros((2, 2), np.float32)}
     sr = SecureRound(identities=SimulatedIdentities(1), run_id="r", server_round=1, clients=[0, 1], cells_above={"n": "cloud"},

@@ -6,8 +6,7 @@ import pytest
 
 from fedlora import transcript
 from fedlora.secure import shamir
-from fedlora.secure.graph import (COMPLETE, HARARY, cell_graph, complete_graph, harary_graph,
-                                  secagg_plus_parameters)
+from fedlora.secure.graph import COMPLETE, HARARY, cell_graph, complete_graph, harary_graph, secagg_plus_parameters
 from fedlora.secure.prg import SeededStream
 
 # ---------------------------------------------------------------------------------- Shamir

@@ -1,7 +1,6 @@
 """Known answers for every seed derivation (fedlora.seeds): a change here changes every run."""
 
-from fedlora import seeds
-from fedlora import transcript
+from fedlora import seeds, transcript
 
 
 def test_round_and_world_seeds_are_pinned_and_differ():

@@ -13,9 +13,9 @@ import time
 import pytest
 
 from fedlora import cli
-from fedlora.roles.neighbourhood import ClientReply
 from fedlora.roles.cloud import run_federation
 from fedlora.roles.local import InProcessTransport
+from fedlora.roles.neighbourhood import ClientReply
 from fedlora.runs.status import FINISHED, INTERRUPTED, RUNNING, STALE_FLOOR_S, StatusError, read_records, render_text, run_status
 
 OOM = "client error: out of memory"

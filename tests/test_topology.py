@@ -17,9 +17,9 @@ from fedlora.config import (
     compose,
     to_typed,
 )
-from fedlora.world.topology import build_tree
 from fedlora.roles.hierfavg import CellModels
 from fedlora.roles.suburban import aggregate_tree
+from fedlora.world.topology import build_tree
 
 
 def tree_cfg(**kw) -> TopologyConfig:

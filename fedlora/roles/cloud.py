@@ -33,30 +33,48 @@ from typing import Any, Protocol
 import numpy as np
 
 from fedlora import adapters
-from fedlora.runs import report
 from fedlora.adapters import AdapterState
+from fedlora.aggregate.dp import FederatedDP
 from fedlora.aggregate.strategies import Strategy, make_strategy
 from fedlora.aggregate.sums import WeightedSum
-from fedlora.roles.neighbourhood import (AggregatorKeys, CellRequest, CellResult, ClientReply, ClientStatus, LateCallback,
-                                         ReplyCallback, Transport, reject_reason)
 from fedlora.config import FederationConfig, FedLoraConfig, save_yaml
 from fedlora.data import eval_examples, tokenize
-from fedlora.aggregate.dp import FederatedDP
-from fedlora.roles.device import initial_adapter, lora_model
-from fedlora.world.mobility import assignment_at, next_assignment
 from fedlora.model import resolve_model_dir
-from fedlora.world.netsim import RoundNetwork, simulate_round, unavailable
-from fedlora.world.topology import CLOUD, CellTree
+from fedlora.roles.device import initial_adapter, lora_model
 from fedlora.roles.hierfavg import CellModels
 from fedlora.roles.local import LocalCellRunner
+from fedlora.roles.neighbourhood import (
+    AggregatorKeys,
+    CellRequest,
+    CellResult,
+    ClientReply,
+    ClientStatus,
+    LateCallback,
+    ReplyCallback,
+    Transport,
+    reject_reason,
+)
 from fedlora.roles.suburban import TreeSums, merge_up
 from fedlora.run_settings import RunSettings, resolve_run
+from fedlora.runs import report
 from fedlora.runs.progress import Progress
-from fedlora.seeds import round_seed
 from fedlora.secure.identities import Identities, SimulatedIdentities
-from fedlora.secure.rounds import (ACCEPTED, CELL_ABORTED, CELL_REFUSED, DROPPED, LATE, LOSS_KEY, SecureRound, SecureSettings,
-                                   secure_layout)
+from fedlora.secure.rounds import (
+    ACCEPTED,
+    CELL_ABORTED,
+    CELL_REFUSED,
+    DROPPED,
+    LATE,
+    LOSS_KEY,
+    SecureRound,
+    SecureSettings,
+    secure_layout,
+)
+from fedlora.seeds import round_seed
 from fedlora.train import evaluate
+from fedlora.world.mobility import assignment_at, next_assignment
+from fedlora.world.netsim import RoundNetwork, simulate_round, unavailable
+from fedlora.world.topology import CLOUD, CellTree
 
 log = logging.getLogger("fedlora")
 

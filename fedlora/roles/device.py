@@ -15,8 +15,8 @@ import torch
 
 from fedlora import adapters
 from fedlora.adapters import AdapterState
-from fedlora.config import FedLoraConfig
 from fedlora.aggregate.dp import clip_update
+from fedlora.config import FedLoraConfig
 from fedlora.data import client_examples, tokenize
 from fedlora.model import load_base_model, wrap_lora
 from fedlora.round_settings import RoundSettings, apply_device_settings

@@ -6,7 +6,8 @@ import logging
 import os
 import sys
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bars, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as Bars
 
 log = logging.getLogger("fedlora")
 

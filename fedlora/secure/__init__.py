@@ -31,8 +31,15 @@ imports this package, so exporting them here would be an import cycle):
 from fedlora.secure.aggregator import NeighbourhoodAggregator
 from fedlora.secure.client import CellClient
 from fedlora.secure.encoding import DecodedSum, EncodingConfig, TensorLayout, calibrate_clip, decode_sum, encode_update
-from fedlora.secure.errors import (CellAborted, ProtocolStateError, RejectedMessage, SecAggError, ShareRequestRefused,
-                                   UnknownDevice, UnsafeEncoding)
+from fedlora.secure.errors import (
+                                   CellAborted,
+                                   ProtocolStateError,
+                                   RejectedMessage,
+                                   SecAggError,
+                                   ShareRequestRefused,
+                                   UnknownDevice,
+                                   UnsafeEncoding,
+)
 from fedlora.secure.keys import DeviceRegistry, IdentityKey
 from fedlora.secure.messages import CellHeader, CellMask, MaskedSum, SignedHeader, Stage, UnmaskedSum
 from fedlora.secure.tiers import add_masked

@@ -23,9 +23,21 @@ import numpy as np
 from fedlora.secure.errors import CellAborted, ProtocolStateError, RejectedMessage
 from fedlora.secure.graph import NeighbourGraph
 from fedlora.secure.keys import DeviceRegistry, IdentityKey
-from fedlora.secure.messages import (AdvertiseKeys, DeliveredShare, MaskedInput, MaskedSum, Roster, ShareDelivery,
-                                     ShareKeys, SignedHeader, Stage, UnmaskBundle, UnmaskRequest, UnmaskResponse,
-                                     compute_session_id)
+from fedlora.secure.messages import (
+    AdvertiseKeys,
+    DeliveredShare,
+    MaskedInput,
+    MaskedSum,
+    Roster,
+    ShareDelivery,
+    ShareKeys,
+    SignedHeader,
+    Stage,
+    UnmaskBundle,
+    UnmaskRequest,
+    UnmaskResponse,
+    compute_session_id,
+)
 
 
 class AggregatorState(str, Enum):

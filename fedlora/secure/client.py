@@ -29,13 +29,28 @@ from fedlora.secure import aead, shamir
 from fedlora.secure.encoding import adapter_digest, check_encoded, encode_update
 from fedlora.secure.errors import ProtocolStateError, RejectedMessage, ShareRequestRefused
 from fedlora.secure.graph import NeighbourGraph
-from fedlora.secure.keys import (SHARE_TRANSPORT, UNMASK_TRANSPORT, AgreementKey, DeviceRegistry, IdentityKey,
-                                 pair_key)
+from fedlora.secure.keys import SHARE_TRANSPORT, UNMASK_TRANSPORT, AgreementKey, DeviceRegistry, IdentityKey, pair_key
 from fedlora.secure.masks import mask_input, pair_seed
-from fedlora.secure.messages import (MASK_KEY, SELF_MASK, AdvertiseKeys, CellHeader, EncryptedShare, MaskedInput,
-                                     RevealedShare, Roster, ShareDelivery, ShareKeys, SharePayload, SignedHeader,
-                                     UnmaskRequest, UnmaskResponse, compute_session_id, encode_revealed,
-                                     share_associated_data, unmask_associated_data)
+from fedlora.secure.messages import (
+    MASK_KEY,
+    SELF_MASK,
+    AdvertiseKeys,
+    CellHeader,
+    EncryptedShare,
+    MaskedInput,
+    RevealedShare,
+    Roster,
+    ShareDelivery,
+    ShareKeys,
+    SharePayload,
+    SignedHeader,
+    UnmaskRequest,
+    UnmaskResponse,
+    compute_session_id,
+    encode_revealed,
+    share_associated_data,
+    unmask_associated_data,
+)
 from fedlora.secure.prg import SEED_BYTES, Randomness, SeededStream
 
 

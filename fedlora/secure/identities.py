@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import os
 
-from fedlora.seeds import simulation_secret
 from fedlora.secure.errors import SecAggError
 from fedlora.secure.keys import IdentityKey
 from fedlora.secure.prg import SeededStream
+from fedlora.seeds import simulation_secret
 
 
 class IdentityError(SecAggError, ValueError):

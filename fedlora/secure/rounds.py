@@ -39,9 +39,23 @@ from fedlora.secure.encoding import EncodingConfig, TensorLayout, adapter_digest
 from fedlora.secure.errors import CellAborted, RejectedMessage, SecAggError
 from fedlora.secure.identities import Identities
 from fedlora.secure.keys import DeviceRegistry, IdentityKey
-from fedlora.secure.messages import (AdvertiseKeys, CellHeader, CellMask, DeliveredShare, EncryptedShare, MaskedInput,
-                                     MaskedSum, Roster, ShareDelivery, ShareKeys, SignedHeader, Stage, UnmaskBundle,
-                                     UnmaskRequest, UnmaskResponse)
+from fedlora.secure.messages import (
+    AdvertiseKeys,
+    CellHeader,
+    CellMask,
+    DeliveredShare,
+    EncryptedShare,
+    MaskedInput,
+    MaskedSum,
+    Roster,
+    ShareDelivery,
+    ShareKeys,
+    SignedHeader,
+    Stage,
+    UnmaskBundle,
+    UnmaskRequest,
+    UnmaskResponse,
+)
 from fedlora.secure.tiers import add_masked
 from fedlora.secure.unmasker import Unmasker, remove_masks
 

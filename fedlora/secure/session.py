@@ -32,8 +32,7 @@ import numpy as np
 from fedlora.secure.aggregator import NeighbourhoodAggregator
 from fedlora.secure.client import CellClient
 from fedlora.secure.errors import CellAborted, RejectedMessage
-from fedlora.secure.messages import (CellMask, MaskedSum, Roster, ShareDelivery, SignedHeader, Stage, UnmaskedSum,
-                                     UnmaskRequest)
+from fedlora.secure.messages import CellMask, MaskedSum, Roster, ShareDelivery, SignedHeader, Stage, UnmaskedSum, UnmaskRequest
 from fedlora.secure.rounds import NO_REPLY, STAGES, CellRun, drive_cells, message, read_message
 from fedlora.secure.unmasker import Unmasker, remove_masks
 

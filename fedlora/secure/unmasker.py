@@ -31,8 +31,19 @@ from fedlora.secure import aead, shamir
 from fedlora.secure.errors import CellAborted, RejectedMessage
 from fedlora.secure.keys import UNMASK_TRANSPORT, AgreementKey, DeviceRegistry, pair_key
 from fedlora.secure.masks import add_mask, pair_seed, pair_sign
-from fedlora.secure.messages import (MASK_KEY, SELF_MASK, CellMask, MaskedSum, Stage, UnmaskBundle, UnmaskedSum,
-                                     UnmaskRequest, compute_session_id, decode_revealed, unmask_associated_data)
+from fedlora.secure.messages import (
+    MASK_KEY,
+    SELF_MASK,
+    CellMask,
+    MaskedSum,
+    Stage,
+    UnmaskBundle,
+    UnmaskedSum,
+    UnmaskRequest,
+    compute_session_id,
+    decode_revealed,
+    unmask_associated_data,
+)
 from fedlora.secure.prg import SEED_BYTES, Randomness
 
 

@@ -57,9 +57,9 @@ off at the deadline.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-import math
 
 from fedlora.seeds import world_draw
 from fedlora.world.topology import CLOUD, CellTree, Link

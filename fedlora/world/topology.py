@@ -20,7 +20,7 @@ Everything here is pure Python + numpy: no Flower, torch or sockets.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
