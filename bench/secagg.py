@@ -429,7 +429,7 @@ def flower_cell(n: int, size: str, *, drops: int = 0, seed: int = 0, max_weight:
     dead = {node[u] for u in pick(ids, drops, seed + 2)}  # the same clients as fedlora_cell drops
     active = [nid for nid in nids if nid not in dead]
     masked = None
-    for i, nid in enumerate(nids):
+    for nid in nids:
         if nid in dead:
             continue
         params = F.ndarrays_to_parameters(_ndarrays(updates, name[nid]))
