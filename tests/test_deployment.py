@@ -119,7 +119,8 @@ def deployment(tmp_path_factory, env):
     assert [len(c) for c in cells.values()] == [3, 3]
     tmp = tmp_path_factory.mktemp("deployment")
     out = tmp / "plan"
-    nodes = write_plan(cfg, out, DeploySettings(base_port=free_port_run(3), runtime_port_base=free_port_run(9)), overrides=OVERRIDES)
+    nodes = write_plan(cfg, out, DeploySettings(base_port=free_port_run(3), runtime_port_base=free_port_run(9)),
+                       overrides=OVERRIDES)
     env = dict(env, PYTHONUNBUFFERED="1")
     group = ProcessGroup(tmp / "logs")
     try:
