@@ -378,7 +378,8 @@ def print_results(results: list[dict], settings: dict) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("configs", nargs="*", type=parse_spec,
                    help="DTYPE:THREADS[:VARIANT] (DTYPE fp32|bf16|bf16c; VARIANT full|chunk|ckpt|eval joined by +). "
                         f"Default: {' '.join(BASELINES)} {' '.join(VARIANTS)}")
@@ -427,7 +428,8 @@ def main() -> None:
     with bench_lock(None if args.no_lock else args.lock, what="client_memory"):
         info["loadavg_when_locked"] = [round(x, 2) for x in os.getloadavg()]
         for dtype, threads, variant in configs:
-            print(f"[client_memory] {args.model} {dtype} threads={threads} variant={variant or '-'} ...", file=sys.stderr, flush=True)
+            print(f"[client_memory] {args.model} {dtype} threads={threads} variant={variant or '-'} ...",
+                  file=sys.stderr, flush=True)
             r = run_config(args, dtype, threads, variant)
             if "error" in r:
                 print(f"[client_memory]   FAILED:\n{r['error']}", file=sys.stderr)
@@ -444,7 +446,8 @@ def main() -> None:
         # Re-measured configurations replace their earlier entries; the rest are kept.
         saved = json.loads(Path(args.out).read_text())
         fresh = {(r["dtype"], r["threads"], r["variant"]) for r in results}
-        kept = [summarise(r["dtype"], r["threads"], r["variant"], r["raw"], r.get("subprocess_wall_s")) | {"machine": r.get("machine")}
+        kept = [summarise(r["dtype"], r["threads"], r["variant"], r["raw"], r.get("subprocess_wall_s"))
+                | {"machine": r.get("machine")}
                 if "raw" in r else r
                 for r in saved["results"] if (r["dtype"], r["threads"], r["variant"]) not in fresh]
         for r in kept:

@@ -309,7 +309,8 @@ def print_results(record: dict) -> None:
         if "error" in r:
             continue
         rows.append([r["device"], _picked(settings[r["device"]]), r["torch_threads"], r["cache"], r["maxrss_model_mib"],
-                     r["peak_mib"], r["predicted_peak_mib"], r["peak_minus_predicted_mib"], r["needed_mib"], r["available_mib"], r["within_available"],
+                     r["peak_mib"], r["predicted_peak_mib"], r["peak_minus_predicted_mib"], r["needed_mib"], r["available_mib"],
+                     r["within_available"],
                      r["first_step_s"], r["step_s"], r["cpu_s_per_step"], r["cpu_per_wall"], f"{r['first_loss']:.4f}"])
     a = record["assumptions"]
     print(f"\nLauncher settings measured: {record['settings']['model']} (default config), "

@@ -227,7 +227,8 @@ def confirm_real(args) -> dict:
     for name in ["flat", *args.confirm_trees]:
         cfg = compose_cfg(name, n, args.fraction, args.seed, extra)
         run_dir = base / name
-        print(f"[hierarchy] real in-process run: topology={name}, {n} clients, model=tiny -> {run_dir}", file=sys.stderr, flush=True)
+        print(f"[hierarchy] real in-process run: topology={name}, {n} clients, model=tiny -> {run_dir}",
+              file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         summary = run_federation(cfg, run_dir, InProcessTransport(n))
         wall = time.perf_counter() - t0
@@ -259,13 +260,15 @@ def confirm_real(args) -> dict:
                 r["bytes"]["up"]["neighbourhood->suburban"] / adapter_bytes for r in rounds),
             "participants_per_round": mean(len(r["participants"]) for r in rounds),
             "rounds": checks,
-            "all_match": all(c["bytes_up_match"] and c["bytes_down_match"] and c["participants_match"] and c["cell_of_match"] for c in checks),
+            "all_match": all(c["bytes_up_match"] and c["bytes_down_match"] and c["participants_match"] and c["cell_of_match"]
+                             for c in checks),
         }
     flat = out["topologies"]["flat"]
     for name in args.confirm_trees:
         t = out["topologies"][name]
         t["real_ratio_flat_over_tree"] = flat["real_backhaul_up_adapters_per_round"] / t["real_backhaul_up_adapters_per_round"]
-        t["predicted_ratio_flat_over_tree"] = flat["predicted_backhaul_up_adapters_per_round"] / t["predicted_backhaul_up_adapters_per_round"]
+        t["predicted_ratio_flat_over_tree"] = (flat["predicted_backhaul_up_adapters_per_round"]
+                                               / t["predicted_backhaul_up_adapters_per_round"])
     return out
 
 
@@ -279,7 +282,8 @@ def cmd_backhaul(args) -> None:
         for tree_name in args.trees:
             cells = tier_counts(compose_cfg(tree_name, max(n, 40), args.fraction, args.seed))["neighbourhood"]
             if n < cells:
-                print(f"[hierarchy] skip {tree_name} at N={n}: fewer clients than its {cells} neighbourhood cells", file=sys.stderr)
+                print(f"[hierarchy] skip {tree_name} at N={n}: fewer clients than its {cells} neighbourhood cells",
+                      file=sys.stderr)
                 continue
             points.append(backhaul_point(n, tree_name, args))
     headers = ["N", "tree", "clients/round", "updates/round", "flat backhaul MB", "tree backhaul MB", "ratio",
@@ -299,7 +303,8 @@ def cmd_backhaul(args) -> None:
     for p in points:
         p["tree_backhaul_adapters"] = p["tree_backhaul_up_bytes"] / args.adapter_bytes
     print("tree backhaul in adapters = active sub-urban cells: "
-          + ", ".join(f"{p['tree']}@{p['num_clients']}: {p['tree_backhaul_adapters']:.2f} vs {p['active_suburban_per_round']:.2f}" for p in points))
+          + ", ".join(f"{p['tree']}@{p['num_clients']}: {p['tree_backhaul_adapters']:.2f} vs {p['active_suburban_per_round']:.2f}"
+                      for p in points))
 
     confirm = None
     if args.confirm:
@@ -359,7 +364,8 @@ def roundtime_point(tree_name: str, per_cell: int, mix_name: str, deadline: floa
     train_s = args.local_steps * args.step_s
     rounds = netsim_rounds(cfg, args.rounds, args.adapter_bytes, train_s)
     paths = [s for r in rounds for s in r["path_s"].values()]
-    busiest = [max(Counter(r["tree"].neighbourhood_of(r["cell_of"][c]) for c in r["survivors"]).values(), default=0) for r in rounds]
+    busiest = [max(Counter(r["tree"].neighbourhood_of(r["cell_of"][c]) for c in r["survivors"]).values(), default=0)
+               for r in rounds]
     return {
         "tree": tree_name,
         "mix": mix_name,
@@ -414,7 +420,8 @@ def plot_roundtime(points: list[dict], path: Path, args) -> Path:
                         pts = series(tree_name, mix, access, True, deadline)
                         if pts:
                             axes[1][j].plot([p["clients_per_neighbourhood"] for p in pts],
-                                            [p["survivors_per_round"] / p["reached_per_round"] if p["reached_per_round"] else 0 for p in pts],
+                                            [p["survivors_per_round"] / p["reached_per_round"] if p["reached_per_round"] else 0
+                                             for p in pts],
                                             linestyle="-", marker=markers[access], color=colours[mix], alpha=0.85,
                                             label=f"{mix}, access {access:g} Mbit/s, deadline {deadline:g} s")
         axes[0][j].set_title(f"{tree_name}: simulated round time, no deadline (train ref {args.local_steps} x {args.step_s:g} s)")
@@ -480,7 +487,8 @@ def cmd_roundtime(args) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
 
     b = sub.add_parser("backhaul", help="backhaul bytes per round, flat vs tree (netsim + one real tiny run each)",
@@ -490,7 +498,8 @@ def main() -> None:
     b.add_argument("--trees", nargs="+", default=["small6g", "city"], help="tree topologies to compare with flat")
     b.add_argument("--rounds", type=int, default=3, help="rounds to average over (mobility moves clients between them)")
     b.add_argument("--adapter-bytes", type=int, default=SMOLLM2_ADAPTER_BYTES, help="bytes of one adapter / update / sum")
-    b.add_argument("--train-s", type=float, default=5 * 5.5, help="reference training seconds per client (only matters with a deadline)")
+    b.add_argument("--train-s", type=float, default=5 * 5.5,
+                   help="reference training seconds per client (only matters with a deadline)")
     b.add_argument("--seed", type=int, default=42)
     b.add_argument("--confirm", action=argparse.BooleanOptionalAction, default=True,
                    help="also run run_federation in process (model=tiny) per topology and check rounds.jsonl against netsim")
@@ -506,7 +515,8 @@ def main() -> None:
 
     r = sub.add_parser("roundtime", help="simulated round time vs clients per neighbourhood, per device mix (netsim)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    r.add_argument("--per-cell", type=int, nargs="+", default=[1, 2, 5, 10, 25, 50, 100], help="END clients per neighbourhood cell")
+    r.add_argument("--per-cell", type=int, nargs="+", default=[1, 2, 5, 10, 25, 50, 100],
+                   help="END clients per neighbourhood cell")
     r.add_argument("--trees", nargs="+", default=["small6g", "city"])
     r.add_argument("--mixes", nargs="+", default=list(MIXES), choices=list(MIXES))
     r.add_argument("--deadlines", type=float, nargs="*", default=[60.0], help="deadline(s) in simulated s, besides none")

@@ -146,7 +146,8 @@ def run_mode(mode: str, cfg, base: Path) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. train.batch_size=2")
     p.add_argument("--model", default="smollm2", help="model config group (smollm2; tiny for a smoke test)")
     p.add_argument("--clients", type=int, default=4)

@@ -99,7 +99,8 @@ def overrides(args: argparse.Namespace, data_path: str) -> list[str]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. strategy=ffa_lora")
     p.add_argument("--data-path", default=MEDICAL, help="the Medical Meadow dev JSONL (default %(default)s)")
     p.add_argument("--model", default="smollm2", help="model config group (smollm2; tiny for a smoke test)")
@@ -121,7 +122,8 @@ def main() -> None:
     p.add_argument("--baseline-json", default="",
                    help="take (b)/(c) results not run now from this earlier quality JSON (same data, "
                         "held-out set and steps; the base loss must match)")
-    p.add_argument("--dry-run", action="store_true", help="time 6 training steps and the held-out evaluation, print the plan and an estimate, exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="time 6 training steps and the held-out evaluation, print the plan and an estimate, exit")
     p.add_argument("--run-dir", default="", help="where the federated run directory goes (default: a temp dir)")
     p.add_argument("--lock", default=DEFAULT_LOCK)
     p.add_argument("--no-lock", action="store_true", help="do not take the benchmark lock (smoke tests only)")
@@ -264,7 +266,8 @@ def main() -> None:
                 "seconds": time.perf_counter() - t0,
                 "run_dir": str(run_dir),
             }
-            print(f"[quality]   fed {summary['final_eval_loss']:.4f} (curve {out['results']['fed']['curve']})", file=sys.stderr, flush=True)
+            print(f"[quality]   fed {summary['final_eval_loss']:.4f} (curve {out['results']['fed']['curve']})",
+                  file=sys.stderr, flush=True)
             save()
 
         if "central" in methods:

@@ -398,7 +398,8 @@ def cpu_by_phase(samples: list[dict], marks: dict, walls: list[float]) -> dict:
     out = {}
     for phase, (a, b) in bounds.items():
         row = {"wall_s": round(b - a, 1)}
-        row.update({kind: round(at(b, f"{kind}_cpu") - at(a, f"{kind}_cpu"), 1) for kind in ("driver", "actors", "tree", "machine")})
+        row.update({kind: round(at(b, f"{kind}_cpu") - at(a, f"{kind}_cpu"), 1)
+                    for kind in ("driver", "actors", "tree", "machine")})
         # CPU the rest of the machine used meanwhile: someone computing beside the benchmark.
         row["others"] = round(row["machine"] - row["tree"], 1)
         out[phase] = row
@@ -506,13 +507,14 @@ def others_in_rounds(result: dict) -> float:
 def skewed(result: dict) -> bool:
     """Whether someone else used more than 10% of the machine during a round."""
     cores = os.cpu_count() or 1
-    return any(v.get("others", 0.0) > 0.1 * v["wall_s"] * cores for k, v in result.get("cpu_s", {}).items() if k.startswith("round"))
+    return any(v.get("others", 0.0) > 0.1 * v["wall_s"] * cores
+               for k, v in result.get("cpu_s", {}).items() if k.startswith("round"))
 
 
 def print_report(results: list[dict], args: argparse.Namespace) -> None:
     headers = ["N", "per round", "start-up s", "discover s", "round 1 s", "round 2 s", "trained/round", "s/client r1/r2",
-               "driver CPU s r1/r2", "driver maxrss MiB", "actors RSS MiB", "actors PSS MiB", "actor HWM each MiB", "all ray:: RSS MiB",
-               "all procs PSS MiB", "machine used MiB", "loads: driver/workers", "trained by"]
+               "driver CPU s r1/r2", "driver maxrss MiB", "actors RSS MiB", "actors PSS MiB", "actor HWM each MiB",
+               "all ray:: RSS MiB", "all procs PSS MiB", "machine used MiB", "loads: driver/workers", "trained by"]
     rows = []
     for r in results:
         if "error" in r:
@@ -530,7 +532,8 @@ def print_report(results: list[dict], args: argparse.Namespace) -> None:
             " + ".join(f"{v:.0f}" for v in r["worker_hwm_mib"].values()), r["peak_mib"]["all_ray_colon_rss"],
             r["peak_mib"]["total_pss"], r["machine_used_peak_mib"],
             f"{ml.get('driver_model_loads', '?')}/{ml.get('worker_model_loads', '?')}" if ml.get("available") else "?",
-            f"{ml.get('worker_pids_that_trained', '?')} pids, {ml.get('clients_trained', '?')} clients" if ml.get("available") else "?",
+            f"{ml.get('worker_pids_that_trained', '?')} pids, {ml.get('clients_trained', '?')} clients"
+            if ml.get("available") else "?",
         ])
     print(f"\nFlower simulation scale: model={args.model}, topology=city, {args.rounds} rounds, "
           f"train.local_steps={args.local_steps}, ~{args.per_round} clients per round, cpus_per_client=1 (2 Ray workers)")
@@ -541,30 +544,36 @@ def print_report(results: list[dict], args: argparse.Namespace) -> None:
         ml = r["model_loads"]
         if ml.get("available"):
             verdict = "PASS" if ml["one_load_per_process"] else "FAIL"
-            print(f"N={r['num_clients']}: base model loads: {ml['driver_model_loads']} in the driver, {ml['worker_model_loads']} in "
-                  f"{ml['worker_pids_that_trained']} worker process(es) that trained {ml['clients_trained']} clients -> {verdict} "
+            print(f"N={r['num_clients']}: base model loads: {ml['driver_model_loads']} in the driver, "
+                  f"{ml['worker_model_loads']} in {ml['worker_pids_that_trained']} worker process(es) "
+                  f"that trained {ml['clients_trained']} clients -> {verdict} "
                   f"(max {ml['max_loads_per_process']} load(s) per process)")
         if r.get("discovered_clients") != r["num_clients"]:
-            print(f"N={r['num_clients']}: WARNING only {r.get('discovered_clients')} of {r['num_clients']} clients identified themselves")
+            print(f"N={r['num_clients']}: WARNING only {r.get('discovered_clients')} of {r['num_clients']} "
+                  "clients identified themselves")
         for phase, v in r.get("cpu_s", {}).items():
             if "others" in v and v["others"] > 0.1 * v["wall_s"] * (os.cpu_count() or 1):
                 print(f"N={r['num_clients']}: WARNING during {phase} other processes used {v['others']:.0f} CPU s of "
                       f"{v['wall_s'] * (os.cpu_count() or 1):.0f} available: timings are skewed")
         if r["leftover_processes"]:
-            print(f"N={r['num_clients']}: WARNING {len(r['leftover_processes'])} process(es) of the run outlived it: {r['leftover_processes']}")
+            print(f"N={r['num_clients']}: WARNING {len(r['leftover_processes'])} process(es) of the run outlived it: "
+                  f"{r['leftover_processes']}")
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. train.batch_size=2")
-    p.add_argument("--clients", type=int, nargs="+", default=[100, 1000], help="virtual clients (federation.num_clients), >= 40 for city")
+    p.add_argument("--clients", type=int, nargs="+", default=[100, 1000],
+                   help="virtual clients (federation.num_clients), >= 40 for city")
     p.add_argument("--per-round", type=int, default=10, help="clients sampled per round (fraction = this / N)")
     p.add_argument("--rounds", type=int, default=2, help="rounds (round 2 is the steady state)")
     p.add_argument("--local-steps", type=int, default=2)
     p.add_argument("--model", default="smollm2", help="smollm2 (default) or tiny (smoke test)")
     p.add_argument("--sample-s", type=float, default=1.0, help="/proc sampling interval")
     p.add_argument("--run-dir", default="", help="where runs, logs and events go (default: a new temp dir)")
-    p.add_argument("--retries", type=int, default=1, help="run a configuration again when other processes computed during its rounds")
+    p.add_argument("--retries", type=int, default=1,
+                   help="run a configuration again when other processes computed during its rounds")
     p.add_argument("--lock", default=DEFAULT_LOCK)
     p.add_argument("--no-lock", action="store_true", help="do not take the benchmark lock (smoke tests only)")
     p.add_argument("--out", default=str(RESULTS / "scale.json"))
@@ -596,13 +605,15 @@ def main() -> None:
             attempts = []
             for attempt in range(1 + args.retries):
                 if attempt:
-                    print(f"[scale] N={n}: other processes computed beside the run; running it again", file=sys.stderr, flush=True)
+                    print(f"[scale] N={n}: other processes computed beside the run; running it again",
+                          file=sys.stderr, flush=True)
                 attempts.append(run_config(n, args, base / f"try{attempt}" if attempt else base))
                 if not skewed(attempts[-1]):
                     break
             best = min(attempts, key=others_in_rounds)
             if len(attempts) > 1:
-                best["other_attempts"] = [{k: a.get(k) for k in ("round_wall_s", "cpu_s", "run_dir")} for a in attempts if a is not best]
+                best["other_attempts"] = [{k: a.get(k) for k in ("round_wall_s", "cpu_s", "run_dir")}
+                                          for a in attempts if a is not best]
             results.append(best)
             write_json(args.out, {"benchmark": "scale", "partial": True, "machine": info, "results": results})
 

@@ -429,7 +429,7 @@ def flower_cell(n: int, size: str, *, drops: int = 0, seed: int = 0, max_weight:
     dead = {node[u] for u in pick(ids, drops, seed + 2)}  # the same clients as fedlora_cell drops
     active = [nid for nid in nids if nid not in dead]
     masked = None
-    for i, nid in enumerate(nids):
+    for nid in nids:
         if nid in dead:
             continue
         params = F.ndarrays_to_parameters(_ndarrays(updates, name[nid]))
@@ -582,7 +582,8 @@ def training_seconds(local_steps: int) -> tuple[float, str]:
     path = RESULTS / "client_memory.json"
     data = json.loads(path.read_text())
     best = min(data["results"], key=lambda r: r["step_s"])
-    what = f"{local_steps} x {best['step_s']:.2f} s ({best['dtype']}, {best['threads']} threads, {best['variant']}) from {path.name}"
+    what = (f"{local_steps} x {best['step_s']:.2f} s ({best['dtype']}, {best['threads']} threads, {best['variant']}) "
+            f"from {path.name}")
     return local_steps * best["step_s"], what
 
 
@@ -666,9 +667,11 @@ def main(argv: list[str] | None = None) -> int:
     say("")
     say(report(rows, train_s, train_what))
     say(f"\ntotal {total_s:.0f} s")
-    result = {"benchmark": "secagg", "command": "python bench/secagg.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
+    result = {"benchmark": "secagg",
+              "command": "python bench/secagg.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
               "machine": info, "code": code_version(),
-              "settings": {"clock": args.clock, "value_std": VALUE_STD, "examples": EXAMPLES, "fedlora_encoding": dataclasses.asdict(EncodingConfig(max_examples=EXAMPLES)),
+              "settings": {"clock": args.clock, "value_std": VALUE_STD, "examples": EXAMPLES,
+                           "fedlora_encoding": dataclasses.asdict(EncodingConfig(max_examples=EXAMPLES)),
                            "flower": {"clipping_range": FLWR_CLIP, "quantization_range": FLWR_QRANGE,
                                       "modulus_range": FLWR_MOD, "max_weight": float(EXAMPLES)},
                            "sizes": {s: num_params(s) for s in SIZES}, "sample": sample,

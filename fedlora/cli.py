@@ -331,7 +331,8 @@ def cmd_cloud(argv: list[str]) -> None:
                                            "run over them (ends when the run ends).",
                           config_help="the cloud's folder of a deployment plan; resumes its run/ when unfinished")
     parser.add_argument("--listen", help="HOST:PORT the SuperLink listens on (the edges' --parent)")
-    parser.add_argument("--run-dir", type=Path, help="run directory (default <output_dir>/cloud-<time>; <folder>/run with --config)")
+    parser.add_argument("--run-dir", type=Path,
+                        help="run directory (default <output_dir>/cloud-<time>; <folder>/run with --config)")
     parser.add_argument("--resume", action="store_true", help="continue --run-dir from its last checkpoint")
     parser.add_argument("--plan", action="store_true",
                         help="print the edge and END commands this configuration needs (which client under which edge), "

@@ -520,7 +520,8 @@ def _validate_privacy(cfg: FedLoraConfig) -> None:
         raise ConfigError("privacy.unmasker=suburban needs sub-urban cells; use topology.kind=tree or privacy.unmasker=cloud")
     if not 0 < p.threshold <= 1:
         raise ConfigError(f"privacy.threshold={p.threshold} must be in (0, 1] (a fraction of a cell's clients)")
-    for name, value in [("clip", p.clip), ("loss_clip", p.loss_clip)] + [(f"clip_per_tensor.{k}", v) for k, v in p.clip_per_tensor.items()]:
+    for name, value in ([("clip", p.clip), ("loss_clip", p.loss_clip)]
+                        + [(f"clip_per_tensor.{k}", v) for k, v in p.clip_per_tensor.items()]):
         _positive(f"privacy.{name}", value)
     _positive("privacy.max_examples", p.max_examples, zero_ok=True)
     _positive("privacy.complete_graph_up_to", p.complete_graph_up_to)
@@ -601,7 +602,8 @@ def _validate_topology(topo: TopologyConfig, num_clients: int, *, files: bool) -
             f"topology.profile_mix shares sum to {sum(topo.profile_mix.values()):g}, must sum to 1 "
             f"(entries merge on override: set unwanted profiles to 0)"
         )
-    for link in ("end_cloud", "end_neighbourhood", "end_femto", "femto_neighbourhood", "neighbourhood_suburban", "suburban_cloud"):
+    for link in ("end_cloud", "end_neighbourhood", "end_femto", "femto_neighbourhood", "neighbourhood_suburban",
+                 "suburban_cloud"):
         spec: LinkConfig = getattr(topo.links, link)
         _positive(f"topology.links.{link}.bandwidth_mbps", spec.bandwidth_mbps)
         _positive(f"topology.links.{link}.latency_ms", spec.latency_ms, zero_ok=True)

@@ -59,7 +59,8 @@ def test_fedavg_applies_mean_delta():
 
 
 def test_fedprox_and_ffa_client_settings():
-    assert make_strategy(StrategyConfig(name="fedprox", proximal_mu=0.3)).client_settings() == {"proximal_mu": 0.3, "freeze_a": False}
+    assert (make_strategy(StrategyConfig(name="fedprox", proximal_mu=0.3)).client_settings()
+            == {"proximal_mu": 0.3, "freeze_a": False})
     assert make_strategy(StrategyConfig(name="ffa_lora")).client_settings()["freeze_a"] is True
     assert make_strategy(StrategyConfig(name="fedavg")).client_settings() == {"proximal_mu": 0.0, "freeze_a": False}
 

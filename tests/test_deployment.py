@@ -119,7 +119,8 @@ def deployment(tmp_path_factory, env):
     assert [len(c) for c in cells.values()] == [3, 3]
     tmp = tmp_path_factory.mktemp("deployment")
     out = tmp / "plan"
-    nodes = write_plan(cfg, out, DeploySettings(base_port=free_port_run(3), runtime_port_base=free_port_run(9)), overrides=OVERRIDES)
+    nodes = write_plan(cfg, out, DeploySettings(base_port=free_port_run(3), runtime_port_base=free_port_run(9)),
+                       overrides=OVERRIDES)
     env = dict(env, PYTHONUNBUFFERED="1")
     group = ProcessGroup(tmp / "logs")
     try:
@@ -153,7 +154,8 @@ def test_planned_deployment_tls_auth_secagg_dropout_and_edge_restart(deployment,
     for client in ends_a + ends_b:
         group.start(f"end-{client}", [*FEDLORA, "client", "--config", str(out / f"end-{client}"), "--audit"], env)
     for edge, ends in ((edge_a, ends_a), (edge_b, ends_b)):
-        _wait(lambda e=edge, n=len(ends): _online(e, env) == n, 240, f"{edge.name}'s END devices to join over TLS", group)
+        joined = len(ends)
+        _wait(lambda e=edge, n=joined: _online(e, env) == n, 240, f"{edge.name}'s END devices to join over TLS", group)
 
     # Membership: an unregistered key is refused; without the plan's CA no connection at all.
     address = read_node(edge_a).doc["superlink"]["address"]

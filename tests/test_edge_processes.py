@@ -172,7 +172,8 @@ def secure_cell():
     from server.edge import run_request
 
     clients, arrays = [0, 1, 2], {"a": np.zeros((2, 3), np.float32)}
-    sr = SecureRound(identities=SimulatedIdentities(SEED), run_id="run", server_round=1, clients=clients, cells_above={CELL: "suburban-0"},
+    sr = SecureRound(identities=SimulatedIdentities(SEED), run_id="run", server_round=1, clients=clients,
+                     cells_above={CELL: "suburban-0"},
                      settings=SecureSettings(EncodingConfig(bits=16, clip=0.05, max_examples=5), 0.6, "cloud",
                                              "aes128-ctr", 100),
                      layout=secure_layout({"a": (2, 3)}))

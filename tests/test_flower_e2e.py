@@ -49,7 +49,8 @@ def reference(tmp_path_factory, env):
 
 
 def check_contract(run_dir: Path, uplink: str = "end->cloud") -> None:
-    for name in ("config.yaml", "rounds.jsonl", "summary.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+    for name in ("config.yaml", "rounds.jsonl", "summary.json", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors"):
         assert (run_dir / name).is_file(), name
     rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]

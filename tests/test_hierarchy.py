@@ -76,7 +76,8 @@ def test_mobility_counts_each_update_once_in_the_cell_it_uploads_from(tmp_path, 
     for r in records:
         assert sorted(int(c) for c in r["cell_of"]) == r["participants"]
         assert r["num_examples"] == per_client * len(r["participants"])
-    moved = [c for c in records[1]["cell_of"] if c in records[0]["cell_of"] and records[1]["cell_of"][c] != records[0]["cell_of"][c]]
+    moved = [c for c in records[1]["cell_of"]
+             if c in records[0]["cell_of"] and records[1]["cell_of"][c] != records[0]["cell_of"][c]]
     assert moved, "with handover_prob=1 clients change cells between rounds"
 
 

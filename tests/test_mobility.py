@@ -118,7 +118,8 @@ def test_trace_moves_clients_from_csv_and_json(tmp_path):
         ("round,client,cell\n2,99,neighbourhood-0-0\n", "client 99 is not in 0..7"),
         ("round,client,cell\n2,x,neighbourhood-0-0\n", "round and client must be integers"),
         ("round,client,cell\n0,1,neighbourhood-0-0\n", "round 0 must be >= 1"),
-        ("round,client,cell\n2,1,neighbourhood-0-0\n2,1,neighbourhood-0-1\n", "client 1 is already in 'neighbourhood-0-0' in round 2"),
+        ("round,client,cell\n2,1,neighbourhood-0-0\n2,1,neighbourhood-0-1\n",
+         "client 1 is already in 'neighbourhood-0-0' in round 2"),
         ("round,device,cell\n2,1,neighbourhood-0-0\n", "header lacks client"),
     ],
 )

@@ -34,7 +34,8 @@ def tiny(kind="tree", **kw):
 def run(tree, server_round=1, clients=None, train=10.0, adapter=10 * MBIT, **kw):
     clients = tree.clients if clients is None else clients
     return simulate_round(
-        tree, tree.initial, server_round, selected=clients, train_s={c: train for c in clients}, adapter_bytes=adapter, seed=0, **kw
+        tree, tree.initial, server_round, selected=clients, train_s={c: train for c in clients}, adapter_bytes=adapter, seed=0,
+        **kw
     )
 
 
@@ -120,13 +121,15 @@ def test_cloud_sync_period_changes_what_travels():
     adapter = 10 * MBIT
     first = run(tree, server_round=1)  # global adapter comes down; sums stop at the neighbourhoods
     assert not first.cloud_sync
-    assert first.bytes_down == {"end->neighbourhood": 2 * adapter, "neighbourhood->suburban": 2 * adapter, "suburban->cloud": adapter}
+    assert first.bytes_down == {"end->neighbourhood": 2 * adapter, "neighbourhood->suburban": 2 * adapter,
+                                "suburban->cloud": adapter}
     assert first.bytes_up == {"end->neighbourhood": 2 * adapter, "neighbourhood->suburban": 0, "suburban->cloud": 0}
     assert first.path_s[fast] == pytest.approx(0.027 + 0.101 + 5 + 0.101)
     second = run(tree, server_round=2)  # cell models come from the neighbourhoods; sync to the cloud
     assert second.cloud_sync
     assert second.bytes_down == {"end->neighbourhood": 2 * adapter, "neighbourhood->suburban": 0, "suburban->cloud": 0}
-    assert second.bytes_up == {"end->neighbourhood": 2 * adapter, "neighbourhood->suburban": 2 * adapter, "suburban->cloud": adapter}
+    assert second.bytes_up == {"end->neighbourhood": 2 * adapter, "neighbourhood->suburban": 2 * adapter,
+                               "suburban->cloud": adapter}
     assert second.path_s[fast] == pytest.approx(0.101 + 5 + 0.101 + 0.027)
     forced = run(tree, server_round=3, cloud_sync=True)  # e.g. the last round
     assert forced.cloud_sync and forced.bytes_up["suburban->cloud"] == adapter
@@ -155,7 +158,8 @@ def test_availability_draws_are_deterministic_and_follow_the_profile():
     assert 0.65 < len(off) / 2000 < 0.75
     assert all(not is_available(tree, c, 3, 7) for c in off)
     assert "availability 0.3" in next(iter(off.values()))
-    net = simulate_round(tree, tree.initial, 3, selected=range(100), train_s={c: 1.0 for c in range(100)}, adapter_bytes=1, seed=7)
+    net = simulate_round(tree, tree.initial, 3, selected=range(100), train_s={c: 1.0 for c in range(100)},
+                         adapter_bytes=1, seed=7)
     assert set(net.stragglers) == set(unavailable(tree, range(100), 3, seed=7))
     assert net.bytes_down["end->cloud"] == 100 - len(net.stragglers)
     always = build_tree(TopologyConfig(), 50, seed=0)

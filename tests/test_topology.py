@@ -29,7 +29,8 @@ def tree_cfg(**kw) -> TopologyConfig:
 def random_updates(clients, seed=0, shape=(3, 4)):
     rng = np.random.default_rng(seed)
     return {
-        c: ({"a": rng.normal(size=shape).astype(np.float32), "b": rng.normal(size=(2,)).astype(np.float32)}, float(rng.integers(1, 50)))
+        c: ({"a": rng.normal(size=shape).astype(np.float32), "b": rng.normal(size=(2,)).astype(np.float32)},
+            float(rng.integers(1, 50)))
         for c in clients
     }
 
@@ -103,7 +104,8 @@ def test_empty_profile_mix_makes_every_client_the_reference_machine():
 
 @pytest.mark.parametrize("femto", [0, 2])
 def test_tree_aggregation_counts_each_update_once_and_equals_the_flat_mean(femto):
-    topo = tree_cfg(suburban_cells=2, neighbourhoods_per_suburban=3, femto=FemtoConfig(per_neighbourhood=femto, passenger_fraction=0.4))
+    topo = tree_cfg(suburban_cells=2, neighbourhoods_per_suburban=3,
+                    femto=FemtoConfig(per_neighbourhood=femto, passenger_fraction=0.4))
     tree = build_tree(topo, 30, seed=5)
     updates = random_updates(tree.clients)
     sums = aggregate_tree(tree, updates, tree.initial)
@@ -194,7 +196,8 @@ def test_cell_models_with_a_period_keep_cells_apart_until_the_sync():
     np.testing.assert_allclose(models.start_from(hood1, g)["a"], [0.0, 3.0])
     np.testing.assert_allclose(models.start_from(tree.tier("neighbourhood")[3], g)["a"], [0.0, 0.0])
     # Round 2: hood0 moves again from its cell model; then the cloud sync.
-    models.absorb(aggregate_tree(tree, {by_cell[hood0][1]: ({"a": np.array([1.0, 0.0], np.float32)}, 1.0)}, tree.initial, to_cloud=False), g)
+    models.absorb(aggregate_tree(tree, {by_cell[hood0][1]: ({"a": np.array([1.0, 0.0], np.float32)}, 1.0)}, tree.initial,
+                                 to_cloud=False), g)
     saved = models.state()
     restored = CellModels(tree)
     restored.load_state(saved)
@@ -213,7 +216,8 @@ def test_cell_models_with_a_period_keep_cells_apart_until_the_sync():
         ({"profile_mix": {"tablet": 1.0}}, "topology.profile_mix names unknown profile 'tablet'"),
         ({"profiles": {"phone": {}}, "profile_mix": {"phone": 0.5, "reference": 0.4}}, "topology.profile_mix shares sum to 0.9"),
         ({"profile_mix": {"reference": -1.0}}, "topology.profile_mix.reference=-1.0 must be >= 0"),
-        ({"links": {"end_neighbourhood": {"bandwidth_mbps": -5}}}, "topology.links.end_neighbourhood.bandwidth_mbps=-5.0 must be > 0"),
+        ({"links": {"end_neighbourhood": {"bandwidth_mbps": -5}}},
+         "topology.links.end_neighbourhood.bandwidth_mbps=-5.0 must be > 0"),
         ({"links": {"suburban_cloud": {"latency_ms": -1}}}, "topology.links.suburban_cloud.latency_ms"),
         ({"links": {"end_femto": {"shared": "maybe"}}}, "topology.links.end_femto.shared: Value 'maybe' is not a valid bool"),
         ({"profiles": {"phone": {"availability": 1.5}}}, "topology.profiles.phone.availability=1.5 must be in [0, 1]"),
@@ -225,7 +229,8 @@ def test_cell_models_with_a_period_keep_cells_apart_until_the_sync():
         ({"kind": "tree", "mobility": {"model": "teleport"}}, "topology.mobility.model='teleport'"),
         ({"kind": "tree", "mobility": {"handover_prob": 2}}, "topology.mobility.handover_prob"),
         ({"kind": "tree", "mobility": {"model": "trace"}}, "topology.mobility.trace_path must name"),
-        ({"kind": "tree", "mobility": {"model": "trace", "trace_path": "/no/such.csv"}}, "topology.mobility.trace_path='/no/such.csv'"),
+        ({"kind": "tree", "mobility": {"model": "trace", "trace_path": "/no/such.csv"}},
+         "topology.mobility.trace_path='/no/such.csv'"),
         ({"kind": "tree", "suburban_cells": 0}, "topology.suburban_cells=0 must be > 0"),
         ({"kind": "tree", "neighbourhood_weights": [1, 2]}, "topology.neighbourhood_weights has 2 entries; the tree has 4"),
         ({"kind": "tree", "suburban_cells": 3, "neighbourhoods_per_suburban": 3}, "federation.num_clients=8 is fewer than the 9"),
@@ -255,6 +260,7 @@ def test_shipped_topologies_compose_and_small6g_is_the_default():
         assert set(topo.profile_mix) <= set(topo.profiles)
     assert compose(["topology=city", "federation.num_clients=1000"]).topology.kind == "tree"
     # Overriding the mix merges entries: zero the others to switch to one profile.
-    one = compose(["topology=small6g"] + [f"topology.profile_mix.{p}={int(p == 'phone')}" for p in ("rpi4", "phone", "car", "laptop")])
+    one = compose(["topology=small6g"]
+                  + [f"topology.profile_mix.{p}={int(p == 'phone')}" for p in ("rpi4", "phone", "car", "laptop")])
     assert set(build_tree(one.topology, 8, 0).profile_of.values()) == {"phone"}
     assert isinstance(one.topology.profiles["phone"], DeviceProfileConfig)

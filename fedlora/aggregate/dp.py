@@ -398,7 +398,8 @@ class FederatedDP:
         _check_positive("weight", weight)
         if not (isinstance(delta, (int, float)) and 0 < delta < 1):
             raise ValueError(f"delta must be in (0, 1), got {delta!r}")
-        self.noise_multiplier, self.clip_norm, self.delta, self.weight = float(noise_multiplier), float(clip_norm), float(delta), float(weight)
+        self.noise_multiplier, self.clip_norm, self.delta, self.weight = (
+            float(noise_multiplier), float(clip_norm), float(delta), float(weight))
         self.orders = _check_orders(orders)
         self._rdp = np.zeros_like(self.orders)
         self.rounds = 0

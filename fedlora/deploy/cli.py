@@ -37,7 +37,8 @@ def cmd_plan(argv: list[str]) -> None:
                    help="CELL=HOST[,HOST...] for an edge SuperLink (default loopback)")
     p.add_argument("--base-port", type=int, default=DeploySettings.base_port)
     p.add_argument("--runtime-port-base", type=int, default=DeploySettings.runtime_port_base)
-    p.add_argument("--bind-host", default="", help="interface SuperLinks bind to (default: loopback if all hosts are, else 0.0.0.0)")
+    p.add_argument("--bind-host", default="",
+                   help="interface SuperLinks bind to (default: loopback if all hosts are, else 0.0.0.0)")
     p.add_argument("--cert-days", type=int, default=DeploySettings.cert_days)
     args = p.parse_args(argv)
     settings = DeploySettings(cloud_hosts=args.cloud_host or list(LOOPBACK), edge_hosts=dict(args.edge_host),

@@ -128,7 +128,8 @@ def layout(cfg: FedLoraConfig, settings: DeploySettings) -> dict[str, Node]:
         name = end_name(client)
         nodes[name] = Node(name, "end", leaf, client, tree.profile_of[client], upstream=parent, runtime_port=next(runtime))
         nodes[parent].children.append(name)
-    ports = [n.superlink_port for n in nodes.values() if n.superlink_port] + [n.runtime_port for n in nodes.values() if n.runtime_port]
+    ports = ([n.superlink_port for n in nodes.values() if n.superlink_port]
+             + [n.runtime_port for n in nodes.values() if n.runtime_port])
     if max(ports) > 65535:
         raise PlanError(f"ports run past 65535 (--base-port {settings.base_port}, --runtime-port-base "
                         f"{settings.runtime_port_base}, {len(nodes)} machines); choose lower bases")
@@ -294,7 +295,8 @@ class NodeFolder:
         from fedlora.data.files import FILE_BUILDERS  # fedlora.data imports torch; only an END device's folder has data
 
         folder = self.folder / str(self.doc.get("data_path", DATA_DIR))
-        files = sorted(p for p in folder.glob("*") if p.is_file() and p.suffix.lower() in FILE_BUILDERS) if folder.is_dir() else []
+        files = (sorted(p for p in folder.glob("*") if p.is_file() and p.suffix.lower() in FILE_BUILDERS)
+                 if folder.is_dir() else [])
         if len(files) > 1:
             raise PlanError(f"{folder} holds {len(files)} data files ({', '.join(p.name for p in files)}); keep one")
         return str(files[0]) if files else ""

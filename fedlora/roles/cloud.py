@@ -264,7 +264,8 @@ def _privacy(resolved: RunSettings, expected: dict, ckpt) -> tuple[SecureSetting
     """The run's secure-aggregation settings and DP accountant (resumed from ``ckpt``), each None when off."""
     secure = resolved.secure_settings(expected)
     p = resolved.config.privacy
-    dp = FederatedDP(p.noise_multiplier, p.clip_norm, p.delta, weight=resolved.max_examples) if resolved.privacy == "secagg_dp" else None
+    dp = (FederatedDP(p.noise_multiplier, p.clip_norm, p.delta, weight=resolved.max_examples)
+          if resolved.privacy == "secagg_dp" else None)
     if dp is not None and ckpt is not None:
         dp.load_state(_section(ckpt[1], "dp/"))
     return secure, dp
@@ -402,7 +403,8 @@ def _reply_reporter(run: Run) -> ReplyCallback:
             run.progress.client_done(reply.client, reply.error is None, reply.error or done_s)
             return
         reason = reject_reason(reply, run.expected)
-        detail = reason or f"loss {reply.metrics.get('train_loss', float('nan')):.4f} in {reply.metrics.get('train_seconds', 0):.1f}s"
+        detail = reason or (f"loss {reply.metrics.get('train_loss', float('nan')):.4f} "
+                            f"in {reply.metrics.get('train_seconds', 0):.1f}s")
         run.progress.client_done(reply.client, reason is None, detail)
 
     return on_reply

@@ -285,7 +285,8 @@ def render_text(status: dict, detail_round: int | None = None) -> str:
         lines += ["", f"round {shown['round']} by neighbourhood cell:"]
         cell_rows = []
         for cell, c in shown["cells"].items():
-            sec = "" if c["secure"] is None else ("secure ok" if c["secure"]["ok"] else f"secure ABORTED: {c['secure']['reason']}")
+            sec = "" if c["secure"] is None else ("secure ok" if c["secure"]["ok"]
+                                                  else f"secure ABORTED: {c['secure']['reason']}")
             cell_rows.append([f"  {cell}", f"joined {_ids(c['joined'])}", f"dropped {_ids(c['dropped'])}", sec])
         lines += _table(None, cell_rows)
     with_drops = [r for r in rounds if r["dropped"]]

@@ -21,7 +21,8 @@ from fedlora.config import ConfigError, to_typed
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
-COLUMNS = ["run", "swept", "base_eval_loss", "final_eval_loss", "eval_loss_drop", "final_perplexity", "total_bytes", "wall_s", "status"]
+COLUMNS = ["run", "swept", "base_eval_loss", "final_eval_loss", "eval_loss_drop", "final_perplexity", "total_bytes", "wall_s",
+           "status"]
 
 
 HEADERS = {"base_eval_loss": "base loss", "final_eval_loss": "final loss", "eval_loss_drop": "drop",

@@ -128,7 +128,8 @@ class SignedHeader:
     def verify(self, registry: DeviceRegistry, issuer: str) -> CellHeader:
         """The header, once its signature by ``issuer`` (the cloud) checks out."""
         if self.signer != issuer:
-            raise RejectedMessage(f"header of cell {self.header.cell!r} is signed by {self.signer!r}; only {issuer!r} issues headers")
+            raise RejectedMessage(f"header of cell {self.header.cell!r} is signed by {self.signer!r}; "
+                                  f"only {issuer!r} issues headers")
         registry.check(issuer, transcript.encode(*self.header.fields()), self.signature, f"header of cell {self.header.cell!r}")
         return self.header
 

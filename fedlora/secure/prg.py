@@ -32,7 +32,8 @@ Randomness = Callable[[int], bytes]
 
 def _encryptor(seed: bytes, kind: str):
     if not isinstance(seed, (bytes, bytearray)) or len(seed) != SEED_BYTES:
-        raise ValueError(f"a PRG seed must be {SEED_BYTES} bytes, got {len(seed) if isinstance(seed, (bytes, bytearray)) else type(seed).__name__}")
+        raise ValueError(f"a PRG seed must be {SEED_BYTES} bytes, "
+                         f"got {len(seed) if isinstance(seed, (bytes, bytearray)) else type(seed).__name__}")
     seed = bytes(seed)
     if kind == AES128_CTR:
         return Cipher(algorithms.AES(seed[:16]), modes.CTR(seed[16:])).encryptor()

@@ -180,7 +180,8 @@ def build_tree(topo: TopologyConfig, num_clients: int, seed: int) -> CellTree:
     )
 
 
-def board(cells: Mapping[str, Cell], neighbourhood: str, client: int, server_round: int, seed: int, passenger_fraction: float) -> str:
+def board(cells: Mapping[str, Cell], neighbourhood: str, client: int, server_round: int, seed: int,
+          passenger_fraction: float) -> str:
     """The leaf cell of a client arriving in ``neighbourhood``: one of its femto cells (a
     vehicle) with chance ``passenger_fraction``, else the neighbourhood itself."""
     vehicles = [c for c in cells[neighbourhood].children if cells[c].tier == "femto"]
