@@ -167,6 +167,11 @@ def test_a_sweep_with_bad_jobs_starts_none_and_names_every_bad_one(tmp_path):
     assert "#2 model=tiny lora.r=-1 strategy=fedavg: lora.r=-1 must be > 0" in out.stderr
     assert "#4 model=tiny lora.r=0 strategy=fedavg: lora.r=0 must be > 0" in out.stderr
     assert "#1 model=tiny lora.r=4 strategy=fedbogus: In 'config': Could not find 'strategy/fedbogus'" in out.stderr
+    # A job whose settings are fine one by one but whose secure sums could overflow is caught too.
+    out = sweep("privacy=secagg", "privacy.bits=24", "federation.num_clients=8,300")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "1 of the sweep's 2 jobs cannot run; none was started" in out.stderr
+    assert "federation.num_clients=300: privacy.bits=24 with privacy.max_examples=64" in out.stderr
     # A sweep of good jobs runs them all.
     out = sweep("lora.r=4,8")
     assert out.returncode == 0, out.stderr[-2000:]

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedlora.config import ConfigError, to_typed
+from fedlora.run_settings import resolve_run
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
@@ -110,7 +111,8 @@ def bad_jobs(config: DictConfig, config_loader, jobs: list[list[str]]) -> list[t
     for num, overrides in enumerate(jobs):
         try:
             job_config = config_loader.load_sweep_config(config, overrides)
-            to_typed(OmegaConf.masked_copy(job_config, [k for k in job_config if k != "hydra"]))
+            # resolve_run: the checks of the settings as a whole too (secure sums that could overflow)
+            resolve_run(to_typed(OmegaConf.masked_copy(job_config, [k for k in job_config if k != "hydra"])))
         except (ConfigError, HydraException, OmegaConfBaseException) as exc:
             bad.append((num, overrides, _one_line(exc)))
     return bad
