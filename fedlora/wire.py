@@ -26,7 +26,7 @@ import numpy as np
 from fedlora import transcript
 
 MAGIC = "fedlora/wire/v1"
-_DTYPES = {"<f4", "<f8", "<u4", "<i4", "<i8", "<u8", "|u1"}
+_DTYPES = {"<f2", "<f4", "<f8", "<u4", "<i4", "<i8", "<u8", "|u1"}  # <f2: split-learning activations in half precision
 _TYPES: dict[str, type] = {}
 _MAX_DEPTH = 64
 
