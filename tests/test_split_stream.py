@@ -472,3 +472,78 @@ def test_credentials_from_a_plans_folders(tmp_path, tiny_config):
             np.testing.assert_array_equal(link.forward(x), x)
         assert srv.wait([protocol_id(end_node.name)], 5)
         assert srv.close().outcomes[protocol_id(end_node.name)].completed
+
+
+# ------------------------------------------------ the split maths' link over the stream
+
+class _EdgeHalf:
+    """The shape of fedlora.split.EdgeHalf (forward, backward, step over blocks and params), with one
+    linear block as the edge's middle: enough to check that the stream carries its calls exactly."""
+
+    def __init__(self, seed: int, dtype=None):
+        import torch  # only these tests need torch
+
+        torch.manual_seed(seed)
+        self.blocks = [torch.nn.Linear(576, 576, dtype=dtype or torch.float32)]
+        self.params = list(self.blocks[0].parameters())
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-3)
+        self._pending = None
+
+    def forward(self, hidden, attention_mask):
+        import torch  # only these tests need torch
+
+        with torch.enable_grad():
+            received = hidden.detach().requires_grad_(True)
+            out = self.blocks[0](received) * attention_mask.to(received.dtype).unsqueeze(-1)
+        self._pending = (received, out)
+        return out.detach()
+
+    def backward(self, grad):
+        import torch  # only these tests need torch
+
+        received, out = self._pending
+        out.backward(grad)
+        return received.grad.detach(), float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params])))
+
+    def step(self, lr, clip_coef):
+        for p in self.params:
+            p.grad.mul_(clip_coef)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def test_split_link_over_the_stream_equals_the_in_process_calls(keys, tls):
+    import torch  # only these tests need torch
+
+    from fedlora.deploy.split_link import StreamSplitLink, edge_half_handler, from_wire, to_wire
+
+    remote_edge, local_edge = _EdgeHalf(0), _EdgeHalf(0)
+    hidden = torch.randn(2, 16, 576)
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 12:] = 0
+    with server(keys, tls, lambda device: edge_half_handler(remote_edge)) as srv:
+        with connect(keys, tls, srv) as stream:
+            link = StreamSplitLink(stream)
+            for _ in range(2):
+                out = link.forward(hidden, mask)
+                grad = torch.randn_like(out)
+                back, norm = link.backward(grad)
+                link.step(1e-3, 0.5)
+                want_out = local_edge.forward(hidden, mask)
+                want_back, want_norm = local_edge.backward(grad)
+                local_edge.step(1e-3, 0.5)
+                assert torch.equal(out, want_out) and torch.equal(back, want_back) and norm == want_norm
+            with pytest.raises(PeerFailed, match="unknown split call 'sideways'"):
+                stream.call("sideways", {})
+        assert srv.wait(["device-0"], 5)
+        outcome = srv.close().outcomes["device-0"]
+    for p, q in zip(remote_edge.params, local_edge.params):
+        assert torch.equal(p, q)  # the edge's LoRA-side state took the same optimiser steps
+    assert link.exchanges == 2 and link.steps == 2
+    assert link.tensor_bytes_up == 2 * (hidden.numel() * 4 + mask.numel() + out.numel() * 4 + 16)
+    assert not outcome.completed and outcome.steps == 6 and "unknown split call" in outcome.reason
+    # bfloat16 crosses as float32 and comes back as bfloat16, value for value.
+    b = torch.randn(3, 5).to(torch.bfloat16)
+    assert to_wire(b).dtype == np.float32 and torch.equal(from_wire(to_wire(b), torch.bfloat16), b)

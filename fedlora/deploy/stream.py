@@ -67,13 +67,15 @@ from fedlora.deploy.stream_protocol import (
     expect,
     frame_length,
     parse_address,
+    stream_port,
+    tensor_bytes,
 )
 from fedlora.secure.identities import PlannedIdentities
 
 # What callers of the stream need, from one place.
 __all__ = ["FrameError", "HandshakeRefused", "PeerFailed", "PeerGone", "StreamError", "StreamLimits",
            "StreamCredentials", "StreamLink", "SplitStreamServer", "serve_split_session", "EdgeSession",
-           "StreamOutcome", "RoundStreams", "echo_handler"]
+           "StreamOutcome", "RoundStreams", "echo_handler", "stream_port", "tensor_bytes", "Payload", "Handler"]
 
 # ------------------------------------------------------------------------ credentials
 

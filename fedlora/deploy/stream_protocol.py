@@ -144,14 +144,14 @@ def _nonce(value: object, what: str) -> None:
 
 def check_payload(payload: object, what: str = "payload") -> None:
     """Raise ValueError unless ``payload`` is a numpy array or a dict of up to MAX_TENSORS named
-    arrays, each of a dtype in PAYLOAD_DTYPES."""
-    if isinstance(payload, dict) and 0 < len(payload) <= MAX_TENSORS \
+    arrays (none: an answer that carries no tensor), each of a dtype in PAYLOAD_DTYPES."""
+    if isinstance(payload, dict) and len(payload) <= MAX_TENSORS \
             and all(isinstance(k, str) and 0 < len(k) <= MAX_NAME_CHARS for k in payload):
         arrays = list(payload.values())
     elif isinstance(payload, np.ndarray):
         arrays = [payload]
     else:
-        raise ValueError(f"a {what} is a numpy array or a dict of 1..{MAX_TENSORS} named arrays, "
+        raise ValueError(f"a {what} is a numpy array or a dict of up to {MAX_TENSORS} named arrays, "
                          f"got {type(payload).__name__}")
     for array in arrays:
         if not isinstance(array, np.ndarray):
