@@ -137,6 +137,21 @@ def _name(value: object, what: str) -> None:
         raise ValueError(f"{what} must be a string of 1..{MAX_NAME_CHARS} characters, got {value!r}")
 
 
+def _count(value: object, what: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
+
+
+def _text(value: object, what: str) -> None:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got a {type(value).__name__}")
+
+
+def _signature(value: object) -> None:
+    if not isinstance(value, bytes) or len(value) != SIGNATURE_BYTES:
+        raise ValueError(f"an Ed25519 signature is {SIGNATURE_BYTES} bytes")
+
+
 def _nonce(value: object, what: str) -> None:
     if not isinstance(value, bytes) or len(value) != NONCE_BYTES:
         raise ValueError(f"{what} must be {NONCE_BYTES} bytes")
@@ -175,8 +190,7 @@ class Hello:
         _name(self.device, "device id")
         _name(self.edge, "edge id")
         _name(self.run_id, "run id")
-        if not isinstance(self.server_round, int) or isinstance(self.server_round, bool) or self.server_round < 0:
-            raise ValueError(f"round must be a non-negative integer, got {self.server_round!r}")
+        _count(self.server_round, "round")
         _nonce(self.nonce, "device nonce")
 
 
@@ -191,8 +205,7 @@ class Challenge:
     def __post_init__(self) -> None:
         _name(self.edge, "edge id")
         _nonce(self.nonce, "edge nonce")
-        if not isinstance(self.signature, bytes) or len(self.signature) != SIGNATURE_BYTES:
-            raise ValueError(f"an Ed25519 signature is {SIGNATURE_BYTES} bytes")
+        _signature(self.signature)
 
 
 @dataclass(frozen=True)
@@ -202,8 +215,7 @@ class Proof:
     signature: bytes
 
     def __post_init__(self) -> None:
-        if not isinstance(self.signature, bytes) or len(self.signature) != SIGNATURE_BYTES:
-            raise ValueError(f"an Ed25519 signature is {SIGNATURE_BYTES} bytes")
+        _signature(self.signature)
 
 
 @dataclass(frozen=True)
@@ -217,6 +229,9 @@ class Refused:
 
     reason: str
 
+    def __post_init__(self) -> None:
+        _text(self.reason, "a refusal's reason")
+
 
 @dataclass(frozen=True)
 class Step:
@@ -227,8 +242,7 @@ class Step:
     payload: Payload
 
     def __post_init__(self) -> None:
-        if not isinstance(self.seq, int) or isinstance(self.seq, bool) or self.seq < 0:
-            raise ValueError(f"a step number is a non-negative integer, got {self.seq!r}")
+        _count(self.seq, "a step number")
         _name(self.kind, "step kind")
         check_payload(self.payload, "step payload")
 
@@ -241,8 +255,7 @@ class Reply:
     payload: Payload
 
     def __post_init__(self) -> None:
-        if not isinstance(self.seq, int) or isinstance(self.seq, bool) or self.seq < 0:
-            raise ValueError(f"a step number is a non-negative integer, got {self.seq!r}")
+        _count(self.seq, "a step number")
         check_payload(self.payload, "reply payload")
 
 
@@ -252,12 +265,18 @@ class Failed:
 
     reason: str
 
+    def __post_init__(self) -> None:
+        _text(self.reason, "a failure's reason")
+
 
 @dataclass(frozen=True)
 class Bye:
     """Device -> edge: the device is done with the round after ``steps`` steps."""
 
     steps: int
+
+    def __post_init__(self) -> None:
+        _count(self.steps, "a step count")
 
 
 MESSAGES = (Hello, Challenge, Proof, Admitted, Refused, Step, Reply, Failed, Bye)
