@@ -284,6 +284,26 @@ def test_round_trip_of_activations_and_gradients(keys, tls):
     assert streams.dropped() == {} and streams.refused == []
 
 
+def test_a_device_ahead_of_its_edge_waits_for_it_then_gives_up(keys, tls):
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]  # free now, and nothing listens on it once closed
+    srv = SplitStreamServer(edge_creds(keys, tls), ("127.0.0.1", port), run_id=RUN, server_round=1,
+                            handler_for=lambda d: echo_handler, limits=FAST)
+    timer = threading.Timer(0.3, srv.start)  # the edge opens its round a moment after the device dials
+    timer.start()
+    try:
+        with StreamLink.connect(device_creds(keys, tls), ("127.0.0.1", port), edge=EDGE, run_id=RUN, server_round=1,
+                                limits=FAST) as link:
+            link.forward(activations())
+    finally:
+        timer.join()
+        srv.close()
+    late = StreamLimits(connect_timeout_s=0.3)
+    with pytest.raises(PeerGone, match="cannot reach the edge .* within 0.3s"):
+        StreamLink.connect(device_creds(keys, tls), ("127.0.0.1", port), edge=EDGE, run_id=RUN, server_round=1,
+                           limits=late)
+
+
 def test_wrong_ca_is_refused(keys, tls):
     with server(keys, tls, which="other") as srv:
         with pytest.raises(HandshakeRefused, match="no certificate of the plan's CA"):

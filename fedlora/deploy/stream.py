@@ -201,6 +201,21 @@ def _short(reason: str) -> str:
 
 # --------------------------------------------------------------------------- device
 
+def _dial(host: str, port: int, timeout: float, edge: str) -> socket.socket:
+    """A TCP connection to the edge, retried while it is refused until ``timeout``: the edge opens
+    its round's stream when the round starts, and a device may be a moment ahead of it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return socket.create_connection((host, port), timeout=max(deadline - time.monotonic(), 0.01))
+        except ConnectionRefusedError as exc:
+            if time.monotonic() + 0.1 >= deadline:
+                raise PeerGone(f"cannot reach the edge {edge} at {host}:{port} within {timeout:g}s: {exc}") from None
+            time.sleep(0.1)
+        except OSError as exc:
+            raise PeerGone(f"cannot reach the edge {edge} at {host}:{port}: {exc}") from None
+
+
 class StreamLink:
     """The device's end of one round's stream to its edge: split steps as calls.
 
@@ -220,10 +235,7 @@ class StreamLink:
         at ``address``: TLS against the plan's CA and the host name, then the signed handshake."""
         limits = limits or StreamLimits()
         host, port = parse_address(address)
-        try:
-            raw = socket.create_connection((host, port), timeout=limits.connect_timeout_s)
-        except OSError as exc:
-            raise PeerGone(f"cannot reach the edge {edge} at {host}:{port}: {exc}") from None
+        raw = _dial(host, port, limits.connect_timeout_s, edge)
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock = credentials.tls.wrap_socket(raw, server_hostname=host)
