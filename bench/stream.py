@@ -17,9 +17,11 @@ three transports, side by side in one run:
   ``echo_handler``: TLS + the wire codec (fedlora.wire frames, dtype/shape checks, copies).
 
 Per transport and payload: the median, 10th and 90th percentile round trip, the throughput
-(2 x payload bytes / median round trip: both directions carry a tensor) and the ratio to
-``tcp`` and ``tls``. Also the time to open a stream (TCP + TLS + the signed handshake: both
-Ed25519 signatures and checks), paid once per device and round.
+(2 x payload bytes / median round trip: both directions carry a tensor), the ratio to ``tcp``
+and ``tls``, and the device process's CPU time per round trip (its half of the work: the edge
+does the mirror image; unlike wall time it hardly moves when others load the machine). Also
+the time to open a stream (TCP + TLS + the signed handshake: both Ed25519 signatures and
+checks), paid once per device and round.
 
 The handler is an echo, so no model compute is in these figures: they are the transport's
 own cost per split step, to compare with a step's compute on the device and the edge.
@@ -172,6 +174,8 @@ def time_transport(mode: str, files: dict, seeds: dict, payloads: dict, reps: di
                 out = bytearray(x.nbytes)
                 times = []
                 for i in range(reps[name] + 3):  # three warm-up round trips
+                    if i == 3:
+                        cpu0 = time.process_time()
                     t0 = time.perf_counter()
                     if mode == "stream":
                         y = step(x)
@@ -181,6 +185,7 @@ def time_transport(mode: str, files: dict, seeds: dict, payloads: dict, reps: di
                     if i >= 3:
                         times.append(time.perf_counter() - t0)
                 result["round_trip_s"][name] = times
+                result.setdefault("device_cpu_s", {})[name] = (time.process_time() - cpu0) / len(times)
         return result
     finally:
         stop.set()
@@ -199,7 +204,8 @@ def summarise(raw: dict, payloads: dict) -> list[dict]:
             q = statistics.quantiles(times, n=10)
             rows.append({"payload": name, "bytes": x.nbytes, "transport": mode, "median_ms": med[mode] * 1e3,
                          "p10_ms": q[0] * 1e3, "p90_ms": q[-1] * 1e3, "mb_per_s": 2 * x.nbytes / med[mode] / 1e6,
-                         "x_tcp": med[mode] / med["tcp"], "x_tls": med[mode] / med["tls"], "n": len(times)})
+                         "x_tcp": med[mode] / med["tcp"], "x_tls": med[mode] / med["tls"], "n": len(times),
+                         "device_cpu_ms": r["device_cpu_s"][name] * 1e3})
     return rows
 
 
@@ -231,8 +237,9 @@ def main() -> None:
               "raw_s": raw}
     out = write_json(args.out, record)
     print(table([[r["payload"], r["bytes"], r["transport"], r["median_ms"], r["p10_ms"], r["p90_ms"], r["mb_per_s"],
-                  r["x_tcp"], r["x_tls"]] for r in rows],
-                ["payload", "bytes", "transport", "median ms", "p10 ms", "p90 ms", "MB/s (both ways)", "x tcp", "x tls"]))
+                  r["x_tcp"], r["x_tls"], r["device_cpu_ms"]] for r in rows],
+                ["payload", "bytes", "transport", "median ms", "p10 ms", "p90 ms", "MB/s (both ways)", "x tcp", "x tls",
+                 "device CPU ms"]))
     o = record["open_stream_ms"]
     print(f"\nopening a stream (TCP + TLS 1.3 + signed handshake): median {o['median']:.2f} ms "
           f"(min {o['min']:.2f}, max {o['max']:.2f}, n={o['n']})")

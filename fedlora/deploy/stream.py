@@ -63,9 +63,9 @@ from fedlora.deploy.stream_protocol import (
     StreamLimits,
     check_payload,
     decode_frame,
-    encode_frame,
     expect,
     frame_length,
+    frame_parts,
     parse_address,
     stream_port,
     tensor_bytes,
@@ -125,15 +125,19 @@ class _Channel:
         self.abort_reason = ""
 
     def send(self, message: object, limit: int, timeout: float) -> None:
-        frame = encode_frame(message, limit)
+        header, body = frame_parts(message, limit)
         try:
             self.sock.settimeout(timeout)
-            self.sock.sendall(frame)
+            if len(body) < 65536:
+                self.sock.sendall(header + body)  # one TLS record for a small frame
+            else:
+                self.sock.sendall(header)
+                self.sock.sendall(body)
         except (socket.timeout, TimeoutError):
             raise PeerGone(self.abort_reason or f"{self.peer} took no data for {timeout:g}s (timed out)") from None
         except (OSError, ValueError) as exc:  # ValueError: a socket closed under us
             raise PeerGone(self.abort_reason or f"{self.peer} disconnected ({exc})") from None
-        self.bytes_sent += len(frame)
+        self.bytes_sent += len(header) + len(body)
 
     def recv(self, limit: int, timeout: float) -> object:
         deadline = time.monotonic() + timeout

@@ -287,6 +287,12 @@ wire.register(*MESSAGES)
 
 def encode_frame(message: object, limit: int) -> bytes:
     """The frame of ``message``; :class:`FrameError` when it would exceed ``limit`` bytes of body."""
+    return b"".join(frame_parts(message, limit))
+
+
+def frame_parts(message: object, limit: int) -> tuple[bytes, bytes]:
+    """:func:`encode_frame` as (header, body): a sender of a large frame writes both without
+    first copying them into one buffer."""
     if not isinstance(message, MESSAGES):
         raise TypeError(f"a {type(message).__name__} is not a split-stream message")
     try:
@@ -296,7 +302,7 @@ def encode_frame(message: object, limit: int) -> bytes:
     if len(body) > limit:
         raise FrameError(f"a {type(message).__name__} frame of {len(body)} bytes exceeds the stream's limit of {limit} "
                          "bytes (StreamLimits.max_frame_bytes)")
-    return _HEADER.pack(FRAME_MAGIC, len(body)) + body
+    return _HEADER.pack(FRAME_MAGIC, len(body)), body
 
 
 def frame_length(header: bytes, limit: int) -> int:
