@@ -442,6 +442,24 @@ def test_oversized_and_malformed_frames_are_refused_cleanly(keys, tls):
         assert "malformed frame" in srv.close().outcomes["device-0"].reason
 
 
+def test_steps_out_of_order_or_miscounted_are_refused(keys, tls):
+    with server(keys, tls) as srv:
+        link = connect(keys, tls, srv)
+        link._channel.send(Step(1, "forward", activations()), FAST.max_frame_bytes, 5)  # step 1 before step 0
+        with pytest.raises(PeerFailed, match="sent step 1, expected 0"):
+            expect(link._channel.recv(FAST.max_frame_bytes, 5), Reply, "the edge")
+        link.close()
+        other = connect(keys, tls, srv, "device-1")
+        other.forward(activations())
+        other.steps = 5  # a goodbye that does not match what the edge answered
+        other.close()
+        assert srv.wait(["device-0", "device-1"], 5)
+        streams = srv.close()
+    assert "sent step 1, expected 0" in streams.outcomes["device-0"].reason
+    assert "said goodbye after 5 steps, but 1 were answered" in streams.outcomes["device-1"].reason
+    assert not streams.outcomes["device-1"].completed
+
+
 def test_oversized_hello_from_a_stranger_is_refused(keys, tls):
     with server(keys, tls) as srv:
         context = ssl.create_default_context(cafile=str(tls["plan"][0]))

@@ -358,6 +358,8 @@ def serve_split_session(session: EdgeSession, handler: Handler) -> StreamOutcome
         while True:
             message = channel.recv(limits.max_frame_bytes, limits.step_timeout_s)
             if isinstance(message, Bye):
+                if message.steps != steps:
+                    raise FrameError(f"{channel.peer} said goodbye after {message.steps} steps, but {steps} were answered")
                 return outcome(True)
             step = expect(message, Step, channel.peer)
             if step.seq != steps:
