@@ -183,7 +183,7 @@ def time_transport(mode: str, files: dict, seeds: dict, payloads: dict, reps: di
                     else:
                         _raw_round_trip(link, x, out)
                     if i >= 3:
-                        times.append(time.perf_counter() - t0)
+                        times.append(round(time.perf_counter() - t0, 6))
                 result["round_trip_s"][name] = times
                 result.setdefault("device_cpu_s", {})[name] = (time.process_time() - cpu0) / len(times)
         return result
