@@ -473,6 +473,33 @@ def test_oversized_hello_from_a_stranger_is_refused(keys, tls):
         srv.close()
 
 
+@pytest.mark.parametrize("one_at_a_time", [True, False])
+def test_handlers_of_concurrent_devices_take_turns_by_default(keys, tls, one_at_a_time):
+    active, most, lock = [0], [0], threading.Lock()
+
+    def handler(kind, payload):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        time.sleep(0.2)
+        with lock:
+            active[0] -= 1
+        return payload
+
+    with server(keys, tls, lambda d: handler, one_handler_at_a_time=one_at_a_time) as srv:
+        links = [connect(keys, tls, srv, d) for d in ("device-0", "device-1")]
+        workers = [threading.Thread(target=link.forward, args=(activations(),)) for link in links]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(10)
+        for link in links:
+            link.close()
+        assert srv.wait(["device-0", "device-1"], 5)
+        assert all(o.completed for o in srv.close().outcomes.values())
+    assert most[0] == (1 if one_at_a_time else 2)
+
+
 def test_handler_failure_drops_only_that_device(keys, tls):
     def handler_for(device):
         def handler(kind, payload):

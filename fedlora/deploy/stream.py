@@ -402,11 +402,12 @@ class SplitStreamServer:
     then served in its own thread by :func:`serve_split_session` with ``handler_for(device)``.
     Open it for the round (:meth:`start`, or ``with``), :meth:`close` it after: that refuses new
     connections, ends every session still running (its device drops) and joins every thread.
+    Handler calls of all sessions run one at a time unless ``one_handler_at_a_time=False``.
     """
 
     def __init__(self, credentials: StreamCredentials, listen: str | tuple[str, int], *, run_id: str, server_round: int,
                  handler_for: Callable[[str], Handler], devices: Iterable[str] | None = None,
-                 limits: StreamLimits | None = None, max_connections: int = 64):
+                 limits: StreamLimits | None = None, max_connections: int = 64, one_handler_at_a_time: bool = True):
         if not credentials.cert_der:
             raise ValueError("the edge's stream credentials need its server certificate (StreamCredentials.for_edge)")
         self.credentials, self.run_id, self.server_round = credentials, run_id, server_round
@@ -415,6 +416,10 @@ class SplitStreamServer:
         self._handler_for = handler_for
         self._devices = frozenset(devices) if devices is not None else None
         self._max_connections = max_connections
+        # Handlers of different devices usually share the edge's one model: by default their calls
+        # take turns (each device's own state -- LoRA tensors, optimiser, pending graph -- is the
+        # handler's to keep apart).
+        self._handler_turn = threading.Lock() if one_handler_at_a_time else None
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._claimed: set[str] = set()
@@ -529,6 +534,8 @@ class SplitStreamServer:
             handler = self._handler_for(device)
         except Exception as exc:  # the edge cannot serve this device: it drops, the others go on
             handler = _failing_handler(f"no split handler for {device}: {type(exc).__name__}: {exc}")
+        if self._handler_turn is not None:
+            handler = _taking_turns(handler, self._handler_turn)
         outcome = serve_split_session(EdgeSession(device, channel, self.limits), handler)
         with self._lock:
             self._result.outcomes[device] = outcome
@@ -568,6 +575,13 @@ class SplitStreamServer:
         if device in self._claimed:
             return f"{device} already has a stream in round {self.server_round} (one per device per round)"
         return None
+
+
+def _taking_turns(handler: Handler, turn: threading.Lock) -> Handler:
+    def in_turn(kind: str, payload: Payload) -> Payload:
+        with turn:
+            return handler(kind, payload)
+    return in_turn
 
 
 def _failing_handler(reason: str) -> Handler:
