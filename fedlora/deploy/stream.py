@@ -123,6 +123,7 @@ class _Channel:
         self.sock, self.peer, self.address = sock, peer, ""
         self.bytes_sent = self.bytes_received = 0
         self.abort_reason = ""
+        self.closed = False
 
     def send(self, message: object, limit: int, timeout: float) -> None:
         header, body = frame_parts(message, limit)
@@ -178,6 +179,9 @@ class _Channel:
         """Close so that what was sent last arrives: send FIN, read (and drop) what the peer still
         sends until it closes too (at most ``linger_s``), then close. Closing with unread data
         would reset the connection, and the peer could lose the Failed or Refused frame that says why."""
+        if self.closed:
+            return
+        self.closed = True
         deadline = time.monotonic() + linger_s
         try:
             socket.socket.shutdown(self.sock, socket.SHUT_WR)
@@ -523,11 +527,17 @@ class SplitStreamServer:
         with self._lock:
             self._channels.add(channel)
         try:
+            self._serve_channel(channel, peer)
+        finally:  # whatever happened, this connection is over
+            channel.close()
+            with self._lock:
+                self._channels.discard(channel)
+
+    def _serve_channel(self, channel: _Channel, peer: str) -> None:
+        try:
             device = self._admit(channel)
         except StreamError as exc:
             self._refuse(peer, str(exc))
-            channel.close()
-            self._forget(channel)
             return
         channel.peer = f"the device {device}"
         try:
@@ -539,11 +549,6 @@ class SplitStreamServer:
         outcome = serve_split_session(EdgeSession(device, channel, self.limits), handler)
         with self._lock:
             self._result.outcomes[device] = outcome
-        self._forget(channel)
-
-    def _forget(self, channel: _Channel) -> None:
-        with self._lock:
-            self._channels.discard(channel)
 
     def _admit(self, channel: _Channel) -> str:
         """Run the edge's half of the handshake on ``channel``: the admitted device's id."""
