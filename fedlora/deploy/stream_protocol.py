@@ -89,7 +89,8 @@ class StreamLimits:
     # Largest frame either end sends or accepts, after the handshake. An activation frame is about
     # batch x seq x hidden x itemsize bytes (4 x 256 x 576 float32: 2.4 MB).
     max_frame_bytes: int = 256 * 2**20
-    # The longest a device waits for the edge to open the connection and for TLS.
+    # The longest a device tries to reach its edge (retrying while refused: the edge may open the
+    # round's stream a moment after the device starts) and then waits for TLS.
     connect_timeout_s: float = 10.0
     # The longest the handshake after TLS may take (each frame of it).
     handshake_timeout_s: float = 10.0
