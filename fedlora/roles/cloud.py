@@ -43,8 +43,6 @@ from fedlora.model import resolve_model_dir
 from fedlora.roles.device import initial_adapter, lora_model
 from fedlora.roles.hierfavg import CellModels
 from fedlora.roles.local import LocalCellRunner
-from fedlora.roles.personal import ADAPTER, NONE, PERSONAL_DIR
-from fedlora.roles.personal_eval import personal_report
 from fedlora.roles.neighbourhood import (
     AggregatorKeys,
     CellRequest,
@@ -56,6 +54,8 @@ from fedlora.roles.neighbourhood import (
     Transport,
     reject_reason,
 )
+from fedlora.roles.personal import ADAPTER, NONE, PERSONAL_DIR
+from fedlora.roles.personal_eval import personal_report
 from fedlora.roles.suburban import TreeSums, merge_up
 from fedlora.run_settings import RunSettings, resolve_run
 from fedlora.runs import report
