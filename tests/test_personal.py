@@ -93,6 +93,18 @@ def test_fedsa_sends_only_a_keeps_b_across_rounds_and_a_resume(tmp_path, short_r
     assert personal["kind"] == "lora_b" and set(personal["clients"]) == {str(c) for c in trained}
     assert personal["mean"]["personal"] < personal["mean"]["global"]
 
+    # Each client's personal adapter (global A + its own B) is exported as a plain PEFT adapter.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    exported = broken / "personal" / f"client-{trained[0]}"
+    config = json.loads((exported / "adapter_config.json").read_text())
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"]), str(exported))
+    loaded = adapters.get_state(model, trainable_only=False)
+    assert loaded.keys() == global_a.keys()
+    for key, value in loaded.items():
+        np.testing.assert_array_equal(value, kept[trained[0]][key] if "lora_B" in key else global_a[key])
+
 
 def test_feddpa_shares_fedavgs_update_and_keeps_a_local_adapter(tmp_path, short_run):
     """The shared adapter's training is FedAvg's (same global adapter, same replies); the local adapter stays in
@@ -129,7 +141,8 @@ def test_feddpa_output_is_the_base_plus_both_adapters(short_run):
     cfg = short_run("strategy=feddpa")
     model, _ = lora_model(cfg, freeze_a=False, personal=True)
     rng = np.random.default_rng(0)
-    shared = {k: rng.normal(0, 0.2, v.shape).astype(np.float32) for k, v in adapters.get_state(model, trainable_only=False).items()}
+    shared = {k: rng.normal(0, 0.2, v.shape).astype(np.float32)
+              for k, v in adapters.get_state(model, trainable_only=False).items()}
     own = {k: rng.normal(0, 0.2, v.shape).astype(np.float32) for k, v in initial_personal(cfg).items()}
     adapters.set_state(model, shared)
     adapters.set_state(model, own, adapter_name=PERSONAL)
