@@ -171,20 +171,25 @@ def test_feddpa_output_is_the_base_plus_both_adapters(short_run):
     assert model.base_model.active_adapters == ["default"]  # both_active leaves the shared adapter alone active
 
 
-def test_fedsa_under_secagg_equals_plain_up_to_the_fixed_point_step(tmp_path, short_run):
-    """A's average is a linear sum: the secure run's global adapter is the plain one's within the decode bound."""
-    tree = ("topology=small6g", "federation.num_clients=8", "federation.fraction=1.0", "federation.rounds=1",
-            "strategy=fedsa_lora")
+@pytest.mark.parametrize("strategy", ["fedsa_lora", "feddpa"])
+def test_personal_strategies_under_secagg_equal_plain_up_to_the_fixed_point_step(tmp_path, short_run, strategy):
+    """The shared part is what is masked and summed (FedSA: A, a linear mean): the secure run's global adapter is the
+    plain one's within the decode bound, and every device keeps the same personal part either way."""
+    tree = ("topology=small6g", "topology.suburban_cells=1", "topology.neighbourhoods_per_suburban=1",
+            "topology.mobility.model=none", "federation.num_clients=4", "federation.fraction=1.0", "federation.rounds=1",
+            f"strategy={strategy}")
     plain, secure = tmp_path / "plain", tmp_path / "secure"
-    run_federation(short_run(*tree, "privacy=none"), plain, InProcessTransport(8))
-    run_federation(short_run(*tree, "privacy=secagg"), secure, InProcessTransport(8))
+    run_federation(short_run(*tree, "privacy=none"), plain, InProcessTransport(4))
+    run_federation(short_run(*tree, "privacy=secagg"), secure, InProcessTransport(4))
     (record,) = report.read_rounds(secure)
-    assert all(c["ok"] for c in record["secure"]["cells"].values())
+    assert record["secure"]["cells"] and all(c["ok"] for c in record["secure"]["cells"].values())
     a, b = adapter_tensors(plain), adapter_tensors(secure)
     for key in a:
         assert np.abs(a[key] - b[key]).max() <= record["secure"]["decode_error_bound"] + 1e-7, key
-    for c in range(8):  # the devices' own B is the same either way: secure aggregation only masks what is sent
-        for key, value in PersonalStore(plain / "personal").load(c).items():
+    kept = PersonalStore(plain / "personal")
+    assert kept.clients() == PersonalStore(secure / "personal").clients() == record["participants"]
+    for c in kept.clients():
+        for key, value in kept.load(c).items():
             np.testing.assert_array_equal(value, PersonalStore(secure / "personal").load(c)[key])
 
 
