@@ -16,6 +16,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+from peft import PeftModel
+
 from fedlora.config import ModelConfig
 from fedlora.model import load_base_model
 from fedlora.usage import UserError
@@ -51,9 +53,6 @@ class AdapterSet:
 
     def __init__(self, model_cfg: ModelConfig, named: Mapping[str, Path]):
         """Load the base once and every adapter of ``named`` ({name: adapter directory}, at least one) beside it."""
-        # peft only where adapters are loaded (the CLI imports this module for every eval/generate)
-        from peft import PeftModel
-
         if not named:
             raise UserError("no adapter to load")
         base, self.tokenizer = load_base_model(model_cfg)
