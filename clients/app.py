@@ -16,7 +16,9 @@ A device started from a deployment plan (``fedlora client --config FOLDER``,
 - ``device-settings``: how this device trains (:data:`fedlora.round_settings.LOCAL_KEYS`, picked
   from its memory by the launcher), and ``data-file``: its own examples, if any;
 - ``audit-dir``: when set, a copy of every reply this device sends is written there
-  (what leaves the device, for its owner to inspect; :func:`audit`).
+  (what leaves the device, for its owner to inspect; :func:`audit`);
+- ``state-dir``: its folder's ``state/``, where it keeps what a personal strategy leaves on the
+  device across rounds (``state/personal/``; never sent).
 """
 
 import base64
@@ -53,9 +55,11 @@ def identify(msg: Message, context: Context) -> Message:
 
 
 def _deployed(context: Context):
-    """(identities, device-local settings) of a device started from a plan folder, else (None, None)."""
+    """(identities, device-local settings) of a device started from a plan folder, else (None, None);
+    a device with only a ``state-dir`` gets (None, its local settings): it keeps its own state there."""
     node_dir = str(context.node_config.get("node-dir", "") or "")
-    if not node_dir:
+    state_dir = str(context.node_config.get("state-dir", "") or "")
+    if not node_dir and not state_dir:
         return None, None
     # torch (fedlora.roles.device) and the plan reader load on a planned END device only, never in an
     # edge's relay (Flower: one process per message)
@@ -63,8 +67,8 @@ def _deployed(context: Context):
     from fedlora.roles.device import DeviceLocal
 
     local = DeviceLocal(str(context.node_config.get("device-settings", "") or ""),
-                        str(context.node_config.get("data-file", "") or ""))
-    return read_node(node_dir).identities(), local
+                        str(context.node_config.get("data-file", "") or ""), state_dir)
+    return (read_node(node_dir).identities() if node_dir else None), local
 
 
 def audit(context: Context, reply: Message, what: str) -> Message:

@@ -21,29 +21,31 @@ def _state_key(param_name: str, adapter_name: str = "default") -> str:
     return param_name.replace(f".{adapter_name}.", ".")
 
 
-def lora_parameters(model: torch.nn.Module, *, trainable_only: bool) -> dict[str, torch.nn.Parameter]:
-    """LoRA parameters of a PEFT model by state key, in the model's (stable) order."""
+def lora_parameters(model: torch.nn.Module, *, trainable_only: bool, adapter_name: str = "default"
+                    ) -> dict[str, torch.nn.Parameter]:
+    """LoRA parameters of one of a PEFT model's adapters (``adapter_name``; the federation's is
+    ``default``) by state key, in the model's (stable) order."""
     out = {}
     for name, param in model.named_parameters():
-        if "lora_" not in name:
+        if "lora_" not in name or not (f".{adapter_name}." in name or name.endswith(f".{adapter_name}")):
             continue
         if trainable_only and not param.requires_grad:
             continue
-        out[_state_key(name)] = param
+        out[_state_key(name, adapter_name)] = param
     return out
 
 
-def get_state(model: torch.nn.Module, *, trainable_only: bool = True) -> AdapterState:
-    """Copy the model's LoRA tensors out as float32 numpy arrays."""
+def get_state(model: torch.nn.Module, *, trainable_only: bool = True, adapter_name: str = "default") -> AdapterState:
+    """Copy the model's LoRA tensors (of adapter ``adapter_name``) out as float32 numpy arrays."""
     return {
         k: p.detach().to(torch.float32).cpu().numpy().copy()
-        for k, p in lora_parameters(model, trainable_only=trainable_only).items()
+        for k, p in lora_parameters(model, trainable_only=trainable_only, adapter_name=adapter_name).items()
     }
 
 
-def set_state(model: torch.nn.Module, state: AdapterState) -> None:
-    """Load LoRA tensors into the model in place. Every key must exist with the right shape."""
-    params = lora_parameters(model, trainable_only=False)
+def set_state(model: torch.nn.Module, state: AdapterState, *, adapter_name: str = "default") -> None:
+    """Load LoRA tensors into the model's adapter ``adapter_name`` in place. Every key must exist with the right shape."""
+    params = lora_parameters(model, trainable_only=False, adapter_name=adapter_name)
     with torch.no_grad():
         for key, value in state.items():
             if key not in params:
@@ -52,6 +54,11 @@ def set_state(model: torch.nn.Module, state: AdapterState) -> None:
             if tuple(value.shape) != tuple(param.shape):
                 raise ValueError(f"adapter tensor {key!r} has shape {value.shape}, model expects {tuple(param.shape)}")
             param.copy_(torch.from_numpy(np.ascontiguousarray(value)).to(param.dtype))
+
+
+def is_lora_b(key: str) -> bool:
+    """Whether a state key names a LoRA B (up-projection) tensor."""
+    return ".lora_B." in key or ".lora_embedding_B." in key
 
 
 def shapes(state: AdapterState) -> dict[str, tuple[int, ...]]:
@@ -128,7 +135,8 @@ def export_peft(model: torch.nn.Module, state: AdapterState, out_dir: str | Path
     previous = peft_config.base_model_name_or_path
     peft_config.base_model_name_or_path = base_model_ref
     try:
-        model.save_pretrained(str(out_dir), safe_serialization=True)
+        # Only the federation's adapter: a device's personal one (FedDPA) is exported on its own.
+        model.save_pretrained(str(out_dir), safe_serialization=True, selected_adapters=["default"])
     finally:
         peft_config.base_model_name_or_path = previous
     return out_dir

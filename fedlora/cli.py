@@ -3,8 +3,8 @@
     fedlora run [hydra overrides] [--multirun]   federated fine-tuning (Flower simulation)
     fedlora resume RUN_DIR                       continue an interrupted run
     fedlora status RUN_DIR [--follow] [--json]   run state, who joined which round, who dropped and why
-    fedlora eval RUN_DIR|ADAPTER [overrides]     held-out loss and perplexity of an adapter
-    fedlora generate RUN_DIR|ADAPTER --prompt P  what the adapter answers (or a small chat)
+    fedlora eval RUN_DIR|ADAPTER [overrides]     held-out loss and perplexity of an adapter (--adapter NAME=PATH: more)
+    fedlora generate RUN_DIR|ADAPTER --prompt P  what the adapter answers (or a small chat; /adapter NAME switches)
     fedlora deploy plan OUT_DIR [overrides]      one folder per machine: TLS, node keys, start commands
     fedlora deploy check [--config NODE_FOLDER]  this device's facts and the training settings it can afford
 
@@ -201,34 +201,70 @@ def _override_node(item: str):
     return OmegaConf.from_dotlist([item])
 
 
-def _load_adapted(adapter: Path, cfg):
+def _adapter_set(adapter: Path, cfg, named: list[str], uses: list[str] | None):
+    """The target's adapter (named ``global``) and every ``--adapter NAME=PATH`` over one base (loaded once),
+    and the adapters to use in turn (``--use``; default each loaded one); UserError for a bad name or path."""
     # torch, transformers and peft only for the commands that load a model
-    from peft import PeftModel
+    from fedlora.swap import AdapterSet, parse_named
 
-    from fedlora.model import load_base_model
+    extra = parse_named(named)
+    if "global" in extra:
+        raise UserError("--adapter global=...: `global` is the name of the target's own adapter; pick another name")
+    adapters = AdapterSet(cfg.model, {"global": adapter, **extra})
+    specs = list(uses or adapters.names)
+    for spec in specs:
+        adapters.use(spec)  # UserError naming an unknown adapter, before any work
+    adapters.use(specs[0])
+    return adapters, specs
 
-    base, tokenizer = load_base_model(cfg.model)
-    return PeftModel.from_pretrained(base, str(adapter)), tokenizer
+
+def _held_out(cfg, tokenizer, client: int | None) -> list[dict]:
+    """The run's held-out examples, or (``--client N``) client N's own held-out examples only."""
+    from fedlora.data import client_examples, eval_examples, tokenize  # torch only for `fedlora eval`
+
+    if client is None:
+        return tokenize(eval_examples(cfg.data, cfg.federation.num_clients, cfg.seed), tokenizer, cfg.train.max_seq_len)
+    if not 0 <= client < cfg.federation.num_clients:
+        raise UserError(f"--client {client}: the run has clients 0..{cfg.federation.num_clients - 1}")
+    held = client_examples(cfg.data, client, cfg.federation.num_clients, cfg.seed)[1]
+    return tokenize(held, tokenizer, cfg.train.max_seq_len)
+
+
+_SWAP_HELP = dict(
+    adapter=("NAME=PATH: one more adapter (a PEFT adapter or run directory) on the same base, loaded once; repeatable. "
+             "The target's own adapter is named `global`"),
+    use=("adapter to use: a NAME, or NAMEs joined by + to combine them (e.g. global+personal, a FedDPA pair); "
+         "repeatable, each in turn (default: each loaded adapter)"),
+)
 
 
 def cmd_eval(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="fedlora eval", description="Held-out loss and perplexity of an adapter.")
+    parser = argparse.ArgumentParser(prog="fedlora eval", description="Held-out loss and perplexity of an adapter "
+                                     "(or of each of several over one base).")
     parser.add_argument("target", type=Path, help="run directory or PEFT adapter directory")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help=_SWAP_HELP["adapter"])
+    parser.add_argument("--use", action="append", metavar="NAME[+NAME]", help=_SWAP_HELP["use"] + "; each is scored")
+    parser.add_argument("--client", type=int, help="score on this client's own held-out data only (e.g. its personal "
+                                                   "adapter)")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data=medical data.max_eval_examples=200")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     # torch only for `fedlora eval`
-    from fedlora.data import eval_examples, tokenize
     from fedlora.runs.report import perplexity
     from fedlora.train import evaluate
 
     adapter, cfg = _adapter_and_config(args.target, args.overrides, "fedlora eval", EVAL_READS)
-    model, tokenizer = _load_adapted(adapter, cfg)
-    held_out = tokenize(eval_examples(cfg.data, cfg.federation.num_clients, cfg.seed), tokenizer, cfg.train.max_seq_len)
-    loss, tokens = evaluate(model, held_out, cfg.train.eval_batch_size, pad_id=tokenizer.pad_token_id)
-    with model.disable_adapter():
-        base_loss, _ = evaluate(model, held_out, cfg.train.eval_batch_size, pad_id=tokenizer.pad_token_id)
+    adapters, specs = _adapter_set(adapter, cfg, args.adapter, args.use)
+    tokenizer = adapters.tokenizer
+    held_out = _held_out(cfg, tokenizer, args.client)
+    scores = {}
+    for spec in specs:
+        adapters.use(spec)
+        scores[spec] = evaluate(adapters.model, held_out, cfg.train.eval_batch_size, pad_id=tokenizer.pad_token_id)
+    with adapters.base_only():
+        base_loss, _ = evaluate(adapters.model, held_out, cfg.train.eval_batch_size, pad_id=tokenizer.pad_token_id)
+    loss, tokens = scores[specs[0]]
     result = {
-        "adapter": str(adapter),
+        "adapter": str(adapter) if specs[0] == "global" else specs[0],
         "examples": len(held_out),
         "answer_tokens": tokens,
         "base_eval_loss": base_loss,
@@ -236,22 +272,32 @@ def cmd_eval(argv: list[str]) -> None:
         "base_perplexity": perplexity(base_loss),
         "perplexity": perplexity(loss),
     }
+    if len(specs) > 1 or args.adapter:
+        result["adapters"] = {spec: {"eval_loss": s[0], "perplexity": perplexity(s[0]),
+                                     "paths": [str(adapters.paths[n]) for n in spec.split("+")]} for spec, s in scores.items()}
+    if args.client is not None:
+        result["client"] = args.client
     print(json.dumps(result, indent=2))
 
 
 def cmd_generate(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="fedlora generate", description="Answer prompts with a fine-tuned adapter.")
+    parser = argparse.ArgumentParser(prog="fedlora generate", description="Answer prompts with a fine-tuned adapter "
+                                     "(or several, switched over one base: /adapter NAME in the chat).")
     parser.add_argument("target", type=Path, help="run directory or PEFT adapter directory")
     parser.add_argument("--prompt", action="append", help="a prompt (repeatable); without one, an interactive chat")
     parser.add_argument("--max-new-tokens", type=int, default=120)
     parser.add_argument("--compare-base", action="store_true", help="also show the base model's answer")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help=_SWAP_HELP["adapter"])
+    parser.add_argument("--use", action="append", metavar="NAME[+NAME]",
+                        help=_SWAP_HELP["use"] + "; each answers every --prompt (the chat starts with the first)")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.dtype=bfloat16 (before or after the options)")
     args = parser.parse_intermixed_args(argv)
     # torch only for `fedlora generate`
     import torch
 
     adapter, cfg = _adapter_and_config(args.target, args.overrides, "fedlora generate", GENERATE_READS)
-    model, tokenizer = _load_adapted(adapter, cfg)
+    adapters, specs = _adapter_set(adapter, cfg, args.adapter, args.use)
+    model, tokenizer = adapters.model, adapters.tokenizer
 
     def answer(prompt: str) -> str:
         messages = [{"role": "user", "content": prompt}]
@@ -264,26 +310,48 @@ def cmd_generate(argv: list[str]) -> None:
             out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         return tokenizer.decode(out[0][ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
-    def show(prompt: str) -> None:
-        print(f"> {prompt}\n[adapter] {answer(prompt)}")
+    def label() -> str:
+        return "adapter" if len(adapters.names) == 1 else adapters.active
+
+    def show(prompt: str, specs: list[str]) -> None:
+        print(f"> {prompt}")
+        for spec in specs:
+            adapters.use(spec)
+            print(f"[{label()}] {answer(prompt)}")
         if args.compare_base:
-            with model.disable_adapter():
+            with adapters.base_only():
                 print(f"[base]    {answer(prompt)}")
         print()
 
     if args.prompt:
         for prompt in args.prompt:
-            show(prompt)
+            show(prompt, specs)
         return
-    print("fedlora chat: type a message, empty line or Ctrl-D to quit")
+    _chat(adapters, lambda prompt: show(prompt, [adapters.active]))
+
+
+def _chat(adapters, show) -> None:
+    """The interactive chat: a line is a prompt; ``/adapter NAME[+NAME]`` switches adapters (the base stays loaded),
+    ``/adapters`` lists them; an empty line or Ctrl-D ends it."""
+    print("fedlora chat: type a message; /adapter NAME switches adapter, /adapters lists them; empty line or Ctrl-D quits")
+    print(adapters.describe())
     while True:
         try:
-            prompt = input("you> ").strip()
+            prompt = input(f"you ({adapters.active})> ").strip()
         except EOFError:
             break
         if not prompt:
             break
-        show(prompt)
+        if prompt == "/adapters":
+            print(adapters.describe())
+        elif prompt.startswith("/adapter"):
+            try:
+                adapters.use(prompt.removeprefix("/adapter").strip())
+                print(f"using {adapters.active}")
+            except UserError as exc:
+                print(f"fedlora: {exc}")
+        else:
+            show(prompt)
 
 
 def _tier_parser(prog: str, description: str, *, config_help: str) -> argparse.ArgumentParser:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 MODEL_SOURCES = ("smollm2", "local", "hub", "tiny")
 DATA_SOURCES = ("wearable", "file")
 PARTITIONERS = ("iid", "dirichlet", "natural")
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "ffa_lora")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "ffa_lora", "fedsa_lora", "feddpa")
 TOPOLOGY_KINDS = ("flat", "tree")
 MOBILITY_MODELS = ("none", "random_walk", "trace")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -117,8 +117,14 @@ class StrategyConfig:
 
     # fedavg (FedIT: average A and B), fedprox (fedavg + proximal term on clients),
     # fedadam / fedyogi (server optimiser on the averaged delta), ffa_lora (A frozen and
-    # shared, only B trained and sent).
+    # shared, only B trained and sent); personal (fedlora/roles/personal.py): fedsa_lora (A aggregated,
+    # each device keeps its own B), feddpa (a shared adapter aggregated + a local one that never leaves
+    # the device, both active at inference).
     name: str = "fedavg"
+    # Personal strategies, simulation: at the end of the run also train every client alone (one local
+    # round per federation round, on its own data) and report its held-out loss beside the global and
+    # the personal adapter's in summary.json `personal` (costs about one more run of training).
+    local_baseline: bool = False
     proximal_mu: float = 0.01
     server_lr: float = 0.01
     beta1: float = 0.9

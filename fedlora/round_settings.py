@@ -36,6 +36,9 @@ from fedlora.config import (
 VERSION = 1
 # Effective privacy modes (``privacy=auto`` is resolved by the cloud before settings travel).
 PRIVACY_MODES = ("none", "secagg", "secagg_dp")
+# What a device keeps for itself under a personal strategy (fedlora.roles.personal): nothing, its own
+# LoRA B tensors (FedSA-LoRA), or a whole local adapter beside the shared one (FedDPA).
+PERSONAL_KINDS = ("none", "lora_b", "adapter")
 
 
 class RoundSettingsError(ValueError):
@@ -60,6 +63,10 @@ class RoundSettings:
     # The strategy's client side: A frozen and not sent (FFA-LoRA), FedProx's proximal term.
     freeze_a: bool
     proximal_mu: float
+    # What the device keeps and never sends (PERSONAL_KINDS), and where a simulated device keeps it (the
+    # run directory's personal/; a deployed device uses its own folder's state/ instead; "" when none).
+    personal: str
+    personal_dir: str
     # Effective privacy mode (none | secagg | secagg_dp); secagg_dp: each device clips its update to
     # L2 norm clip_norm and reports max_examples (n_max) as its count.
     privacy: str
@@ -93,6 +100,8 @@ class RoundSettings:
         for name in ("clip_norm", "round_timeout_s"):
             if getattr(self, name) <= 0:
                 raise RoundSettingsError(f"round settings: {name}={getattr(self, name)} must be > 0")
+        if self.personal not in PERSONAL_KINDS:
+            raise RoundSettingsError(f"round settings: personal={self.personal!r} is not one of: {', '.join(PERSONAL_KINDS)}")
         if self.privacy not in PRIVACY_MODES:
             raise RoundSettingsError(f"round settings: privacy={self.privacy!r} is not one of: {', '.join(PRIVACY_MODES)}")
 

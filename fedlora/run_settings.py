@@ -57,12 +57,13 @@ class RunSettings:
 
     def round_settings(self, server_round: int, client_settings: Mapping[str, Any]) -> RoundSettings:
         """What the devices get with round ``server_round``'s requests; ``client_settings``: the
-        strategy's (``freeze_a``, ``proximal_mu``)."""
+        strategy's (``freeze_a``, ``proximal_mu``; a personal strategy's ``personal`` and ``personal_dir``)."""
         cfg = self.config
         return RoundSettings(
             version=VERSION, round=server_round, seed=cfg.seed, num_partitions=cfg.federation.num_clients,
             model=deepcopy(cfg.model), lora=deepcopy(cfg.lora), train=deepcopy(cfg.train), data=deepcopy(cfg.data),
             freeze_a=bool(client_settings["freeze_a"]), proximal_mu=float(client_settings["proximal_mu"]),
+            personal=str(client_settings.get("personal", "none")), personal_dir=str(client_settings.get("personal_dir", "")),
             privacy=self.privacy, clip_norm=float(cfg.privacy.clip_norm), max_examples=self.max_examples,
             threads=cfg.simulation.threads_per_client or cfg.simulation.cpus_per_client,
             round_timeout_s=float(cfg.federation.round_timeout_s))

@@ -40,7 +40,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     # 2: the learning and the world it runs in: model, training, adapters, data, the cell tree,
     #    network and mobility model, strategies and DP, the run records, a run's settings resolved once.
     2: ("fedlora.model", "fedlora.train", "fedlora.adapters", "fedlora.data", "fedlora.world",
-        "fedlora.aggregate", "fedlora.runs", "fedlora.run_settings"),
+        "fedlora.aggregate", "fedlora.runs", "fedlora.run_settings", "fedlora.swap"),
     # 3: the roles of a round: device, neighbourhood, sub-urban, HierFAVG, cloud, local cells.
     3: ("fedlora.roles",),
     # 4: deployment: plan and node folders, keys, device facts, processes, launcher.

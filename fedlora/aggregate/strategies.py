@@ -11,13 +11,19 @@ Strategies (``strategy.name``):
   with bias correction so the first round's step is ``server_lr`` sized.
 - ``ffa_lora``: A frozen at its shared initialisation, only B trained and sent; averaging B
   is then exact (the product BA is linear in B).
+
+Personal strategies keep part of the learning on each device (:mod:`fedlora.roles.personal`):
+- ``fedsa_lora`` (FedSA-LoRA, arXiv 2410.01463): devices train A and B, send only A (averaged
+  like FedAvg's), and keep their own B.
+- ``feddpa`` (FedDPA, arXiv 2403.19211): the shared adapter is trained, sent and averaged like
+  FedAvg's; each device also trains a local adapter that never leaves it, both active at inference.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from fedlora.adapters import AdapterState
+from fedlora.adapters import AdapterState, is_lora_b
 from fedlora.config import StrategyConfig
 
 
@@ -25,13 +31,19 @@ class Strategy:
     """FedAvg family: next global = global + average delta."""
 
     name = "fedavg"
+    # What a device keeps for itself and never sends (fedlora.round_settings.PERSONAL_KINDS).
+    personal = "none"
 
     def __init__(self, cfg: StrategyConfig):
         self.cfg = cfg
 
-    def client_settings(self) -> dict[str, float | bool]:
+    def client_settings(self) -> dict[str, float | bool | str]:
         """What clients must do differently under this strategy."""
         return {"proximal_mu": 0.0, "freeze_a": False}
+
+    def shared_keys(self, trainable: list[str]) -> list[str]:
+        """Of the adapter tensors a device trains, those it sends (and the cloud aggregates)."""
+        return trainable
 
     def apply(self, global_state: AdapterState, mean_delta: AdapterState) -> AdapterState:
         out = dict(global_state)
@@ -59,6 +71,29 @@ class FFALoRA(Strategy):
 
     def client_settings(self) -> dict[str, float | bool]:
         return {"proximal_mu": 0.0, "freeze_a": True}
+
+
+class FedSALoRA(Strategy):
+    """A shared and aggregated, B personal: the device's reply holds only A."""
+
+    name = "fedsa_lora"
+    personal = "lora_b"
+
+    def client_settings(self) -> dict[str, float | bool | str]:
+        return {"proximal_mu": 0.0, "freeze_a": False, "personal": self.personal}
+
+    def shared_keys(self, trainable: list[str]) -> list[str]:
+        return [k for k in trainable if not is_lora_b(k)]
+
+
+class FedDPA(Strategy):
+    """A global adapter averaged like FedAvg's, and a personal adapter per device that is never sent."""
+
+    name = "feddpa"
+    personal = "adapter"
+
+    def client_settings(self) -> dict[str, float | bool | str]:
+        return {"proximal_mu": 0.0, "freeze_a": False, "personal": self.personal}
 
 
 class FedOpt(Strategy):
@@ -110,6 +145,10 @@ def make_strategy(cfg: StrategyConfig) -> Strategy:
         return FedProx(cfg)
     if cfg.name == "ffa_lora":
         return FFALoRA(cfg)
+    if cfg.name == "fedsa_lora":
+        return FedSALoRA(cfg)
+    if cfg.name == "feddpa":
+        return FedDPA(cfg)
     if cfg.name in ("fedadam", "fedyogi"):
         return FedOpt(cfg, cfg.name)
     raise ValueError(f"strategy.name={cfg.name!r} is not a known strategy")

@@ -51,7 +51,9 @@ def device_node_config(node: NodeFolder, *, audit: bool = False) -> tuple[dict, 
                     "(a demo: put this device's own examples there)", node.name, node.path("data"), node.doc["partition_id"])
     # Train on every core of the device (torch threads; a simulation's default is 1 per virtual client).
     local = [*settings.overrides(), f"simulation.threads_per_client={max(1, facts.cpu_count)}"]
-    extra = {"node-dir": str(node.folder), "device-settings": " ".join(local), "data-file": data_file}
+    # state-dir: what the device keeps across rounds (a personal strategy's state, state/personal/), never sent.
+    extra = {"node-dir": str(node.folder), "device-settings": " ".join(local), "data-file": data_file,
+             "state-dir": str(state)}
     if audit:
         extra["audit-dir"] = str(node.path("logs") / "sent")
     return extra, picked

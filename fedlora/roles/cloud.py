@@ -54,6 +54,8 @@ from fedlora.roles.neighbourhood import (
     Transport,
     reject_reason,
 )
+from fedlora.roles.personal import ADAPTER, NONE, PERSONAL_DIR
+from fedlora.roles.personal_eval import personal_report
 from fedlora.roles.suburban import TreeSums, merge_up
 from fedlora.run_settings import RunSettings, resolve_run
 from fedlora.runs import report
@@ -205,9 +207,12 @@ def start_run(resolved: RunSettings, run_dir: Path, transport: Transport, *, res
     ckpt = _open_run_dir(cfg, run_dir, resume)
     strategy = make_strategy(cfg.strategy)
     client_settings = strategy.client_settings()
-    model, tokenizer = lora_model(cfg, freeze_a=bool(client_settings["freeze_a"]))
-    global_state = initial_adapter(cfg, freeze_a=bool(client_settings["freeze_a"]))
-    trainable = list(adapters.get_state(model, trainable_only=True))
+    if strategy.personal != NONE:  # simulated devices keep their own part in the run directory (a resume reads it)
+        client_settings["personal_dir"] = str((run_dir / PERSONAL_DIR).resolve())
+    dual = strategy.personal == ADAPTER
+    model, tokenizer = lora_model(cfg, freeze_a=bool(client_settings["freeze_a"]), personal=dual)
+    global_state = initial_adapter(cfg, freeze_a=bool(client_settings["freeze_a"]), personal=dual)
+    trainable = strategy.shared_keys(list(adapters.get_state(model, trainable_only=True)))
     expected = {k: global_state[k].shape for k in trainable}
     examples = tokenize(eval_examples(cfg.data, cfg.federation.num_clients, cfg.seed), tokenizer, cfg.train.max_seq_len)
     held_out = HeldOut(model, tokenizer, examples, cfg.train.eval_batch_size)
@@ -587,6 +592,10 @@ def finish_run(run: Run, sent: AdapterState) -> dict:
     """Export the global adapter (PEFT format), plot the rounds, write and return the summary."""
     cfg, run_dir, base_loss = run.cfg, run.run_dir, run.base_loss
     adapters.export_peft(run.held_out.model, run.global_state, run_dir / "adapter", resolve_model_dir(cfg.model))
+    personal = None
+    if run.strategy.personal != NONE:  # each client's own held-out loss: global vs personal (vs local-only)
+        personal = personal_report(run.cfg, run.held_out.model, run.held_out.tokenizer, run.global_state,
+                                   run.strategy.personal, run_dir / PERSONAL_DIR)
     report.plot(run_dir, base_loss, tree=run.tree)
     summary = report.summarise(
         run_dir,
@@ -596,6 +605,7 @@ def finish_run(run: Run, sent: AdapterState) -> dict:
             "strategy": cfg.strategy.name,
             "adapter_parameters_sent": adapters.num_parameters(sent),
             "adapter_bytes_per_client": adapters.nbytes(sent),
+            **({"personal": personal} if personal is not None else {}),
         },
     )
     run.progress.note(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +20,17 @@ from fedlora.aggregate.dp import clip_update
 from fedlora.config import FedLoraConfig
 from fedlora.data import client_examples, tokenize
 from fedlora.model import load_base_model, wrap_lora
+from fedlora.roles.personal import (
+    ADAPTER,
+    LORA_B,
+    NONE,
+    PERSONAL,
+    PERSONAL_DIR,
+    PersonalStore,
+    add_personal_adapter,
+    both_active,
+    kept_part,
+)
 from fedlora.round_settings import RoundSettings, apply_device_settings
 from fedlora.secure.identities import Identities, SimulatedIdentities
 from fedlora.secure.rounds import CLOUD_ID, STAGES, client_step, device_id
@@ -29,15 +41,17 @@ _peft: dict[str, Any] = {}  # the one LoRA-wrapped model of this process, with i
 _tokenized: dict[tuple, list[dict]] = {}
 
 
-def lora_model(cfg: FedLoraConfig | RoundSettings, *, freeze_a: bool):
+def lora_model(cfg: FedLoraConfig | RoundSettings, *, freeze_a: bool, personal: bool = False):
     """The process-wide PEFT model for this config (or a round's settings: both carry the model,
-    LoRA and seed), built once; returns (model, tokenizer).
+    LoRA and seed), built once; returns (model, tokenizer). ``personal``: with a second, local
+    adapter (FedDPA, :func:`fedlora.roles.personal.add_personal_adapter`), inactive until asked for.
 
     The model is shared by every client (and, in-process, the server) of this process, so
     its LoRA tensors hold whatever was loaded last: start from :func:`initial_adapter` or
     a received global adapter, never from the model's current values.
     """
-    key = json.dumps([dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.lora), freeze_a, cfg.seed], sort_keys=True)
+    key = json.dumps([dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.lora), freeze_a, cfg.seed]
+                     + ([personal] if personal else []), sort_keys=True)
     if _peft.get("key") != key:
         if "model" in _peft:
             # The base is cached and shared: strip the old LoRA layers before re-wrapping.
@@ -45,13 +59,21 @@ def lora_model(cfg: FedLoraConfig | RoundSettings, *, freeze_a: bool):
         base, tokenizer = load_base_model(cfg.model)
         model = wrap_lora(base, cfg.lora, freeze_a=freeze_a, init_seed=cfg.seed)
         _peft.update(key=key, model=model, tokenizer=tokenizer, init=adapters.get_state(model, trainable_only=False))
+        if personal:
+            _peft["personal_init"] = add_personal_adapter(model, round_seed(cfg.seed, "personal-init"))
     return _peft["model"], _peft["tokenizer"]
 
 
-def initial_adapter(cfg: FedLoraConfig | RoundSettings, *, freeze_a: bool) -> AdapterState:
+def initial_adapter(cfg: FedLoraConfig | RoundSettings, *, freeze_a: bool, personal: bool = False) -> AdapterState:
     """The seeded LoRA initialisation (A random, B zero): identical in every process."""
-    lora_model(cfg, freeze_a=freeze_a)
+    lora_model(cfg, freeze_a=freeze_a, personal=personal)
     return {k: v.copy() for k, v in _peft["init"].items()}
+
+
+def initial_personal(cfg: FedLoraConfig | RoundSettings) -> AdapterState:
+    """A FedDPA device's local adapter before its first round (seeded like the shared one's, another seed)."""
+    lora_model(cfg, freeze_a=False, personal=True)
+    return {k: v.copy() for k, v in _peft["personal_init"].items()}
 
 
 def local_training_set(settings: RoundSettings, partition_id: int, tokenizer, num_partitions: int) -> list[dict]:
@@ -69,14 +91,19 @@ def local_training_set(settings: RoundSettings, partition_id: int, tokenizer, nu
 class DeviceLocal:
     """A deployed device's own settings, as its node config gives them: ``settings`` (``key=value``
     of :data:`fedlora.round_settings.LOCAL_KEYS`) and its own data file (all of it is this device's;
-    empty: the federation's partition, for demos)."""
+    empty: the federation's partition, for demos); ``state_dir``: its own folder for what it keeps across
+    rounds (a personal strategy's state, in ``state_dir/personal``; empty: where the round's settings say)."""
 
     settings: str = ""
     data_file: str = ""
+    state_dir: str = ""
 
     def apply(self, settings: RoundSettings) -> RoundSettings:
         """The round's settings with this device's own (:func:`fedlora.round_settings.apply_device_settings`)."""
-        return apply_device_settings(settings, self.settings, self.data_file)
+        settings = apply_device_settings(settings, self.settings, self.data_file)
+        if self.state_dir and settings.personal != NONE:
+            settings = dataclasses.replace(settings, personal_dir=str(Path(self.state_dir) / PERSONAL_DIR))
+        return settings
 
 
 def train_round(settings: RoundSettings, global_state: AdapterState, partition_id: int, *,
@@ -85,16 +112,22 @@ def train_round(settings: RoundSettings, global_state: AdapterState, partition_i
 
     ``local``: a deployed device's own settings and data file (:class:`DeviceLocal`).
 
-    The delta covers the trainable LoRA tensors only (B alone under FFA-LoRA). Metrics
-    carry the example count (the aggregation weight), the mean training loss and timings.
+    The delta covers the trainable LoRA tensors it shares only (B alone under FFA-LoRA, A alone under
+    FedSA-LoRA). Metrics carry the example count (the aggregation weight), the mean training loss and timings.
+    Under a personal strategy the device's own part is read from and written back to its store
+    (:class:`~fedlora.roles.personal.PersonalStore`) and never returned.
     """
     settings = local.apply(settings) if local is not None else settings
-    model, tokenizer = lora_model(settings, freeze_a=settings.freeze_a)
+    model, tokenizer = lora_model(settings, freeze_a=settings.freeze_a, personal=settings.personal == ADAPTER)
     if torch.get_num_threads() != settings.threads:
         torch.set_num_threads(settings.threads)
     # Tensors the server does not send (A under FFA-LoRA) stay at the shared initialisation.
     adapters.set_state(model, _peft["init"])
     adapters.set_state(model, global_state)
+    store = PersonalStore(settings.personal_dir) if settings.personal != NONE else None
+    kept = store.load(partition_id, before_round=settings.round) if store is not None else None
+    if settings.personal == LORA_B and kept is not None:
+        adapters.set_state(model, kept)
     start = adapters.get_state(model, trainable_only=True)
     own_file = local is not None and bool(local.data_file)  # all of the device's own file is its data
     if own_file:
@@ -109,15 +142,33 @@ def train_round(settings: RoundSettings, global_state: AdapterState, partition_i
         seed=round_seed(settings.seed, settings.round, partition_id),
         proximal_mu=settings.proximal_mu,
     )
-    delta = adapters.subtract(adapters.get_state(model, trainable_only=True), start)
+    sent, keep = kept_part(settings.personal, adapters.get_state(model, trainable_only=True))
+    delta = adapters.subtract(sent, start)
+    seconds = result.seconds
+    if settings.personal == ADAPTER:
+        keep, personal_seconds = train_personal(model, tokenizer, tokenized, settings, partition_id, kept)
+        seconds += personal_seconds
+    if store is not None:
+        store.save(partition_id, settings.round, keep)
     metrics = {
         "num_examples": result.examples,
         "train_loss": result.loss,
         "train_steps": result.steps,
         "train_tokens": result.tokens,
-        "train_seconds": result.seconds,
+        "train_seconds": seconds,
     }
     return delta, metrics
+
+
+def train_personal(model, tokenizer, tokenized: list[dict], settings: RoundSettings, partition_id: int,
+                   kept: AdapterState | None) -> tuple[AdapterState, float]:
+    """FedDPA's local step: train the device's personal adapter (from ``kept``, else its initial state) with the
+    just-trained shared adapter active and frozen; -> (the personal adapter's new state, seconds)."""
+    adapters.set_state(model, kept if kept is not None else _peft["personal_init"], adapter_name=PERSONAL)
+    with both_active(model, train_personal=True):
+        result = train_local(model, tokenized, settings.train, pad_id=tokenizer.pad_token_id,
+                             seed=round_seed(settings.seed, settings.round, partition_id, PERSONAL))
+    return adapters.get_state(model, trainable_only=False, adapter_name=PERSONAL), result.seconds
 
 
 class StaleSessionState(ValueError):
