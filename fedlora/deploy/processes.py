@@ -393,9 +393,9 @@ def _keep_running(group: ProcessGroup, what: str, supernode: str = "supernode", 
                         supernode, proc.returncode, lived)
             time.sleep(min(30.0, 2.0 ** quick_exits))
             group.restart(supernode)
-        group.check()
-        if watch is not None:
+        if watch is not None:  # first: it may start a helper process again that group.check() would report
             watch()
+        group.check()
         time.sleep(1.0)
 
 
@@ -481,15 +481,35 @@ def _wait_for_service(group: ProcessGroup, spool: Path, run_id: int, timeout_s: 
 
 
 def run_end(partition_id: int, num_partitions: int, edge: str, work_dir: Path, security: Security, *,
-            node_config: dict | None = None, port: int | None = None) -> None:
+            node_config: dict | None = None, port: int | None = None, resident: list[str] | None = None) -> None:
     """One END client until stopped: a SuperNode connected to its edge's SuperLink.
-    ``node_config``: more node settings (a planned device's folder, its own settings)."""
+    ``node_config``: more node settings (a planned device's folder, its own settings).
+    ``resident``: the command of the device's resident process (:mod:`fedlora.deploy.resident`),
+    started first and started again whenever it exits (a round it misses is a dropout)."""
     _stop_on_signals()
     with ProcessGroup(Path(work_dir) / "logs") as group:
+        watch = None
+        if resident is not None:
+            group.start("resident", resident, dict(os.environ))
+            quick = {"exits": 0}
+
+            def watch() -> None:
+                proc = group.procs["resident"]
+                if proc.poll() is None:
+                    return
+                lived = time.time() - group.specs["resident"][3]
+                quick["exits"] = quick["exits"] + 1 if lived < 10 else 0
+                if quick["exits"] >= 5:
+                    raise DeployError(f"the resident device process exited at once five times in a row; see "
+                                      f"{group.log_dir / 'resident.log'}")
+                log.warning("the resident device process exited with code %s after %.0fs; starting it again",
+                            proc.returncode, lived)
+                group.restart("resident")
+
         start_supernode(group, "supernode", edge, {"partition-id": partition_id, "num-partitions": num_partitions,
                                                    **(node_config or {})},
                         Path(work_dir).resolve() / "flwr-home", security, port=port)
-        _keep_running(group, f"END client {partition_id} (edge {edge})")
+        _keep_running(group, f"END client {partition_id} (edge {edge})", watch=watch)
 
 
 def _local(listen: str) -> str:
