@@ -99,10 +99,23 @@ def listen(path: Path) -> socket.socket:
     return sock
 
 
-def peer_uid(conn: socket.socket) -> int:
-    """The uid of the process at the other end of a Unix socket connection (Linux SO_PEERCRED)."""
+def peer(conn: socket.socket) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end of a Unix socket connection (Linux SO_PEERCRED)."""
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", creds)[2]
+    pid, uid, _ = struct.unpack("3i", creds)
+    return pid, uid
+
+
+def process_age_s(pid: int) -> float | None:
+    """Seconds since process ``pid`` started (Linux /proc; None if unknown): how long a ClientApp
+    process took from its start to its request (interpreter, imports, app package, message pull)."""
+    try:
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return time.time() - (boot + ticks / os.sysconf("SC_CLK_TCK"))
 
 
 def send_frame(sock: socket.socket, data: bytes) -> None:
@@ -219,10 +232,13 @@ def call(path: Path, request: bytes, *, timeout_s: float, connect_wait_s: float 
 
 
 def serve(listener: socket.socket, handle: Callable[[dict[str, Any]], dict[str, Any]], *,
-          stopping: Callable[[], bool] = lambda: False, served: Callable[[], None] | None = None,
-          idle_s: float = 1.0) -> None:
+          stopping: Callable[[], bool] = lambda: False, received: Callable[[dict[str, Any]], None] | None = None,
+          served: Callable[[dict[str, Any]], None] | None = None, idle_s: float = 1.0) -> None:
     """Answer requests one at a time until ``stopping()``: a request from another user is dropped
-    unread, a malformed one or one ``handle`` raises on gets an error reply (the process goes on)."""
+    unread, a malformed one or one ``handle`` raises on gets an error reply (the process goes on).
+    ``received`` gets each request's kind, stage and round as it starts; ``served`` each answered
+    request's timings: also ``clientapp_s`` (the ClientApp process's age when it asked) and
+    ``handle_s`` (the work here)."""
     listener.settimeout(idle_s)
     me = os.getuid()
     while not stopping():
@@ -231,7 +247,7 @@ def serve(listener: socket.socket, handle: Callable[[dict[str, Any]], dict[str, 
         except TimeoutError:
             continue
         with conn:
-            uid = peer_uid(conn)
+            pid, uid = peer(conn)
             if uid != me:
                 log.warning("device channel: dropped a connection from uid %d (only uid %d may use it)", uid, me)
                 continue
@@ -241,8 +257,12 @@ def serve(listener: socket.socket, handle: Callable[[dict[str, Any]], dict[str, 
             except ChannelError as exc:
                 log.warning("device channel: %s", exc)
                 continue
+            t0, age, request = time.time(), process_age_s(pid), None
             try:
-                reply = encode_reply(handle(decode_request(data)))
+                request = decode_request(data)
+                if received is not None:
+                    received({"kind": request["kind"], "stage": request["stage"], "round": request["round"], "received": t0})
+                reply = encode_reply(handle(request))
             except Exception as exc:  # the device's reason goes back to the ClientApp: an error reply, a dropout
                 log.warning("device request failed: %s: %s", type(exc).__name__, exc)
                 reply = encode_reply(error=f"{type(exc).__name__}: {exc}")
@@ -250,5 +270,6 @@ def serve(listener: socket.socket, handle: Callable[[dict[str, Any]], dict[str, 
                 send_frame(conn, reply)
             except OSError as exc:  # the ClientApp gave up (its timeout); the next request is served anyway
                 log.warning("device channel: could not send the reply: %s", exc)
-        if served is not None:
-            served()
+        if served is not None and request is not None:
+            served({"kind": request["kind"], "stage": request["stage"], "round": request["round"], "received": t0,
+                    "clientapp_s": age, "handle_s": time.time() - t0})

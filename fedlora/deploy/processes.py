@@ -41,11 +41,13 @@ from fedlora.config import save_yaml
 from fedlora.deploy import commands
 from fedlora.deploy.commands import toml_pairs
 from fedlora.deploy.spool import Spool
+from fedlora.deploy.supernode_poll import POLL_S
 from fedlora.run_settings import resolve_run
 
 APP_DIR = Path(__file__).resolve().parents[2]  # the checkout: pyproject.toml, server/, clients/
 CONNECTION = commands.CONNECTION  # the flwr CLI's name for this machine's own SuperLink
 BIN = Path(sys.executable).parent
+SUPEREXEC_POLL_S = 0.1
 log = logging.getLogger("fedlora")
 
 
@@ -170,6 +172,9 @@ def flower_env(home: Path) -> dict[str, str]:
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
         PYTHONPATH=os.pathsep.join(p for p in (str(APP_DIR), env.get("PYTHONPATH", "")) if p),
     )
+    # How often a SuperExec looks for a new task (a ClientApp/ServerApp process to start): Flower's
+    # default 1 s adds ~0.5 s to every message on every hop; a local HTTP call every 0.1 s costs nothing.
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(SUPEREXEC_POLL_S))
     return env
 
 
@@ -318,7 +323,23 @@ def start_supernode(group: ProcessGroup, name: str, superlink: str, node_config:
     """A SuperNode connected to ``superlink``, running fedlora's ClientApp with ``node_config``."""
     home.mkdir(parents=True, exist_ok=True)
     # No --max-retries: a SuperNode keeps retrying, so an edge may come up after its children.
-    return group.start(name, security.supernode_argv(superlink, node_config, port or free_port()), flower_env(home))
+    argv = security.supernode_argv(superlink, node_config, port or free_port())
+    poll = supernode_poll_s()
+    if poll is not None:  # the same flower-supernode, its idle waits capped (fedlora.deploy.supernode_poll)
+        argv = [sys.executable, "-m", "fedlora.deploy.supernode_poll", "--poll-s", str(poll), *argv[1:]]
+    return group.start(name, argv, flower_env(home))
+
+
+def supernode_poll_s() -> float | None:
+    """How long a SuperNode started here waits between asks when idle: env ``FEDLORA_SUPERNODE_POLL_S``
+    (seconds; ``off``: Flower's own 3 s), default :data:`fedlora.deploy.supernode_poll.POLL_S`."""
+    raw = os.environ.get("FEDLORA_SUPERNODE_POLL_S", "").strip().lower()
+    if raw in ("off", "0", "none"):
+        return None
+    try:
+        return float(raw) if raw else POLL_S
+    except ValueError:
+        raise DeployError(f"FEDLORA_SUPERNODE_POLL_S={raw!r}: seconds (e.g. 0.2) or off") from None
 
 
 def connection_file(home: Path, name: str, address: str, security: Security) -> None:

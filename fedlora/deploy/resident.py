@@ -7,9 +7,10 @@ device's SuperNode and starts it again if it dies::
 
 It serves :mod:`fedlora.deploy.channel` requests on ``FOLDER/state/device.sock`` (0600, this
 user only) with one :class:`fedlora.roles.warm_device.WarmDevice`: the device's own keys from
-its folder, its picked settings and data file. After each request it rewrites
-``FOLDER/state/resident.json`` -- pid, requests served, how many times this process built the
-model -- so the device's owner (and the deployment test) can see it stayed warm. SIGTERM ends it.
+its folder, its picked settings and data file. It rewrites ``FOLDER/state/resident.json`` as
+each request starts and ends -- pid, requests served, how many times this process built the
+model, the request it is busy with, each request's timings -- so the device's owner (and the
+deployment test) can see it stayed warm. SIGTERM ends it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from fedlora.roles.warm_device import WarmDevice
 from fedlora.runs.progress import quiet_libraries
 
 STATUS = "state/resident.json"
+MAX_TIMINGS = 400  # the last requests' timings kept in the status file (100 secure rounds)
 log = logging.getLogger("fedlora")
 
 
@@ -60,14 +62,20 @@ def run(folder: str | Path, device_settings: str = "", data_file: str = "") -> N
     signal.signal(signal.SIGINT, on_signal)
     started = time.time()
 
-    def report() -> None:
-        write_status(node.folder, {**device.stats(), "started": started})
+    timings: list[dict] = []  # per request: ClientApp process age when it asked, time spent here
+
+    def report(timing: dict | None = None, busy: dict | None = None) -> None:
+        if timing is not None:
+            timings.append(timing)
+            del timings[:-MAX_TIMINGS]
+        write_status(node.folder, {**device.stats(), "started": started, "busy": busy, "timings": timings})
 
     listener = channel.listen(path)
     report()
     log.info("device %s: resident process %d serving %s", node.name, os.getpid(), path)
     try:
-        channel.serve(listener, device.handle, stopping=lambda: stop["now"], served=report)
+        channel.serve(listener, device.handle, stopping=lambda: stop["now"], received=lambda r: report(busy=r),
+                      served=report)
     finally:
         listener.close()
         path.unlink(missing_ok=True)
