@@ -9,7 +9,7 @@ It serves :mod:`fedlora.deploy.channel` requests on ``FOLDER/state/device.sock``
 user only) with one :class:`fedlora.roles.warm_device.WarmDevice`: the device's own keys from
 its folder, its picked settings and data file. It rewrites ``FOLDER/state/resident.json`` as
 each request starts and ends -- pid, requests served, how many times this process built the
-model, the request it is busy with, each request's timings -- so the device's owner (and the
+model, the request it is busy with, each request's timings and memory -- so the device's owner (and the
 deployment test) can see it stayed warm. SIGTERM ends it.
 """
 
@@ -41,6 +41,12 @@ def write_status(folder: Path, doc: dict) -> None:
     os.replace(tmp, folder / STATUS)
 
 
+def memory_mib() -> dict[str, float]:
+    """This process's resident memory now and its peak so far (MiB; Linux /proc)."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return {k: int(fields[f].split()[0]) / 1024 for k, f in (("rss_mib", "VmRSS"), ("peak_mib", "VmHWM")) if f in fields}
+
+
 def read_status(folder: str | Path) -> dict | None:
     """What the device's resident process last reported (None before it started)."""
     path = Path(folder) / STATUS
@@ -66,7 +72,7 @@ def run(folder: str | Path, device_settings: str = "", data_file: str = "") -> N
 
     def report(timing: dict | None = None, busy: dict | None = None) -> None:
         if timing is not None:
-            timings.append(timing)
+            timings.append({**timing, **memory_mib()})
             del timings[:-MAX_TIMINGS]
         write_status(node.folder, {**device.stats(), "started": started, "busy": busy, "timings": timings})
 
