@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedlora.config import save_yaml
-from fedlora.deploy import commands
+from fedlora.deploy import clientapp_fork, commands
 from fedlora.deploy.commands import toml_pairs
 from fedlora.deploy.spool import Spool
 from fedlora.deploy.supernode_poll import POLL_S
@@ -327,7 +327,15 @@ def start_supernode(group: ProcessGroup, name: str, superlink: str, node_config:
     poll = supernode_poll_s()
     if poll is not None:  # the same flower-supernode, its idle waits capped (fedlora.deploy.supernode_poll)
         argv = [sys.executable, "-m", "fedlora.deploy.supernode_poll", "--poll-s", str(poll), *argv[1:]]
-    return group.start(name, argv, flower_env(home))
+    env = flower_env(home)
+    if os.environ.get(clientapp_fork.SWITCH, "") == "1":  # its ClientApp processes forked warm (opt-in)
+        sock = home / "clientapp-fork.sock"
+        shims = home / "bin"
+        clientapp_fork.write_shim(shims, sys.executable, str(BIN / clientapp_fork.COMMAND))
+        env = dict(env, PATH=f"{shims}{os.pathsep}{env['PATH']}", **{clientapp_fork.ENV: str(sock)})
+        if f"{name}-fork" not in group.procs:
+            group.start(f"{name}-fork", [sys.executable, "-m", "fedlora.deploy.clientapp_fork", str(sock)], env)
+    return group.start(name, argv, env)
 
 
 def supernode_poll_s() -> float | None:
