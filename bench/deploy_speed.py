@@ -12,10 +12,12 @@ aggregation, 2 local steps), run three ways side by side in ONE invocation:
   model), Flower's own waits (``FEDLORA_SUPERNODE_POLL_S=off``, SuperExec task poll 1 s);
 * ``warm`` (after, the default): the same plan with each device's resident process
   (``fedlora.deploy.resident``) and the shorter waits (SuperExec poll 0.1 s, SuperNode idle
-  wait 0.2 s).
+  wait 0.2 s);
+* ``fork`` (opt-in): ``warm`` plus ``FEDLORA_CLIENTAPP_FORK=1`` -- Flower's per-message
+  ``flwr-clientapp`` processes forked from a warm parent (``fedlora.deploy.clientapp_fork``).
 
 Reported per round: wall time of each; the END devices' training (max over devices); for
-``warm``, from the resident processes' own timings (``state/resident.json``), per stage the
+``warm``/``fork``, from the resident processes' own timings (``state/resident.json``), per stage the
 slowest device's ClientApp process start (interpreter, ``import flwr``, app package, message
 pull) and work beyond training (crypto, codec), and the rest (polling, TLS, transfer, the
 edge and cloud). Per device per secure round: Flower messages and ClientApp processes (from
@@ -25,6 +27,7 @@ and current RSS): no growth round over round.
 Run (takes the benchmark lock itself; run it under the Flower lock):
 
     flock /tmp/fedlora-flower.lock .venv/bin/python bench/deploy_speed.py --rounds 3
+    flock /tmp/fedlora-flower.lock .venv/bin/python bench/deploy_speed.py --modes cold,warm,fork --rounds 2
     flock /tmp/fedlora-flower.lock .venv/bin/python bench/deploy_speed.py --modes warm --rounds 10   # memory
     flock /tmp/fedlora-flower.lock .venv/bin/python bench/deploy_speed.py --model smollm2 --local-steps 1 --rounds 2
 """
@@ -46,7 +49,9 @@ from edge_processes import rounds_of  # noqa: E402
 
 STAGES = ("advertise", "share-keys", "masked-input", "unmask")
 # Flower's waits as they were before (cold) -- the environment of every process of that deployment.
-COLD_ENV = {"FEDLORA_SUPERNODE_POLL_S": "off", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"}
+# ``fork``: warm, and Flower's per-message ClientApp processes forked from a warm parent (opt-in).
+MODE_ENV = {"cold": {"FEDLORA_SUPERNODE_POLL_S": "off", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"}, "warm": {},
+            "fork": {"FEDLORA_CLIENTAPP_FORK": "1"}}
 
 
 def overrides(args: argparse.Namespace) -> list[str]:
@@ -60,12 +65,13 @@ def overrides(args: argparse.Namespace) -> list[str]:
     ]
 
 
-def deployment(cfg, used: list[str], work: Path, *, warm: bool) -> dict:
+def deployment(cfg, used: list[str], work: Path, *, mode: str) -> dict:
     from fedlora.deploy.plan import DeploySettings, write_plan
     from fedlora.deploy.processes import ProcessGroup, free_port_run, placement
 
     fedlora = [sys.executable, "-m", "fedlora.cli"]
-    env = dict(os.environ, **({} if warm else COLD_ENV))
+    warm = mode != "cold"
+    env = dict(os.environ, **MODE_ENV[mode])
     cells = placement(cfg)
     plan = work / "plan"
     write_plan(cfg, plan, DeploySettings(base_port=free_port_run(1 + len(cells)),
@@ -132,14 +138,15 @@ def main() -> None:
     p.add_argument("--edges", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--local-steps", type=int, default=2)
-    p.add_argument("--modes", default="cold,warm", help="deployments to run side by side: cold (before), warm (after)")
+    p.add_argument("--modes", default="cold,warm",
+                   help="deployments side by side: cold (before), warm (after), fork (warm + forked ClientApps)")
     p.add_argument("--lock", default=DEFAULT_LOCK)
     p.add_argument("--no-lock", action="store_true")
     p.add_argument("--out", default=str(RESULTS / "deploy_speed.json"))
     args = p.parse_args()
     modes = [m for m in args.modes.split(",") if m]
-    if not modes or set(modes) - {"cold", "warm"}:
-        p.error(f"--modes={args.modes!r}: use cold and/or warm")
+    if not modes or set(modes) - set(MODE_ENV):
+        p.error(f"--modes={args.modes!r}: use cold, warm and/or fork")
 
     from fedlora.config import compose
     from fedlora.roles.cloud import run_federation
@@ -157,7 +164,7 @@ def main() -> None:
         run_federation(cfg, base / "simulation", InProcessTransport(cfg.federation.num_clients))
         sim_total = time.perf_counter() - t0
         for mode in modes:
-            deps[mode] = deployment(cfg, used, base / mode, warm=mode == "warm")
+            deps[mode] = deployment(cfg, used, base / mode, mode=mode)
         info["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     sim = rounds_of(base / "simulation")
     print(f"\nDeployed secure rounds on loopback (plan: TLS + SuperNode auth + plan keys): {args.model}, {args.clients} END "
@@ -168,19 +175,17 @@ def main() -> None:
         row = [q["round"], q["wall_s"], max(q["client_train_s"].values())]
         for mode in modes:
             r = deps[mode]["rounds"][i]
-            row += [r["wall_s"], max(v for v in r["client_train_s"].values() if v)]
-        if "warm" in deps:
-            b = breakdown(deps["warm"]).get(q["round"], {"clientapp_s": float("nan"), "handle_s": float("nan")})
-            r = deps["warm"]["rounds"][i]
             train = max(v for v in r["client_train_s"].values() if v)
-            row += [r["wall_s"] - train, b["clientapp_s"], b["handle_s"] - train, r["wall_s"] - b["clientapp_s"] - b["handle_s"]]
+            row += [r["wall_s"], train, r["wall_s"] - train]
+            if mode != "cold":
+                b = breakdown(deps[mode]).get(q["round"], {"clientapp_s": float("nan"), "handle_s": float("nan")})
+                row += [b["clientapp_s"], b["handle_s"] - train, r["wall_s"] - b["clientapp_s"] - b["handle_s"]]
         rows.append(row)
     head = ["round", "simulation s", "sim train s"]
     for mode in modes:
-        head += [f"{mode} s", f"{mode} train s"]
-    if "warm" in deps:
-        head += ["warm beyond training s", "warm: ClientApp starts s", "warm: crypto+codec s",
-                 "warm: polling+TLS+transfer+edge s"]
+        head += [f"{mode} s", f"{mode} train s", f"{mode} beyond training s"]
+        if mode != "cold":
+            head += [f"{mode}: ClientApp starts s", f"{mode}: crypto+codec s", f"{mode}: polling+TLS+transfer+edge s"]
     print(table(rows, head, digits=1))
     counts = {}
     for mode, dep in deps.items():
@@ -196,20 +201,20 @@ def main() -> None:
               f"round: {per_round:.2f} Flower train messages = ClientApp processes, {loads:.2f} model loads; leftovers "
               f"{dep['leftovers']}")
     memory = None
-    if "warm" in deps:
+    warm = next((m for m in ("warm", "fork") if m in deps), None)
+    if warm is not None:
         memory = {}
-        for c, status in deps["warm"]["residents"].items():
+        for c, status in deps[warm]["residents"].items():
             ends = [t for t in status["timings"] if t["stage"] == STAGES[-1]]
             memory[c] = [{"round": t["round"], "rss_mib": t.get("rss_mib"), "peak_mib": t.get("peak_mib")} for t in ends]
-        print("warm resident processes, peak RSS MiB after each round (per device):")
-        print(table([[c, *[m["peak_mib"] for m in ms]] for c, ms in memory.items()],
-                    ["device", *[f"r{m['round']}" for m in next(iter(memory.values()))]], digits=0))
-        print(table([[c, *[m["rss_mib"] for m in ms]] for c, ms in memory.items()],
-                    ["device (RSS now)", *[f"r{m['round']}" for m in next(iter(memory.values()))]], digits=0))
+        cols = [f"r{m['round']}" for m in next(iter(memory.values()))]
+        print(f"{warm} resident processes, peak RSS MiB after each round (per device):")
+        print(table([[c, *[m["peak_mib"] for m in ms]] for c, ms in memory.items()], ["device", *cols], digits=0))
+        print(table([[c, *[m["rss_mib"] for m in ms]] for c, ms in memory.items()], ["device (RSS now)", *cols], digits=0))
     out = write_json(args.out, {
         **provenance("deploy_speed", info), "overrides": used, "simulation": {"total_s": sim_total, "rounds": sim},
         "deployments": {m: {k: v for k, v in d.items() if k != "residents"} for m, d in deps.items()},
-        "residents": deps["warm"]["residents"] if "warm" in deps else None, "counts": counts, "memory": memory,
+        "residents": {m: d["residents"] for m, d in deps.items() if d["residents"]}, "counts": counts, "memory": memory,
         "table": {"head": head, "rows": rows},
     })
     print(f"written: {out}")
