@@ -102,8 +102,8 @@ def deployment(cfg, used: list[str], work: Path, *, mode: str) -> dict:
 
 
 def messages_per_device(plan: Path, ends: list[int]) -> dict[int, dict[str, int]]:
-    """Client -> Flower message type -> how many its SuperNode received (each one ClientApp process)."""
-    pattern = re.compile(r"Received: (\S+) message")
+    """Client -> Flower message type -> how many its SuperNode answered (each one ClientApp process)."""
+    pattern = re.compile(r"Sending: (\S+) message")  # one reply per message received
     out = {}
     for c in ends:
         text = "\n".join(p.read_text(errors="replace") for p in (plan / f"end-{c}" / "logs").glob("supernode*.log"))
