@@ -157,14 +157,19 @@ def main() -> None:
     used = overrides(args)
     cfg = compose(used)
     base = Path(tempfile.mkdtemp(prefix="fedlora-deploy-speed-"))
-    info, deps = machine(), {}
+    info, deps, failed = machine(), {}, {}
     with bench_lock(None if args.no_lock else args.lock, what="deploy_speed"):
         info["loadavg_when_locked"] = [round(x, 2) for x in os.getloadavg()]
         t0 = time.perf_counter()
         run_federation(cfg, base / "simulation", InProcessTransport(cfg.federation.num_clients))
         sim_total = time.perf_counter() - t0
         for mode in modes:
-            deps[mode] = deployment(cfg, used, base / mode, mode=mode)
+            try:
+                deps[mode] = deployment(cfg, used, base / mode, mode=mode)
+            except (SystemExit, Exception) as exc:  # one mode failing must not lose the others' figures
+                failed[mode] = f"{type(exc).__name__}: {exc}"
+                print(f"{mode}: FAILED ({failed[mode]}); logs in {base / mode}")
+        modes = [m for m in modes if m in deps]
         info["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     sim = rounds_of(base / "simulation")
     print(f"\nDeployed secure rounds on loopback (plan: TLS + SuperNode auth + plan keys): {args.model}, {args.clients} END "
@@ -212,7 +217,8 @@ def main() -> None:
         print(table([[c, *[m["peak_mib"] for m in ms]] for c, ms in memory.items()], ["device", *cols], digits=0))
         print(table([[c, *[m["rss_mib"] for m in ms]] for c, ms in memory.items()], ["device (RSS now)", *cols], digits=0))
     out = write_json(args.out, {
-        **provenance("deploy_speed", info), "overrides": used, "simulation": {"total_s": sim_total, "rounds": sim},
+        **provenance("deploy_speed", info), "overrides": used, "failed": failed,
+        "simulation": {"total_s": sim_total, "rounds": sim},
         "deployments": {m: {k: v for k, v in d.items() if k != "residents"} for m, d in deps.items()},
         "residents": {m: d["residents"] for m, d in deps.items() if d["residents"]}, "counts": counts, "memory": memory,
         "table": {"head": head, "rows": rows},
