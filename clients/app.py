@@ -19,6 +19,11 @@ A device started from a deployment plan (``fedlora client --config FOLDER``,
   (what leaves the device, for its owner to inspect; :func:`audit`);
 - ``state-dir``: its folder's ``state/``, where it keeps what a personal strategy leaves on the
   device across rounds (``state/personal/``; never sent).
+- ``device-socket``: the device's resident process (:mod:`fedlora.deploy.resident`, the default
+  of ``fedlora client --config``): train and secure-aggregation messages are forwarded to it
+  (:func:`fedlora.deploy.channel.call`) and this process stays torch-free; the secure session's
+  state then lives in the resident process. An unreachable or failing resident process raises:
+  an error reply, the device is a dropout of that round.
 """
 
 import base64
@@ -32,6 +37,7 @@ from flwr.clientapp import ClientApp
 from clients.edge import identity as edge_identity
 from clients.edge import is_edge, relay
 from fedlora import protocol
+from fedlora.deploy import channel
 from fedlora.runs.progress import quiet_libraries
 
 quiet_libraries()
@@ -92,16 +98,33 @@ def audit(context: Context, reply: Message, what: str) -> Message:
     return reply
 
 
+def _resident(context: Context) -> Path | None:
+    """The socket of this device's resident process, if it has one."""
+    path = str(context.node_config.get("device-socket", "") or "")
+    return Path(path) if path else None
+
+
+def _forward(socket: Path, settings_json: str, kind: str, arrays, **secure) -> dict:
+    """One message's work done by the resident process; ChannelError (an error reply) if it cannot."""
+    timeout_s = protocol.decode_settings(settings_json).round_timeout_s
+    return channel.call(socket, channel.encode_request(kind, settings_json, arrays, **secure), timeout_s=timeout_s)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     if is_edge(context.node_config):
         return relay(msg, context.node_config)
-    from fedlora.roles.device import train_round  # torch only where training happens (Flower: one process per message)
-
-    settings = protocol.decode_settings(str(msg.content[protocol.SETTINGS][protocol.SETTINGS_KEY]))
+    settings_json = str(msg.content[protocol.SETTINGS][protocol.SETTINGS_KEY])
     global_state = {k: a.numpy() for k, a in msg.content[protocol.ADAPTER].items()}
-    _, local = _deployed(context)
-    delta, metrics = train_round(settings, global_state, _client_id(context), local=local)
+    socket = _resident(context)
+    if socket is not None:
+        answer = _forward(socket, settings_json, "train", global_state)
+        delta, metrics = answer["arrays"], answer["metrics"]
+    else:
+        from fedlora.roles.device import train_round  # torch only where training happens (Flower: one process per message)
+
+        _, local = _deployed(context)
+        delta, metrics = train_round(protocol.decode_settings(settings_json), global_state, _client_id(context), local=local)
     content = RecordDict(
         {
             protocol.ADAPTER: ArrayRecord({k: Array(v) for k, v in delta.items()}),
@@ -114,21 +137,28 @@ def train(msg: Message, context: Context) -> Message:
 @app.train(protocol.SECAGG)
 def secagg(msg: Message, context: Context) -> Message:
     """One secure-aggregation stage; the state between stages never leaves this node."""
-    from fedlora.roles.device import secure_step  # torch only on devices (Flower: one process per message)
-
     request = msg.content[protocol.SECAGG]
-    settings = protocol.decode_settings(str(msg.content[protocol.SETTINGS][protocol.SETTINGS_KEY]))
+    settings_json = str(msg.content[protocol.SETTINGS][protocol.SETTINGS_KEY])
+    settings = protocol.decode_settings(settings_json)
     if int(request[protocol.ROUND_KEY]) != settings.round:
         raise ValueError(f"secure stage for round {request[protocol.ROUND_KEY]} carries settings of round {settings.round}")
     arrays = {k: a.numpy() for k, a in msg.content[protocol.ADAPTER].items()} if protocol.ADAPTER in msg.content else None
-    kept = context.state.get(protocol.SECAGG_STATE)
-    stored = (str(kept["session"]), bytes(kept["state"])) if kept is not None else None
-    identities, local = _deployed(context)
     stage = str(request[protocol.STAGE_KEY])
-    reply, (session, state), metrics = secure_step(stage, bytes(request[protocol.PAYLOAD_KEY]), stored, settings, arrays,
-                                                   _client_id(context), run=context.run_id, identities=identities,
-                                                   local=local)
-    context.state[protocol.SECAGG_STATE] = ConfigRecord({"session": session, "state": state})
+    socket = _resident(context)
+    if socket is not None:  # the resident process keeps the session state
+        answer = _forward(socket, settings_json, "secagg", arrays, run=int(context.run_id), stage=stage,
+                          round=settings.round, payload=bytes(request[protocol.PAYLOAD_KEY]))
+        reply, metrics = answer["reply"], answer["metrics"]
+    else:
+        from fedlora.roles.device import secure_step  # torch only on devices (Flower: one process per message)
+
+        kept = context.state.get(protocol.SECAGG_STATE)
+        stored = (str(kept["session"]), bytes(kept["state"])) if kept is not None else None
+        identities, local = _deployed(context)
+        reply, (session, state), metrics = secure_step(stage, bytes(request[protocol.PAYLOAD_KEY]), stored, settings, arrays,
+                                                       _client_id(context), run=context.run_id, identities=identities,
+                                                       local=local)
+        context.state[protocol.SECAGG_STATE] = ConfigRecord({"session": session, "state": state})
     content = RecordDict({protocol.SECAGG: ConfigRecord({protocol.REPLY_KEY: reply}),
                           protocol.METRICS: MetricRecord({k: float(v) for k, v in metrics.items()})})
     return audit(context, Message(content, reply_to=msg), f"secagg-{stage}")

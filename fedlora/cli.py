@@ -495,6 +495,9 @@ def cmd_end(argv: list[str], prog: str = "fedlora end") -> None:
     parser.add_argument("--edge", help="HOST:PORT of its edge's SuperLink (the edge's --listen)")
     parser.add_argument("--audit", action="store_true",
                         help="keep a copy of every reply this device sends in <folder>/logs/sent/ (with --config)")
+    parser.add_argument("--cold", action="store_true",
+                        help="no resident device process: each Flower message's process loads the model itself "
+                             "(Flower's default; slower; with --config)")
     args = parser.parse_args(argv)
     # the deployment's modules only for `fedlora client`
     from fedlora.deploy.processes import Security, Stop, run_end
@@ -508,7 +511,7 @@ def cmd_end(argv: list[str], prog: str = "fedlora end") -> None:
             from fedlora.deploy.launcher import launch
 
             try:
-                launch(args.config, audit=args.audit)
+                launch(args.config, audit=args.audit, warm=not args.cold)
             except DeviceError as exc:
                 raise UserError(str(exc)) from None
             return

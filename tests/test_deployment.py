@@ -15,6 +15,11 @@ registry; a key derived from the seed would be refused). Then it checks that
 - the cloud and an edge stopped with SIGTERM after round 1 (graceful: their processes all
   go) and started again with the same command: the cloud resumes from its checkpoint, the
   edge rejoins and its cell takes part in round 2;
+- every END device runs warm (``fedlora client --config`` starts a resident process that keeps the
+  model; Flower's per-message ClientApp forwards to it): each device's resident process built
+  the model once for the whole run and served all of its secure stages;
+- a device's resident process killed (SIGKILL, that process only) in the middle of round 3 makes
+  the device a dropout of round 3; the launcher starts it again and the device takes part in round 4;
 - every message an END device sent (its ``--audit`` copies) is an identification, a
   protocol message of secure aggregation (keys, encrypted shares, a masked vector that looks
   uniform in Z_2^32, unmask shares) or its clear training time: never an adapter tensor;
@@ -42,6 +47,7 @@ from fedlora.config import compose
 from fedlora.deploy import commands, pki
 from fedlora.deploy.plan import DeploySettings, read_node, write_plan
 from fedlora.deploy.processes import ProcessGroup, Security, _alive, _descendants, free_port_run, local_bin, placement
+from fedlora.deploy.resident import read_status
 from fedlora.secure.messages import AdvertiseKeys, MaskedInput, ShareKeys, UnmaskResponse
 from fedlora.secure.rounds import read_message
 
@@ -57,7 +63,7 @@ OVERRIDES = [
     "privacy=secagg",
     "federation.num_clients=6",
     "federation.fraction=1.0",
-    "federation.rounds=2",
+    "federation.rounds=4",
     "federation.round_pause_s=20",
     "federation.round_timeout_s=300",
     "train.local_steps=2",
@@ -69,7 +75,7 @@ OVERRIDES = [
 FEDLORA = [sys.executable, "-m", "fedlora.cli"]
 
 
-def _wait(pred, timeout: float, what: str, group: ProcessGroup | None = None):
+def _wait(pred, timeout: float, what: str, group: ProcessGroup | None = None, every: float = 0.5):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if group is not None:
@@ -77,7 +83,7 @@ def _wait(pred, timeout: float, what: str, group: ProcessGroup | None = None):
         value = pred()
         if value:
             return value
-        time.sleep(0.5)
+        time.sleep(every)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
@@ -198,9 +204,20 @@ def test_planned_deployment_tls_auth_secagg_dropout_and_edge_restart(deployment,
     _wait(lambda: len(list(audit.glob("*-secagg-advertise.json"))) >= 2, 420, f"end-{victim}'s round-2 advert", group)
     _kill_tree(group.procs[f"end-{victim}"].pid)
 
+    # In round 3, kill only the resident process of an END device of cell B while it serves its first
+    # stage (training): a dropout of round 3; its launcher starts it again for round 4.
+    warm = ends_b[0]
+    warm_dir = out / f"end-{warm}"
+    first_pid = _wait(lambda: (read_status(warm_dir) or {}).get("pid"), 60, f"end-{warm}'s resident process")
+    # (no group check from here: the killed device's process is gone for good)
+    _wait(lambda: len(_rounds(run_dir)) >= 2, 420, "round 2")
+    busy = _wait(lambda: _busy_in_round(warm_dir, 3), 420, f"end-{warm}'s resident process in round 3", every=0.02)
+    assert busy["stage"] in ("advertise", "share-keys"), busy  # before its masked input: it cannot be counted
+    os.kill(first_pid, signal.SIGKILL)
+
     assert cloud.wait(timeout=600) == 0, _logs(cloud_dir / "logs", group.log_dir)
     rounds = _rounds(run_dir)
-    assert [r["round"] for r in rounds] == [1, 2]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
     assert "resuming" in (group.log_dir / "cloud.log").read_text()  # the restarted cloud went on from round 1's checkpoint
     everyone = sorted(ends_a + ends_b)
     assert rounds[0]["participants"] == everyone and rounds[0]["dropped"] == []
@@ -214,12 +231,45 @@ def test_planned_deployment_tls_auth_secagg_dropout_and_edge_restart(deployment,
     assert "round 2 done" in (edge_b / "spool" / "service.log").read_text()
     assert (run_dir / "summary.json").is_file() and (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
+    # The resident process killed in round 3: a dropout there, back in round 4 (a new process).
+    assert warm in [d["client"] for d in rounds[2]["dropped"]] and warm not in rounds[2]["participants"], rounds[2]
+    assert all(record["secure"]["cells"][cell_b]["ok"] for record in rounds[2:]), rounds[2]
+    assert rounds[3]["participants"] == sorted(set(everyone) - {victim}), rounds[3]
+    _check_warm(out, everyone, victim, warm, first_pid)
+
     # Logs per node.
     for folder in (cloud_dir, edge_a, edge_b, *(out / f"end-{c}" for c in everyone)):
         assert any(p.stat().st_size > 0 for p in (folder / "logs").glob("*.log")), folder
 
     # What left each device: never an adapter tensor, only protocol messages and its training time.
     _check_what_left(out, everyone)
+
+
+def _busy_in_round(folder: Path, server_round: int) -> dict | None:
+    """The request a device's resident process is serving (or served last), once it is of ``server_round``."""
+    try:
+        status = read_status(folder) or {}
+    except ValueError:  # read while being replaced
+        return None
+    current = status.get("busy") or (status.get("timings") or [{}])[-1]
+    return current if current.get("round", 0) >= server_round else None
+
+
+def _check_warm(out: Path, clients: list[int], victim: int, warm: int, first_pid: int) -> None:
+    """Each device's resident process built the model once and served every secure stage it took part in."""
+    stages = ["advertise", "share-keys", "masked-input", "unmask"]
+    for client in clients:
+        status = read_status(out / f"end-{client}")
+        assert status is not None and status["model_builds"] == 1, (client, status)
+        served = [(t["round"], t["stage"]) for t in status["timings"]]
+        if client == victim:  # killed with its whole device in round 2
+            assert served[:4] == [(1, s) for s in stages], served
+        elif client == warm:  # a new resident process since round 3: loaded once too, served round 4
+            assert status["pid"] != first_pid and served[-4:] == [(4, s) for s in stages], (first_pid, status)
+        else:  # one process for the whole run
+            assert served == [(r, s) for r in (1, 2, 3, 4) for s in stages], (client, served)
+            assert all(t["clientapp_s"] is not None and t["clientapp_s"] > 0 for t in status["timings"])
+        assert (out / f"end-{client}" / "state" / "device.sock").stat().st_mode & 0o777 == 0o600 or client == victim
 
 
 # What an END device may send, by its audit name -> the protocol message its reply must be.

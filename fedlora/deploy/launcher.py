@@ -11,6 +11,11 @@
    own key, node config carrying the folder (its Ed25519 secure-aggregation key), the
    picked settings and its own data file in ``data/`` -- and keeps it running (restarted
    when its edge restarts) until Ctrl-C / SIGTERM.
+4. Starts, before the SuperNode, the device's resident process (:mod:`fedlora.deploy.resident`):
+   the model stays loaded in it for the whole run, and Flower's per-message ClientApp only
+   forwards each message to it over ``state/device.sock`` (node config ``device-socket``);
+   started again if it dies (a round it misses is a dropout). ``warm=False``
+   (``fedlora client --cold``): none, every message's ClientApp loads the model itself.
 
 The private data stays in the folder; under secure aggregation what leaves the device is
 keys, encrypted shares and its masked update (``--audit`` keeps a copy of every reply in
@@ -21,7 +26,9 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
+from fedlora.deploy.channel import socket_path
 from fedlora.deploy.device import describe, pick_settings, read_facts
 from fedlora.deploy.plan import NodeFolder, read_node
 from fedlora.deploy.processes import Security, run_end
@@ -59,10 +66,15 @@ def device_node_config(node: NodeFolder, *, audit: bool = False) -> tuple[dict, 
     return extra, picked
 
 
-def launch(folder, *, audit: bool = False) -> None:
-    """Check the device, pick its settings, run its SuperNode until stopped."""
+def launch(folder, *, audit: bool = False, warm: bool = True) -> None:
+    """Check the device, pick its settings, run its resident process (``warm``) and its SuperNode until stopped."""
     node = read_node(folder, "end")
     extra, _ = device_node_config(node, audit=audit)
+    resident = None
+    if warm:
+        extra["device-socket"] = str(socket_path(node.folder))
+        resident = [sys.executable, "-m", "fedlora.deploy.resident", str(node.folder),
+                    "--device-settings", extra["device-settings"], "--data-file", extra["data-file"]]
     up = node.doc["supernode"]
     run_end(int(node.doc["partition_id"]), int(node.doc["num_partitions"]), str(up["superlink"]), node.folder,
-            Security.from_node(node), node_config=extra, port=int(up["runtime_port"]))
+            Security.from_node(node), node_config=extra, port=int(up["runtime_port"]), resident=resident)

@@ -38,14 +38,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedlora.config import save_yaml
-from fedlora.deploy import commands
+from fedlora.deploy import clientapp_fork, commands
 from fedlora.deploy.commands import toml_pairs
 from fedlora.deploy.spool import Spool
+from fedlora.deploy.supernode_poll import POLL_S
 from fedlora.run_settings import resolve_run
 
 APP_DIR = Path(__file__).resolve().parents[2]  # the checkout: pyproject.toml, server/, clients/
 CONNECTION = commands.CONNECTION  # the flwr CLI's name for this machine's own SuperLink
 BIN = Path(sys.executable).parent
+SUPEREXEC_POLL_S = 0.1
 log = logging.getLogger("fedlora")
 
 
@@ -170,6 +172,9 @@ def flower_env(home: Path) -> dict[str, str]:
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
         PYTHONPATH=os.pathsep.join(p for p in (str(APP_DIR), env.get("PYTHONPATH", "")) if p),
     )
+    # How often a SuperExec looks for a new task (a ClientApp/ServerApp process to start): Flower's
+    # default 1 s adds ~0.5 s to every message on every hop; a local HTTP call every 0.1 s costs nothing.
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(SUPEREXEC_POLL_S))
     return env
 
 
@@ -318,7 +323,31 @@ def start_supernode(group: ProcessGroup, name: str, superlink: str, node_config:
     """A SuperNode connected to ``superlink``, running fedlora's ClientApp with ``node_config``."""
     home.mkdir(parents=True, exist_ok=True)
     # No --max-retries: a SuperNode keeps retrying, so an edge may come up after its children.
-    return group.start(name, security.supernode_argv(superlink, node_config, port or free_port()), flower_env(home))
+    argv = security.supernode_argv(superlink, node_config, port or free_port())
+    poll = supernode_poll_s()
+    if poll is not None:  # the same flower-supernode, its idle waits capped (fedlora.deploy.supernode_poll)
+        argv = [sys.executable, "-m", "fedlora.deploy.supernode_poll", "--poll-s", str(poll), *argv[1:]]
+    env = flower_env(home)
+    if os.environ.get(clientapp_fork.SWITCH, "") == "1":  # its ClientApp processes forked warm (opt-in)
+        sock = home / "clientapp-fork.sock"
+        shims = home / "bin"
+        clientapp_fork.write_shim(shims, sys.executable, str(BIN / clientapp_fork.COMMAND))
+        env = dict(env, PATH=f"{shims}{os.pathsep}{env['PATH']}", **{clientapp_fork.ENV: str(sock)})
+        if f"{name}-fork" not in group.procs:
+            group.start(f"{name}-fork", [sys.executable, "-m", "fedlora.deploy.clientapp_fork", str(sock)], env)
+    return group.start(name, argv, env)
+
+
+def supernode_poll_s() -> float | None:
+    """How long a SuperNode started here waits between asks when idle: env ``FEDLORA_SUPERNODE_POLL_S``
+    (seconds; ``off``: Flower's own 3 s), default :data:`fedlora.deploy.supernode_poll.POLL_S`."""
+    raw = os.environ.get("FEDLORA_SUPERNODE_POLL_S", "").strip().lower()
+    if raw in ("off", "0", "none"):
+        return None
+    try:
+        return float(raw) if raw else POLL_S
+    except ValueError:
+        raise DeployError(f"FEDLORA_SUPERNODE_POLL_S={raw!r}: seconds (e.g. 0.2) or off") from None
 
 
 def connection_file(home: Path, name: str, address: str, security: Security) -> None:
@@ -393,9 +422,9 @@ def _keep_running(group: ProcessGroup, what: str, supernode: str = "supernode", 
                         supernode, proc.returncode, lived)
             time.sleep(min(30.0, 2.0 ** quick_exits))
             group.restart(supernode)
-        group.check()
-        if watch is not None:
+        if watch is not None:  # first: it may start a helper process again that group.check() would report
             watch()
+        group.check()
         time.sleep(1.0)
 
 
@@ -481,15 +510,35 @@ def _wait_for_service(group: ProcessGroup, spool: Path, run_id: int, timeout_s: 
 
 
 def run_end(partition_id: int, num_partitions: int, edge: str, work_dir: Path, security: Security, *,
-            node_config: dict | None = None, port: int | None = None) -> None:
+            node_config: dict | None = None, port: int | None = None, resident: list[str] | None = None) -> None:
     """One END client until stopped: a SuperNode connected to its edge's SuperLink.
-    ``node_config``: more node settings (a planned device's folder, its own settings)."""
+    ``node_config``: more node settings (a planned device's folder, its own settings).
+    ``resident``: the command of the device's resident process (:mod:`fedlora.deploy.resident`),
+    started first and started again whenever it exits (a round it misses is a dropout)."""
     _stop_on_signals()
     with ProcessGroup(Path(work_dir) / "logs") as group:
+        watch = None
+        if resident is not None:
+            group.start("resident", resident, dict(os.environ))
+            quick = {"exits": 0}
+
+            def watch() -> None:
+                proc = group.procs["resident"]
+                if proc.poll() is None:
+                    return
+                lived = time.time() - group.specs["resident"][3]
+                quick["exits"] = quick["exits"] + 1 if lived < 10 else 0
+                if quick["exits"] >= 5:
+                    raise DeployError(f"the resident device process exited at once five times in a row; see "
+                                      f"{group.log_dir / 'resident.log'}")
+                log.warning("the resident device process exited with code %s after %.0fs; starting it again",
+                            proc.returncode, lived)
+                group.restart("resident")
+
         start_supernode(group, "supernode", edge, {"partition-id": partition_id, "num-partitions": num_partitions,
                                                    **(node_config or {})},
                         Path(work_dir).resolve() / "flwr-home", security, port=port)
-        _keep_running(group, f"END client {partition_id} (edge {edge})")
+        _keep_running(group, f"END client {partition_id} (edge {edge})", watch=watch)
 
 
 def _local(listen: str) -> str:

@@ -58,10 +58,16 @@ def lora_model(cfg: FedLoraConfig | RoundSettings, *, freeze_a: bool, personal: 
             _peft.pop("model").unload()
         base, tokenizer = load_base_model(cfg.model)
         model = wrap_lora(base, cfg.lora, freeze_a=freeze_a, init_seed=cfg.seed)
-        _peft.update(key=key, model=model, tokenizer=tokenizer, init=adapters.get_state(model, trainable_only=False))
+        _peft.update(key=key, model=model, tokenizer=tokenizer, init=adapters.get_state(model, trainable_only=False),
+                     builds=_peft.get("builds", 0) + 1)
         if personal:
             _peft["personal_init"] = add_personal_adapter(model, round_seed(cfg.seed, "personal-init"))
     return _peft["model"], _peft["tokenizer"]
+
+
+def model_builds() -> int:
+    """How many times this process loaded the base model and wrapped it with LoRA (a warm device: once)."""
+    return int(_peft.get("builds", 0))
 
 
 def initial_adapter(cfg: FedLoraConfig | RoundSettings, *, freeze_a: bool, personal: bool = False) -> AdapterState:

@@ -99,13 +99,14 @@ def quiet_libraries() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # flwr has its own console handler; do not print its records twice through the root's.
     logging.getLogger("flwr").propagate = False
-    try:
-        from transformers.utils import logging as hf_logging  # seconds to import: only where quieting is asked for
+    if "transformers" not in sys.modules:
+        # The variables above quiet it when it loads; importing it here would cost seconds in every
+        # process that never trains (Flower's per-message ClientApp of a warm device, an edge's relay).
+        return
+    from transformers.utils import logging as hf_logging  # already imported: quiet it now
 
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:
-        pass
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def make_progress(enabled: bool) -> Progress:

@@ -1,0 +1,84 @@
+"""The warm fork server for Flower's per-message ClientApp processes (fedlora.deploy.clientapp_fork).
+
+It relies on Flower internals, so these tests fail when they move: the SuperExec starts
+ClientApps by the command name ``flwr-clientapp`` through ``subprocess.Popen`` (found on PATH),
+and the command's entry point is ``flwr.supernode.cli.flwr_clientapp``. Then, without Flower:
+the shim hands its arguments to a running fork server, which runs them in a forked child; with
+no server the shim runs the real command.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from fedlora.deploy import clientapp_fork, supernode_poll
+
+
+def test_flower_starts_clientapps_by_name_from_path():
+    supernode_poll.check_pinned()
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
+    from flwr.supercore.superexec.executor import subprocess_executor
+
+    assert TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP] == clientapp_fork.COMMAND
+    source = inspect.getsource(subprocess_executor.SubprocessExecutor.launch)
+    assert "TASK_TYPE_TO_COMMAND[spec.task_type]" in source and "subprocess.Popen(" in source
+    module, name = clientapp_fork.ENTRY
+    assert callable(getattr(importlib.import_module(module), name))
+    real = Path(sys.executable).parent / clientapp_fork.COMMAND
+    assert f"from {module} import {name}" in real.read_text()
+
+
+SERVER = """
+import json, os, sys
+from pathlib import Path
+from fedlora.deploy.clientapp_fork import serve
+out = Path(sys.argv[2])
+def run_child(argv):
+    (out / f"{os.getpid()}.json").write_text(json.dumps({"argv": argv, "parent": os.getppid()}))
+serve(Path(sys.argv[1]), run_child, stopping=lambda: (out / "stop").exists())
+"""
+
+
+@pytest.fixture
+def short_dir():
+    base = Path(tempfile.mkdtemp(prefix="fl-fork-", dir="/tmp"))
+    yield base
+    subprocess.run(["rm", "-rf", str(base)], check=False)
+
+
+def test_shim_hands_over_to_the_fork_server_or_runs_the_real_command(short_dir):
+    sock, out = short_dir / "fork" / "s.sock", short_dir / "out"
+    out.mkdir()
+    shim = clientapp_fork.write_shim(short_dir / "bin", sys.executable, "/bin/echo")
+    env = {"PATH": "/usr/bin:/bin", clientapp_fork.ENV: str(sock)}
+    # no server: Flower's own command (here: echo) runs with the arguments
+    res = subprocess.run([str(shim), "--token", "abc"], env=env, capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0 and res.stdout.strip() == "--token abc"
+    server = subprocess.Popen([sys.executable, "-c", SERVER, str(sock), str(out)])
+    try:
+        deadline = time.time() + 60
+        while not sock.exists() and time.time() < deadline:
+            time.sleep(0.1)
+        assert oct(sock.stat().st_mode & 0o777) == "0o600"
+        for token in ("t1", "t2"):
+            res = subprocess.run([str(shim), "--token", token], env=env, capture_output=True, text=True, timeout=30)
+            assert res.returncode == 0 and res.stdout == "", res  # handed over: echo did not run
+        deadline = time.time() + 30
+        while len(list(out.glob("*.json"))) < 2 and time.time() < deadline:
+            time.sleep(0.1)
+        runs = [json.loads(p.read_text()) for p in out.glob("*.json")]
+        assert sorted(r["argv"] for r in runs) == [["--token", "t1"], ["--token", "t2"]]
+        assert {r["parent"] for r in runs} == {server.pid}  # forked by the warm server
+    finally:
+        (out / "stop").touch()
+        server.wait(30)
+    assert not sock.exists()
