@@ -26,7 +26,6 @@ outside the blocks (embeddings, head) are the device's.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -35,36 +34,17 @@ from typing import Protocol
 import torch
 from transformers.masking_utils import create_causal_mask
 
-from fedlora.config import ConfigError, TrainConfig
+from fedlora.config import ConfigError, ModelConfig, TrainConfig
+from fedlora.world.splitplan import ModelShape, SplitCut, edge_keys, tensor_layer
 
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+__all__ = ["SplitCut", "SplitLink", "EdgeHalf", "DeviceHalf", "InProcessLink", "LinkTraffic", "check_cut",
+           "tensor_layer", "edge_keys", "model_shape"]
 
-
-@dataclass(frozen=True)
-class SplitCut:
-    """Where one device's model is cut: the first ``k`` and the last ``m`` decoder blocks (with the
-    embeddings, the final norm, the head and the loss) stay on the device; the edge runs the rest."""
-
-    k: int
-    m: int
-
-    def edge_layers(self, num_layers: int) -> range:
-        return range(self.k, num_layers - self.m)
-
-    def on_edge(self, layer: int | None, num_layers: int) -> bool:
-        """Whether block ``layer`` (None: not a decoder block) runs on the edge."""
-        return layer is not None and layer in self.edge_layers(num_layers)
-
-    def record(self) -> dict:
-        return {"k": self.k, "m": self.m}
-
-
-def check_cut(cut: SplitCut, num_layers: int, min_k: int) -> None:
-    """Raise ConfigError unless ``cut`` keeps at least ``min_k`` (>= 1) blocks before the edge, at
-    least none after it, and at least one block on the edge."""
-    if min_k < 1:
-        raise ConfigError(f"train.split.min_k={min_k}: must be >= 1 (activations right after the embedding are "
-                          "nearly the raw tokens, so at least one decoder block stays on the device)")
+def check_cut(cut: SplitCut, num_layers: int, min_k: int = 1) -> None:
+    """Raise ConfigError unless ``cut`` keeps at least ``min_k`` blocks (never fewer than 1: right after
+    the embedding the activations are nearly the raw tokens) before the edge, none or more after it,
+    and at least one block on the edge."""
+    min_k = max(1, min_k)
     if cut.k < min_k:
         raise ConfigError(f"train.split.k={cut.k} is below the privacy floor train.split.min_k={min_k}: keep at least "
                           f"{min_k} decoder block(s) on the device before the edge")
@@ -73,17 +53,6 @@ def check_cut(cut: SplitCut, num_layers: int, min_k: int) -> None:
     if cut.k + cut.m >= num_layers:
         raise ConfigError(f"train.split.k={cut.k} + train.split.m={cut.m} leaves no decoder block of the model's "
                           f"{num_layers} for the edge; lower k or m (k + m <= {num_layers - 1})")
-
-
-def tensor_layer(name: str) -> int | None:
-    """The decoder block a (LoRA) tensor or parameter name belongs to, None outside the blocks."""
-    found = _LAYER.search(name)
-    return int(found.group(1)) if found else None
-
-
-def edge_keys(keys: Iterable[str], cut: SplitCut, num_layers: int) -> list[str]:
-    """The keys (adapter tensor names) the edge trains for a device cut at ``cut``."""
-    return [k for k in keys if cut.on_edge(tensor_layer(k), num_layers)]
 
 
 def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
@@ -99,6 +68,25 @@ def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
 
 def num_layers(model: torch.nn.Module) -> int:
     return len(decoder_of(model).layers)
+
+
+def model_shape(model: torch.nn.Module, model_cfg: ModelConfig) -> ModelShape:
+    """The split planner's view of a LoRA-wrapped Llama-style model (:mod:`fedlora.world.splitplan`)."""
+    c = decoder_of(model).config
+    per_layer: dict[int, int] = {}
+    other = 0
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            layer = tensor_layer(name)
+            if layer is None:
+                other += p.numel()
+            else:
+                per_layer[layer] = per_layer.get(layer, 0) + p.numel()
+    return ModelShape(num_layers=c.num_hidden_layers, hidden=c.hidden_size, intermediate=c.intermediate_size,
+                      vocab=c.vocab_size, heads=c.num_attention_heads, kv_heads=c.num_key_value_heads,
+                      tied=bool(getattr(c, "tie_word_embeddings", False)),
+                      weight_bytes=2 if model_cfg.dtype in ("bfloat16", "float16") else 4,
+                      lora_per_layer=max(per_layer.values(), default=0), lora_other=other)
 
 
 def _run_blocks(decoder: torch.nn.Module, blocks: Iterable[torch.nn.Module], hidden: torch.Tensor,

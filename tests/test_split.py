@@ -89,8 +89,8 @@ def test_the_floor_on_k_and_a_cut_that_leaves_the_edge_nothing_are_refused():
         check_cut(SplitCut(0, 1), 4, 1)
     with pytest.raises(ConfigError, match="privacy floor"):
         check_cut(SplitCut(1, 1), 4, 2)
-    with pytest.raises(ConfigError, match="min_k=0"):
-        check_cut(SplitCut(1, 1), 4, 0)
+    with pytest.raises(ConfigError, match="privacy floor"):
+        check_cut(SplitCut(0, 1), 4, 0)  # the floor is never below 1
     with pytest.raises(ConfigError, match="no decoder block"):
         check_cut(SplitCut(2, 2), 4, 1)
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,6 +25,9 @@ from fedlora.secure.identities import Identities, SimulatedIdentities
 from fedlora.secure.rounds import CLOUD_ID, STAGES, client_step, device_id
 from fedlora.seeds import round_seed
 from fedlora.train import train_local
+
+if TYPE_CHECKING:  # annotations only
+    from fedlora.split import DeviceHalf
 
 _peft: dict[str, Any] = {}  # the one LoRA-wrapped model of this process, with its key
 _tokenized: dict[tuple, list[dict]] = {}
@@ -80,10 +84,13 @@ class DeviceLocal:
 
 
 def train_round(settings: RoundSettings, global_state: AdapterState, partition_id: int, *,
-                local: DeviceLocal | None = None) -> tuple[AdapterState, dict[str, float]]:
+                local: DeviceLocal | None = None, split: Callable[[Any], DeviceHalf] | None = None,
+                ) -> tuple[AdapterState, dict[str, float]]:
     """Train on this device's private data from the global adapter; return (delta, metrics).
 
     ``local``: a deployed device's own settings and data file (:class:`DeviceLocal`).
+    ``split(model)``: train U-shaped with an edge (:mod:`fedlora.roles.split`); the delta then
+    covers the tensors the device's side trained and, in-process, the edge's.
 
     The delta covers the trainable LoRA tensors only (B alone under FFA-LoRA). Metrics
     carry the example count (the aggregation weight), the mean training loss and timings.
@@ -108,6 +115,7 @@ def train_round(settings: RoundSettings, global_state: AdapterState, partition_i
         pad_id=tokenizer.pad_token_id,
         seed=round_seed(settings.seed, settings.round, partition_id),
         proximal_mu=settings.proximal_mu,
+        split=None if split is None else split(model),
     )
     delta = adapters.subtract(adapters.get_state(model, trainable_only=True), start)
     metrics = {
