@@ -104,9 +104,11 @@ class SplitConfig:
     min_k: int = 1
     # The edge's compute speed relative to the reference machine (shared by its cell's split devices).
     edge_speed: float = 4.0
-    # For choosing cuts before anything is measured: the reference machine's training throughput (GFLOP/s),
-    # and the share of a device's memory_gb training may use; runtime_mb: the interpreter, torch, buffers.
-    reference_gflops: float = 20.0
+    # For choosing cuts before anything is measured: the reference machine's training throughput (GFLOP/s;
+    # 100 ~ this project's development machine, one thread, fp32: SmolLM2-135M 4 x 256 tokens in ~7.8 s per
+    # step, bench/results/client_memory.json), the share of a device's memory_gb training may use, and
+    # runtime_mb: the interpreter, torch, transformers and peft before any model is loaded.
+    reference_gflops: float = 100.0
     usable_memory: float = 0.75
     runtime_mb: float = 250.0
 
