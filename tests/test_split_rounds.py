@@ -10,14 +10,14 @@ import pytest
 from safetensors.numpy import load_file
 
 from fedlora.aggregate.sums import WeightedSum
-from fedlora.config import ConfigError, TrainConfig
+from fedlora.config import ConfigError, DeviceProfileConfig, TopologyConfig, TrainConfig
 from fedlora.roles.cloud import run_federation
 from fedlora.roles.local import InProcessTransport
 from fedlora.roles.suburban import merge_up
 from fedlora.run_settings import resolve_run
 from fedlora.world.netsim import SplitTraffic, simulate_round
 from fedlora.world.splitplan import ModelShape, SplitCut, choose, device_memory_mb, plan_round
-from fedlora.world.topology import Link
+from fedlora.world.topology import Link, build_tree
 
 TREE = ("topology=small6g", "privacy=none", "federation.num_clients=6", "federation.fraction=1.0",
         "federation.rounds=2", "model.tiny.num_hidden_layers=4", "topology.mobility.model=none",
@@ -67,8 +67,6 @@ def test_a_mixed_cell_s_aggregate_is_the_per_layer_weighted_sum():
     only.add({keys[0]: dev_a[keys[0]]}, 3)
     only_edge = WeightedSum()
     only_edge.add_tensors({keys[1]: edge_a[keys[1]]}, 3)
-    from fedlora.world.topology import build_tree
-    from fedlora.config import TopologyConfig
     tree = build_tree(TopologyConfig(kind="tree"), 8, 0)
     leaf = tree.leaf_cells[0]
     cell_sum = WeightedSum()
@@ -94,6 +92,7 @@ def whole(tmp_path_factory, short_run):
     return run_dir, run_federation(short_run(*TREE), run_dir, InProcessTransport(6))
 
 
+@pytest.mark.slow
 def test_a_split_run_equals_the_same_run_trained_whole(tmp_path, short_run, whole):
     """Every split device's update (its own blocks + its edge's) is what it would have sent training
     the whole model, so the run's adapter is the plain run's to float tolerance."""
@@ -126,6 +125,7 @@ def test_a_split_run_equals_the_same_run_trained_whole(tmp_path, short_run, whol
     assert moved == sum(len(r["participants"]) for r in rounds)
 
 
+@pytest.mark.slow
 def test_auto_splits_only_devices_too_small_and_a_mixed_run_still_equals_whole(tmp_path, short_run, whole):
     # Phones (166 MB usable) cannot hold plain training of the tiny model (~172 MB by the estimate,
     # most of it one chunk of vocabulary logits), but can hold its ends (~160 MB).
@@ -148,6 +148,7 @@ def test_auto_splits_only_devices_too_small_and_a_mixed_run_still_equals_whole(t
         np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6, err_msg=k)
 
 
+@pytest.mark.slow
 def test_mobility_a_split_device_continues_with_its_new_edge_and_counts_once(tmp_path, short_run, whole):
     cfg = short_run(*TREE, "federation.rounds=3", "topology.mobility.model=random_walk",
                     "topology.mobility.handover_prob=0.5", "train.mode=split", "train.split.k=1", "train.split.m=0")
@@ -189,7 +190,6 @@ SMOL = ModelShape(num_layers=30, hidden=576, intermediate=1536, vocab=49152, hea
 
 
 def test_the_chosen_cut_fits_memory_keeps_the_floor_and_is_fastest():
-    from fedlora.config import DeviceProfileConfig
     train = TrainConfig(gradient_checkpointing=True)
     access = Link("end->neighbourhood", 1000.0, 1.0)
     pi = DeviceProfileConfig(compute_speed=0.1, memory_gb=0.9, uplink_mbps=50, downlink_mbps=100, latency_ms=10)
