@@ -8,6 +8,8 @@
             cross-process link (multiprocessing pipe) with an edge process that holds the middle
             blocks. The split device's first-step loss must equal the full device's (same data,
             same seed): the split is exact.
+``quality`` Held-out loss per round on the Medical Meadow file (non-IID) at the same device steps:
+            plain FL, all split, a mix (tiny 4-block model, in-process).
 ``network`` Bytes per device per round and the simulated round time, split vs plain FL, on the
             small6g tree (8 devices) at two access-link speeds, over local steps; the crossover
             (the local steps from which split sends more bytes than the adapter). Network model
@@ -18,6 +20,7 @@
     python bench/split.py memory [--cuts 1:0,2:1]   # takes the bench lock; ~3 min on 2 cores
     python bench/split.py network
     python bench/split.py choice
+    python bench/split.py quality                   # takes the bench lock; ~3 min
 """
 
 from __future__ import annotations
@@ -332,6 +335,44 @@ def choice(args) -> None:
     write_json(RESULTS / "split_choice.json", {**provenance("split choice", {}), "results": out})
 
 
+# ------------------------------------------------------------------------------ quality
+
+
+def quality(args) -> None:
+    """Held-out loss per round on the medical data (non-IID) at the same device steps: plain FL, every
+    device split, and a mix (auto: the phones split). Tiny model (4 blocks) in-process."""
+    import tempfile
+
+    from _common import MEDICAL, require_medical
+
+    from fedlora.config import compose
+    from fedlora.roles.cloud import run_federation
+    from fedlora.roles.local import InProcessTransport
+
+    require_medical(MEDICAL)
+    base = ["model=tiny", "model.tiny.num_hidden_layers=4", "data=medical", f"data.path={MEDICAL}", "privacy=none",
+            "topology=small6g", "topology.mobility.model=none", "federation.num_clients=8", "federation.fraction=0.5",
+            f"federation.rounds={args.rounds}", "train.local_steps=2", "train.max_seq_len=128",
+            "data.max_eval_examples=32", "progress=false", "train.lr=0.01"]
+    runs = {"plain": [], "split": ["train.mode=split", "train.split.k=1", "train.split.m=1"],
+            "mix": ["train.mode=auto", "topology.profiles.phone.memory_gb=0.216", "train.split.runtime_mb=0"]}
+    out = {}
+    with bench_lock(what="split quality"), tempfile.TemporaryDirectory() as tmp:
+        for name, extra in runs.items():
+            run_dir = Path(tmp) / name
+            run_federation(compose(base + extra), run_dir, InProcessTransport(8))
+            recs = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
+            out[name] = {"eval_loss": [r["eval_loss"] for r in recs],
+                         "split_devices": [len((r.get("split") or {}).get("split_clients", [])) for r in recs],
+                         "devices": [len(r["participants"]) for r in recs]}
+    rows = [[name, " ".join(f"{x:.4f}" for x in o["eval_loss"]), " ".join(f"{s}/{d}" for s, d in
+                                                                         zip(o["split_devices"], o["devices"]))]
+            for name, o in out.items()]
+    print(table(rows, ["run", "held-out loss per round", "split/devices per round"]))
+    write_json(RESULTS / "split_quality.json", {**provenance("split quality", {"base": base, "runs": runs}),
+                                                 "results": out})
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_child":
         child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
@@ -341,12 +382,14 @@ def main() -> None:
     mem = sub.add_parser("memory")
     mem.add_argument("--cuts", default="1:0,2:1")
     net = sub.add_parser("network")
-    net.add_argument("--speeds", type=float, nargs="+", default=[1000.0, 100.0])
+    net.add_argument("--speeds", type=float, nargs="+", default=[1000.0, 20.0])
     net.add_argument("--steps", type=int, nargs="+", default=[1, 2, 5, 10, 20])
     ch = sub.add_parser("choice")
     ch.add_argument("--split-in-cell", type=int, nargs="+", default=[1, 8])
+    q = sub.add_parser("quality")
+    q.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    {"memory": memory, "network": network, "choice": choice}[args.what](args)
+    {"memory": memory, "network": network, "choice": choice, "quality": quality}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from fedlora.roles.cloud import run_federation
 from fedlora.roles.local import InProcessTransport
 from fedlora.roles.suburban import merge_up
 from fedlora.run_settings import resolve_run
+from fedlora.runs.status import render_text, run_status
 from fedlora.world.netsim import SplitTraffic, simulate_round
 from fedlora.world.splitplan import ModelShape, SplitCut, choose, device_memory_mb, plan_round
 from fedlora.world.topology import Link, build_tree
@@ -123,6 +124,9 @@ def test_a_split_run_equals_the_same_run_trained_whole(tmp_path, short_run, whol
         assert all(sp["clients"][str(c)]["sim_split_s"] > 0 for c in r["participants"])
         assert "split" not in p
     assert moved == sum(len(r["participants"]) for r in rounds)
+    text = render_text(run_status(tmp_path / "split"))
+    assert f"{len(rounds[-1]['participants'])} device(s) trained split" in text and "not secure aggregation" in text
+    assert f"client {rounds[-1]['participants'][0]}: k=1 m=1 with neighbourhood-" in text
 
 
 @pytest.mark.slow
