@@ -240,3 +240,33 @@ def test_the_network_model_counts_every_per_step_round_trip(short_run):
     assert net.sim_network_s == pytest.approx(base.sim_network_s + want)
     assert net.activation_up == {"end->neighbourhood": t.bytes_up}
     assert net.bytes_up["end->neighbourhood"] == base.bytes_up["end->neighbourhood"] + t.bytes_up
+
+
+def test_a_failed_split_session_drops_that_client_only_and_a_cell_request_travels(short_run):
+    from fedlora.roles.device import initial_adapter
+    from fedlora.roles.neighbourhood import CellRequest, CellResult, run_cell
+    from fedlora.roles.split import split_round
+
+    cfg = short_run(*TREE, "federation.num_clients=3", "topology=flat")
+    state = initial_adapter(cfg, freeze_a=False)
+    expected = {k: v.shape for k, v in state.items()}
+    settings = resolve_run(cfg).round_settings(1, {"proximal_mu": 0.0, "freeze_a": False})
+    request = CellRequest("r", 1, "cloud", [0, 1, 2], state, settings, expected, split={1: (1, 1), 2: (1, 0)})
+    assert CellRequest.from_bytes(request.to_bytes()).split == request.split
+    assert set(request.expected_of(0)) == set(expected) and len(request.expected_of(1)) < len(expected)
+
+    def edge_dies_for_2(settings, arrays, client, cut):
+        if client == 2:
+            raise ConnectionError("edge gone mid-step")
+        return split_round(settings, arrays, client, cut)
+
+    result = run_cell(request, InProcessTransport(3), split=edge_dies_for_2)
+    assert result.accepted == [0, 1] and "edge gone mid-step" in result.clients[2].reason
+    assert result.clients[1].split["k"] == 1 and result.clients[1].split["exchanges"] == 2
+    assert result.edge is not None and set(result.edge.total) == set(expected) - set(request.expected_of(1))
+    assert result.plain.count == 2 and result.edge.count == 0  # the edge's part adds tensors, not updates
+    back = CellResult.from_bytes(result.to_bytes())
+    assert back.edge.tensor_weight == result.edge.tensor_weight
+    # a deployed edge without a split trainer drops its split clients, the others still count
+    plain = run_cell(request, InProcessTransport(3))
+    assert plain.accepted == [0] and "cannot train split" in plain.clients[1].reason
