@@ -50,8 +50,11 @@ def _train_cfg():
 
 
 def _model_cfg():
-    from fedlora.config import ModelConfig
+    from fedlora.config import ModelConfig, TinyModelConfig
 
+    # FEDLORA_SPLIT_BENCH_MODEL=tiny: a smoke test of the bench itself with the 4-block tiny model.
+    if os.environ.get("FEDLORA_SPLIT_BENCH_MODEL") == "tiny":
+        return ModelConfig(source="tiny", dtype="bfloat16", tiny=TinyModelConfig(num_hidden_layers=4))
     return ModelConfig(source="smollm2", dtype="bfloat16")
 
 
