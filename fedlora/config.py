@@ -25,6 +25,7 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "ffa_lora", "fedsa_lora
 TOPOLOGY_KINDS = ("flat", "tree")
 MOBILITY_MODELS = ("none", "random_walk", "trace")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+TRAIN_MODES = ("full", "split", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -91,6 +92,29 @@ class DataConfig:
 
 
 @dataclass
+class SplitConfig:
+    """U-shaped split learning with the neighbourhood edge (``train.mode=split|auto``, docs/split_learning.md)."""
+
+    # Decoder blocks on the device before the edge (k) and after it, before the head (m); k = 0 / m = -1:
+    # chosen per device by the network model (the fastest simulated step that fits the device's memory).
+    k: int = 0
+    m: int = -1
+    # The privacy floor: never fewer than this many blocks before the edge (>= 1: activations right after
+    # the embedding are nearly the raw tokens).
+    min_k: int = 1
+    # The edge's compute speed relative to the reference machine (shared by its cell's split devices).
+    edge_speed: float = 4.0
+    # For choosing cuts before anything is measured: the reference machine's training throughput (GFLOP/s;
+    # 100 ~ this project's development machine, one thread, fp32: SmolLM2-135M 4 x 256 tokens in ~7.8 s per
+    # step, bench/results/client_memory.json), the share of a device's memory_gb training may use, and
+    # runtime_mb: the interpreter, torch, transformers and peft before any model is loaded (354 MiB measured,
+    # bench/results/split_memory.json).
+    reference_gflops: float = 100.0
+    usable_memory: float = 0.75
+    runtime_mb: float = 350.0
+
+
+@dataclass
 class TrainConfig:
     """The local training loop each END client runs per round."""
 
@@ -109,6 +133,11 @@ class TrainConfig:
     # Recompute each decoder layer's activations in the backward pass instead of keeping
     # them: much less memory (small devices), roughly a third more compute.
     gradient_checkpointing: bool = False
+    # full: every device trains the whole model (plain FL); split: every device trains U-shaped with its
+    # neighbourhood edge (the edge sees its activations: split learning is not secure aggregation); auto:
+    # split only the devices whose profile's memory cannot hold plain training. See `split`.
+    mode: str = "full"
+    split: SplitConfig = field(default_factory=SplitConfig)
 
 
 @dataclass
@@ -497,6 +526,19 @@ def validate_train(t: TrainConfig) -> None:
     _positive("train.warmup_steps", t.warmup_steps, zero_ok=True)
     _positive("train.max_grad_norm", t.max_grad_norm, zero_ok=True)
     _choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+    _choice("train.mode", t.mode, TRAIN_MODES)
+    sp = t.split
+    if sp.min_k < 1:
+        raise ConfigError(f"train.split.min_k={sp.min_k}: must be >= 1 (activations right after the embedding are "
+                          "nearly the raw tokens, so at least one decoder block stays on the device)")
+    if sp.k != 0 and sp.k < sp.min_k:
+        raise ConfigError(f"train.split.k={sp.k} is below the privacy floor train.split.min_k={sp.min_k} "
+                          "(0 = chosen per device)")
+    if sp.m < -1:
+        raise ConfigError(f"train.split.m={sp.m} must be >= 0 (-1 = chosen per device)")
+    for name in ("edge_speed", "reference_gflops", "usable_memory"):
+        _positive(f"train.split.{name}", getattr(sp, name))
+    _positive("train.split.runtime_mb", sp.runtime_mb, zero_ok=True)
 
 
 def validate_strategy(s: StrategyConfig) -> None:

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.utils.checkpoint
 
 from fedlora.config import TrainConfig
 from fedlora.data import batches
+
+if TYPE_CHECKING:  # only for annotations: fedlora.split imports this module's config, not the reverse
+    from fedlora.split import DeviceHalf
 
 
 @dataclass
@@ -45,7 +50,8 @@ def lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:
 LOSS_CHUNK = 256  # answer positions whose vocabulary logits exist at once
 
 
-def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], *,
+                hidden_of: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None) -> tuple[torch.Tensor, int]:
     """(sum of cross-entropy over answer tokens, number of answer tokens) for a batch.
 
     Same value as the causal-LM loss transformers computes (mean = sum / count), with less
@@ -53,6 +59,8 @@ def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple
     masked anyway), LOSS_CHUNK positions at a time, each chunk recomputed in the backward
     pass, so the (tokens x 49k vocabulary) logits are never all alive at once. Falls back to
     the model's own loss for architectures without a separate decoder and output head.
+    ``hidden_of(batch)``: the decoder's last hidden state computed another way (split learning's
+    U-shaped forward, :meth:`fedlora.split.DeviceHalf.hidden`).
     """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder, head = getattr(inner, "model", None), inner.get_output_embeddings()
@@ -61,7 +69,10 @@ def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple
     count = int(mask.sum())
     if decoder is None or head is None:
         return model(**batch).loss * count, count
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    if hidden_of is not None:
+        hidden = hidden_of(batch)
+    else:
+        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     answer_hidden, answer_labels = hidden[:, :-1][mask], labels[mask]
 
     def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -92,17 +103,20 @@ def train_local(
     pad_id: int,
     seed: int,
     proximal_mu: float = 0.0,
+    split: DeviceHalf | None = None,
 ) -> TrainResult:
     """Train the model's trainable (LoRA) parameters in place with AdamW.
 
     A fresh optimiser each round (clients are stateless between rounds). With
     ``proximal_mu > 0`` adds FedProx's ``mu/2 * ||w - w_start||^2`` on trainable tensors.
+    ``split``: train U-shaped with an edge (:class:`fedlora.split.DeviceHalf`): this loop trains the
+    device's tensors, the edge its own over the split link, clipped by the norm over both.
     """
     if not tokenized:
         raise ValueError("no training examples")
     start = time.perf_counter()
     torch.manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad] if split is None else split.params()
     anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = num_steps(cfg, len(tokenized))
@@ -117,7 +131,7 @@ def train_local(
         step_loss = 0.0
         for _ in range(cfg.grad_accum):
             batch = next(stream)
-            loss_sum, count = answer_loss(model, batch)
+            loss_sum, count = answer_loss(model, batch, hidden_of=None if split is None else split.hidden)
             loss = loss_sum / max(1, count) / cfg.grad_accum
             if proximal_mu > 0:
                 prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
@@ -125,7 +139,9 @@ def train_local(
             loss.backward()
             step_loss += float(loss.detach())
             tokens += count
-        if cfg.max_grad_norm > 0:
+        if split is not None:
+            split.clip_and_step(params, cfg.max_grad_norm, optimizer.param_groups[0]["lr"])
+        elif cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         losses.append(step_loss)

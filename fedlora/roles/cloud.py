@@ -26,7 +26,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -53,9 +54,11 @@ from fedlora.roles.neighbourhood import (
     ReplyCallback,
     Transport,
     reject_reason,
+    split_status,
 )
 from fedlora.roles.personal import ADAPTER, NONE, PERSONAL_DIR
 from fedlora.roles.personal_eval import personal_report
+from fedlora.roles.split import SPLIT_NOTE
 from fedlora.roles.suburban import TreeSums, merge_up
 from fedlora.run_settings import RunSettings, resolve_run
 from fedlora.runs import report
@@ -73,9 +76,11 @@ from fedlora.secure.rounds import (
     secure_layout,
 )
 from fedlora.seeds import round_seed
+from fedlora.split import model_shape
 from fedlora.train import evaluate
 from fedlora.world.mobility import assignment_at, next_assignment
-from fedlora.world.netsim import RoundNetwork, simulate_round, unavailable
+from fedlora.world.netsim import RoundNetwork, SplitTraffic, simulate_round, unavailable
+from fedlora.world.splitplan import ModelShape, SplitChoice, plan_round
 from fedlora.world.topology import CLOUD, CellTree
 
 log = logging.getLogger("fedlora")
@@ -134,7 +139,7 @@ def run_federation(
         eval_loss, eval_s = evaluate_global(run)
         net = round_network(run, server_round, who, up, sent, sync)
         record = round_record(run, server_round, who, up, net, aggregated=aggregated, sync=sync, eval_loss=eval_loss,
-                              eval_s=eval_s, wall_s=time.perf_counter() - t0)
+                              eval_s=eval_s, wall_s=time.perf_counter() - t0, plan=replies.split_plan)
         save_round(run, server_round, record)
         pause_between_rounds(run, server_round)
     return finish_run(run, sent)
@@ -185,6 +190,7 @@ class Run:
     cell_of: dict[int, str]  # client -> the leaf cell it is in this round
     secure: SecureSettings | None  # None: plain sums
     dp: FederatedDP | None  # None: no DP noise (privacy is not secagg_dp)
+    shape: ModelShape | None = None  # the split planner's view of the model (train.mode split|auto), else None
 
     def sent(self) -> AdapterState:
         """The trainable part of the global adapter: what a round sends down."""
@@ -235,11 +241,13 @@ def start_run(resolved: RunSettings, run_dir: Path, transport: Transport, *, res
         cells.load_state(_section(ckpt[1], "cells/"))
     cell_of = assignment_at(tree, done + 1, cfg.seed)
     secure, dp = _privacy(resolved, expected, ckpt)
+    shape = model_shape(model, cfg.model) if cfg.train.mode != "full" else None
     return Run(cfg=cfg, resolved=resolved, run_dir=run_dir, run_id=run_dir.resolve().name, progress=progress, runner=runner,
                identities=identities, strategy=strategy, client_settings=client_settings, held_out=held_out,
                trainable=trainable, expected=expected, global_state=global_state, base_loss=base_loss, done=done,
                wall_before=wall_before, started=started, available=available, tree=tree,
-               hierfavg=tree.kind != "flat" and tree.cloud_sync_every > 1, cells=cells, cell_of=cell_of, secure=secure, dp=dp)
+               hierfavg=tree.kind != "flat" and tree.cloud_sync_every > 1, cells=cells, cell_of=cell_of, secure=secure, dp=dp,
+               shape=shape)
 
 
 def _open_run_dir(cfg: FedLoraConfig, run_dir: Path, resume: bool) -> tuple[int, dict, dict] | None:
@@ -339,6 +347,7 @@ class CellReplies:
     results: list[CellResult]  # one per request, in cell order
     secure_round: SecureRound | None  # the round's secure session (None: plain sums)
     refused: dict[str, tuple[list[int], str]]  # cell -> (its clients, why it cannot run a secure session)
+    split_plan: dict[int, SplitChoice] = field(default_factory=dict)  # client -> how it trains (train.mode split|auto)
 
 
 def dispatch(run: Run, server_round: int, who: Participants, sent: AdapterState, sync: bool) -> CellReplies:
@@ -346,16 +355,18 @@ def dispatch(run: Run, server_round: int, who: Participants, sent: AdapterState,
     settings = run.resolved.round_settings(server_round, run.client_settings)
     groups = _cell_groups(who.training, run.cell_of, run.cells, sent, run.trainable, run.hierfavg)
     sr, keys = _secure_round(run, server_round, groups) if run.secure is not None else (None, None)
+    plan = plan_round(run.tree, run.cell_of, who.training, run.shape, run.cfg.train) if run.shape is not None else {}
     requests, refused = [], {}
     for cell, group, start in groups:
         data = sr.cell(cell, group, start) if sr is not None else None
         if isinstance(data, str):
             refused[cell] = (group, data)
             continue
-        requests.append(CellRequest(run.run_id, server_round, cell, group, start, settings, run.expected, data))
+        cuts = {c: (plan[c].cut.k, plan[c].cut.m) for c in group if c in plan and plan[c].cut is not None}
+        requests.append(CellRequest(run.run_id, server_round, cell, group, start, settings, run.expected, data, cuts))
     late = _deadline_verdict(run, server_round, sent, sync)
     results = run.runner.run(requests, late=late, on_reply=_reply_reporter(run), keys=keys)
-    return CellReplies(results, sr, refused)
+    return CellReplies(results, sr, refused, plan)
 
 
 def _cell_groups(clients, cell_of, cells: CellModels, sent: AdapterState, trainable: list[str], hierfavg: bool):
@@ -393,10 +404,23 @@ def _deadline_verdict(run: Run, server_round: int, sent: AdapterState, sync: boo
         net = simulate_round(tree, cell_of, server_round, selected=list(usable),
                              train_s={c: float(r.metrics.get("train_seconds", 0.0)) for c, r in usable.items()},
                              adapter_bytes=adapters.nbytes(sent), up_bytes={c: r.bytes_up for c, r in usable.items()},
-                             seed=seed, cloud_sync=sync)
+                             seed=seed, cloud_sync=sync,
+                             split=_split_traffic(run, usable, lambda r: split_status(r.metrics)) or None)
         return {c: why for c, why in net.stragglers.items() if c in usable}
 
     return late
+
+
+def _split_traffic(run: Run, replies: Mapping[int, Any], split_of: Callable[[Any], Mapping | None]
+                   ) -> dict[int, SplitTraffic]:
+    """The split clients' exchanges with their edges, from their split records (:func:`split_status`)."""
+    out = {}
+    for c, r in replies.items():
+        m = split_of(r)
+        if m:
+            out[c] = SplitTraffic(int(m["exchanges"]), int(m["bytes_up"]), int(m["bytes_down"]), float(m["edge_seconds"]),
+                                  run.cfg.train.split.edge_speed)
+    return out
 
 
 def _reply_reporter(run: Run) -> ReplyCallback:
@@ -407,7 +431,9 @@ def _reply_reporter(run: Run) -> ReplyCallback:
             done_s = f"trained in {reply.metrics.get('train_seconds', 0):.1f}s, keys advertised"
             run.progress.client_done(reply.client, reply.error is None, reply.error or done_s)
             return
-        reason = reject_reason(reply, run.expected)
+        whole = reply if reply.edge_update is None else ClientReply(reply.client, {**reply.update, **reply.edge_update},
+                                                                    reply.metrics)  # a split client's two halves
+        reason = reject_reason(whole, run.expected)
         detail = reason or (f"loss {reply.metrics.get('train_loss', float('nan')):.4f} "
                             f"in {reply.metrics.get('train_seconds', 0):.1f}s")
         run.progress.client_done(reply.client, reason is None, detail)
@@ -436,7 +462,7 @@ def aggregate_up(run: Run, server_round: int, replies: CellReplies, sync: bool) 
         results, cell_sums, metric_sums, secure_record = _unmask_round(replies.secure_round, results, replies.refused,
                                                                        run.hierfavg, run.dp)
     else:
-        cell_sums = {res.cell: res.plain for res in results if res.plain is not None}
+        cell_sums = {res.cell: _with_edge(res) for res in results if res.plain is not None}
         metric_sums = {k: sum(res.metrics.get(k, 0.0) for res in results) for k in ("num_examples", "train_loss")}
     statuses = {c: st for res in results for c, st in res.clients.items()}
     for c, st in sorted(statuses.items()):
@@ -448,6 +474,16 @@ def aggregate_up(run: Run, server_round: int, replies: CellReplies, sync: bool) 
     else:
         total = merge_up(run.tree, cell_sums).cloud
     return RoundSums(statuses, metric_sums, secure_record, total)
+
+
+def _with_edge(res: CellResult) -> WeightedSum:
+    """A cell's sum with its edge's part of its split clients' updates (the blocks the edge trained)."""
+    if res.edge is None:
+        return res.plain  # type: ignore[return-value]
+    total = WeightedSum()
+    total.merge(res.plain)  # type: ignore[arg-type]
+    total.merge(res.edge)
+    return total
 
 
 def _unmask_round(sr: SecureRound, results: list[CellResult], refused: dict, per_cell: bool, dp: FederatedDP | None = None):
@@ -521,12 +557,13 @@ def round_network(run: Run, server_round: int, who: Participants, up: RoundSums,
         train_s={c: float(st.train_seconds or 0.0) for c, st in usable.items()},
         adapter_bytes=adapters.nbytes(sent), up_bytes={c: st.bytes_up for c, st in usable.items()},
         aggregate_bytes=4 * secure_layout(run.expected).size if secure else None,
-        seed=run.cfg.seed, cloud_sync=sync,
+        seed=run.cfg.seed, cloud_sync=sync, split=_split_traffic(run, usable, lambda st: st.split) or None,
     )
 
 
 def round_record(run: Run, server_round: int, who: Participants, up: RoundSums, net: RoundNetwork, *, aggregated: bool,
-                 sync: bool, eval_loss: float, eval_s: float, wall_s: float) -> dict:
+                 sync: bool, eval_loss: float, eval_s: float, wall_s: float,
+                 plan: Mapping[int, SplitChoice] | None = None) -> dict:
     """The round's line in ``rounds.jsonl`` (accounts the round's DP release under ``secagg_dp``)."""
     statuses, metric_sums = up.statuses, up.metric_sums
     dropped = [{"client": c, "reason": why} for c, why in who.off.items()]
@@ -546,10 +583,29 @@ def round_record(run: Run, server_round: int, who: Participants, up: RoundSums, 
         **({"secure": up.secure_record} if up.secure_record is not None else {}),
         **({"dp": _dp_record(dp, len(who.selected) / len(run.available))} if dp is not None else {}),
         **net.record(),
+        **({"split": _split_record(run, up, net, plan)} if plan else {}),
         "client_train_s": {str(c): st.train_seconds for c, st in sorted(statuses.items()) if st.train_seconds is not None},
         "eval_s": eval_s,
         "wall_s": wall_s,
     }
+
+
+def _split_record(run: Run, up: RoundSums, net: RoundNetwork, plan: Mapping[int, SplitChoice]) -> dict:
+    """The round record's ``split`` field: who trained split at which cut with which edge, what crossed."""
+    clients = {}
+    for c, choice in sorted(plan.items()):
+        entry = choice.record()
+        if choice.cut is not None:
+            entry["edge"] = run.tree.neighbourhood_of(run.cell_of[c])
+            st = up.statuses.get(c)
+            if st is not None and st.split is not None:
+                entry.update({k: st.split[k] for k in ("exchanges", "steps", "bytes_up", "bytes_down", "edge_seconds")})
+            if c in net.split_s:
+                entry["sim_split_s"] = net.split_s[c]
+        clients[str(c)] = entry
+    return {"mode": run.cfg.train.mode, "note": SPLIT_NOTE, "clients": clients,
+            "split_clients": sorted(c for c, ch in plan.items() if ch.cut is not None),
+            "activation_bytes": {"up": dict(net.activation_up), "down": dict(net.activation_down)}}
 
 
 def _dp_record(dp: FederatedDP, sample_rate: float) -> dict:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -36,6 +37,9 @@ from fedlora.secure.identities import Identities, SimulatedIdentities
 from fedlora.secure.rounds import CLOUD_ID, STAGES, client_step, device_id
 from fedlora.seeds import round_seed
 from fedlora.train import train_local
+
+if TYPE_CHECKING:  # annotations only
+    from fedlora.split import DeviceHalf
 
 _peft: dict[str, Any] = {}  # the one LoRA-wrapped model of this process, with its key
 _tokenized: dict[tuple, list[dict]] = {}
@@ -113,10 +117,13 @@ class DeviceLocal:
 
 
 def train_round(settings: RoundSettings, global_state: AdapterState, partition_id: int, *,
-                local: DeviceLocal | None = None) -> tuple[AdapterState, dict[str, float]]:
+                local: DeviceLocal | None = None, split: Callable[[Any], DeviceHalf] | None = None,
+                ) -> tuple[AdapterState, dict[str, float]]:
     """Train on this device's private data from the global adapter; return (delta, metrics).
 
     ``local``: a deployed device's own settings and data file (:class:`DeviceLocal`).
+    ``split(model)``: train U-shaped with an edge (:mod:`fedlora.roles.split`); the delta then
+    covers the tensors the device's side trained and, in-process, the edge's.
 
     The delta covers the trainable LoRA tensors it shares only (B alone under FFA-LoRA, A alone under
     FedSA-LoRA). Metrics carry the example count (the aggregation weight), the mean training loss and timings.
@@ -147,6 +154,7 @@ def train_round(settings: RoundSettings, global_state: AdapterState, partition_i
         pad_id=tokenizer.pad_token_id,
         seed=round_seed(settings.seed, settings.round, partition_id),
         proximal_mu=settings.proximal_mu,
+        split=None if split is None else split(model),
     )
     sent, keep = kept_part(settings.personal, adapters.get_state(model, trainable_only=True))
     delta = adapters.subtract(sent, start)

@@ -13,11 +13,13 @@ from typing import Callable
 from fedlora import adapters
 from fedlora.roles.device import secure_step, train_round
 from fedlora.roles.neighbourhood import ClientReply, ReplyCallback, Transport, run_cells
+from fedlora.roles.split import split_round
 from fedlora.secure.identities import Identities
 
 
 class LocalCellRunner:
-    """Every cell in this process over one transport (simulation, tests, a single server)."""
+    """Every cell in this process over one transport (simulation, tests, a single server); split
+    clients train with their cell's edge half in this process too (:func:`fedlora.roles.split.split_round`)."""
 
     def __init__(self, transport: Transport):
         self.transport = transport
@@ -26,7 +28,7 @@ class LocalCellRunner:
         return self.transport.clients()
 
     def run(self, requests, *, late=None, on_reply=None, keys=None):
-        return run_cells(requests, self.transport, late=late, on_reply=on_reply, keys=keys)
+        return run_cells(requests, self.transport, late=late, on_reply=on_reply, keys=keys, split=split_round)
 
 
 class InProcessTransport:

@@ -30,9 +30,14 @@ import numpy as np
 from fedlora import adapters, wire
 from fedlora.adapters import AdapterState
 from fedlora.aggregate.sums import WeightedSum
-from fedlora.config import DataConfig, LoraConfig, ModelConfig, TinyModelConfig, TrainConfig
+from fedlora.config import DataConfig, LoraConfig, ModelConfig, SplitConfig, TinyModelConfig, TrainConfig
 from fedlora.round_settings import RoundSettings
 from fedlora.secure.rounds import ACCEPTED, CLOUD_ID, DROPPED, LATE, NO_REPLY, STAGES, run_secure_cells
+from fedlora.world.splitplan import SplitCut, tensor_layer
+
+# (settings, adapter to start from, client, its cut) -> (device's update, metrics, edge's delta of its blocks):
+# how an edge trains a split client with it (fedlora.roles.split.split_round in-process).
+SplitTrainer = Callable[[RoundSettings, AdapterState, int, SplitCut], tuple[AdapterState, dict[str, Any], AdapterState]]
 
 
 class CellWireError(wire.WireError):
@@ -48,6 +53,8 @@ class ClientReply:
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     bytes_up: int = 0
+    # A split client's round (trained in this process with the cell's edge): the edge's delta of its blocks.
+    edge_update: Any = None
 
 
 ReplyCallback = Callable[[ClientReply], None]
@@ -96,6 +103,8 @@ class CellRequest:
     expected: dict[str, tuple[int, ...]]
     # Per-cell secure-session data (privacy=secagg), None in plain mode.
     secure: Any = None
+    # Split learning: client -> its cut (k, m); these train U-shaped with this cell's edge (train.mode).
+    split: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check(isinstance(self.run_id, str) and isinstance(self.cell, str) and bool(self.cell), "run_id/cell must be strings")
@@ -107,6 +116,22 @@ class CellRequest:
         _check(_is_state(self.arrays), "arrays must map tensor names to arrays")
         _check(isinstance(self.expected, dict) and all(isinstance(k, str) and isinstance(v, tuple)
                                                        for k, v in self.expected.items()), "expected must map names to shapes")
+        _check(isinstance(self.split, dict) and all(c in self.clients and isinstance(v, tuple) and len(v) == 2
+                                                    and all(_is_int(x) for x in v) for c, v in self.split.items()),
+               "split must map clients of the request to cuts (k, m)")
+
+    def expected_of(self, client: int) -> dict[str, tuple[int, ...]]:
+        """The tensors ``client``'s update must carry: all, or a split client's own (not its edge's blocks)."""
+        if client not in self.split:
+            return self.expected
+        cut = SplitCut(*self.split[client])
+        return {k: v for k, v in self.expected.items() if not cut.on_edge(tensor_layer(k), self.num_layers)}
+
+    @property
+    def num_layers(self) -> int:
+        """Decoder blocks of the model (from the tensor names; 0 without any)."""
+        layers = [tensor_layer(k) for k in self.expected]
+        return 1 + max((x for x in layers if x is not None), default=-1)
 
     def to_bytes(self) -> bytes:
         return wire.dumps(self, "cell-request")
@@ -130,6 +155,8 @@ class ClientStatus:
     # Plain mode only: in secure mode these never leave the device in clear.
     train_loss: float | None = None
     num_examples: float | None = None
+    # A split client: its cut, the link's exchanges and bytes, the edge's compute seconds.
+    split: dict[str, float] | None = None
 
 
 @dataclass
@@ -145,6 +172,9 @@ class CellResult:
     metrics: dict[str, float] = field(default_factory=dict)
     # Secure mode: the session's outcome (masked sum, unmask bundle, what happened per stage).
     secure: Any = None
+    # Split learning: the edge's part of its accepted split clients' updates (its blocks' tensors,
+    # each weighted by the client's examples; WeightedSum.add_tensors); None without split clients.
+    edge: WeightedSum | None = None
 
     def __post_init__(self) -> None:
         _check(isinstance(self.cell, str) and bool(self.cell), "cell must be a non-empty string")
@@ -168,7 +198,7 @@ class CellResult:
 
 
 wire.register(CellRequest, CellResult, ClientStatus, WeightedSum,
-              RoundSettings, ModelConfig, TinyModelConfig, LoraConfig, TrainConfig, DataConfig)
+              RoundSettings, ModelConfig, TinyModelConfig, LoraConfig, TrainConfig, SplitConfig, DataConfig)
 
 # ``late(usable)``: the network model's verdict on the cell's usable replies -> client -> reason.
 LateCallback = Callable[[Mapping[int, ClientReply]], Mapping[int, str]]
@@ -193,14 +223,18 @@ class AggregatorKeys:
 
 
 def run_cell(request: CellRequest, transport: Transport, *, late: LateCallback | None = None,
-             on_reply: ReplyCallback | None = None, keys: AggregatorKeys | None = None) -> CellResult:
+             on_reply: ReplyCallback | None = None, keys: AggregatorKeys | None = None,
+             split: SplitTrainer | None = None) -> CellResult:
     """Run one cell's round: train, check, drop stragglers, sum (plain) or run the secure
-    session (``request.secure``; needs ``keys``). Never raises for a bad client."""
-    return run_cells([request], transport, late=late, on_reply=on_reply, keys=keys)[0]
+    session (``request.secure``; needs ``keys``). Never raises for a bad client.
+    ``split``: how this edge trains its split clients (``request.split``) with them
+    (:func:`fedlora.roles.split.split_round` in-process); without it they are dropped."""
+    return run_cells([request], transport, late=late, on_reply=on_reply, keys=keys, split=split)[0]
 
 
 def run_cells(requests: list[CellRequest], transport: Transport, *, late: LateCallback | None = None,
-              on_reply: ReplyCallback | None = None, keys: AggregatorKeys | None = None) -> list[CellResult]:
+              on_reply: ReplyCallback | None = None, keys: AggregatorKeys | None = None,
+              split: SplitTrainer | None = None) -> list[CellResult]:
     """:func:`run_cell` for several cells of one round, their clients asked together."""
     if not requests:
         return []
@@ -214,25 +248,43 @@ def run_cells(requests: list[CellRequest], transport: Transport, *, late: LateCa
         seen |= set(r.clients)
     server_round = rounds.pop()
     if any(r.secure is not None for r in requests):
+        if any(r.split for r in requests):
+            raise ValueError("split clients under secure aggregation are not supported yet")
         if keys is None:
             raise ValueError("secure cells need the aggregator's keys (keys=AggregatorKeys(...))")
         return _secure_results(requests, transport, server_round, late, on_reply or (lambda reply: None), keys)
-    replies = _train(requests, transport, server_round, on_reply or (lambda reply: None))
+    replies = _train(requests, transport, server_round, on_reply or (lambda reply: None), split)
     return [_plain_result(r, {c: replies[c] for c in r.clients if c in replies}, late) for r in requests]
 
 
-def _train(requests: list[CellRequest], transport: Transport, server_round: int, on_reply: ReplyCallback
-           ) -> dict[int, ClientReply]:
-    """Every cell's clients asked to train; cells starting from the same adapter in one exchange."""
+def _train(requests: list[CellRequest], transport: Transport, server_round: int, on_reply: ReplyCallback,
+           split: SplitTrainer | None = None) -> dict[int, ClientReply]:
+    """Every cell's clients asked to train; cells starting from the same adapter in one exchange; split
+    clients trained with this edge (``split``), one after another."""
     replies: dict[int, ClientReply] = {}
+    for r in requests:
+        for c in sorted(r.split):
+            replies[c] = _split_reply(r, c, split)
+            on_reply(replies[c])
     for group in _same_start(requests):
-        clients = sorted(c for r in group for c in r.clients)
+        clients = sorted(c for r in group for c in r.clients if c not in r.split)
         if not clients:
             continue
         for reply in transport.train(server_round, clients, group[0].arrays, group[0].settings, on_reply):
             if reply.client in clients and reply.client not in replies:  # one reply per client counts
                 replies[reply.client] = reply
     return replies
+
+
+def _split_reply(request: CellRequest, client: int, split: SplitTrainer | None) -> ClientReply:
+    """A split client's round with this edge, as a reply (an error reply when it fails)."""
+    if split is None:
+        return ClientReply(client, error="split client, but this edge cannot train split devices")
+    try:
+        update, metrics, edge = split(request.settings, request.arrays, client, SplitCut(*request.split[client]))
+    except Exception as exc:  # a failing split session is a dropped client, not a failed cell
+        return ClientReply(client, error=f"split session failed: {type(exc).__name__}: {exc}")
+    return ClientReply(client, update, metrics, bytes_up=adapters.nbytes(update), edge_update=edge)
 
 
 def _same_start(requests: list[CellRequest]) -> list[list[CellRequest]]:
@@ -284,13 +336,18 @@ def _plain_result(request: CellRequest, replies: Mapping[int, ClientReply], late
         if reply is None:
             statuses[cid] = ClientStatus(cid, DROPPED, NO_REPLY)
             continue
-        reason = reject_reason(reply, request.expected)
+        reason = reject_reason(reply, request.expected_of(cid))
+        if reason is None and cid in request.split:
+            edge_expected = {k: v for k, v in request.expected.items() if k not in request.expected_of(cid)}
+            reason = adapters.check_update(reply.edge_update, edge_expected)
         seconds = None if reply.error else _float(reply.metrics.get("train_seconds"))
-        statuses[cid] = ClientStatus(cid, DROPPED, reason, seconds, reply.bytes_up)
+        statuses[cid] = ClientStatus(cid, DROPPED, reason, seconds, reply.bytes_up,
+                                     split=split_status(reply.metrics) if cid in request.split else None)
         if reason is None:
             usable[cid] = reply
     stragglers = dict(late(usable)) if late is not None and usable else {}
     total, examples, loss = WeightedSum(), 0.0, 0.0
+    edge: WeightedSum | None = None
     for cid in sorted(usable):
         status = statuses[cid]
         if cid in stragglers:
@@ -301,10 +358,24 @@ def _plain_result(request: CellRequest, replies: Mapping[int, ClientReply], late
         status.status, status.num_examples = ACCEPTED, n
         status.train_loss = _float(reply.metrics.get("train_loss"))
         total.add(reply.update, n)
+        if cid in request.split:
+            edge = edge or WeightedSum()
+            edge.add_tensors(reply.edge_update, n)
         examples += n
         loss += (status.train_loss if status.train_loss is not None else float("nan")) * n
     metrics = {"num_examples": examples, "train_loss": loss} if total.count else {}
-    return CellResult(request.cell, statuses, total if total.count else None, metrics)
+    return CellResult(request.cell, statuses, total if total.count else None, metrics, edge=edge)
+
+
+SPLIT_METRICS = ("split_k", "split_m", "split_exchanges", "split_steps", "split_bytes_up", "split_bytes_down",
+                 "edge_seconds")
+
+
+def split_status(metrics: Mapping[str, Any]) -> dict[str, float] | None:
+    """A split client's record from its reply's metrics (k, m, exchanges, steps, bytes each way, edge
+    seconds); None when they are not all there (not a split reply)."""
+    values = {k[len("split_"):] if k.startswith("split_") else k: _float(metrics.get(k)) for k in SPLIT_METRICS}
+    return None if any(v is None for v in values.values()) else values  # type: ignore[return-value]
 
 
 class _Malformed(ValueError):

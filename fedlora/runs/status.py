@@ -166,6 +166,7 @@ def _rounds(records: list[dict], tree, seed: int) -> list[dict]:
             "secure": {cell: {"ok": bool(s.get("ok")), "reason": s.get("reason")} for cell, s in sorted(secure.items())}
             if secure else None,
             "cells": None,
+            "split": _split(r),
         }
         if placements is not None:
             entry["cells"] = _cells(r, joined, dropped, secure, tree, placements)
@@ -243,6 +244,17 @@ GRID_ROUNDS = 40  # rounds shown as columns of the client grid (the latest ones)
 REASON_ROUNDS = 20  # rounds with drops listed by reason (the latest ones)
 
 
+def _split(r: dict) -> dict | None:
+    """Split learning in a round: {client: "k=.. m=.. edge ..."} for those that trained split, and the note."""
+    sp = r.get("split")
+    if not sp:
+        return None
+    clients = {int(c): f"k={e['k']} m={e['m']} with {e.get('edge', '?')}" for c, e in sp.get("clients", {}).items()
+               if e.get("mode") == "split"}
+    return {"clients": dict(sorted(clients.items())), "note": sp.get("note", ""),
+            "activation_bytes_up": sum((sp.get("activation_bytes") or {}).get("up", {}).values())}
+
+
 def render_text(status: dict, detail_round: int | None = None) -> str:
     """The status as plain text: header, a line per round, one round by cell (the latest by
     default), drop reasons per round, and a client x round grid."""
@@ -289,6 +301,11 @@ def render_text(status: dict, detail_round: int | None = None) -> str:
                                                   else f"secure ABORTED: {c['secure']['reason']}")
             cell_rows.append([f"  {cell}", f"joined {_ids(c['joined'])}", f"dropped {_ids(c['dropped'])}", sec])
         lines += _table(None, cell_rows)
+    if shown.get("split"):
+        sp = shown["split"]
+        lines += ["", f"round {shown['round']}: {len(sp['clients'])} device(s) trained split "
+                      f"({sp['activation_bytes_up']} activation bytes up); {sp['note']}:"]
+        lines += [f"  client {c}: {how}" for c, how in sp["clients"].items()]
     with_drops = [r for r in rounds if r["dropped"]]
     if with_drops:
         lines += ["", "dropped, by reason:"]

@@ -47,6 +47,14 @@ computes for measured training seconds on the reference machine / the profile's
 one sum to the top (``path_s``). Aggregators wait for their surviving children and
 forwarding hops are equal within a tier, so the round ends at the slowest surviving path.
 
+Split learning (``split``): a split device's training also waits for its edge and for every
+micro-batch's four activation-sized messages (activations and the padding mask up, activations
+down, gradients up, gradients down) between it and its neighbourhood edge, on each hop up to the
+neighbourhood (capacity shared by the leaf cell's split devices, capped by the device's rates,
+each message with the hop's latency); the edge's compute (measured seconds on the reference
+machine) runs at ``edge_speed`` shared by the neighbourhood's split devices. These bytes are
+counted on those links (in ``bytes``, and apart in ``activation_up``/``activation_down``).
+
 Stragglers: clients unavailable this round (a draw fixed by seed, round and client
 against the profile's ``availability``: they receive nothing and take no capacity) and
 clients whose path time exceeds ``topology.deadline_s`` (they received the adapter; their
@@ -59,7 +67,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fedlora.seeds import world_draw
 from fedlora.world.topology import CLOUD, CellTree, Link
@@ -85,6 +93,11 @@ class RoundNetwork:
     survivors: list[int]
     # Whether the round's sums went up to the cloud.
     cloud_sync: bool
+    # Split learning: activation and gradient bytes per link (also in bytes_up/down), and each split
+    # client's seconds spent on its edge and the per-step messages.
+    activation_up: dict[str, int] = field(default_factory=dict)
+    activation_down: dict[str, int] = field(default_factory=dict)
+    split_s: dict[int, float] = field(default_factory=dict)
 
     def record(self) -> dict:
         """The fields a round record needs: ``bytes`` and ``sim_network_s``."""
@@ -116,6 +129,17 @@ def hop_seconds(link: Link, nbytes: int, *, cap_mbps: float | None = None, floor
     rate (capped by ``cap_mbps``, the sending/receiving device's own rate on a first hop)."""
     mbps = link.bandwidth_mbps if cap_mbps is None else min(link.bandwidth_mbps, cap_mbps)
     return max(link.latency_ms, floor_ms) / 1e3 + nbytes * 8 / (mbps * 1e6)
+
+
+@dataclass(frozen=True)
+class SplitTraffic:
+    """One split device's exchanges with its neighbourhood edge in a round."""
+
+    exchanges: int  # forward/backward pairs (micro-batches)
+    bytes_up: int  # device -> edge, all exchanges
+    bytes_down: int  # edge -> device
+    edge_s: float  # the edge's compute, measured seconds on the reference machine
+    edge_speed: float  # the edge's compute speed (train.split.edge_speed)
 
 
 @dataclass(frozen=True)
@@ -197,6 +221,7 @@ def simulate_round(
     aggregate_bytes: int | None = None,
     seed: int,
     cloud_sync: bool | None = None,
+    split: Mapping[int, SplitTraffic] | None = None,
 ) -> RoundNetwork:
     """Bytes per link, path times, stragglers and simulated time of one round.
 
@@ -208,6 +233,7 @@ def simulate_round(
     uploaded (default ``adapter_bytes``). ``aggregate_bytes``: size of one forwarded sum
     (default ``adapter_bytes``). ``cloud_sync``: whether sums go up to the cloud (default
     ``tree.syncs_with_cloud``; pass True to force a sync, e.g. in the last round).
+    ``split``: the split devices' exchanges with their edges (see the module docstring).
 
     Promises: a deterministic function of its arguments; every reached client is placed
     in ``cell_of``; ``survivors`` is a subset of ``train_s`` and disjoint from ``stragglers``.
@@ -223,11 +249,19 @@ def simulate_round(
     down_cells, downloaded = _downlink(routes, cell_of, reached, adapter_bytes)
     trained = [c for c in reached if c in train_s]
     ready = _compute(tree, trained, downloaded, train_s)
+    split_s = _split_seconds(tree, cell_of, {c: split[c] for c in trained if c in split}) if split else {}
+    for c, extra in split_s.items():
+        ready[c] += extra
     sizes = {c: adapter_bytes if up_bytes is None else int(up_bytes[c]) for c in trained}
     path_s = _uplink(routes, cell_of, trained, ready, sizes, agg_bytes)
     stragglers.update(_past_deadline(tree, path_s))
     survivors = [c for c in sorted(path_s) if c not in stragglers]
     up, down = _link_bytes(routes, cell_of, reached, down_cells, survivors, sizes, adapter_bytes, agg_bytes)
+    act_up, act_down = _activation_bytes(tree, cell_of, {c: split[c] for c in split_s}) if split else ({}, {})
+    for name, n in act_up.items():
+        up[name] += n
+    for name, n in act_down.items():
+        down[name] += n
     return RoundNetwork(
         bytes_up=up,
         bytes_down=down,
@@ -236,7 +270,54 @@ def simulate_round(
         path_s=dict(sorted(path_s.items())),
         survivors=survivors,
         cloud_sync=routes.sync,
+        activation_up=act_up,
+        activation_down=act_down,
+        split_s=dict(sorted(split_s.items())),
     )
+
+
+def _edge_hops(tree: CellTree, leaf: str) -> list[tuple[str, str]]:
+    """(link name, cell whose instance it is) from an END client in ``leaf`` up to its neighbourhood edge."""
+    hops = [(tree.first_hop(leaf), leaf)]
+    cell = leaf
+    while tree.cells[cell].tier != "neighbourhood" and tree.cells[cell].parent is not None:
+        hops.append((tree.cells[cell].uplink, cell))  # type: ignore[arg-type]
+        cell = tree.cells[cell].parent  # type: ignore[assignment]
+    return hops
+
+
+def _split_seconds(tree: CellTree, cell_of: Mapping[int, str], split: Mapping[int, SplitTraffic]) -> dict[int, float]:
+    """Split client -> seconds its round spends on its edge's compute and on the per-step messages."""
+    per_leaf: dict[str, int] = {}
+    per_edge: dict[str, int] = {}
+    for c in split:
+        per_leaf[cell_of[c]] = per_leaf.get(cell_of[c], 0) + 1
+        edge = tree.neighbourhood_of(cell_of[c])
+        per_edge[edge] = per_edge.get(edge, 0) + 1
+    out = {}
+    for c, t in split.items():
+        p, leaf = tree.profile(c), cell_of[c]
+        seconds = t.edge_s * per_edge[tree.neighbourhood_of(leaf)] / t.edge_speed
+        for i, (name, _) in enumerate(_edge_hops(tree, leaf)):
+            link = tree.links[name]
+            share = link.bandwidth_mbps / per_leaf[leaf] if link.shared else link.bandwidth_mbps
+            up, down = (min(share, p.uplink_mbps), min(share, p.downlink_mbps)) if i == 0 else (share, share)
+            latency = max(link.latency_ms, p.latency_ms if i == 0 else 0.0) / 1e3
+            seconds += 4 * t.exchanges * latency + t.bytes_up * 8 / (up * 1e6) + t.bytes_down * 8 / (down * 1e6)
+        out[c] = seconds
+    return out
+
+
+def _activation_bytes(tree: CellTree, cell_of: Mapping[int, str],
+                      split: Mapping[int, SplitTraffic]) -> tuple[dict[str, int], dict[str, int]]:
+    """Activation/gradient bytes per link kind between the split clients and their edges (up, down)."""
+    up: dict[str, int] = {}
+    down: dict[str, int] = {}
+    for c, t in sorted(split.items()):
+        for name, _ in _edge_hops(tree, cell_of[c]):
+            up[name] = up.get(name, 0) + t.bytes_up
+            down[name] = down.get(name, 0) + t.bytes_down
+    return up, down
 
 
 @dataclass(frozen=True)
