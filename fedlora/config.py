@@ -352,7 +352,8 @@ def conf_dir() -> Path:
 
 def compose(overrides: list[str] | None = None) -> FedLoraConfig:
     """Compose ``conf/config.yaml`` with Hydra overrides, outside a Hydra app."""
-    try:  # Hydra only where configs are composed: devices and Flower's per-message processes only read them
+    try:
+        # Hydra only where configs are composed: devices and Flower's per-message processes only read them
         from hydra import compose as hydra_compose
         from hydra import initialize_config_dir
         from hydra.core.global_hydra import GlobalHydra
