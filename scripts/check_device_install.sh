@@ -142,8 +142,9 @@ unpack_native() {  # ARM64_INSTALL=unpack: the amd64 venv's versions as aarch64 
   local site
   site="$root$venv/lib/$(in_root "$root" "python3 -c 'import sys; print(\"python%d.%d\" % sys.version_info[:2])'")/site-packages"
   cp -a "$amd/tmp/arm64-site/." "$site/"
-  mv "$site/bin/"* "$root$venv/bin/" && rmdir "$site/bin"
-  sed -i "1s|^#!.*python.*\$|#!$venv/bin/python|" "$root$venv/bin/"*  # pip wrote them for the amd64 python
+  local scripts=("$site/bin/"*)  # console scripts pip wrote for the amd64 python: point them at this venv's
+  sed -i "1s|^#!.*python.*\$|#!$venv/bin/python|" "${scripts[@]}"  # (only these: sed -i would copy over a symlink)
+  mv "${scripts[@]}" "$root$venv/bin/" && rmdir "$site/bin"
   echo /opt/fedlora >"$site/__editable__.fedlora.pth"  # fedlora editable from the checkout, as pip install -e
   printf '#!%s/bin/python\nimport sys\nfrom fedlora.cli import main\nsys.exit(main())\n' "$venv" >"$root$venv/bin/fedlora"
   chmod +x "$root$venv/bin/fedlora"
@@ -171,7 +172,11 @@ check_arch() {
   if [ "$arch" = arm64 ] && [ "${ARM64_INSTALL:-pip}" = unpack ]; then
     how="wheels unpacked natively (ARM64_INSTALL=unpack), then the self-check emulated"
     log "$arch: $how"
-    unpack_native "$root"
+    if [ "${KEEP_VENV:-0}" = 1 ] && [ -e "$root/opt/fedlora-venv/bin/fedlora" ]; then
+      how="the self-check emulated, in the venv unpacked before (KEEP_VENV=1)"
+    else
+      unpack_native "$root"
+    fi
     in_root "$root" "/opt/fedlora-venv/bin/python /opt/fedlora/scripts/device_selfcheck.py --train" 2>&1 \
       | tee "$BASE/setup-$arch.log"
   else
