@@ -387,10 +387,17 @@ def conf_dir() -> Path:
 
 def compose(overrides: list[str] | None = None) -> FedLoraConfig:
     """Compose ``conf/config.yaml`` with Hydra overrides, outside a Hydra app."""
-    # Hydra only where configs are composed: devices and Flower's per-message processes only read them
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    try:
+        # Hydra only where configs are composed: devices and Flower's per-message processes only read them
+        from hydra import compose as hydra_compose
+        from hydra import initialize_config_dir
+        from hydra.core.global_hydra import GlobalHydra
+    except ModuleNotFoundError as exc:
+        if exc.name != "hydra":
+            raise
+        raise ConfigError("composing a config from conf/ and overrides needs Hydra, which an END device's install "
+                          "(pip install -e ., scripts/device-setup.sh) leaves out: give a node folder (--config FOLDER), "
+                          "or install the rest: pip install -e '.[full]'") from None
 
     register_schema()
     if GlobalHydra.instance().is_initialized():

