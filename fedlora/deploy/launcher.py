@@ -10,7 +10,9 @@
 3. Starts the device's SuperNode: TLS with the plan's CA, SuperNode authentication with its
    own key, node config carrying the folder (its Ed25519 secure-aggregation key), the
    picked settings and its own data file in ``data/`` -- and keeps it running (restarted
-   when its edge restarts) until Ctrl-C / SIGTERM.
+   when its edge restarts) until Ctrl-C / SIGTERM. A device that knows several edges (its
+   candidate cells) attaches to one at a time and moves when ``state/cell`` names another
+   (``--cell X`` to choose at the start): :mod:`fedlora.deploy.attach`.
 
 The private data stays in the folder; under secure aggregation what leaves the device is
 keys, encrypted shares and its masked update (``--audit`` keeps a copy of every reply in
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 
+from fedlora.deploy.attach import Attachment
 from fedlora.deploy.device import describe, pick_settings, read_facts
 from fedlora.deploy.plan import NodeFolder, read_node
 from fedlora.deploy.processes import Security, run_end
@@ -57,10 +60,13 @@ def device_node_config(node: NodeFolder, *, audit: bool = False) -> tuple[dict, 
     return extra, picked
 
 
-def launch(folder, *, audit: bool = False) -> None:
-    """Check the device, pick its settings, run its SuperNode until stopped."""
+def launch(folder, *, audit: bool = False, cell: str | None = None) -> None:
+    """Check the device, pick its settings, run its SuperNode until stopped, attached to the
+    edge of ``cell`` (default: ``state/cell``, else its home cell)."""
     node = read_node(folder, "end")
+    attached = Attachment(node, cell)
     extra, _ = device_node_config(node, audit=audit)
     up = node.doc["supernode"]
-    run_end(int(node.doc["partition_id"]), int(node.doc["num_partitions"]), str(up["superlink"]), node.folder,
-            Security.from_node(node), node_config=extra, port=int(up["runtime_port"]))
+    run_end(int(node.doc["partition_id"]), int(node.doc["num_partitions"]), attached.superlink, node.folder,
+            Security.from_node(node), node_config={**extra, **attached.node_config()}, port=int(up["runtime_port"]),
+            moves=attached.poll if attached.roams else None)

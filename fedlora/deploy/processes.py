@@ -241,26 +241,17 @@ class ProcessGroup:
 
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM every process and descendant (newest first), SIGKILL what is left after ``grace_s``."""
-        pids = self.tree()
-        for pid in reversed(pids):
-            _signal(pid, signal.SIGTERM)
-        deadline = time.time() + grace_s
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                pass
-        while time.time() < deadline and any(_alive(p) for p in pids):
-            time.sleep(0.1)
-        for pid in pids + _descendants(pids):
-            if _alive(pid):
-                log.warning("pid %d did not stop on SIGTERM; killing it", pid)
-                _signal(pid, signal.SIGKILL)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
+        _terminate(self.tree(), list(self.procs.values()), grace_s)
+
+    def replace(self, name: str, argv: list[str], grace_s: float = 10.0) -> subprocess.Popen:
+        """Stop one process of the group (descendants included, as :meth:`stop` does) and start
+        ``argv`` in its place, with the same environment and directory."""
+        _, env, cwd, _ = self.specs[name]
+        proc = self.procs.pop(name)
+        pids = [p for p in [proc.pid, *_descendants([proc.pid])] if _alive(p)]
+        self.seen.update(pids)
+        _terminate(pids, [proc], grace_s)
+        return self.start(name, argv, env, cwd)
 
     def leftovers(self) -> list[int]:
         """Pids this group started (or saw below them) that still run."""
@@ -271,6 +262,29 @@ class ProcessGroup:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _terminate(pids: list[int], procs: list[subprocess.Popen], grace_s: float) -> None:
+    """SIGTERM ``pids`` (newest first), SIGKILL what is left of them and below them after ``grace_s``."""
+    for pid in reversed(pids):
+        _signal(pid, signal.SIGTERM)
+    deadline = time.time() + grace_s
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            pass
+    while time.time() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    for pid in pids + _descendants(pids):
+        if _alive(pid):
+            log.warning("pid %d did not stop on SIGTERM; killing it", pid)
+            _signal(pid, signal.SIGKILL)
+    for proc in procs:
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def _signal(pid: int, sig: int) -> None:
@@ -481,15 +495,27 @@ def _wait_for_service(group: ProcessGroup, spool: Path, run_id: int, timeout_s: 
 
 
 def run_end(partition_id: int, num_partitions: int, edge: str, work_dir: Path, security: Security, *,
-            node_config: dict | None = None, port: int | None = None) -> None:
+            node_config: dict | None = None, port: int | None = None, moves=None) -> None:
     """One END client until stopped: a SuperNode connected to its edge's SuperLink.
-    ``node_config``: more node settings (a planned device's folder, its own settings)."""
+    ``node_config``: more node settings (a planned device's folder, its own settings).
+    ``moves`` (a device that may attach to other edges): polled every second, it returns None
+    to stay or (edge, node settings that change) to move: the SuperNode is stopped -- it leaves
+    its edge -- and started again towards ``edge``'s SuperLink."""
     _stop_on_signals()
+    config = {"partition-id": partition_id, "num-partitions": num_partitions, **(node_config or {})}
+    port = port or free_port()
     with ProcessGroup(Path(work_dir) / "logs") as group:
-        start_supernode(group, "supernode", edge, {"partition-id": partition_id, "num-partitions": num_partitions,
-                                                   **(node_config or {})},
-                        Path(work_dir).resolve() / "flwr-home", security, port=port)
-        _keep_running(group, f"END client {partition_id} (edge {edge})")
+        start_supernode(group, "supernode", edge, config, Path(work_dir).resolve() / "flwr-home", security, port=port)
+
+        def watch() -> None:
+            move = moves()
+            if move is not None:
+                edge_now, changed = move
+                config.update(changed)
+                log.info("END client %d: moving to the edge at %s", partition_id, edge_now)
+                group.replace("supernode", security.supernode_argv(edge_now, config, port))
+
+        _keep_running(group, f"END client {partition_id} (edge {edge})", watch=watch if moves is not None else None)
 
 
 def _local(listen: str) -> str:
