@@ -179,6 +179,24 @@ def test_a_device_attaches_to_one_candidate_edge_and_moves_when_state_cell_says(
     assert not fixed.roams and fixed.node_config() == {}
 
 
+def test_cli_candidate_cells_and_cell_options(tmp_path, capsys):
+    from fedlora.cli import main
+
+    main(["deploy", "plan", str(tmp_path / "p"), "model=tiny", "topology=small6g", "federation.num_clients=8", *ROAMING,
+          "--candidate-cells", "all"])
+    assert len(candidates(read_node(tmp_path / "p" / "end-0"))) == 4
+    for argv, message in [
+        (["deploy", "plan", str(tmp_path / "q"), "model=tiny", "topology.mobility.model=none", "--candidate-cells", "all"],
+         "topology.mobility.model"),
+        (["client", "--insecure", "--partition-id", "0", "--num-partitions", "2", "--edge", "h:1", "--cell", A],
+         "use it with --config"),
+        (["client", "--config", str(tmp_path / "p" / "end-0"), "--cell", "neighbourhood-9-9"], "candidate cells"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_a_process_of_a_group_is_replaced_with_its_descendants(tmp_path):
     """How a moving device's SuperNode is restarted towards its new edge (ProcessGroup.replace)."""
     sleeper = [sys.executable, "-c", "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
