@@ -36,6 +36,7 @@ from flwr.clientapp import ClientApp
 
 from clients.edge import identity as edge_identity
 from clients.edge import is_edge, relay
+from clients.edge import report as edge_report
 from fedlora import protocol
 from fedlora.deploy import channel
 from fedlora.runs.progress import quiet_libraries
@@ -57,7 +58,17 @@ def identify(msg: Message, context: Context) -> Message:
     if is_edge(context.node_config):
         return edge_identity(msg, context.node_config)
     record = ConfigRecord({protocol.CLIENT_ID_KEY: _client_id(context)})
+    if "attachment" in context.node_config:  # a device that moves between edges: which attachment this is
+        record[protocol.ATTACHMENT_KEY] = int(context.node_config["attachment"])
     return audit(context, Message(RecordDict({protocol.IDENTITY: record}), reply_to=msg), "identify")
+
+
+@app.query(protocol.REPORT)
+def report(msg: Message, context: Context) -> Message:
+    """An edge tells its parent which END devices are connected to it (devices moving between edges)."""
+    if not is_edge(context.node_config):
+        raise ValueError("only an edge aggregator reports its connected devices; this SuperNode is an END device")
+    return edge_report(msg, context.node_config)
 
 
 def _deployed(context: Context):

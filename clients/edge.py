@@ -5,7 +5,9 @@ upward to its parent's SuperLink) is no END device: ``clients/app.py`` hands its
 here. :func:`identity` tells the parent which neighbourhood cell it aggregates;
 :func:`relay` drops the parent's cell request bytes in the edge's *spool* directory
 (:mod:`fedlora.deploy.spool`) and answers with the result bytes the edge service
-(``server/edge.py``, a long-lived run on the edge's own SuperLink) leaves there. A failure
+(``server/edge.py``, a long-lived run on the edge's own SuperLink) leaves there;
+:func:`report` likewise answers the parent's question which END devices are connected to
+this edge (devices moving between edges, :mod:`fedlora.world.attachments`). A failure
 raises, so the parent gets an error reply and drops that cell's clients with the reason.
 
 Light on purpose: Flower starts a new ClientApp process for every message, and the relay
@@ -17,7 +19,9 @@ from __future__ import annotations
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedlora import protocol
-from fedlora.deploy.spool import Spool
+from fedlora.deploy.spool import REPORT_JOB, Spool
+
+REPORT_TIMEOUT_S = 60.0  # the edge service identifies new devices first (up to its FIND_S)
 
 
 def is_edge(node_config) -> bool:
@@ -47,3 +51,12 @@ def relay(msg: Message, node_config) -> Message:
     spool.submit(key, data)
     result = spool.wait(key, timeout_s)
     return Message(RecordDict({protocol.CELL: ConfigRecord({protocol.CELL_RESULT_KEY: result})}), reply_to=msg)
+
+
+def report(msg: Message, node_config) -> Message:
+    """Ask this edge's service which END devices are connected to it; answer with its JSON."""
+    spool = Spool(_edge_setting(node_config, "spool"))
+    key = f"{REPORT_JOB}{msg.metadata.run_id}-{msg.metadata.message_id[:16]}"
+    spool.submit(key, b"")
+    devices = spool.wait(key, REPORT_TIMEOUT_S).decode()
+    return Message(RecordDict({protocol.REPORT: ConfigRecord({protocol.REPORT_KEY: devices})}), reply_to=msg)

@@ -11,7 +11,7 @@
   the tiers as real Flower processes, from a plan's folders (TLS, node auth, own keys; README "Deployment"):
     fedlora cloud --config FOLDER                cloud SuperLink + one federation over the edges (resumes)
     fedlora edge --config FOLDER                 an edge (neighbourhood) aggregator
-    fedlora client --config FOLDER [--audit]     an END device: checks it, picks settings, starts its SuperNode
+    fedlora client --config FOLDER [--audit] [--cell X]  an END device: checks it, picks settings, starts its SuperNode
   or by hand on a trusted lab network (plain HTTP, keys from the seed):
     fedlora cloud --insecure --listen HOST:PORT [overrides]   (--plan: which END client under which edge)
     fedlora edge --insecure --cell C --parent HOST:PORT --listen HOST:PORT
@@ -498,6 +498,8 @@ def cmd_end(argv: list[str], prog: str = "fedlora end") -> None:
     parser.add_argument("--cold", action="store_true",
                         help="no resident device process: each Flower message's process loads the model itself "
                              "(Flower's default; slower; with --config)")
+    parser.add_argument("--cell", help="with --config: attach to this candidate cell's edge (node.yaml candidate_cells; "
+                                       "later moves: write a cell into <folder>/state/cell)")
     args = parser.parse_args(argv)
     # the deployment's modules only for `fedlora client`
     from fedlora.deploy.processes import Security, Stop, run_end
@@ -509,12 +511,15 @@ def cmd_end(argv: list[str], prog: str = "fedlora end") -> None:
             # the launcher (device checks, plan reader) only for a planned device
             from fedlora.deploy.device import DeviceError
             from fedlora.deploy.launcher import launch
+            from fedlora.deploy.plan import PlanError
 
             try:
-                launch(args.config, audit=args.audit, warm=not args.cold)
-            except DeviceError as exc:
+                launch(args.config, audit=args.audit, warm=not args.cold, cell=args.cell)
+            except (DeviceError, PlanError) as exc:
                 raise UserError(str(exc)) from None
             return
+        if args.cell:
+            raise UserError("--cell chooses among a planned device's candidate cells: use it with --config")
         _by_hand(args, parser, "partition_id", "num_partitions", "edge")
         if not 0 <= args.partition_id < args.num_partitions:
             raise UserError(f"--partition-id={args.partition_id} must be in 0..--num-partitions-1 ({args.num_partitions - 1})")

@@ -54,3 +54,9 @@ CELL_TIMEOUT_KEY = "timeout-s"
 ROLE_KEY = "role"
 CELL_KEY = "cell"
 EDGE_ROLE = "edge"
+# Devices that move between edges (fedlora.world.attachments): a roaming device's identity also
+# carries its attachment count; the cloud asks each edge for a REPORT (message type
+# ``query.<REPORT>``) of the END devices connected to it, answered as JSON {client: count}.
+ATTACHMENT_KEY = "attachment"
+REPORT = "report"
+REPORT_KEY = "devices"

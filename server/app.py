@@ -30,6 +30,7 @@ from fedlora.deploy.plan import read_node
 from fedlora.roles.cloud import run_federation
 from fedlora.run_settings import resolve_run
 from fedlora.runs.progress import make_progress
+from fedlora.world.attachments import tracks_devices
 from server.edge import EdgeCellRunner, serve
 from server.transport import FlowerTransport
 
@@ -70,9 +71,11 @@ def main(grid: Grid, context: Context) -> None:
         return
     cfg, run_dir, resume = settings_from_run_config(run_config)
     run = resolve_run(cfg)  # once per run: privacy=auto, n_max, the cell tree
-    runner = None
+    runner = locator = None
     if mode == "cloud":
-        runner = transport = EdgeCellRunner(grid, run.tree, timeout_s=cfg.federation.round_timeout_s)
+        runner = transport = EdgeCellRunner(grid, run.tree, timeout_s=cfg.federation.round_timeout_s,
+                                            track_devices=tracks_devices(run.tree))
+        locator = runner if runner.track_devices else None  # devices move between edges: ask where they are
     else:
         transport = FlowerTransport(grid, expected_clients=cfg.federation.num_clients, timeout_s=cfg.federation.round_timeout_s)
     progress = make_progress(cfg.progress)
@@ -80,6 +83,7 @@ def main(grid: Grid, context: Context) -> None:
         identities = None
         if node_dir:  # a planned deployment: the plan's registry and the cloud's own key
             identities = read_node(node_dir).identities()
-        run_federation(run, run_dir, transport, resume=resume, progress=progress, runner=runner, identities=identities)
+        run_federation(run, run_dir, transport, resume=resume, progress=progress, runner=runner, identities=identities,
+                       locator=locator)
     finally:
         progress.close()

@@ -26,14 +26,23 @@ unmasks. Its keys are its node folder's when it runs from a deployment plan (``f
 --config``: its own Ed25519 key, the plan's registry), else derived from the run seed in the
 request, as the devices' are (simulation-style; ``fedlora edge --insecure`` on a lab network).
 
-Which END clients sit under which edge is the topology's (``build_tree`` with the run's
-seed), as in simulation; an END client not connected to the edge it is asked through is
-dropped ("not connected"). The network model's simulated deadline (``topology.deadline_s``)
-is a simulation concept and is not applied here: a deployment has the real round timeout.
+Which END clients sit under which edge: without a mobility model (``topology.mobility.model=none``)
+the topology's (``build_tree`` with the run's seed), as in simulation. With one, devices move
+between edges themselves (a planned device knows its candidate cells' edges and attaches to
+one at a time): before each round :meth:`EdgeCellRunner.reports` asks every edge which END
+devices are connected to its SuperLink (the edge service identifies new ones and answers,
+:meth:`ChildTransport.report`), and the cloud places each device in the cell that reports it
+(:func:`fedlora.world.attachments.place_devices`), so its update is counted once, in the cell
+it uploads from; the cell's secure session includes it (the registry holds every device's
+key, and the plan registers its SuperNode key with every candidate edge). Either way an END
+client not connected to the edge it is asked through is dropped ("not connected"). The
+network model's simulated deadline (``topology.deadline_s``) is a simulation concept and is
+not applied here: a deployment has the real round timeout.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -46,11 +55,12 @@ from flwr.serverapp import Grid
 
 from fedlora import protocol
 from fedlora.deploy.plan import read_node
-from fedlora.deploy.spool import HEARTBEAT_S, EdgeError, Spool
+from fedlora.deploy.spool import HEARTBEAT_S, REPORT_JOB, EdgeError, Spool
 from fedlora.roles.neighbourhood import AggregatorKeys, CellRequest, CellResult, ClientReply, ClientStatus, run_cell
 from fedlora.secure.identities import SimulatedIdentities
 from fedlora.secure.messages import MaskedSum, UnmaskBundle
 from fedlora.secure.rounds import DROPPED, SecureOutcome
+from fedlora.world.attachments import EdgeReport
 from fedlora.world.topology import CellTree
 from server.transport import POLL_S, FlowerTransport, short_reason
 
@@ -61,6 +71,7 @@ log = logging.getLogger("fedlora")
 FIND_S = 30.0
 RELAY_MARGIN_S = 60.0
 CLOUD_MARGIN_S = 90.0
+REPORT_S = FIND_S + RELAY_MARGIN_S  # the cloud waits this long for the edges' reports of their devices
 
 
 # --- edge service: the long-lived ServerApp run on the edge's own SuperLink -----------------
@@ -85,6 +96,11 @@ class ChildTransport(FlowerTransport):
             if set(wanted) <= set(self.node_of) or time.time() >= deadline:
                 return
             time.sleep(0.5)
+
+    def report(self) -> dict[int, int]:
+        """The END devices connected now (new ones identified first): client -> attachment count."""
+        self.find([], 0.0)
+        return {c: self.attachment_of.get(c, 0) for c in sorted(self.node_of)}
 
     def train(self, server_round, clients, arrays, settings, on_reply):
         here = [c for c in clients if c in self.node_of]
@@ -153,6 +169,9 @@ def _serve_loop(cell: str, spool: Spool, transport: ChildTransport, keys: Aggreg
             time.sleep(POLL_S)
             continue
         key, data = job
+        if key.startswith(REPORT_JOB):  # the cloud asks which devices are connected here
+            _answer_report(cell, spool, key, transport)
+            continue
         t0 = time.perf_counter()
         try:
             request = CellRequest.from_bytes(data)
@@ -166,6 +185,17 @@ def _serve_loop(cell: str, spool: Spool, transport: ChildTransport, keys: Aggreg
         log.info("edge %s: round %d done in %.1fs: %d of %d client(s) accepted", cell, request.server_round,
                  time.perf_counter() - t0, len(result.accepted), len(result.clients))
     return served
+
+
+def _answer_report(cell: str, spool: Spool, key: str, transport: ChildTransport) -> None:
+    try:
+        devices = transport.report()
+    except Exception as exc:  # a failed report fails that report, not the edge
+        log.warning("edge %s: report %s failed: %s: %s", cell, key, type(exc).__name__, exc)
+        spool.answer(key, error=f"edge {cell}: {type(exc).__name__}: {exc}")
+        return
+    spool.answer(key, json.dumps({str(c): n for c, n in devices.items()}).encode())
+    log.info("edge %s: %d device(s) connected: %s", cell, len(devices), sorted(devices))
 
 
 def run_request(request: CellRequest, cell: str, transport: ChildTransport, keys: AggregatorKeys | None = None) -> CellResult:
@@ -192,12 +222,18 @@ def run_request(request: CellRequest, cell: str, transport: ChildTransport, keys
 class EdgeCellRunner:
     """The cloud's CellRunner when the neighbourhood cells are edge processes (``mode="cloud"``).
 
-    Also the cloud's client list: the END clients the topology places under a connected edge.
+    Also the cloud's client list: the END clients the topology places under a connected edge
+    (every client when devices move between edges), and with ``track_devices`` the cloud's
+    :class:`fedlora.roles.cloud.DeviceLocator`: each edge's report of its connected devices.
     """
 
     def __init__(self, grid: Grid, tree: CellTree, *, timeout_s: float, connect_timeout_s: float = 120.0,
-                 rejoin_s: float = 60.0):
+                 rejoin_s: float = 60.0, track_devices: bool = False):
         self.tree = tree
+        # Devices move between edges (fedlora.world.attachments.tracks_devices): every client
+        # may train, wherever its edge reports it (:meth:`reports`).
+        self.track_devices = track_devices
+        self.rejoined_round = -1  # the round whose missing edges were last waited for
         self.rejoin_s = rejoin_s  # each round waits this long for an edge that left to come back
         self.others: set[int] = set()  # nodes that answered but are no edge of this topology
         self.link = FlowerTransport(grid, expected_clients=0, timeout_s=timeout_s + CLOUD_MARGIN_S,
@@ -240,19 +276,47 @@ class EdgeCellRunner:
 
     def clients(self) -> list[int]:
         self.find_edges()
-        return [c for c, leaf in sorted(self.tree.initial.items()) if self.tree.neighbourhood_of(leaf) in self.node_of]
+        return [c for c, leaf in sorted(self.tree.initial.items())
+                if (self.track_devices and self.node_of) or self.tree.neighbourhood_of(leaf) in self.node_of]
+
+    def rejoin(self, server_round: int, cells) -> None:
+        """Once per round: when an edge of ``cells`` is unknown or offline, wait up to
+        ``rejoin_s`` for the edges to (re)join."""
+        online = set(self.grid.get_node_ids())
+        if self.rejoined_round == server_round or all(c in self.node_of and self.node_of[c] in online for c in cells):
+            return
+        self.rejoined_round = server_round
+        before = dict(self.node_of)
+        self.find_edges(self.rejoin_s)
+        for cell in sorted(set(self.node_of) - set(before)):
+            log.info("round %d: edge of %s (re)joined", server_round, cell)
+
+    def reports(self, server_round: int) -> list[EdgeReport]:
+        """Ask every connected edge which END devices are connected to it (one ``query.report``
+        message each); an edge that fails or does not answer in time sends no report."""
+        self.rejoin(server_round, self.tree.tier("neighbourhood"))
+        cell_of_node = {n: c for c, n in self.node_of.items()}
+        messages = [Message(RecordDict(), n, f"{MessageType.QUERY}.{protocol.REPORT}") for n in sorted(cell_of_node)]
+        out = []
+        for msg in self.link._exchange(messages, REPORT_S, None) if messages else []:
+            cell = cell_of_node.get(msg.metadata.src_node_id)
+            try:
+                if msg.has_error():
+                    raise EdgeError(short_reason(msg.error.reason))
+                doc = json.loads(str(msg.content[protocol.REPORT][protocol.REPORT_KEY]))
+                out.append(EdgeReport(cell, {int(c): int(n) for c, n in doc.items()}))
+            except Exception as exc:  # a broken report is no report: the devices stay in their last cells
+                log.warning("round %d: edge of %s sent no usable report of its devices: %s", server_round, cell, exc)
+        log.info("round %d: devices per edge: %s", server_round,
+                 "; ".join(f"{r.cell}: {sorted(r.devices)}" for r in sorted(out, key=lambda r: r.cell)) or "none")
+        return out
 
     def run(self, requests: list[CellRequest], *, late=None, on_reply=None, keys=None) -> list[CellResult]:
         """Each cell's request to its edge, in one exchange. ``late`` (the network model's
         simulated deadline) does not apply to real processes; ``keys`` (the aggregator's
         secure-session keys) are the edge's own: under privacy=secagg the edge runs the cell's
         secure session and sends up its masked sum and unmask bundle, which the cloud unmasks."""
-        online = set(self.grid.get_node_ids())
-        if any(r.cell not in self.node_of or self.node_of[r.cell] not in online for r in requests):
-            before = dict(self.node_of)
-            self.find_edges(self.rejoin_s)
-            for cell in sorted(set(self.node_of) - set(before)):
-                log.info("round %d: edge of %s (re)joined", requests[0].server_round if requests else 0, cell)
+        self.rejoin(requests[0].server_round if requests else 0, [r.cell for r in requests])
         results: dict[str, CellResult] = {}
         messages, cell_of_node = [], {}
         for request in requests:

@@ -26,6 +26,7 @@ class FlowerTransport:
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.node_of: dict[int, int] = {}  # client id -> Flower node id
+        self.attachment_of: dict[int, int] = {}  # client id -> the attachment count it told (roaming devices)
 
     def clients(self) -> list[int]:
         """Wait for the SuperNodes, ask each which client it is, return the client ids."""
@@ -63,6 +64,7 @@ class FlowerTransport:
         for node, record in answered.items():
             try:
                 cid = int(record[protocol.CLIENT_ID_KEY])
+                attachment = int(record.get(protocol.ATTACHMENT_KEY, 0) or 0)
             except Exception as exc:  # a node answering nonsense is left out, not fatal
                 log.warning("node %d sent a malformed identity: %s", node, exc)
                 continue
@@ -70,6 +72,7 @@ class FlowerTransport:
                 log.warning("client id %d claimed by nodes %d and %d; keeping the first", cid, self.node_of[cid], node)
                 continue
             self.node_of[cid] = node
+            self.attachment_of[cid] = attachment
         return set(answered)
 
     def train(self, server_round: int, clients: list[int], arrays: AdapterState, settings: RoundSettings,

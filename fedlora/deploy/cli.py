@@ -1,6 +1,6 @@
 """``fedlora deploy``: plan a deployment, check a device.
 
-    fedlora deploy plan OUT_DIR [overrides] [--cloud-host H]... [--edge-host CELL=H[,H]]...
+    fedlora deploy plan OUT_DIR [overrides] [--cloud-host H]... [--edge-host CELL=H[,H]]... [--candidate-cells all]
     fedlora deploy check [--config NODE_FOLDER] [overrides] [--json]
 
   fedlora deploy plan --help | fedlora deploy check --help: every option
@@ -40,10 +40,13 @@ def cmd_plan(argv: list[str]) -> None:
     p.add_argument("--bind-host", default="",
                    help="interface SuperLinks bind to (default: loopback if all hosts are, else 0.0.0.0)")
     p.add_argument("--cert-days", type=int, default=DeploySettings.cert_days)
+    p.add_argument("--candidate-cells", choices=["mobility", "all"], default=DeploySettings.candidate_cells,
+                   help="the edges each END device may attach to (and is registered with): its home cell plus the "
+                        "cells topology.mobility can move it to (default), or every neighbourhood cell")
     args = p.parse_args(argv)
     settings = DeploySettings(cloud_hosts=args.cloud_host or list(LOOPBACK), edge_hosts=dict(args.edge_host),
                               base_port=args.base_port, runtime_port_base=args.runtime_port_base,
-                              bind_host=args.bind_host, cert_days=args.cert_days)
+                              bind_host=args.bind_host, cert_days=args.cert_days, candidate_cells=args.candidate_cells)
     cfg = compose(args.overrides)
     try:
         nodes = write_plan(cfg, args.out_dir, settings, overrides=args.overrides)

@@ -10,7 +10,9 @@
 3. Starts the device's SuperNode: TLS with the plan's CA, SuperNode authentication with its
    own key, node config carrying the folder (its Ed25519 secure-aggregation key), the
    picked settings and its own data file in ``data/`` -- and keeps it running (restarted
-   when its edge restarts) until Ctrl-C / SIGTERM.
+   when its edge restarts) until Ctrl-C / SIGTERM. A device that knows several edges (its
+   candidate cells) attaches to one at a time and moves when ``state/cell`` names another
+   (``--cell X`` to choose at the start): :mod:`fedlora.deploy.attach`.
 4. Starts, before the SuperNode, the device's resident process (:mod:`fedlora.deploy.resident`):
    the model stays loaded in it for the whole run, and Flower's per-message ClientApp only
    forwards each message to it over ``state/device.sock`` (node config ``device-socket``);
@@ -28,6 +30,7 @@ import json
 import logging
 import sys
 
+from fedlora.deploy.attach import Attachment
 from fedlora.deploy.channel import socket_path
 from fedlora.deploy.device import describe, pick_settings, read_facts
 from fedlora.deploy.plan import NodeFolder, read_node
@@ -66,9 +69,11 @@ def device_node_config(node: NodeFolder, *, audit: bool = False) -> tuple[dict, 
     return extra, picked
 
 
-def launch(folder, *, audit: bool = False, warm: bool = True) -> None:
-    """Check the device, pick its settings, run its resident process (``warm``) and its SuperNode until stopped."""
+def launch(folder, *, audit: bool = False, warm: bool = True, cell: str | None = None) -> None:
+    """Check the device, pick its settings, run its resident process (``warm``) and its SuperNode until
+    stopped, attached to the edge of ``cell`` (default: ``state/cell``, else its home cell)."""
     node = read_node(folder, "end")
+    attached = Attachment(node, cell)
     extra, _ = device_node_config(node, audit=audit)
     resident = None
     if warm:
@@ -76,5 +81,6 @@ def launch(folder, *, audit: bool = False, warm: bool = True) -> None:
         resident = [sys.executable, "-m", "fedlora.deploy.resident", str(node.folder),
                     "--device-settings", extra["device-settings"], "--data-file", extra["data-file"]]
     up = node.doc["supernode"]
-    run_end(int(node.doc["partition_id"]), int(node.doc["num_partitions"]), str(up["superlink"]), node.folder,
-            Security.from_node(node), node_config=extra, port=int(up["runtime_port"]), resident=resident)
+    run_end(int(node.doc["partition_id"]), int(node.doc["num_partitions"]), attached.superlink, node.folder,
+            Security.from_node(node), node_config={**extra, **attached.node_config()}, port=int(up["runtime_port"]),
+            resident=resident, moves=attached.poll if attached.roams else None)

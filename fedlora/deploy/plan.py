@@ -11,7 +11,11 @@ From the composed config (the same Hydra overrides as ``fedlora run``) the cell 
   the cloud (its own auth key). Sub-urban cells are not separate machines here: each edge
   talks to the cloud directly (the sub-urban sum is logical, as in simulation).
 - ``end-<id>/`` for every END client: SuperNode auth key, CA certificate, node config
-  (cell, partition id, device profile, data path placeholder).
+  (cell, partition id, device profile, data path placeholder, and its *candidate cells*:
+  the edges it may attach to, each with its SuperLink's address -- its home cell, plus
+  under a mobility model the cells it may move to, or every cell with ``--candidate-cells
+  all``; :func:`fedlora.world.attachments.candidate_cells`). Every candidate edge registers
+  the device's SuperNode key, so it may attach to any of them (``fedlora client --cell``).
 
 Every folder gets ``ca.pem``, the public ``secagg_registry.json`` (device id -> Ed25519
 public key; ids are the folder names), its own secure-aggregation identity key,
@@ -37,6 +41,7 @@ from fedlora.run_settings import resolve_run
 from fedlora.secure.identities import IdentityError, PlannedIdentities
 from fedlora.secure.keys import IdentityKey
 from fedlora.secure.rounds import CLOUD_ID, aggregator_id, device_id
+from fedlora.world.attachments import candidate_cells, tracks_devices
 from fedlora.world.topology import CLOUD
 
 LOOPBACK = ["127.0.0.1", "localhost"]
@@ -81,6 +86,9 @@ class DeploySettings:
     # 0.0.0.0 (all interfaces).
     bind_host: str = ""
     cert_days: int = 825
+    # The edges an END device may attach to: "mobility" = its home cell plus the cells the
+    # topology's mobility model can move it to; "all" = every neighbourhood cell.
+    candidate_cells: str = "mobility"
 
 
 @dataclass
@@ -95,6 +103,7 @@ class Node:
     upstream: str | None = None  # node whose SuperLink this node's SuperNode joins
     runtime_port: int | None = None
     children: list[str] = field(default_factory=list)  # SuperNodes this node's SuperLink registers
+    candidates: list[str] = field(default_factory=list)  # END: the neighbourhood cells it may attach to, home first
 
 
 def edge_name(cell: str) -> str:
@@ -109,6 +118,9 @@ def layout(cfg: FedLoraConfig, settings: DeploySettings) -> dict[str, Node]:
     """The machines of a deployment and who connects to whom (pure: no files)."""
     _check_settings(settings)
     tree = resolve_run(cfg).tree  # ConfigError for a run that cannot be summed securely
+    if settings.candidate_cells == "all" and not tracks_devices(tree):
+        raise PlanError("--candidate-cells all lets devices move between edges, which the cloud follows only under a "
+                        "mobility model on a tree: set topology.mobility.model=random_walk (or trace) with the plan")
     nodes: dict[str, Node] = {CLOUD: Node(CLOUD, "cloud", CLOUD, superlink_port=settings.base_port,
                                           hosts=list(settings.cloud_hosts))}
     edges = tree.tier("neighbourhood") if tree.kind == "tree" else []
@@ -126,8 +138,11 @@ def layout(cfg: FedLoraConfig, settings: DeploySettings) -> dict[str, Node]:
         leaf = tree.initial[client]
         parent = edge_name(tree.neighbourhood_of(leaf)) if edges else CLOUD
         name = end_name(client)
-        nodes[name] = Node(name, "end", leaf, client, tree.profile_of[client], upstream=parent, runtime_port=next(runtime))
-        nodes[parent].children.append(name)
+        cells = _candidates(tree, client, settings.candidate_cells) if edges else []
+        nodes[name] = Node(name, "end", leaf, client, tree.profile_of[client], upstream=parent, runtime_port=next(runtime),
+                           candidates=cells)
+        for cell in cells or [CLOUD]:  # every edge it may attach to admits its SuperNode key
+            nodes[edge_name(cell) if edges else CLOUD].children.append(name)
     ports = ([n.superlink_port for n in nodes.values() if n.superlink_port]
              + [n.runtime_port for n in nodes.values() if n.runtime_port])
     if max(ports) > 65535:
@@ -137,6 +152,14 @@ def layout(cfg: FedLoraConfig, settings: DeploySettings) -> dict[str, Node]:
         raise PlanError(f"SuperLink ports ({settings.base_port}..) and SuperNode runtime ports "
                         f"({settings.runtime_port_base}..) overlap; move --runtime-port-base")
     return nodes
+
+
+def _candidates(tree, client: int, which: str) -> list[str]:
+    """The neighbourhood cells END ``client`` may attach to, home first (``--candidate-cells``)."""
+    if which == "all":
+        home = tree.neighbourhood_of(tree.initial[client])
+        return [home] + [c for c in tree.tier("neighbourhood") if c != home]
+    return candidate_cells(tree, client)
 
 
 def _check_settings(s: DeploySettings) -> None:
@@ -153,6 +176,8 @@ def _check_settings(s: DeploySettings) -> None:
             raise PlanError(f"--{name.replace('_', '-')}={value} must be a port in 1024..65535")
     if s.cert_days < 1:
         raise PlanError(f"--cert-days={s.cert_days} must be >= 1")
+    if s.candidate_cells not in ("mobility", "all"):
+        raise PlanError(f"--candidate-cells={s.candidate_cells!r} is not one of: mobility, all")
 
 
 def address(node: Node) -> str:
@@ -209,7 +234,9 @@ def write_plan(cfg: FedLoraConfig, out_dir: Path, settings: DeploySettings | Non
 
     manifest = {
         "nodes": {n.name: {"role": n.role, "cell": n.cell, "upstream": n.upstream, "children": n.children,
-                           "address": address(n) if n.superlink_port else None} for n in nodes.values()},
+                           "address": address(n) if n.superlink_port else None,
+                           **({"candidate_cells": n.candidates} if len(n.candidates) > 1 else {})}
+                  for n in nodes.values()},
         "ca_fingerprint_sha256": ca.cert.fingerprint(pki.hashes.SHA256()).hex(),
         "overrides": list(overrides or []),
     }
@@ -244,6 +271,9 @@ def node_document(node: Node, nodes: dict[str, Node], cfg: FedLoraConfig, overri
         doc.update(partition_id=node.client_id, num_partitions=cfg.federation.num_clients,
                    device_profile=node.profile, data_path=DATA_DIR,
                    device_profile_settings=dict(vars(profile)) if profile else None)
+        if node.candidates:  # the edges it may attach to (one at a time; all trust the plan's CA, ca.pem)
+            doc["candidate_cells"] = {c: {"edge": edge_name(c), "superlink": address(nodes[edge_name(c)])}
+                                      for c in node.candidates}
     return doc
 
 

@@ -246,26 +246,17 @@ class ProcessGroup:
 
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM every process and descendant (newest first), SIGKILL what is left after ``grace_s``."""
-        pids = self.tree()
-        for pid in reversed(pids):
-            _signal(pid, signal.SIGTERM)
-        deadline = time.time() + grace_s
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                pass
-        while time.time() < deadline and any(_alive(p) for p in pids):
-            time.sleep(0.1)
-        for pid in pids + _descendants(pids):
-            if _alive(pid):
-                log.warning("pid %d did not stop on SIGTERM; killing it", pid)
-                _signal(pid, signal.SIGKILL)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
+        _terminate(self.tree(), list(self.procs.values()), grace_s)
+
+    def replace(self, name: str, argv: list[str], grace_s: float = 10.0) -> subprocess.Popen:
+        """Stop one process of the group (descendants included, as :meth:`stop` does) and start
+        ``argv`` in its place, with the same environment and directory."""
+        _, env, cwd, _ = self.specs[name]
+        proc = self.procs.pop(name)
+        pids = [p for p in [proc.pid, *_descendants([proc.pid])] if _alive(p)]
+        self.seen.update(pids)
+        _terminate(pids, [proc], grace_s)
+        return self.start(name, argv, env, cwd)
 
     def leftovers(self) -> list[int]:
         """Pids this group started (or saw below them) that still run."""
@@ -276,6 +267,29 @@ class ProcessGroup:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _terminate(pids: list[int], procs: list[subprocess.Popen], grace_s: float) -> None:
+    """SIGTERM ``pids`` (newest first), SIGKILL what is left of them and below them after ``grace_s``."""
+    for pid in reversed(pids):
+        _signal(pid, signal.SIGTERM)
+    deadline = time.time() + grace_s
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            pass
+    while time.time() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    for pid in pids + _descendants(pids):
+        if _alive(pid):
+            log.warning("pid %d did not stop on SIGTERM; killing it", pid)
+            _signal(pid, signal.SIGKILL)
+    for proc in procs:
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def _signal(pid: int, sig: int) -> None:
@@ -322,11 +336,7 @@ def start_supernode(group: ProcessGroup, name: str, superlink: str, node_config:
                     security: Security, *, port: int | None = None) -> subprocess.Popen:
     """A SuperNode connected to ``superlink``, running fedlora's ClientApp with ``node_config``."""
     home.mkdir(parents=True, exist_ok=True)
-    # No --max-retries: a SuperNode keeps retrying, so an edge may come up after its children.
-    argv = security.supernode_argv(superlink, node_config, port or free_port())
-    poll = supernode_poll_s()
-    if poll is not None:  # the same flower-supernode, its idle waits capped (fedlora.deploy.supernode_poll)
-        argv = [sys.executable, "-m", "fedlora.deploy.supernode_poll", "--poll-s", str(poll), *argv[1:]]
+    argv = supernode_command(superlink, node_config, security, port or free_port())
     env = flower_env(home)
     if os.environ.get(clientapp_fork.SWITCH, "") == "1":  # its ClientApp processes forked warm (opt-in)
         sock = home / "clientapp-fork.sock"
@@ -336,6 +346,17 @@ def start_supernode(group: ProcessGroup, name: str, superlink: str, node_config:
         if f"{name}-fork" not in group.procs:
             group.start(f"{name}-fork", [sys.executable, "-m", "fedlora.deploy.clientapp_fork", str(sock)], env)
     return group.start(name, argv, env)
+
+
+def supernode_command(superlink: str, node_config: dict, security: Security, port: int) -> list[str]:
+    """The command of a SuperNode connected to ``superlink`` (through :mod:`fedlora.deploy.supernode_poll`
+    unless its waits are left as Flower's, :func:`supernode_poll_s`)."""
+    # No --max-retries: a SuperNode keeps retrying, so an edge may come up after its children.
+    argv = security.supernode_argv(superlink, node_config, port)
+    poll = supernode_poll_s()
+    if poll is not None:  # the same flower-supernode, its idle waits capped (fedlora.deploy.supernode_poll)
+        argv = [sys.executable, "-m", "fedlora.deploy.supernode_poll", "--poll-s", str(poll), *argv[1:]]
+    return argv
 
 
 def supernode_poll_s() -> float | None:
@@ -510,35 +531,52 @@ def _wait_for_service(group: ProcessGroup, spool: Path, run_id: int, timeout_s: 
 
 
 def run_end(partition_id: int, num_partitions: int, edge: str, work_dir: Path, security: Security, *,
-            node_config: dict | None = None, port: int | None = None, resident: list[str] | None = None) -> None:
+            node_config: dict | None = None, port: int | None = None, resident: list[str] | None = None,
+            moves=None) -> None:
     """One END client until stopped: a SuperNode connected to its edge's SuperLink.
     ``node_config``: more node settings (a planned device's folder, its own settings).
     ``resident``: the command of the device's resident process (:mod:`fedlora.deploy.resident`),
-    started first and started again whenever it exits (a round it misses is a dropout)."""
+    started first and started again whenever it exits (a round it misses is a dropout).
+    ``moves`` (a device that may attach to other edges): polled every second, it returns None
+    to stay or (edge, node settings that change) to move: the SuperNode is stopped -- it leaves
+    its edge -- and started again towards ``edge``'s SuperLink."""
     _stop_on_signals()
+    config = {"partition-id": partition_id, "num-partitions": num_partitions, **(node_config or {})}
+    port = port or free_port()
     with ProcessGroup(Path(work_dir) / "logs") as group:
-        watch = None
+        quick = {"exits": 0}
+
+        def keep_resident() -> None:
+            proc = group.procs["resident"]
+            if proc.poll() is None:
+                return
+            lived = time.time() - group.specs["resident"][3]
+            quick["exits"] = quick["exits"] + 1 if lived < 10 else 0
+            if quick["exits"] >= 5:
+                raise DeployError(f"the resident device process exited at once five times in a row; see "
+                                  f"{group.log_dir / 'resident.log'}")
+            log.warning("the resident device process exited with code %s after %.0fs; starting it again",
+                        proc.returncode, lived)
+            group.restart("resident")
+
+        def follow_moves() -> None:
+            move = moves()
+            if move is not None:
+                edge_now, changed = move
+                config.update(changed)
+                log.info("END client %d: moving to the edge at %s", partition_id, edge_now)
+                group.replace("supernode", supernode_command(edge_now, config, security, port))
+
         if resident is not None:
             group.start("resident", resident, dict(os.environ))
-            quick = {"exits": 0}
+        start_supernode(group, "supernode", edge, config, Path(work_dir).resolve() / "flwr-home", security, port=port)
+        watches = [w for w, on in ((keep_resident, resident is not None), (follow_moves, moves is not None)) if on]
 
-            def watch() -> None:
-                proc = group.procs["resident"]
-                if proc.poll() is None:
-                    return
-                lived = time.time() - group.specs["resident"][3]
-                quick["exits"] = quick["exits"] + 1 if lived < 10 else 0
-                if quick["exits"] >= 5:
-                    raise DeployError(f"the resident device process exited at once five times in a row; see "
-                                      f"{group.log_dir / 'resident.log'}")
-                log.warning("the resident device process exited with code %s after %.0fs; starting it again",
-                            proc.returncode, lived)
-                group.restart("resident")
+        def watch() -> None:
+            for each in watches:
+                each()
 
-        start_supernode(group, "supernode", edge, {"partition-id": partition_id, "num-partitions": num_partitions,
-                                                   **(node_config or {})},
-                        Path(work_dir).resolve() / "flwr-home", security, port=port)
-        _keep_running(group, f"END client {partition_id} (edge {edge})", watch=watch)
+        _keep_running(group, f"END client {partition_id} (edge {edge})", watch=watch if watches else None)
 
 
 def _local(listen: str) -> str:

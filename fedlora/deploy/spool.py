@@ -1,9 +1,10 @@
 """The edge's local channel: cell requests and results as files in one *spool* directory.
 
 An edge machine runs two Flower processes that meet here: the relay (the edge SuperNode's
-ClientApp, ``clients/edge.py``) drops each cell request from the parent and waits for its
-result; the edge service (a long-lived ServerApp run, ``server/edge.py``) claims each
-request, runs the cell and leaves the result or an error. The service touches a heartbeat
+ClientApp, ``clients/edge.py``) drops each cell request from the parent (or a request for
+the devices connected to the edge, :data:`REPORT_JOB`) and waits for its result; the edge
+service (a long-lived ServerApp run, ``server/edge.py``) claims each request, runs the cell
+and leaves the result or an error. The service touches a heartbeat
 file while it runs, so a relay does not wait for a service that is gone, and the deployment
 (``fedlora.deploy.processes``) knows when to start it again. A ``stop`` file ends the service.
 
@@ -19,6 +20,9 @@ from pathlib import Path
 POLL_S = 0.05
 HEARTBEAT_S = 2.0  # the edge service touches its heartbeat file this often
 STALE_S = 30.0  # a relay gives up on an edge service whose heartbeat is older than this
+# A request whose key starts so asks for the END devices connected to the edge, not a cell
+# round; its result is JSON {client: attachment count} (fedlora.world.attachments).
+REPORT_JOB = "report-"
 
 
 class EdgeError(RuntimeError):

@@ -78,6 +78,7 @@ from fedlora.secure.rounds import (
 from fedlora.seeds import round_seed
 from fedlora.split import model_shape
 from fedlora.train import evaluate
+from fedlora.world.attachments import EdgeReport, place_devices
 from fedlora.world.mobility import assignment_at, next_assignment
 from fedlora.world.netsim import RoundNetwork, SplitTraffic, simulate_round, unavailable
 from fedlora.world.splitplan import ModelShape, SplitChoice, plan_round
@@ -101,6 +102,13 @@ class CellRunner(Protocol):
             on_reply: ReplyCallback | None = None, keys: AggregatorKeys | None = None) -> list[CellResult]: ...
 
 
+class DeviceLocator(Protocol):
+    """Where the END devices of a deployment are: before each round, every edge's report of
+    the devices connected to it (:mod:`fedlora.world.attachments`)."""
+
+    def reports(self, server_round: int) -> list[EdgeReport]: ...
+
+
 def run_federation(
     cfg: FedLoraConfig | RunSettings,
     run_dir: str | Path,
@@ -110,6 +118,7 @@ def run_federation(
     progress: Progress | None = None,
     runner: CellRunner | None = None,
     identities: Identities | None = None,
+    locator: DeviceLocator | None = None,
 ) -> dict:
     """Run (or resume) the configured rounds; fill ``run_dir``; return the summary.
 
@@ -117,6 +126,8 @@ def run_federation(
     (default: :class:`LocalCellRunner` over ``transport``, in this process);
     ``identities``: the secure rounds' keys (default: derived from the seed, simulation only;
     a deployed cloud passes the plan's, :class:`~fedlora.secure.identities.PlannedIdentities`).
+    ``locator``: a deployment whose devices move between edges; each round then places every
+    device in the cell its edge reports it in (:func:`locate_devices`), not by the mobility model.
     ``cfg``: the run's config, or its settings already resolved (:func:`~fedlora.run_settings.resolve_run`).
     """
     resolved = cfg if isinstance(cfg, RunSettings) else resolve_run(cfg)
@@ -127,7 +138,9 @@ def run_federation(
     run.progress.start(cfg.federation.rounds, run.done + 1)
     for server_round in range(run.done + 1, cfg.federation.rounds + 1):
         t0 = time.perf_counter()
-        if server_round > run.done + 1:
+        if locator is not None:  # a deployment: the devices are where their edges see them
+            run.cell_of = locate_devices(run, server_round, locator)
+        elif server_round > run.done + 1:
             run.cell_of = next_assignment(run.tree, run.cell_of, server_round, cfg.seed)  # handovers between rounds
         who = sample_participants(run, server_round)
         run.progress.start_round(server_round, who.training)
@@ -287,6 +300,17 @@ def _privacy(resolved: RunSettings, expected: dict, ckpt) -> tuple[SecureSetting
 def _section(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
     """The checkpoint arrays under ``prefix`` (``adapter/``, ``strategy/``, ``cells/``, ``dp/``), prefix removed."""
     return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+
+def locate_devices(run: Run, server_round: int, locator: DeviceLocator) -> dict[int, str]:
+    """The round's placement from the edges' reports (:func:`~fedlora.world.attachments.place_devices`)."""
+    placed = place_devices(run.tree, run.cell_of, locator.reports(server_round))
+    for client, (before, now) in sorted(placed.moved.items()):
+        run.progress.note(f"round {server_round}: client {client} moved from {before} to {now} (its edge reports it)")
+    for client, cells in sorted(placed.several.items()):
+        log.warning("round %d: client %d is reported by the edges of %s; placed in %s", server_round, client,
+                    ", ".join(cells), placed.cell_of[client])
+    return placed.cell_of
 
 
 # -- 1. sample participants ---------------------------------------------------------------------------------------
