@@ -26,6 +26,7 @@ TOPOLOGY_KINDS = ("flat", "tree")
 MOBILITY_MODELS = ("none", "random_walk", "trace")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZE_MODES = ("none", "int8", "nf4")
 
 
 class ConfigError(ValueError):
@@ -56,6 +57,10 @@ class ModelConfig:
     cache_dir: str = ""
     # Precision of the frozen base weights; LoRA tensors always train and travel in fp32.
     dtype: str = "float32"
+    # Quantise the frozen base's linear layers on load (fedlora/quantize.py, bitsandbytes, the
+    # `quant` extra): none | int8 (LLM.int8) | nf4 (4-bit NormalFloat). The adapter stays fp32, so
+    # quantised and unquantised devices federate together; a device may choose it for itself.
+    quantize: str = "none"
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
 
@@ -448,6 +453,7 @@ def validate_model(m: ModelConfig, *, files: bool) -> None:
     """``model.*`` values; ``files``: also that ``model.path`` exists here (where the run is composed)."""
     _choice("model.source", m.source, MODEL_SOURCES)
     _choice("model.dtype", m.dtype, DTYPES)
+    _choice("model.quantize", m.quantize, QUANTIZE_MODES)
     if m.source in ("local", "hub") and not m.path:
         raise ConfigError(f"model.path must name a model directory or hub id when model.source={m.source}")
     if files and m.source == "local" and not Path(m.path).expanduser().is_dir():

@@ -123,7 +123,9 @@ class RoundSettings:
 # Config key (what the launcher writes) -> the round settings' field it sets.
 LOCAL_KEYS = {"model.dtype": "model.dtype", "train.gradient_checkpointing": "train.gradient_checkpointing",
               "train.batch_size": "train.batch_size", "train.grad_accum": "train.grad_accum",
-              "train.max_seq_len": "train.max_seq_len", "simulation.threads_per_client": "threads"}
+              "train.max_seq_len": "train.max_seq_len", "simulation.threads_per_client": "threads",
+              # a quantised frozen base (fedlora/quantize.py): the adapter it trains is the same fp32 shape
+              "model.quantize": "model.quantize"}
 
 
 def apply_device_settings(settings: RoundSettings, device_settings: str, data_file: str = "") -> RoundSettings:

@@ -39,7 +39,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     1: ("fedlora.wire", "fedlora.round_settings", "fedlora.protocol", "fedlora.secure", "fedlora.aggregate.sums"),
     # 2: the learning and the world it runs in: model, training, adapters, data, the cell tree,
     #    network and mobility model, strategies and DP, the run records, a run's settings resolved once.
-    2: ("fedlora.model", "fedlora.train", "fedlora.adapters", "fedlora.data", "fedlora.world",
+    2: ("fedlora.model", "fedlora.quantize", "fedlora.train", "fedlora.adapters", "fedlora.data", "fedlora.world",
         "fedlora.aggregate", "fedlora.runs", "fedlora.run_settings"),
     # 3: the roles of a round: device, neighbourhood, sub-urban, HierFAVG, cloud, local cells.
     3: ("fedlora.roles",),
