@@ -183,6 +183,9 @@ class DeviceProfileConfig:
     latency_ms: float = 0.0
     # Probability the device is reachable in a given round (battery, coverage, user).
     availability: float = 1.0
+    # LoRA rank devices of this profile train: the first lora_r components of the global adapter
+    # (rank lora.r, the largest), their update zero-padded back (fedlora/aggregate/ranks.py); 0 = lora.r.
+    lora_r: int = 0
 
 
 @dataclass
@@ -446,6 +449,10 @@ def validate(cfg: FedLoraConfig, *, files: bool = True) -> None:
     _positive("simulation.threads_per_client", cfg.simulation.threads_per_client, zero_ok=True)
     _validate_ray_address(cfg.simulation.ray_address)
     _validate_topology(cfg.topology, f.num_clients, files=files)
+    for name, p in cfg.topology.profiles.items():
+        if p.lora_r > cfg.lora.r:
+            raise ConfigError(f"topology.profiles.{name}.lora_r={p.lora_r} exceeds lora.r={cfg.lora.r}: lora.r is the global "
+                              f"adapter's rank, the largest any device trains (raise lora.r or lower the profile's)")
     _validate_privacy(cfg)
 
 
@@ -597,6 +604,7 @@ def _validate_topology(topo: TopologyConfig, num_clients: int, *, files: bool) -
         _positive(f"{key}.downlink_mbps", p.downlink_mbps)
         _positive(f"{key}.latency_ms", p.latency_ms, zero_ok=True)
         _fraction(f"{key}.availability", p.availability)
+        _positive(f"{key}.lora_r", p.lora_r, zero_ok=True)
     for name, share in topo.profile_mix.items():
         if name not in topo.profiles:
             raise ConfigError(

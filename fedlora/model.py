@@ -158,15 +158,17 @@ def load_base_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokeni
 
 
 def wrap_lora(
-    base: PreTrainedModel, lora: LoraConfig, *, freeze_a: bool = False, init_seed: int = 0
+    base: PreTrainedModel, lora: LoraConfig, *, freeze_a: bool = False, init_seed: int = 0,
+    lora_alpha: float | None = None,
 ) -> PeftModel:
     """``base`` with PEFT LoRA adapters (r, alpha, dropout, target_modules; CAUSAL_LM).
 
     The LoRA init depends only on ``init_seed``, so every process builds the same initial
     adapter; the caller's torch RNG state is left as it was. Adapter tensors are float32
     whatever the base dtype. ``freeze_a=True`` (FFA-LoRA) leaves only the lora_B weights
-    trainable. The result is in eval mode (call ``.train()`` to train) with
-    ``config.use_cache=False``.
+    trainable. ``lora_alpha``: in place of ``lora.alpha`` (a device training a lower rank than the
+    global adapter's keeps its scaling, :func:`fedlora.aggregate.ranks.device_alpha`). The result is
+    in eval mode (call ``.train()`` to train) with ``config.use_cache=False``.
 
     PEFT injects the adapter into ``base`` in place. Wrapping a base again first removes
     the adapter of the previous call, so each call starts from the plain base, but any
@@ -178,7 +180,7 @@ def wrap_lora(
     _check_targets(base, targets)
     peft_cfg = PeftLoraConfig(
         r=lora.r,
-        lora_alpha=lora.alpha,
+        lora_alpha=lora.alpha if lora_alpha is None else lora_alpha,
         lora_dropout=lora.dropout,
         target_modules=targets,
         task_type="CAUSAL_LM",

@@ -69,6 +69,10 @@ class RoundSettings:
     threads: int
     # Seconds a cell aggregator waits for its devices' replies (federation.round_timeout_s).
     round_timeout_s: float
+    # Devices that train a lower LoRA rank than lora.r (their profile's lora_r): partition id -> rank.
+    # Such a device trains the first r components of the global adapter and returns its update
+    # zero-padded to lora.r (fedlora/aggregate/ranks.py); a device not listed trains lora.r.
+    lora_ranks: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_version(self.version)
@@ -93,6 +97,10 @@ class RoundSettings:
         for name in ("clip_norm", "round_timeout_s"):
             if getattr(self, name) <= 0:
                 raise RoundSettingsError(f"round settings: {name}={getattr(self, name)} must be > 0")
+        for device, rank in self.lora_ranks.items():
+            if not device.isdigit() or not 1 <= rank <= self.lora.r:
+                raise RoundSettingsError(f"round settings: lora_ranks[{device!r}]={rank} must be a partition id -> "
+                                         f"a rank in [1, lora.r={self.lora.r}]")
         if self.privacy not in PRIVACY_MODES:
             raise RoundSettingsError(f"round settings: privacy={self.privacy!r} is not one of: {', '.join(PRIVACY_MODES)}")
 
