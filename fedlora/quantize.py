@@ -18,9 +18,7 @@ from __future__ import annotations
 import importlib.util
 import platform
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import Any
 
 from fedlora.config import QUANTIZE_MODES
 
@@ -32,12 +30,12 @@ class QuantizeError(ValueError):
     """The base cannot be quantised as asked here; the message says why and what to do."""
 
 
-def unsupported_reason(how: str, *, arch: str | None = None, cpu_flags: set[str] | None = None,
+def unsupported_reason(how: str, *, arch: str | None = None, avx2: bool | None = None,
                        bnb_installed: bool | None = None) -> str | None:
     """Why this platform cannot run a ``how`` base (None when it can, or when ``how`` is none).
 
-    Defaults read this machine (architecture, ``/proc/cpuinfo`` flags, whether bitsandbytes is
-    installed); the arguments let a caller judge another machine's facts."""
+    Defaults read this machine (architecture, AVX2 in ``/proc/cpuinfo``, whether bitsandbytes is
+    installed); the arguments judge another machine's facts (the device launcher's)."""
     if how == "none":
         return None
     if how not in QUANTIZE_MODES:
@@ -45,17 +43,15 @@ def unsupported_reason(how: str, *, arch: str | None = None, cpu_flags: set[str]
     arch = (arch or platform.machine()).lower()
     if arch not in BNB_ARCHES:
         return f"model.quantize={how} needs bitsandbytes' CPU kernels, which exist for x86-64 and aarch64, not {arch!r}"
-    if arch in ("x86_64", "amd64"):
-        flags = cpu_flags if cpu_flags is not None else _cpu_flags()
-        if flags and "avx2" not in flags:
-            return f"model.quantize={how}: this x86-64 CPU lacks AVX2, which bitsandbytes' CPU kernels need"
+    if arch in ("x86_64", "amd64") and not (avx2 if avx2 is not None else "avx2" in _cpu_flags()):
+        return f"model.quantize={how}: this x86-64 CPU lacks AVX2, which bitsandbytes' CPU kernels need"
     installed = bnb_installed if bnb_installed is not None else importlib.util.find_spec("bitsandbytes") is not None
     if not installed:
         return f"model.quantize={how} needs bitsandbytes, which is not installed: {INSTALL_HINT}"
     return None
 
 
-def quantize_base(model: nn.Module, how: str) -> nn.Module:
+def quantize_base(model: Any, how: str) -> Any:
     """Replace ``model``'s linear layers (all but the output head) by frozen bitsandbytes layers, in place.
 
     ``how``: ``int8`` (LLM.int8: int8 weights, outlier features above 6.0 in float) or ``nf4``
@@ -70,14 +66,16 @@ def quantize_base(model: nn.Module, how: str) -> nn.Module:
     why = unsupported_reason(how)
     if why is not None:
         raise QuantizeError(why)
-    # bitsandbytes only for a quantised base: it is an optional extra, and importing it costs time
+    # bitsandbytes only for a quantised base: it is an optional extra, and importing it costs time;
+    # torch here too, so the device launcher reads unsupported_reason without it
     import bitsandbytes as bnb
+    from torch import nn
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and child is not head:
-                setattr(parent, name, _quantized_linear(bnb, child, how))
+                setattr(parent, name, _quantized_linear(bnb, nn, child, how))
     model.requires_grad_(False)
     if how == "int8":
         model.is_loaded_in_8bit = True
@@ -86,7 +84,7 @@ def quantize_base(model: nn.Module, how: str) -> nn.Module:
     return model
 
 
-def _quantized_linear(bnb, layer: nn.Linear, how: str) -> nn.Module:
+def _quantized_linear(bnb, nn, layer: Any, how: str) -> Any:
     weight = layer.weight.detach()
     bias = layer.bias is not None
     if how == "int8":
@@ -117,15 +115,3 @@ def _cpu_flags() -> set[str]:
         if key.strip().lower() in ("flags", "features"):
             return set(rest.split())
     return set()
-
-
-def quantized_bytes(model: nn.Module) -> int:
-    """Bytes of the model's parameters and buffers as held (quantised weights at their packed size)."""
-    total = 0
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        total += tensor.numel() * tensor.element_size()
-    for module in model.modules():
-        state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if state is not None and isinstance(getattr(state, "absmax", None), torch.Tensor):
-            total += state.absmax.numel() * state.absmax.element_size()
-    return total
