@@ -31,14 +31,16 @@ once from the fp32 cache; that first load peaked at 1.45 GB (README), modelled a
 What the launcher may change per device: base precision, gradient checkpointing, batch
 size (with gradient accumulation raised to keep the effective batch) and ``max_seq_len``;
 and, only where nothing else fits, a quantised base (``model.quantize=int8``, then ``nf4``,
-with checkpointing, quantised from the fp32 cache as it loads; :mod:`fedlora.quantize`), where
-the platform can run it (x86-64 with AVX2 or aarch64, bitsandbytes installed). Its weights are
-modelled as 1 byte (int8) or 0.5 byte + block scales (nf4) per linear-layer parameter, the rest
-(embedding, norms) in fp32, with the fp32 checkpointing row's activations (an estimate: not
-calibrated on a measured row); its load must fit runtime + the fp32 weights (paged in while
-they are quantised) + the quantised ones. The LoRA rank is the device's profile's (``topology.profiles.<p>.lora_r``,
-else ``lora.r``; ``rank=``), set by the federation, never lowered by the launcher: the cloud
-knows each device's rank from its profile and pads its update (:mod:`fedlora.aggregate.ranks`).
+on the bf16 base with checkpointing; :mod:`fedlora.quantize`), where the platform can run it
+(x86-64 with AVX2 or aarch64, bitsandbytes installed). Its weights are modelled as 1 byte
+(int8) or 0.5 byte + block scales (nf4) per linear-layer parameter, the rest (embedding, norms)
+in bf16, and its activations (with bitsandbytes' dequantisation buffers) are calibrated on the
+measured peaks :data:`MEASURED_QUANT_PEAK_MIB`; like the bf16 base it must fit the one-off load
+that makes the bf16 copy. For SmolLM2-135M a quantised base needs MORE than the bf16 base, so it
+is never picked there; it pays for models whose weights outweigh their activations.
+The LoRA rank is the device's profile's (``topology.profiles.<p>.lora_r``, else ``lora.r``;
+``rank=``), set by the federation, never lowered by the launcher: the cloud knows each device's
+rank from its profile and pads its update (:mod:`fedlora.aggregate.ranks`).
 """
 
 from __future__ import annotations
@@ -78,9 +80,13 @@ CALIBRATION_ROWS = {
 # only (+35-45 % per step), bf16 also changes the base's numerics slightly.
 PRECISION_LADDER = [("float32", False), ("float32", True), ("bfloat16", True)]
 ARCHES_WITH_TORCH = ("x86_64", "amd64", "aarch64", "arm64")
-# Last resort, in order: a quantised frozen base (fedlora/quantize.py) with checkpointing, quantised from the
-# fp32 cache as it loads (a bf16 base would first need the one-off bf16 copy, whose load peak is the larger).
-QUANT_LADDER = [("float32", True, "int8"), ("float32", True, "nf4")]
+# Last resort, in order: a quantised frozen base (fedlora/quantize.py) on the bf16 base, with checkpointing.
+QUANT_LADDER = [("bfloat16", True, "int8"), ("bfloat16", True, "nf4")]
+# Measured peak MiB of the quantised bases (bf16 rest), SmolLM2-135M, LoRA r=8 q,v, batch 4 x 256, checkpointing:
+# bench/results/quantized.json rows int8:ckpt and nf4:ckpt. Both ABOVE the bf16 base's 1,156 MiB: bitsandbytes
+# dequantises each weight for the forward and backward matmuls on CPU, and at 135M parameters those buffers and
+# the activations outweigh what the smaller weights save.
+MEASURED_QUANT_PEAK_MIB = {"int8": 1589.86328125, "nf4": 1241.734375}
 # Bytes per linear-layer weight: int8 (+ one fp32 scale per row, ignored); nf4 (+ 8-bit block scales of
 # 64 weights and their fp32 second-level scales, ~1/64 byte).
 QUANT_BYTES = {"none": None, "int8": 1.0, "nf4": 0.5 + 1 / 64}
@@ -229,12 +235,17 @@ def _weights_mib(shape: ModelShape, dtype: str, quantize: str = "none") -> float
     return ((shape.params - linear) * per + linear * QUANT_BYTES[quantize]) / MIB
 
 
-def activation_mib_per_token(dtype: str, checkpointing: bool) -> float:
-    """SmolLM2-135M's activation memory per training token, from the measured peaks."""
+def activation_mib_per_token(dtype: str, checkpointing: bool, quantize: str = "none") -> float:
+    """SmolLM2-135M's activation memory per training token, from the measured peaks (a quantised base:
+    its measured row with checkpointing, whatever ``dtype`` and ``checkpointing``, dequantisation buffers included)."""
     base = SMOLLM2_135M
     lora = lora_params(base, 8, ["q_proj", "v_proj"]) * 16 / MIB
-    measured = MEASURED_PEAK_MIB[("float32" if dtype == "float32" else "bfloat16", checkpointing)]  # fp16 = bf16 bytes
-    return (measured - RUNTIME_MIB - _weights_mib(base, dtype) - lora) / CALIBRATION_TOKENS
+    if quantize != "none":
+        measured, weights = MEASURED_QUANT_PEAK_MIB[quantize], _weights_mib(base, "bfloat16", quantize)
+    else:
+        measured = MEASURED_PEAK_MIB[("float32" if dtype == "float32" else "bfloat16", checkpointing)]  # fp16 = bf16 bytes
+        weights = _weights_mib(base, dtype)
+    return (measured - RUNTIME_MIB - weights - lora) / CALIBRATION_TOKENS
 
 
 def predict_peak_mib(shape: ModelShape, *, dtype: str, checkpointing: bool, batch: int, seq: int, r: int,
@@ -242,7 +253,7 @@ def predict_peak_mib(shape: ModelShape, *, dtype: str, checkpointing: bool, batc
     """Predicted peak resident memory (MiB) of local training, without the safety margin."""
     scale = (shape.hidden * shape.layers) / (SMOLLM2_135M.hidden * SMOLLM2_135M.layers)
     tokens = batch * seq * max(1.0, seq / 256)
-    act = activation_mib_per_token(dtype, checkpointing) * scale * tokens
+    act = activation_mib_per_token(dtype, checkpointing, quantize) * scale * tokens
     return RUNTIME_MIB + _weights_mib(shape, dtype, quantize) + lora_params(shape, r, targets) * 16 / MIB + act
 
 
@@ -317,8 +328,6 @@ def pick_settings(cfg: FedLoraConfig, facts: DeviceFacts, *, rank: int | None = 
         peak = predict_peak_mib(shape, dtype=dtype, checkpointing=ckpt, batch=batch, seq=seq, r=r, targets=targets,
                                 quantize=quantize)
         first_load = conversion_peak_mib(shape) if dtype == "bfloat16" else 0.0  # the copy may not exist yet
-        if quantize != "none" and dtype == "float32":  # the fp32 pages quantised as they load
-            first_load = RUNTIME_MIB + _weights_mib(shape, "float32") + _weights_mib(shape, "float32", quantize)
         return peak, max(peak + SAFETY_MIB, first_load)
 
     seqs = [t.max_seq_len]
@@ -349,7 +358,7 @@ def pick_settings(cfg: FedLoraConfig, facts: DeviceFacts, *, rank: int | None = 
     _, smallest = need(dtype, ckpt, 1, seqs[-1])
     quant = ""
     if last_resort:
-        quant = f" With a quantised base (nf4) it needs {need('float32', True, 1, seqs[-1], 'nf4')[1]:.0f} MiB."
+        quant = f" With a quantised base (nf4) it needs {need('bfloat16', True, 1, seqs[-1], 'nf4')[1]:.0f} MiB."
     elif quant_why and cfg.model.quantize == "none":
         quant = f" A quantised base (model.quantize=int8|nf4) was not tried: {quant_why}."
     raise DeviceError(

@@ -33,7 +33,9 @@ def device_node_config(node: NodeFolder, *, audit: bool = False) -> tuple[dict, 
     """(the SuperNode's extra node config, what was checked and picked) for an END folder."""
     cfg = node.config()
     facts = read_facts()
-    settings = pick_settings(cfg, facts)  # DeviceError: this device cannot train the model
+    profile = cfg.topology.profiles.get(node.doc.get("device_profile") or "")
+    # DeviceError: this device cannot train the model (at its profile's LoRA rank, which the cloud gives it too)
+    settings = pick_settings(cfg, facts, rank=profile.lora_r or None if profile is not None else None)
     data_file = node.data_file()
     picked = {"device": describe(facts), "settings": settings.as_dict(), "data_file": data_file or None}
     state = node.path("state")
@@ -41,7 +43,8 @@ def device_node_config(node: NodeFolder, *, audit: bool = False) -> tuple[dict, 
     (state / "device.json").write_text(json.dumps(picked, indent=2) + "\n")
     log.info("device %s: %s, %.0f of %.0f MiB available -> %s base, checkpointing %s, batch %d x %d, max_seq_len %d "
              "(predicted peak %.0f MiB)%s", node.name, facts.arch, facts.mem_available_mib, facts.mem_total_mib,
-             settings.dtype, "on" if settings.gradient_checkpointing else "off", settings.batch_size, settings.grad_accum,
+             settings.dtype + ("" if settings.quantize == "none" else f" {settings.quantize}-quantised"),
+             "on" if settings.gradient_checkpointing else "off", settings.batch_size, settings.grad_accum,
              settings.max_seq_len, settings.predicted_peak_mib,
              f"; changed: {'; '.join(settings.changed)}" if settings.changed else "")
     if data_file:
