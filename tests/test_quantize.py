@@ -84,3 +84,42 @@ def test_a_platform_that_cannot_quantise_is_told_why(tiny_config, monkeypatch):
         load_base_model(tiny_config("model.quantize=int8", "model.tiny.hidden_size=32").model)
     base = object()
     assert quantize_base(base, "none") is base  # nothing to do, nothing checked
+
+
+def test_the_launcher_plans_a_quantised_base_on_its_measured_peaks_and_says_why_not():
+    import json
+    from pathlib import Path
+
+    from fedlora.config import compose
+    from fedlora.deploy.device import (
+        MEASURED_QUANT_PEAK_MIB,
+        SMOLLM2_135M,
+        DeviceError,
+        DeviceFacts,
+        pick_settings,
+        predict_peak_mib,
+    )
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "results" / "quantized.json"
+    rows = {r["config"]: r for r in json.loads(bench.read_text())["memory"] if "peak_mib" in r}
+    for how, peak in MEASURED_QUANT_PEAK_MIB.items():
+        assert rows[f"{how}:ckpt"]["peak_mib"] == peak and rows[f"{how}:ckpt"]["raw"]["batch_shape"] == [4, 256]
+        predicted = predict_peak_mib(SMOLLM2_135M, dtype="bfloat16", checkpointing=True, batch=4, seq=256, r=8,
+                                     targets=["q_proj", "v_proj"], quantize=how)
+        assert predicted == pytest.approx(peak, rel=1e-9)
+    cfg = compose([])
+
+    def device(avail, arch="aarch64", avx2=False, bnb=True):
+        return DeviceFacts(avail + 250, avail, arch, "3.11.2", "2.13.0", False, 4, avx2, bnb)
+
+    with pytest.raises(DeviceError, match="lacks AVX2"):
+        pick_settings(cfg, device(800, arch="x86_64", avx2=False))
+    with pytest.raises(DeviceError, match=r"fedlora\[quant\]"):
+        pick_settings(cfg, device(800, bnb=False))
+    with pytest.raises(DeviceError, match=r"With a quantised base \(nf4\) it needs"):
+        pick_settings(cfg, device(800))
+    assert pick_settings(cfg, device(1640)).quantize == "none"  # SmolLM2: bf16 + checkpointing needs less
+    low, full = pick_settings(cfg, device(3480), rank=2), pick_settings(cfg, device(3480))
+    assert (low.lora_r, full.lora_r) == (2, 8) and low.predicted_peak_mib < full.predicted_peak_mib
+    assert "model.quantize=int8" in dataclasses.replace(full, quantize="int8").overrides()
+    assert not any(o.startswith("model.quantize") for o in full.overrides())  # unchanged default device settings

@@ -4,7 +4,7 @@
    federation's config; its certificates and keys) -- :func:`fedlora.deploy.plan.read_node`.
 2. Checks the device (free memory, CPU architecture, Python, torch, AES instructions) and
    picks the least degraded training settings that fit (base precision, gradient
-   checkpointing, batch, ``max_seq_len``; never the LoRA rank, which every client shares) --
+   checkpointing, batch, ``max_seq_len``, a quantised base last; never the LoRA rank: its profile's) --
    :func:`fedlora.deploy.device.pick_settings`; refuses with the reason when the device
    cannot train the model. What it picked is written to ``state/device.json``.
 3. Starts the device's SuperNode: TLS with the plan's CA, SuperNode authentication with its
