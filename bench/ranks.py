@@ -10,7 +10,10 @@ same round loop as ``fedlora run``) on the same seed, data, clients and sampling
 * ``mixed``: ``lora.r=R_LARGE`` (the global adapter), the ``phone`` profile (half the devices) at
   ``topology.profiles.phone.lora_r=R_SMALL``: they train the first R_SMALL components and send
   their update zero-padded (fedlora/aggregate/ranks.py);
-* ``all-large``: ``lora.r=R_LARGE`` for every device.
+* ``all-large``: ``lora.r=R_LARGE`` for every device;
+* ``all-small-same-scale``: ``lora.r=R_SMALL`` with ``lora.alpha`` scaled by R_SMALL/R_LARGE, so its
+  LoRA scaling alpha/r is the mixed and all-large runs' alpha/R_LARGE (a mixed run's small devices
+  train at that scaling): separates the rank from the step size alpha/r.
 
 It reports the final held-out loss (the cloud's evaluation of the global adapter), the bytes the
 devices uploaded as sent (``rounds.jsonl`` ``bytes.up``: a padded update is the global adapter's
@@ -48,7 +51,7 @@ def federation(name: str, args: argparse.Namespace, overrides: list[str], work: 
     cfg = compose([f"model={args.model}", "topology=flat", f"federation.num_clients={args.clients}",
                    f"federation.rounds={args.rounds}", "federation.fraction=1.0", f"train.local_steps={args.steps}",
                    f"train.max_seq_len={args.seq}", f"data.records_per_client={args.records}", "train.lr=0.005",
-                   f"data.max_eval_examples={args.eval_examples}", "lora.alpha=16", "progress=false",
+                   f"data.max_eval_examples={args.eval_examples}", f"lora.alpha={args.alpha}", "progress=false",
                    *profiles, *mix, *overrides])
     t0 = time.perf_counter()
     summary = run_federation(cfg, work / name, InProcessTransport(args.clients))
@@ -78,6 +81,7 @@ def main() -> None:
     p.add_argument("--model", default="tiny")
     p.add_argument("--r-small", type=int, default=2)
     p.add_argument("--r-large", type=int, default=8)
+    p.add_argument("--alpha", type=int, default=16)
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=3)
@@ -88,7 +92,9 @@ def main() -> None:
     p.add_argument("--no-lock", action="store_true")
     p.add_argument("--out", default=str(RESULTS / "ranks.json"))
     args = p.parse_args()
+    same_scale = args.alpha * args.r_small // args.r_large  # all-small at the global adapter's scaling alpha/R
     runs = {"all-small": [f"lora.r={args.r_small}"],
+            "all-small-same-scale": [f"lora.r={args.r_small}", f"lora.alpha={same_scale}"],
             "mixed": [f"lora.r={args.r_large}", f"topology.profiles.phone.lora_r={args.r_small}"],
             "all-large": [f"lora.r={args.r_large}"]}
     info = machine()
