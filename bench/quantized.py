@@ -138,6 +138,7 @@ def main() -> None:
     p.add_argument("--quality-steps", type=int, default=4, help="0: no quality rows")
     p.add_argument("--quality", nargs="*", default=QUALITY_CONFIGS, help="bases of the quality rows (default %(default)s)")
     p.add_argument("--eval-examples", type=int, default=16)
+    p.add_argument("--only-quality", action="store_true", help="no memory/speed rows")
     p.add_argument("--lock", default=DEFAULT_LOCK)
     p.add_argument("--no-lock", action="store_true")
     p.add_argument("--out", default=str(RESULTS / "quantized.json"))
@@ -148,7 +149,7 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    configs = args.configs or DEFAULT_CONFIGS
+    configs = [] if args.only_quality else args.configs or DEFAULT_CONFIGS
     for spec in configs + args.quality:
         if spec.partition(":")[0] not in BASES or spec.partition(":")[2] not in ("", "ckpt"):
             p.error(f"bad configuration {spec!r}: BASE[:ckpt], BASE one of {', '.join(BASES)}")
