@@ -27,6 +27,7 @@ MOBILITY_MODELS = ("none", "random_walk", "trace")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 TRAIN_MODES = ("full", "split", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZE_MODES = ("none", "int8", "nf4")
 
 
 class ConfigError(ValueError):
@@ -57,6 +58,10 @@ class ModelConfig:
     cache_dir: str = ""
     # Precision of the frozen base weights; LoRA tensors always train and travel in fp32.
     dtype: str = "float32"
+    # Quantise the frozen base's linear layers on load (fedlora/quantize.py, bitsandbytes, the
+    # `quant` extra): none | int8 (LLM.int8) | nf4 (4-bit NormalFloat). The adapter stays fp32, so
+    # quantised and unquantised devices federate together; a device may choose it for itself.
+    quantize: str = "none"
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
 
@@ -213,6 +218,9 @@ class DeviceProfileConfig:
     latency_ms: float = 0.0
     # Probability the device is reachable in a given round (battery, coverage, user).
     availability: float = 1.0
+    # LoRA rank devices of this profile train: the first lora_r components of the global adapter
+    # (rank lora.r, the largest), their update zero-padded back (fedlora/aggregate/ranks.py); 0 = lora.r.
+    lora_r: int = 0
 
 
 @dataclass
@@ -483,6 +491,10 @@ def validate(cfg: FedLoraConfig, *, files: bool = True) -> None:
     _positive("simulation.threads_per_client", cfg.simulation.threads_per_client, zero_ok=True)
     _validate_ray_address(cfg.simulation.ray_address)
     _validate_topology(cfg.topology, f.num_clients, files=files)
+    for name, p in cfg.topology.profiles.items():
+        if p.lora_r > cfg.lora.r:
+            raise ConfigError(f"topology.profiles.{name}.lora_r={p.lora_r} exceeds lora.r={cfg.lora.r}: lora.r is the global "
+                              f"adapter's rank, the largest any device trains (raise lora.r or lower the profile's)")
     _validate_privacy(cfg)
 
 
@@ -490,6 +502,7 @@ def validate_model(m: ModelConfig, *, files: bool) -> None:
     """``model.*`` values; ``files``: also that ``model.path`` exists here (where the run is composed)."""
     _choice("model.source", m.source, MODEL_SOURCES)
     _choice("model.dtype", m.dtype, DTYPES)
+    _choice("model.quantize", m.quantize, QUANTIZE_MODES)
     if m.source in ("local", "hub") and not m.path:
         raise ConfigError(f"model.path must name a model directory or hub id when model.source={m.source}")
     if files and m.source == "local" and not Path(m.path).expanduser().is_dir():
@@ -646,6 +659,7 @@ def _validate_topology(topo: TopologyConfig, num_clients: int, *, files: bool) -
         _positive(f"{key}.downlink_mbps", p.downlink_mbps)
         _positive(f"{key}.latency_ms", p.latency_ms, zero_ok=True)
         _fraction(f"{key}.availability", p.availability)
+        _positive(f"{key}.lora_r", p.lora_r, zero_ok=True)
     for name, share in topo.profile_mix.items():
         if name not in topo.profiles:
             raise ConfigError(

@@ -44,6 +44,7 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 from fedlora.config import LoraConfig, ModelConfig
+from fedlora.quantize import QuantizeError, quantize_base
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,9 @@ def load_base_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokeni
 
     The model has ``requires_grad=False`` on every parameter, is in eval mode, holds its
     weights in ``model.dtype`` and has ``config.use_cache=False`` (it is built for
-    training; pass ``use_cache=True`` to ``generate`` for fast decoding). Results are
+    training; pass ``use_cache=True`` to ``generate`` for fast decoding). With ``model.quantize``
+    its linear layers (but the output head) are quantised (:func:`fedlora.quantize.quantize_base`;
+    ModelError where this platform cannot). Results are
     cached per process, keyed by the config: repeated calls return the same objects, so a
     worker serving many clients loads the base once. Both are shared: add adapters only
     through :func:`wrap_lora`, which can re-wrap the same base for each client.
@@ -144,6 +147,10 @@ def load_base_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokeni
             except (OSError, ValueError) as exc:
                 raise _load_error(cfg, "model", exc) from exc
             model.requires_grad_(False)
+            try:
+                quantize_base(model, cfg.quantize)
+            except QuantizeError as exc:
+                raise ModelError(str(exc)) from None
             model.eval()
             model.config.use_cache = False
             _BASE_CACHE[key] = (model, load_tokenizer(cfg))
@@ -151,15 +158,17 @@ def load_base_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokeni
 
 
 def wrap_lora(
-    base: PreTrainedModel, lora: LoraConfig, *, freeze_a: bool = False, init_seed: int = 0
+    base: PreTrainedModel, lora: LoraConfig, *, freeze_a: bool = False, init_seed: int = 0,
+    lora_alpha: float | None = None,
 ) -> PeftModel:
     """``base`` with PEFT LoRA adapters (r, alpha, dropout, target_modules; CAUSAL_LM).
 
     The LoRA init depends only on ``init_seed``, so every process builds the same initial
     adapter; the caller's torch RNG state is left as it was. Adapter tensors are float32
     whatever the base dtype. ``freeze_a=True`` (FFA-LoRA) leaves only the lora_B weights
-    trainable. The result is in eval mode (call ``.train()`` to train) with
-    ``config.use_cache=False``.
+    trainable. ``lora_alpha``: in place of ``lora.alpha`` (a device training a lower rank than the
+    global adapter's keeps its scaling, :func:`fedlora.aggregate.ranks.device_alpha`). The result is
+    in eval mode (call ``.train()`` to train) with ``config.use_cache=False``.
 
     PEFT injects the adapter into ``base`` in place. Wrapping a base again first removes
     the adapter of the previous call, so each call starts from the plain base, but any
@@ -171,7 +180,7 @@ def wrap_lora(
     _check_targets(base, targets)
     peft_cfg = PeftLoraConfig(
         r=lora.r,
-        lora_alpha=lora.alpha,
+        lora_alpha=lora.alpha if lora_alpha is None else lora_alpha,
         lora_dropout=lora.dropout,
         target_modules=targets,
         task_type="CAUSAL_LM",
@@ -242,7 +251,7 @@ def _cache_key(cfg: ModelConfig) -> tuple[Any, ...]:
     # The cache root is part of the key because smollm2/tiny directories live under it.
     root = str(cache_root(cfg)) if cfg.source in ("smollm2", "tiny") else ""
     tiny = tuple(sorted(asdict(cfg.tiny).items())) if cfg.source == "tiny" else ()
-    return (cfg.source, cfg.path, cfg.dtype, root, tiny)
+    return (cfg.source, cfg.path, cfg.dtype, root, tiny, cfg.quantize)
 
 
 def _load_error(cfg: ModelConfig, what: str, exc: Exception) -> ModelError:

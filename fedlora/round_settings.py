@@ -33,7 +33,9 @@ from fedlora.config import (
     validate_train,
 )
 
-VERSION = 1
+# 2: personal strategies (personal, personal_dir), a LoRA rank per device (lora_ranks), train.mode/split,
+#    model.quantize -- a version-1 device would misread these, so it is refused by name.
+VERSION = 2
 # Effective privacy modes (``privacy=auto`` is resolved by the cloud before settings travel).
 PRIVACY_MODES = ("none", "secagg", "secagg_dp")
 # What a device keeps for itself under a personal strategy (fedlora.roles.personal): nothing, its own
@@ -76,6 +78,10 @@ class RoundSettings:
     threads: int
     # Seconds a cell aggregator waits for its devices' replies (federation.round_timeout_s).
     round_timeout_s: float
+    # Devices that train a lower LoRA rank than lora.r (their profile's lora_r): partition id -> rank.
+    # Such a device trains the first r components of the global adapter and returns its update
+    # zero-padded to lora.r (fedlora/aggregate/ranks.py); a device not listed trains lora.r.
+    lora_ranks: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_version(self.version)
@@ -102,6 +108,10 @@ class RoundSettings:
                 raise RoundSettingsError(f"round settings: {name}={getattr(self, name)} must be > 0")
         if self.personal not in PERSONAL_KINDS:
             raise RoundSettingsError(f"round settings: personal={self.personal!r} is not one of: {', '.join(PERSONAL_KINDS)}")
+        for device, rank in self.lora_ranks.items():
+            if not device.isdigit() or not 1 <= rank <= self.lora.r:
+                raise RoundSettingsError(f"round settings: lora_ranks[{device!r}]={rank} must be a partition id -> "
+                                         f"a rank in [1, lora.r={self.lora.r}]")
         if self.privacy not in PRIVACY_MODES:
             raise RoundSettingsError(f"round settings: privacy={self.privacy!r} is not one of: {', '.join(PRIVACY_MODES)}")
 
@@ -132,7 +142,9 @@ class RoundSettings:
 # Config key (what the launcher writes) -> the round settings' field it sets.
 LOCAL_KEYS = {"model.dtype": "model.dtype", "train.gradient_checkpointing": "train.gradient_checkpointing",
               "train.batch_size": "train.batch_size", "train.grad_accum": "train.grad_accum",
-              "train.max_seq_len": "train.max_seq_len", "simulation.threads_per_client": "threads"}
+              "train.max_seq_len": "train.max_seq_len", "simulation.threads_per_client": "threads",
+              # a quantised frozen base (fedlora/quantize.py): the adapter it trains is the same fp32 shape
+              "model.quantize": "model.quantize"}
 
 
 def apply_device_settings(settings: RoundSettings, device_settings: str, data_file: str = "") -> RoundSettings:

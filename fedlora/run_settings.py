@@ -66,7 +66,13 @@ class RunSettings:
             personal=str(client_settings.get("personal", "none")), personal_dir=str(client_settings.get("personal_dir", "")),
             privacy=self.privacy, clip_norm=float(cfg.privacy.clip_norm), max_examples=self.max_examples,
             threads=cfg.simulation.threads_per_client or cfg.simulation.cpus_per_client,
-            round_timeout_s=float(cfg.federation.round_timeout_s))
+            round_timeout_s=float(cfg.federation.round_timeout_s), lora_ranks=self.lora_ranks())
+
+    def lora_ranks(self) -> dict[str, int]:
+        """Devices whose profile trains a lower LoRA rank than ``lora.r``: partition id -> rank (HetLoRA)."""
+        r = self.config.lora.r
+        ranks = {client: self.tree.profile(client).lora_r or r for client in self.tree.profile_of}
+        return {str(client): rank for client, rank in sorted(ranks.items()) if rank != r}
 
 
 def resolve_run(cfg: FedLoraConfig) -> RunSettings:

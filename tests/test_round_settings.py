@@ -29,8 +29,9 @@ def test_round_settings_carry_what_a_device_needs_and_round_trip_as_json():
 
 def test_round_settings_refuse_another_version_and_malformed_fields_naming_them():
     doc = settings().to_dict()
-    with pytest.raises(RoundSettingsError, match="version=2"):
-        RoundSettings.from_dict({**doc, "version": 2})
+    for other in (VERSION - 1, VERSION + 1):
+        with pytest.raises(RoundSettingsError, match=f"version={other}"):
+            RoundSettings.from_dict({**doc, "version": other})
     with pytest.raises(RoundSettingsError, match="train.batch_size"):
         RoundSettings.from_dict({**doc, "train": {**doc["train"], "batch_size": "four"}})
     with pytest.raises(RoundSettingsError, match="train.batch_size=0"):

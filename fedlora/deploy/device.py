@@ -29,15 +29,23 @@ once from the fp32 cache; that first load peaked at 1.45 GB (README), modelled a
 1.33 x (fp32 + bf16 weights), and must fit too.
 
 What the launcher may change per device: base precision, gradient checkpointing, batch
-size (with gradient accumulation raised to keep the effective batch) and ``max_seq_len``.
-The LoRA rank is NOT a per-device choice: every client of a federation must train adapters
-of the same shape for the updates to be added, so the rank is the federation's, reported
-and counted in the memory, never lowered (heterogeneous ranks would need HetLoRA-style
-aggregation, which fedlora does not have).
+size (with gradient accumulation raised to keep the effective batch) and ``max_seq_len``;
+and, only where nothing else fits, a quantised base (``model.quantize=int8``, then ``nf4``,
+on the bf16 base with checkpointing; :mod:`fedlora.quantize`), where the platform can run it
+(x86-64 with AVX2 or aarch64, bitsandbytes installed). Its weights are modelled as 1 byte
+(int8) or 0.5 byte + block scales (nf4) per linear-layer parameter, the rest (embedding, norms)
+in bf16, and its activations (with bitsandbytes' dequantisation buffers) are calibrated on the
+measured peaks :data:`MEASURED_QUANT_PEAK_MIB`; like the bf16 base it must fit the one-off load
+that makes the bf16 copy. For SmolLM2-135M a quantised base needs MORE than the bf16 base, so it
+is never picked there; it pays for models whose weights outweigh their activations.
+The LoRA rank is the device's profile's (``topology.profiles.<p>.lora_r``, else ``lora.r``;
+``rank=``), set by the federation, never lowered by the launcher: the cloud knows each device's
+rank from its profile and pads its update (:mod:`fedlora.aggregate.ranks`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -45,6 +53,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fedlora.config import FedLoraConfig, ModelConfig
+from fedlora.quantize import unsupported_reason
 from fedlora.secure.prg import AES128_CTR, CHACHA20
 
 MIB = 1 << 20
@@ -71,6 +80,16 @@ CALIBRATION_ROWS = {
 # only (+35-45 % per step), bf16 also changes the base's numerics slightly.
 PRECISION_LADDER = [("float32", False), ("float32", True), ("bfloat16", True)]
 ARCHES_WITH_TORCH = ("x86_64", "amd64", "aarch64", "arm64")
+# Last resort, in order: a quantised frozen base (fedlora/quantize.py) on the bf16 base, with checkpointing.
+QUANT_LADDER = [("bfloat16", True, "int8"), ("bfloat16", True, "nf4")]
+# Measured peak MiB of the quantised bases (bf16 rest), SmolLM2-135M, LoRA r=8 q,v, batch 4 x 256, checkpointing:
+# bench/results/quantized.json rows int8:ckpt and nf4:ckpt. Both ABOVE the bf16 base's 1,156 MiB: bitsandbytes
+# dequantises each weight for the forward and backward matmuls on CPU, and at 135M parameters those buffers and
+# the activations outweigh what the smaller weights save.
+MEASURED_QUANT_PEAK_MIB = {"int8": 1589.86328125, "nf4": 1241.734375}
+# Bytes per linear-layer weight: int8 (+ one fp32 scale per row, ignored); nf4 (+ 8-bit block scales of
+# 64 weights and their fp32 second-level scales, ~1/64 byte).
+QUANT_BYTES = {"none": None, "int8": 1.0, "nf4": 0.5 + 1 / 64}
 
 
 class DeviceError(ValueError):
@@ -88,6 +107,9 @@ class DeviceFacts:
     torch: str | None
     aes: bool
     cpu_count: int
+    # What a quantised base needs (fedlora/quantize.py): AVX2 on x86-64, the bitsandbytes package.
+    avx2: bool = False
+    bitsandbytes: bool = False
 
 
 def parse_meminfo(text: str) -> tuple[float, float]:
@@ -132,8 +154,11 @@ def read_facts() -> DeviceFacts:
         torch_version: str | None = torch.__version__
     except ImportError:
         torch_version = None
+    flags = {f for line in cpuinfo.splitlines() if line.partition(":")[0].strip().lower() in ("flags", "features")
+             for f in line.partition(":")[2].split()}
     return DeviceFacts(total, available, platform.machine().lower(), platform.python_version(), torch_version,
-                       cpu_has_aes(cpuinfo), os.cpu_count() or 1)
+                       cpu_has_aes(cpuinfo), os.cpu_count() or 1, "avx2" in flags,
+                       importlib.util.find_spec("bitsandbytes") is not None)
 
 
 def mask_prg(facts: DeviceFacts) -> str:
@@ -202,25 +227,34 @@ def lora_params(shape: ModelShape, r: int, targets: list[str]) -> int:
 
 # -- the memory model ----------------------------------------------------------------------
 
-def _weights_mib(shape: ModelShape, dtype: str) -> float:
-    return shape.params * (4 if dtype == "float32" else 2) / MIB
+def _weights_mib(shape: ModelShape, dtype: str, quantize: str = "none") -> float:
+    per = 4 if dtype == "float32" else 2
+    if quantize == "none":
+        return shape.params * per / MIB
+    linear = shape.params - VOCAB * shape.hidden - shape.hidden * (2 * shape.layers + 1)  # all but embedding, norms
+    return ((shape.params - linear) * per + linear * QUANT_BYTES[quantize]) / MIB
 
 
-def activation_mib_per_token(dtype: str, checkpointing: bool) -> float:
-    """SmolLM2-135M's activation memory per training token, from the measured peaks."""
+def activation_mib_per_token(dtype: str, checkpointing: bool, quantize: str = "none") -> float:
+    """SmolLM2-135M's activation memory per training token, from the measured peaks (a quantised base:
+    its measured row with checkpointing, whatever ``dtype`` and ``checkpointing``, dequantisation buffers included)."""
     base = SMOLLM2_135M
     lora = lora_params(base, 8, ["q_proj", "v_proj"]) * 16 / MIB
-    measured = MEASURED_PEAK_MIB[("float32" if dtype == "float32" else "bfloat16", checkpointing)]  # fp16 = bf16 bytes
-    return (measured - RUNTIME_MIB - _weights_mib(base, dtype) - lora) / CALIBRATION_TOKENS
+    if quantize != "none":
+        measured, weights = MEASURED_QUANT_PEAK_MIB[quantize], _weights_mib(base, "bfloat16", quantize)
+    else:
+        measured = MEASURED_PEAK_MIB[("float32" if dtype == "float32" else "bfloat16", checkpointing)]  # fp16 = bf16 bytes
+        weights = _weights_mib(base, dtype)
+    return (measured - RUNTIME_MIB - weights - lora) / CALIBRATION_TOKENS
 
 
 def predict_peak_mib(shape: ModelShape, *, dtype: str, checkpointing: bool, batch: int, seq: int, r: int,
-                     targets: list[str]) -> float:
+                     targets: list[str], quantize: str = "none") -> float:
     """Predicted peak resident memory (MiB) of local training, without the safety margin."""
     scale = (shape.hidden * shape.layers) / (SMOLLM2_135M.hidden * SMOLLM2_135M.layers)
     tokens = batch * seq * max(1.0, seq / 256)
-    act = activation_mib_per_token(dtype, checkpointing) * scale * tokens
-    return RUNTIME_MIB + _weights_mib(shape, dtype) + lora_params(shape, r, targets) * 16 / MIB + act
+    act = activation_mib_per_token(dtype, checkpointing, quantize) * scale * tokens
+    return RUNTIME_MIB + _weights_mib(shape, dtype, quantize) + lora_params(shape, r, targets) * 16 / MIB + act
 
 
 def conversion_peak_mib(shape: ModelShape) -> float:
@@ -246,12 +280,13 @@ class Settings:
     available_mib: float
     mask_prg: str
     changed: list[str] = field(default_factory=list)  # what differs from the federation's config
+    quantize: str = "none"  # model.quantize: a quantised frozen base where nothing else fits
 
     def overrides(self) -> list[str]:
         """Hydra overrides that apply these settings to the federation's config."""
         return [f"model.dtype={self.dtype}", f"train.gradient_checkpointing={str(self.gradient_checkpointing).lower()}",
                 f"train.batch_size={self.batch_size}", f"train.grad_accum={self.grad_accum}",
-                f"train.max_seq_len={self.max_seq_len}"]
+                f"train.max_seq_len={self.max_seq_len}"] + ([f"model.quantize={self.quantize}"] * (self.quantize != "none"))
 
     def as_dict(self) -> dict:
         return asdict(self) | {"overrides": self.overrides()}
@@ -275,20 +310,23 @@ def _ladder(cfg: FedLoraConfig) -> list[tuple[str, bool]]:
     return PRECISION_LADDER[PRECISION_LADDER.index(own):]
 
 
-def pick_settings(cfg: FedLoraConfig, facts: DeviceFacts) -> Settings:
+def pick_settings(cfg: FedLoraConfig, facts: DeviceFacts, *, rank: int | None = None) -> Settings:
     """The least degraded settings that fit ``facts``; :class:`DeviceError` when none does.
 
     Order of degradation: precision/checkpointing ladder first (costs time, not quality),
     then the batch halves (gradient accumulation doubles: same effective batch), then
-    ``max_seq_len`` halves down to 64 (longer examples are truncated: costs quality).
+    ``max_seq_len`` halves down to 64 (longer examples are truncated: costs quality); when even
+    that does not fit, a quantised base (:data:`QUANT_LADDER`, where the platform can run one).
+    ``rank``: the LoRA rank this device trains (its profile's ``lora_r``); default ``lora.r``.
     """
     check_platform(facts)
     shape = model_shape(cfg.model)
-    r, targets, t = cfg.lora.r, list(cfg.lora.target_modules), cfg.train
+    r, targets, t = rank or cfg.lora.r, list(cfg.lora.target_modules), cfg.train
     available = facts.mem_available_mib
 
-    def need(dtype, ckpt, batch, seq):
-        peak = predict_peak_mib(shape, dtype=dtype, checkpointing=ckpt, batch=batch, seq=seq, r=r, targets=targets)
+    def need(dtype, ckpt, batch, seq, quantize="none"):
+        peak = predict_peak_mib(shape, dtype=dtype, checkpointing=ckpt, batch=batch, seq=seq, r=r, targets=targets,
+                                quantize=quantize)
         first_load = conversion_peak_mib(shape) if dtype == "bfloat16" else 0.0  # the copy may not exist yet
         return peak, max(peak + SAFETY_MIB, first_load)
 
@@ -298,25 +336,36 @@ def pick_settings(cfg: FedLoraConfig, facts: DeviceFacts) -> Settings:
     batches = [t.batch_size]
     while batches[-1] > 1:
         batches.append(batches[-1] // 2)
-    for seq in seqs:
-        for batch in batches:
-            for dtype, ckpt in _ladder(cfg):
-                peak, needed = need(dtype, ckpt, batch, seq)
-                if needed <= available:
-                    accum = t.grad_accum * max(1, t.batch_size // batch)
-                    changed = [f"{k}: {a} -> {b}" for k, a, b in [
-                        ("model.dtype", cfg.model.dtype, dtype), ("train.gradient_checkpointing", t.gradient_checkpointing, ckpt),
-                        ("train.batch_size", t.batch_size, batch), ("train.grad_accum", t.grad_accum, accum),
-                        ("train.max_seq_len", t.max_seq_len, seq)] if a != b]
-                    return Settings(shape.name, r, dtype, ckpt, batch, accum, seq, round(peak, 1), round(needed, 1),
-                                    round(available, 1), mask_prg(facts), changed)
+    quant_why = unsupported_reason("int8", arch=facts.arch, avx2=facts.avx2, bnb_installed=facts.bitsandbytes)
+    rungs = [(d, c, cfg.model.quantize) for d, c in _ladder(cfg)]
+    last_resort = [] if quant_why is not None or cfg.model.quantize != "none" else QUANT_LADDER
+    for ladder in (rungs, last_resort):
+        for seq in seqs:
+            for batch in batches:
+                for dtype, ckpt, quantize in ladder:
+                    peak, needed = need(dtype, ckpt, batch, seq, quantize)
+                    if needed <= available:
+                        accum = t.grad_accum * max(1, t.batch_size // batch)
+                        changed = [f"{k}: {a} -> {b}" for k, a, b in [
+                            ("model.dtype", cfg.model.dtype, dtype),
+                            ("train.gradient_checkpointing", t.gradient_checkpointing, ckpt),
+                            ("train.batch_size", t.batch_size, batch), ("train.grad_accum", t.grad_accum, accum),
+                            ("train.max_seq_len", t.max_seq_len, seq), ("model.quantize", cfg.model.quantize, quantize)]
+                            if a != b]
+                        return Settings(shape.name, r, dtype, ckpt, batch, accum, seq, round(peak, 1), round(needed, 1),
+                                        round(available, 1), mask_prg(facts), changed, quantize)
     dtype, ckpt = _ladder(cfg)[-1]
     _, smallest = need(dtype, ckpt, 1, seqs[-1])
+    quant = ""
+    if last_resort:
+        quant = f" With a quantised base (nf4) it needs {need('bfloat16', True, 1, seqs[-1], 'nf4')[1]:.0f} MiB."
+    elif quant_why and cfg.model.quantize == "none":
+        quant = f" A quantised base (model.quantize=int8|nf4) was not tried: {quant_why}."
     raise DeviceError(
         f"this device cannot train {shape.name} (LoRA r={r} on {','.join(targets)}): it has {available:.0f} MiB "
         f"available ({facts.mem_total_mib:.0f} MiB total), the smallest settings ({dtype}, gradient checkpointing, "
         f"batch 1, max_seq_len {seqs[-1]}) need {smallest:.0f} MiB (predicted peak + {SAFETY_MIB:.0f} MiB margin, or the "
-        f"one-off load that makes the bf16 copy of the base, whichever is larger). "
+        f"one-off load that makes the bf16 copy of the base, whichever is larger).{quant} "
         "Free memory (close other programs), use a device with more memory, or a smaller model.")
 
 

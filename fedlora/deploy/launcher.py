@@ -4,7 +4,7 @@
    federation's config; its certificates and keys) -- :func:`fedlora.deploy.plan.read_node`.
 2. Checks the device (free memory, CPU architecture, Python, torch, AES instructions) and
    picks the least degraded training settings that fit (base precision, gradient
-   checkpointing, batch, ``max_seq_len``; never the LoRA rank, which every client shares) --
+   checkpointing, batch, ``max_seq_len``, a quantised base last; never the LoRA rank: its profile's) --
    :func:`fedlora.deploy.device.pick_settings`; refuses with the reason when the device
    cannot train the model. What it picked is written to ``state/device.json``.
 3. Starts the device's SuperNode: TLS with the plan's CA, SuperNode authentication with its
@@ -43,7 +43,9 @@ def device_node_config(node: NodeFolder, *, audit: bool = False) -> tuple[dict, 
     """(the SuperNode's extra node config, what was checked and picked) for an END folder."""
     cfg = node.config()
     facts = read_facts()
-    settings = pick_settings(cfg, facts)  # DeviceError: this device cannot train the model
+    profile = cfg.topology.profiles.get(node.doc.get("device_profile") or "")
+    # DeviceError: this device cannot train the model (at its profile's LoRA rank, which the cloud gives it too)
+    settings = pick_settings(cfg, facts, rank=profile.lora_r or None if profile is not None else None)
     data_file = node.data_file()
     picked = {"device": describe(facts), "settings": settings.as_dict(), "data_file": data_file or None}
     state = node.path("state")
@@ -51,7 +53,8 @@ def device_node_config(node: NodeFolder, *, audit: bool = False) -> tuple[dict, 
     (state / "device.json").write_text(json.dumps(picked, indent=2) + "\n")
     log.info("device %s: %s, %.0f of %.0f MiB available -> %s base, checkpointing %s, batch %d x %d, max_seq_len %d "
              "(predicted peak %.0f MiB)%s", node.name, facts.arch, facts.mem_available_mib, facts.mem_total_mib,
-             settings.dtype, "on" if settings.gradient_checkpointing else "off", settings.batch_size, settings.grad_accum,
+             settings.dtype + ("" if settings.quantize == "none" else f" {settings.quantize}-quantised"),
+             "on" if settings.gradient_checkpointing else "off", settings.batch_size, settings.grad_accum,
              settings.max_seq_len, settings.predicted_peak_mib,
              f"; changed: {'; '.join(settings.changed)}" if settings.changed else "")
     if data_file:

@@ -165,14 +165,22 @@ def run_federation(
 class HeldOut:
     """The cloud's own copy of the model and the held-out data it evaluates each global adapter on."""
 
-    model: Any
+    config: FedLoraConfig
+    freeze_a: bool
     tokenizer: Any
     examples: list
     batch_size: int
 
+    @property
+    def model(self) -> Any:
+        """The process's PEFT model at the global adapter's rank: fetched each time, as devices trained in this
+        process (simulation, tests) may have re-wrapped the shared base for their own rank or base."""
+        return lora_model(self.config, freeze_a=self.freeze_a)[0]
+
     def loss(self, state: AdapterState) -> float:
-        adapters.set_state(self.model, state)
-        return evaluate(self.model, self.examples, self.batch_size, pad_id=self.tokenizer.pad_token_id)[0]
+        model = self.model
+        adapters.set_state(model, state)
+        return evaluate(model, self.examples, self.batch_size, pad_id=self.tokenizer.pad_token_id)[0]
 
 
 @dataclass
@@ -234,7 +242,7 @@ def start_run(resolved: RunSettings, run_dir: Path, transport: Transport, *, res
     trainable = strategy.shared_keys(list(adapters.get_state(model, trainable_only=True)))
     expected = {k: global_state[k].shape for k in trainable}
     examples = tokenize(eval_examples(cfg.data, cfg.federation.num_clients, cfg.seed), tokenizer, cfg.train.max_seq_len)
-    held_out = HeldOut(model, tokenizer, examples, cfg.train.eval_batch_size)
+    held_out = HeldOut(cfg, bool(client_settings["freeze_a"]), tokenizer, examples, cfg.train.eval_batch_size)
     if ckpt is not None:
         done, arrays, meta = ckpt
         global_state = _section(arrays, "adapter/")

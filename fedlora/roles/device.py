@@ -17,6 +17,7 @@ import torch
 
 from fedlora import adapters
 from fedlora.adapters import AdapterState
+from fedlora.aggregate import ranks
 from fedlora.aggregate.dp import clip_update
 from fedlora.config import FedLoraConfig
 from fedlora.data import client_examples, tokenize
@@ -42,28 +43,34 @@ if TYPE_CHECKING:  # annotations only
     from fedlora.split import DeviceHalf
 
 _peft: dict[str, Any] = {}  # the one LoRA-wrapped model of this process, with its key
+_inits: dict[str, AdapterState] = {}  # the seeded initialisation of every adapter this process built, by key
 _tokenized: dict[tuple, list[dict]] = {}
 
 
-def lora_model(cfg: FedLoraConfig | RoundSettings, *, freeze_a: bool, personal: bool = False):
+def lora_model(cfg: FedLoraConfig | RoundSettings, *, freeze_a: bool, personal: bool = False,
+               lora_alpha: float | None = None):
     """The process-wide PEFT model for this config (or a round's settings: both carry the model,
     LoRA and seed), built once; returns (model, tokenizer). ``personal``: with a second, local
     adapter (FedDPA, :func:`fedlora.roles.personal.add_personal_adapter`), inactive until asked for.
+    ``lora_alpha``: a device's own, when it trains a lower rank than the global adapter's
+    (:func:`fedlora.model.wrap_lora`).
 
     The model is shared by every client (and, in-process, the server) of this process, so
     its LoRA tensors hold whatever was loaded last: start from :func:`initial_adapter` or
     a received global adapter, never from the model's current values.
     """
-    key = json.dumps([dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.lora), freeze_a, cfg.seed]
-                     + ([personal] if personal else []), sort_keys=True)
+    base_key = _model_key(cfg, freeze_a)
+    key = base_key + ("/personal" if personal else "") + ("" if lora_alpha is None else f"/alpha={lora_alpha!r}")
     if _peft.get("key") != key:
         if "model" in _peft:
             # The base is cached and shared: strip the old LoRA layers before re-wrapping.
             _peft.pop("model").unload()
         base, tokenizer = load_base_model(cfg.model)
-        model = wrap_lora(base, cfg.lora, freeze_a=freeze_a, init_seed=cfg.seed)
+        model = wrap_lora(base, cfg.lora, freeze_a=freeze_a, init_seed=cfg.seed, lora_alpha=lora_alpha)
         _peft.update(key=key, model=model, tokenizer=tokenizer, init=adapters.get_state(model, trainable_only=False),
                      builds=_peft.get("builds", 0) + 1)
+        # the shared adapter's initialisation does not depend on a personal adapter beside it
+        _inits.setdefault(base_key if lora_alpha is None else key, _peft["init"])
         if personal:
             _peft["personal_init"] = add_personal_adapter(model, round_seed(cfg.seed, "personal-init"))
     return _peft["model"], _peft["tokenizer"]
@@ -74,10 +81,16 @@ def model_builds() -> int:
     return int(_peft.get("builds", 0))
 
 
+def _model_key(cfg: FedLoraConfig | RoundSettings, freeze_a: bool) -> str:
+    return json.dumps([dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.lora), freeze_a, cfg.seed], sort_keys=True)
+
+
 def initial_adapter(cfg: FedLoraConfig | RoundSettings, *, freeze_a: bool, personal: bool = False) -> AdapterState:
     """The seeded LoRA initialisation (A random, B zero): identical in every process."""
-    lora_model(cfg, freeze_a=freeze_a, personal=personal)
-    return {k: v.copy() for k, v in _peft["init"].items()}
+    key = _model_key(cfg, freeze_a)
+    if key not in _inits:
+        lora_model(cfg, freeze_a=freeze_a, personal=personal)
+    return {k: v.copy() for k, v in _inits[key].items()}
 
 
 def initial_personal(cfg: FedLoraConfig | RoundSettings) -> AdapterState:
@@ -131,11 +144,22 @@ def train_round(settings: RoundSettings, global_state: AdapterState, partition_i
     (:class:`~fedlora.roles.personal.PersonalStore`) and never returned.
     """
     settings = local.apply(settings) if local is not None else settings
-    model, tokenizer = lora_model(settings, freeze_a=settings.freeze_a, personal=settings.personal == ADAPTER)
+    personal = settings.personal == ADAPTER
+    rank = settings.lora_ranks.get(str(partition_id), settings.lora.r)
+    if rank != settings.lora.r:  # this device trains the first `rank` components (fedlora/aggregate/ranks.py)
+        full_init = initial_adapter(settings, freeze_a=settings.freeze_a)
+        shapes = adapters.shapes(global_state)
+        own = dataclasses.replace(settings, lora=dataclasses.replace(settings.lora, r=rank))
+        model, tokenizer = lora_model(own, freeze_a=settings.freeze_a, personal=personal,
+                                      lora_alpha=ranks.device_alpha(settings.lora.alpha, rank, settings.lora.r))
+        init, global_state = ranks.slice_state(full_init, rank), ranks.slice_state(global_state, rank)
+    else:
+        model, tokenizer = lora_model(settings, freeze_a=settings.freeze_a, personal=personal)
+        init, shapes = _peft["init"], None
     if torch.get_num_threads() != settings.threads:
         torch.set_num_threads(settings.threads)
     # Tensors the server does not send (A under FFA-LoRA) stay at the shared initialisation.
-    adapters.set_state(model, _peft["init"])
+    adapters.set_state(model, init)
     adapters.set_state(model, global_state)
     store = PersonalStore(settings.personal_dir) if settings.personal != NONE else None
     kept = store.load(partition_id, before_round=settings.round) if store is not None else None
@@ -158,6 +182,8 @@ def train_round(settings: RoundSettings, global_state: AdapterState, partition_i
     )
     sent, keep = kept_part(settings.personal, adapters.get_state(model, trainable_only=True))
     delta = adapters.subtract(sent, start)
+    if shapes is not None:  # zero-padded to the global adapter's rank: the same shapes as every update
+        delta = ranks.pad_state(delta, shapes)
     seconds = result.seconds
     if settings.personal == ADAPTER:
         keep, personal_seconds = train_personal(model, tokenizer, tokenized, settings, partition_id, kept)
