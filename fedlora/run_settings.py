@@ -17,7 +17,7 @@ from copy import deepcopy
 from dataclasses import dataclass
 from typing import Any
 
-from fedlora.config import ConfigError, FedLoraConfig
+from fedlora.config import PERSONAL_STRATEGIES, ConfigError, FedLoraConfig
 from fedlora.round_settings import VERSION, RoundSettings
 from fedlora.secure.encoding import EncodingConfig, check_overflow
 from fedlora.secure.errors import UnsafeEncoding
@@ -87,7 +87,25 @@ def resolve_run(cfg: FedLoraConfig) -> RunSettings:
             raise ConfigError(f"privacy.bits={p.bits} with privacy.max_examples={n_max} and federation.num_clients="
                               f"{cfg.federation.num_clients} is unsafe: {exc}") from None
     _check_split(cfg, privacy)
-    return RunSettings(cfg, privacy, n_max, build_tree(cfg.topology, cfg.federation.num_clients, cfg.seed))
+    run = RunSettings(cfg, privacy, n_max, build_tree(cfg.topology, cfg.federation.num_clients, cfg.seed))
+    _check_combinations(cfg, run)
+    return run
+
+
+def _check_combinations(cfg: FedLoraConfig, run: RunSettings) -> None:
+    """Refuse the pairings of split learning, personal strategies and per-device ranks that are not built
+    (each works alone; together they would train something nobody has checked)."""
+    personal = cfg.strategy.name in PERSONAL_STRATEGIES
+    ranks = run.lora_ranks()
+    if personal and cfg.train.mode != "full":
+        raise ConfigError(f"strategy={cfg.strategy.name} with train.mode={cfg.train.mode}: personal strategies "
+                          "with split learning are not built yet; use train.mode=full or another strategy")
+    if ranks and cfg.train.mode != "full":
+        raise ConfigError(f"train.mode={cfg.train.mode} with per-device LoRA ranks (topology.profiles.*.lora_r: "
+                          f"{len(ranks)} device(s) below lora.r={cfg.lora.r}): not built yet; use one rank or train.mode=full")
+    if ranks and personal:
+        raise ConfigError(f"strategy={cfg.strategy.name} with per-device LoRA ranks (topology.profiles.*.lora_r): "
+                          "personal strategies at several ranks are not built yet; use one rank or another strategy")
 
 
 def _check_split(cfg: FedLoraConfig, privacy: str) -> None:

@@ -74,3 +74,15 @@ def test_round_settings_built_field_by_field_as_the_wire_does_are_checked_exactl
         dataclasses.replace(s, lora=dataclasses.replace(s.lora, r="x"))
     with pytest.raises(RoundSettingsError, match="threads=0 must be >= 1"):
         dataclasses.replace(s, threads=0)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["strategy=fedsa_lora", "train.mode=split", "privacy=none"], "personal strategies with split learning"),
+    (["strategy=feddpa", "topology=flat",
+      "topology.profiles.phone.lora_r=2"], "personal strategies at several ranks"),
+    (["train.mode=split", "privacy=none", "topology=flat",
+      "topology.profiles.phone.lora_r=2"], "per-device LoRA ranks"),
+])
+def test_pairings_that_are_not_built_are_refused_by_name(overrides, words):
+    with pytest.raises(ConfigError, match=words):
+        resolve_run(compose(["model=tiny", *overrides]))
