@@ -259,8 +259,9 @@ def _counted_once_in_its_new_cell(rounds: list[dict], mover: int, everyone: list
 
 
 FEDLORA = [sys.executable, "-m", "fedlora.cli"]
-DEPLOYED = [o for o in OVERRIDES if not o.startswith(("topology.mobility.", "federation.num_clients="))] + \
-    ["federation.num_clients=5", *ROAMING, *ALWAYS_ON]
+# two rounds (one move between them), whatever the deployment test's own count
+DEPLOYED = [o for o in OVERRIDES if not o.startswith(("topology.mobility.", "federation.num_clients=", "federation.rounds="))] + \
+    ["federation.num_clients=5", "federation.rounds=2", *ROAMING, *ALWAYS_ON]
 
 
 @pytest.mark.flower
