@@ -192,6 +192,14 @@ unpack_native() {  # ARM64_INSTALL=unpack: the amd64 venv's versions as aarch64 
   rm -rf "$amd/tmp/arm64-site"
 }
 
+freeze() {  # name==version of every distribution in the device venv; pip-free (ARM64_INSTALL=unpack's venv has no pip)
+  local root=$1
+  printf '%s\n' 'from importlib.metadata import distributions' \
+    'print("\n".join(sorted({"%s==%s" % (d.metadata["Name"], d.version) for d in distributions()}, key=str.lower)))' \
+    >"$root/tmp/fedlora-freeze.py"
+  in_root "$root" "/opt/fedlora-venv/bin/python /tmp/fedlora-freeze.py"
+}
+
 check_arch() {
   local arch=$1 root=$BASE/$1 t0 summary=$BASE/summary-$1.txt
   mkdir -p "$BASE"
@@ -232,9 +240,10 @@ check_arch() {
     echo "$how: ${t_setup} s"
     echo "venv size: $(du -sh "$root/opt/fedlora-venv" | cut -f1)"
     grep -E '^(ok|FAIL|     device|device self-check)' "$BASE/setup-$arch.log" || true
-    echo "installed: $(in_root "$root" "/opt/fedlora-venv/bin/pip freeze | grep -iE '^(torch|flwr|flwr-datasets|peft|transformers|datasets|ray|hydra-core)==' | tr '\n' ' '")"
   } | tee "$summary"
-  in_root "$root" "/opt/fedlora-venv/bin/pip freeze" >"$BASE/freeze-$arch.txt"
+  freeze "$root" >"$BASE/freeze-$arch.txt"
+  echo "installed: $(grep -iE '^(torch|flwr|flwr-datasets|peft|transformers|datasets|ray|hydra-core)==' "$BASE/freeze-$arch.txt" \
+    | tr '\n' ' ')" | tee -a "$summary"
   [ "$arch" != amd64 ] || wheel_matrix "$root"
   unmount_all
   log "$arch: done; summary in $summary"
