@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Check the END-device install on Debian 13 "trixie" -- the base of current Raspberry Pi OS -- with Debian's
-# own python3 (3.13): a debootstrap userland of amd64, and one of arm64 run under qemu-user-static
-# (binfmt_misc), each running scripts/device-setup.sh (venv, the device dependencies, the self-check with one
-# tiny-model training round) on a copy of this checkout. On amd64 it then asks pip whether every installed
+# own python3 (3.13): a debootstrap userland of amd64, and one of arm64 run under qemu-user through binfmt_misc
+# (Debian 13's qemu 10, from the amd64 userland: Debian 12's qemu 7.2 crashes in `import torch`), each running
+# scripts/device-setup.sh (venv, the device dependencies, the self-check with one tiny-model training round) on a
+# copy of this checkout. On amd64 it then asks pip whether every installed
 # version also has a wheel for aarch64 and for Python 3.12 (metadata only, nothing installed).
 # Not run by CI or the tests: it needs root, the Debian mirror and PyPI, ~15 GB under /var/tmp and tens of
 # minutes (arm64 is emulated). What it printed when it was last run: docs/devices.md.
@@ -24,12 +25,21 @@
 #                      unpack: the amd64 run's pinned versions as aarch64 wheels, unpacked by the amd64 userland's
 #                      pip at native speed into a venv the arm64 python3 made, then the self-check (--train) emulated
 #                      (checks the aarch64 wheels and Debian's arm64 Python 3.13, not pip's resolution on arm64)
+#   ARM64_QEMU         trixie (default): Debian 13's qemu-user (10.x), apt-get installed in the amd64 userland (made
+#                      first if missing) and registered in binfmt_misc as qemu-aarch64-fedlora (F flag) while the arm64
+#                      check runs; the host's qemu-aarch64 entry, if any, is disabled meanwhile and re-enabled on exit.
+#                      host: the host's own qemu-user-static handler (Debian 12's qemu 7.2 segfaults in `import torch`)
+#   QEMU_CPU           passed to the emulated programs (qemu's CPU model, e.g. cortex-a72 for a Pi 4; default qemu's)
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 BASE="${CHROOT_BASE:-/var/tmp/fedlora-trixie}"
 MIRROR="${MIRROR:-http://deb.debian.org/debian}"
 SUITE=trixie
 MOUNTED=()
+BINFMT=/proc/sys/fs/binfmt_misc
+OUR_BINFMT=qemu-aarch64-fedlora
+HOST_BINFMT_DISABLED=0
+EMULATOR="the host's qemu-aarch64 (binfmt_misc)"
 
 log() { echo "[$(date -u +%H:%M:%S)] $*"; }
 die() { echo "check_device_install: $*" >&2; exit 2; }
@@ -41,7 +51,11 @@ unmount_all() {
   done
   MOUNTED=()
 }
-trap unmount_all EXIT
+restore_binfmt() {  # undo trixie_qemu's registration: ours removed, the host's re-enabled
+  [ ! -e "$BINFMT/$OUR_BINFMT" ] || echo -1 >"$BINFMT/$OUR_BINFMT"
+  [ "$HOST_BINFMT_DISABLED" = 0 ] || { echo 1 >"$BINFMT/qemu-aarch64"; HOST_BINFMT_DISABLED=0; }
+}
+trap 'unmount_all; restore_binfmt' EXIT
 
 mount_into() {  # the kernel file systems a userland needs: /proc, /sys, /dev, /dev/pts
   local root=$1
@@ -57,14 +71,16 @@ in_root() {  # run a shell command inside the userland with a clean environment
     PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     ${PIP_CERT:+PIP_CERT=/etc/fedlora-pip-ca.crt} \
     FEDLORA_TORCH="${FEDLORA_TORCH:-pypi}" FEDLORA_SELFCHECK="${FEDLORA_SELFCHECK:-train}" \
-    bash -c "$*"
+    ${QEMU_CPU:+QEMU_CPU=$QEMU_CPU} bash -c "$*"
 }
 
 host_tools() {
   local missing=()
   command -v debootstrap >/dev/null || missing+=(debootstrap)
-  command -v qemu-aarch64-static >/dev/null || missing+=(qemu-user-static)
-  command -v update-binfmts >/dev/null || missing+=(binfmt-support)
+  if [ "${ARM64_QEMU:-trixie}" = host ]; then
+    command -v qemu-aarch64-static >/dev/null || missing+=(qemu-user-static)
+    command -v update-binfmts >/dev/null || missing+=(binfmt-support)
+  fi
   if [ ${#missing[@]} -gt 0 ]; then
     log "installing on the host: ${missing[*]}"
     apt-get update -q && apt-get install -y -q "${missing[@]}"
@@ -72,11 +88,36 @@ host_tools() {
 }
 
 foreign_binaries() {  # arm64 programs run through qemu: the kernel's binfmt_misc, F flag (works in a chroot)
-  [ -e /proc/sys/fs/binfmt_misc/status ] || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+  [ -e "$BINFMT/status" ] || mount -t binfmt_misc binfmt_misc "$BINFMT"
+  [ "${ARM64_QEMU:-trixie}" = host ] || { trixie_qemu; return; }
   [ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] || update-binfmts --enable qemu-aarch64
   grep -q '^enabled' /proc/sys/fs/binfmt_misc/qemu-aarch64 || die "binfmt_misc: qemu-aarch64 is not enabled"
   grep -q '^flags:.*F' /proc/sys/fs/binfmt_misc/qemu-aarch64 \
     || die "binfmt_misc: qemu-aarch64 lacks the F flag (qemu-user-static registers it so); a chroot cannot find qemu"
+}
+
+trixie_qemu() {  # ARM64_QEMU=trixie: Debian 13's qemu-user (static binaries) from the amd64 userland, via binfmt_misc
+  local amd=$BASE/amd64 qemu
+  bootstrap amd64 "$amd"
+  mount_into "$amd"
+  cp /etc/resolv.conf "$amd/etc/resolv.conf"
+  if ! in_root "$amd" "dpkg -s qemu-user >/dev/null 2>&1"; then  # not qemu-user-binfmt: it would register itself
+    in_root "$amd" "apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends qemu-user >/dev/null"
+  fi
+  qemu=$amd/usr/libexec/qemu-binfmt/aarch64-binfmt-P  # -> qemu-aarch64, static-pie; P: it keeps argv[0]
+  [ -x "$qemu" ] || die "the amd64 userland's qemu-user has no $qemu"
+  EMULATOR="$(in_root "$amd" "qemu-aarch64 --version | head -1") from the amd64 userland, binfmt_misc $OUR_BINFMT"
+  log "arm64: $EMULATOR"
+  [ ! -e "$BINFMT/$OUR_BINFMT" ] || echo -1 >"$BINFMT/$OUR_BINFMT"
+  if [ -e "$BINFMT/qemu-aarch64" ] && grep -q '^enabled' "$BINFMT/qemu-aarch64"; then
+    echo 0 >"$BINFMT/qemu-aarch64"; HOST_BINFMT_DISABLED=1  # the same magic: which entry wins is not ours to guess
+  fi
+  # Debian's own entry (/usr/share/qemu/binfmt.d/qemu-aarch64.conf) under our name, with the interpreter's host
+  # path: F opens it now, so it works inside the arm64 chroot, where that path does not exist.
+  local magic='\x7f\x45\x4c\x46\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xb7\x00'
+  local mask='\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff'
+  echo ":$OUR_BINFMT:M::$magic:$mask:$qemu:PF" >"$BINFMT/register"
+  grep -q '^enabled' "$BINFMT/$OUR_BINFMT" || die "binfmt_misc: could not register $OUR_BINFMT"
 }
 
 bootstrap() {  # a minimal Debian 13 userland of $arch, once
@@ -151,6 +192,14 @@ unpack_native() {  # ARM64_INSTALL=unpack: the amd64 venv's versions as aarch64 
   rm -rf "$amd/tmp/arm64-site"
 }
 
+freeze() {  # name==version of every distribution in the device venv; pip-free (ARM64_INSTALL=unpack's venv has no pip)
+  local root=$1
+  printf '%s\n' 'from importlib.metadata import distributions' \
+    'print("\n".join(sorted({"%s==%s" % (d.metadata["Name"], d.version) for d in distributions()}, key=str.lower)))' \
+    >"$root/tmp/fedlora-freeze.py"
+  in_root "$root" "/opt/fedlora-venv/bin/python /tmp/fedlora-freeze.py"
+}
+
 check_arch() {
   local arch=$1 root=$BASE/$1 t0 summary=$BASE/summary-$1.txt
   mkdir -p "$BASE"
@@ -186,13 +235,15 @@ check_arch() {
   local t_setup=$((SECONDS - t0))
   {
     echo "userland: $(in_root "$root" '. /etc/os-release; echo "$PRETTY_NAME, Debian $(cat /etc/debian_version)"'), $(in_root "$root" 'uname -m'), $(in_root "$root" 'python3 -V')"
+    [ "$arch" = amd64 ] || echo "emulator: $EMULATOR${QEMU_CPU:+, QEMU_CPU=$QEMU_CPU}"
     echo "apt-get install python3 python3-venv: ${t_apt}"
     echo "$how: ${t_setup} s"
     echo "venv size: $(du -sh "$root/opt/fedlora-venv" | cut -f1)"
     grep -E '^(ok|FAIL|     device|device self-check)' "$BASE/setup-$arch.log" || true
-    echo "installed: $(in_root "$root" "/opt/fedlora-venv/bin/pip freeze | grep -iE '^(torch|flwr|flwr-datasets|peft|transformers|datasets|ray|hydra-core)==' | tr '\n' ' '")"
   } | tee "$summary"
-  in_root "$root" "/opt/fedlora-venv/bin/pip freeze" >"$BASE/freeze-$arch.txt"
+  freeze "$root" >"$BASE/freeze-$arch.txt"
+  echo "installed: $(grep -iE '^(torch|flwr|flwr-datasets|peft|transformers|datasets|ray|hydra-core)==' "$BASE/freeze-$arch.txt" \
+    | tr '\n' ' ')" | tee -a "$summary"
   [ "$arch" != amd64 ] || wheel_matrix "$root"
   unmount_all
   log "$arch: done; summary in $summary"

@@ -14,6 +14,8 @@
 #              need several GB of CUDA libraries to import at all, even on a CPU.
 #     pypi     PyPI's wheel with its CUDA libraries: works without a GPU, but several GB on the disk
 #              (what scripts/check_device_install.sh uses where PyTorch's index cannot be reached).
+#              Not on an ARMv8.0 CPU (a Raspberry Pi 4's Cortex-A72): its aarch64 build's BLAS (NVIDIA's NVPL)
+#              uses ARMv8.1 atomics and dies with SIGILL at the first matrix product (docs/devices.md); refused.
 #     keep     torch 2.13.0 is already in the venv (e.g. installed by hand from a wheel file).
 #   FEDLORA_SELFCHECK=train the self-check also runs one local training round of the tiny model
 #                           (default: imports + Flower commands + `fedlora deploy check`; "none" skips it)
@@ -35,6 +37,11 @@ case "$(uname -m)" in
   *) echo "device-setup: CPU architecture $(uname -m): torch has wheels for x86_64 and aarch64 only" \
           "(on a Raspberry Pi use the 64-bit Raspberry Pi OS)" >&2; exit 2 ;;
 esac
+if [ "$TORCH_MODE" = pypi ] && [ "$(uname -m)" = aarch64 ] && ! grep -qw atomics /proc/cpuinfo; then
+  echo "device-setup: FEDLORA_TORCH=pypi on a CPU without ARMv8.1 atomics (e.g. a Raspberry Pi 4): PyPI's aarch64" \
+       "torch bundles NVIDIA's NVPL BLAS, which needs them (SIGILL at the first matrix product); use FEDLORA_TORCH=cpu" >&2
+  exit 2
+fi
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV" || { echo "device-setup: cannot make a venv (Debian: sudo apt install python3-venv)" >&2; exit 2; }
 fi

@@ -122,3 +122,13 @@ def test_composing_without_hydra_says_what_to_do(monkeypatch):
     monkeypatch.setitem(sys.modules, "hydra", None)  # `import hydra` now fails as on a device
     with pytest.raises(ConfigError, match=r"--config FOLDER.*pip install -e '\.\[full\]'"):
         compose(["model=tiny"])
+
+
+def test_device_install_scripts_parse():
+    """The scripts no test runs whole (root, network): bash parses them, and the arm64 check defaults to Debian 13's
+    qemu (Debian 12's qemu 7.2 crashes in `import torch`, docs/devices.md) and restores binfmt_misc on exit."""
+    for name in ("device-setup.sh", "check_device_install.sh"):
+        done = subprocess.run(["bash", "-n", str(ROOT / "scripts" / name)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, f"{name}: {done.stderr}"
+    check = (ROOT / "scripts" / "check_device_install.sh").read_text()
+    assert '"${ARM64_QEMU:-trixie}"' in check and "trap 'unmount_all; restore_binfmt' EXIT" in check
