@@ -170,12 +170,13 @@ class HeldOut:
     tokenizer: Any
     examples: list
     batch_size: int
+    personal: bool = False  # with FedDPA's local adapter beside the shared one (the per-client report uses both)
 
     @property
     def model(self) -> Any:
         """The process's PEFT model at the global adapter's rank: fetched each time, as devices trained in this
         process (simulation, tests) may have re-wrapped the shared base for their own rank or base."""
-        return lora_model(self.config, freeze_a=self.freeze_a)[0]
+        return lora_model(self.config, freeze_a=self.freeze_a, personal=self.personal)[0]
 
     def loss(self, state: AdapterState) -> float:
         model = self.model
@@ -242,7 +243,7 @@ def start_run(resolved: RunSettings, run_dir: Path, transport: Transport, *, res
     trainable = strategy.shared_keys(list(adapters.get_state(model, trainable_only=True)))
     expected = {k: global_state[k].shape for k in trainable}
     examples = tokenize(eval_examples(cfg.data, cfg.federation.num_clients, cfg.seed), tokenizer, cfg.train.max_seq_len)
-    held_out = HeldOut(cfg, bool(client_settings["freeze_a"]), tokenizer, examples, cfg.train.eval_batch_size)
+    held_out = HeldOut(cfg, bool(client_settings["freeze_a"]), tokenizer, examples, cfg.train.eval_batch_size, dual)
     if ckpt is not None:
         done, arrays, meta = ckpt
         global_state = _section(arrays, "adapter/")

@@ -106,6 +106,9 @@ def add_personal_adapter(model, init_seed: int) -> AdapterState:
     with torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(init_seed)
         model.add_adapter(PERSONAL, copy.deepcopy(model.peft_config["default"]))
+    # new modules (the adapter's dropout) start in training mode: give them the model's mode, or an eval-mode
+    # model would drop out through the personal adapter
+    model.train(model.training)
     for param in adapters.lora_parameters(model, trainable_only=False, adapter_name=PERSONAL).values():
         param.requires_grad_(False)
         if param.dtype != torch.float32:
