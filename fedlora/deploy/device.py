@@ -26,18 +26,21 @@ and ``bf16c:2:chunk+ckpt``)::
 A safety margin of 256 MiB (the run-to-run spread of the measured peaks was 50-250 MiB) is
 added, and the result must fit the device's ``MemAvailable``. A bf16 base is converted
 once from the fp32 cache; that first load peaked at 1.45 GB (README), modelled as runtime +
-1.33 x (fp32 + bf16 weights), and must fit too.
+1.33 x (fp32 + bf16 weights), and must fit too -- unless the device's cache holds the bf16
+copy already (``bf16_cached``, :func:`bf16_copy_cached`), when the training peak alone counts.
 
 What the launcher may change per device: base precision, gradient checkpointing, batch
-size (with gradient accumulation raised to keep the effective batch) and ``max_seq_len``;
-and, only where nothing else fits, a quantised base (``model.quantize=int8``, then ``nf4``,
-on the bf16 base with checkpointing; :mod:`fedlora.quantize`), where the platform can run it
-(x86-64 with AVX2 or aarch64, bitsandbytes installed). Its weights are modelled as 1 byte
+size (with gradient accumulation raised to keep the effective batch), a quantised base
+(``model.quantize=int8``, then ``nf4``, on the bf16 base with checkpointing; :mod:`fedlora.quantize`)
+before ``max_seq_len`` is cut, where the platform can run it (x86-64 with AVX2 or aarch64,
+bitsandbytes installed), and ``max_seq_len``. A quantised base's weights are modelled as 1 byte
 (int8) or 0.5 byte + block scales (nf4) per linear-layer parameter, the rest (embedding, norms)
 in bf16, and its activations (with bitsandbytes' dequantisation buffers) are calibrated on the
-measured peaks :data:`MEASURED_QUANT_PEAK_MIB`; like the bf16 base it must fit the one-off load
-that makes the bf16 copy. For SmolLM2-135M a quantised base needs MORE than the bf16 base, so it
-is never picked there; it pays for models whose weights outweigh their activations.
+measured peaks :data:`MEASURED_QUANT_PEAK_MIB`; like the bf16 base it loads from the bf16 copy.
+For SmolLM2-135M at the measured 4 x 256 tokens a quantised base needs MORE than the bf16 base
+(its activations per token are larger); with fewer tokens per step its smaller weights win, so it
+is picked on a device with the bf16 copy cached, little memory, and batch 1 (see the test).
+Without the copy its load is held to the conversion peak, which is larger than what it saves.
 The LoRA rank is the device's profile's (``topology.profiles.<p>.lora_r``, else ``lora.r``;
 ``rank=``), set by the federation, never lowered by the launcher: the cloud knows each device's
 rank from its profile and pads its update (:mod:`fedlora.aggregate.ranks`).
