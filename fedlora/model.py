@@ -366,7 +366,7 @@ def _dtype_copy(cfg: ModelConfig, fp32_dir: Path) -> Path:
     2 GB device would see the fp32 size at load time; loading the half-size copy avoids it.
     Adapters still name the fp32 directory as their base (the weights are the same model).
     """
-    target = fp32_dir.with_name(f"{fp32_dir.name}-{cfg.dtype}")
+    target = _dtype_copy_dir(fp32_dir, cfg.dtype)
 
     def build(out: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(str(fp32_dir), dtype=_DTYPES[cfg.dtype])
@@ -374,6 +374,20 @@ def _dtype_copy(cfg: ModelConfig, fp32_dir: Path) -> Path:
         _write_marker(out, {"source": f"{fp32_dir.name} in {cfg.dtype}"})
 
     return _materialise(target, build)
+
+
+def _dtype_copy_dir(fp32_dir: Path, dtype: str) -> Path:
+    return fp32_dir.with_name(f"{fp32_dir.name}-{dtype}")
+
+
+def dtype_copy_cached(cfg: ModelConfig, dtype: str) -> bool:
+    """Whether the ``dtype`` copy of a smollm2/tiny base (:func:`load_base_model` makes it once from the
+    fp32 cache) is complete in the cache already, so loading the base in ``dtype`` makes no copy.
+    False for other sources (they load their own files in ``dtype``) and where nothing is cached yet."""
+    if cfg.source not in ("smollm2", "tiny"):
+        return False
+    fp32_dir = cache_root(cfg) / SMOLLM2_DIR if cfg.source == "smollm2" else _tiny_dir(cfg)
+    return (_dtype_copy_dir(fp32_dir, dtype) / _MARKER).is_file()
 
 
 def _write_marker(out: Path, info: dict[str, Any]) -> None:

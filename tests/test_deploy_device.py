@@ -3,6 +3,7 @@ for fake 4 GB / 2 GB / 1 GB devices (pure: no torch needed)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,10 +14,13 @@ from fedlora.deploy import device
 from fedlora.deploy.device import (
     CALIBRATION_ROWS,
     MEASURED_PEAK_MIB,
+    SAFETY_MIB,
     SMOLLM2_135M,
     DeviceError,
     DeviceFacts,
+    conversion_peak_mib,
     cpu_has_aes,
+    device_rank,
     lora_params,
     mask_prg,
     parse_meminfo,
@@ -39,6 +43,11 @@ X86_CPUINFO = "processor\t: 0\nflags\t\t: fpu vme de pse tsc msr pae sse sse2 ss
 def facts(available_mib: float, total_mib: float | None = None, arch="aarch64", aes=False, torch="2.13.0",
           python="3.11.2") -> DeviceFacts:
     return DeviceFacts(total_mib or available_mib + 250, available_mib, arch, python, torch, aes, 4)
+
+
+def x86(available_mib: float, bnb=True) -> DeviceFacts:
+    """A device that can run a quantised base (x86-64 with AVX2; bitsandbytes installed unless ``bnb=False``)."""
+    return DeviceFacts(available_mib + 250, available_mib, "x86_64", "3.11.2", "2.13.0", True, 4, True, bnb)
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +117,64 @@ def test_tighter_device_lowers_batch_then_sequence_keeping_effective_batch(smoll
             assert available < 1300
             continue
         assert u.needed_mib <= available and u.batch_size * u.grad_accum == 4 and u.max_seq_len >= 64
+
+
+def test_a_cached_bf16_copy_is_judged_by_its_training_peak_alone(smollm2):
+    """Without the bf16 copy a 1,300 MiB device is below the one-off conversion peak (fp32 only);
+    with it cached, bf16 + checkpointing at the full length fits."""
+    assert pick_settings(smollm2, facts(1300)).dtype == "float32"
+    s = pick_settings(smollm2, facts(1300), bf16_cached=True)
+    assert (s.dtype, s.gradient_checkpointing, s.max_seq_len) == ("bfloat16", True, 256) and s.bf16_cached
+    assert s.needed_mib <= 1300 < conversion_peak_mib(SMOLLM2_135M)
+    roomy = pick_settings(smollm2, facts(3480), bf16_cached=True)
+    assert dataclasses.replace(roomy, bf16_cached=False) == pick_settings(smollm2, facts(3480))  # fp32 there: unchanged
+
+
+def test_a_quantised_base_is_picked_only_where_its_measured_peak_fits_and_bf16s_does_not(smollm2):
+    """SmolLM2: at the measured 4 x 256 tokens a quantised base needs MORE than bf16 (never picked there);
+    at fewer tokens per step its smaller weights win, and it is picked before examples are truncated --
+    on a device with the bf16 copy cached. Without the copy (its conversion peak dominates) or without
+    bitsandbytes, never."""
+    kw = dict(checkpointing=True, r=8, targets=["q_proj", "v_proj"])
+    for how in ("int8", "nf4"):
+        assert (predict_peak_mib(SMOLLM2_135M, dtype="bfloat16", batch=4, seq=256, quantize=how, **kw)
+                > predict_peak_mib(SMOLLM2_135M, dtype="bfloat16", batch=4, seq=256, **kw))
+    picked = {}
+    for available in range(1700, 600, -10):
+        try:
+            s = pick_settings(smollm2, x86(available), bf16_cached=True)
+        except DeviceError:
+            continue
+        if s.quantize == "none":
+            continue
+        picked[available] = s
+        bf16 = predict_peak_mib(SMOLLM2_135M, dtype="bfloat16", batch=1, seq=s.max_seq_len, **kw)
+        assert s.needed_mib <= available < bf16 + SAFETY_MIB  # bf16 at this length does not fit, the quantised base does
+        assert (s.dtype, s.gradient_checkpointing) == ("bfloat16", True) and s.batch_size * s.max_seq_len < 4 * 256
+        assert f"model.quantize={s.quantize}" in s.overrides() and f"model.quantize: none -> {s.quantize}" in s.changed
+    assert picked, "a quantised base is never picked"
+    for available in range(1700, 600, -10):
+        for kwargs in (dict(facts=x86(available)), dict(facts=x86(available, bnb=False), bf16_cached=True)):
+            try:
+                assert pick_settings(smollm2, **kwargs).quantize == "none"
+            except DeviceError:
+                pass
+
+
+def test_the_device_trains_its_profiles_rank(tmp_path, capsys):
+    cfg = compose(["model=tiny", "topology=flat", "federation.num_clients=1", "federation.min_clients=1",
+                   "topology.profiles.phone.lora_r=2", "topology.profile_mix.phone=1", "topology.profile_mix.laptop=0",
+                   "topology.profile_mix.rpi4=0", "topology.profile_mix.car=0"])
+    assert (device_rank(cfg, "phone"), device_rank(cfg, "laptop"), device_rank(cfg, None)) == (2, cfg.lora.r, cfg.lora.r)
+    from fedlora.cli import main
+    from fedlora.deploy.plan import write_plan
+
+    write_plan(cfg, tmp_path / "p")
+    main(["deploy", "check", "--config", str(tmp_path / "p" / "end-0")])
+    out = capsys.readouterr().out
+    assert "LoRA r=2 (device profile phone's" in out and "bf16 copy cached" in out
+    main(["deploy", "check", "--config", str(tmp_path / "p" / "end-0"), "--json"])
+    assert json.loads(capsys.readouterr().out)["settings"]["lora_r"] == 2
 
 
 def test_1gb_device_is_refused_with_a_clear_message(smollm2):

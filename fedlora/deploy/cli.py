@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 
 from fedlora.config import compose, load_yaml
-from fedlora.deploy.device import DeviceError, describe, pick_settings, read_facts
-from fedlora.deploy.plan import LOOPBACK, DeploySettings, PlanError, write_plan
+from fedlora.deploy.device import DeviceError, bf16_copy_cached, describe, device_rank, pick_settings, read_facts
+from fedlora.deploy.plan import LOOPBACK, DeploySettings, PlanError, read_node, write_plan
 from fedlora.usage import UserError
 
 
@@ -73,11 +73,13 @@ def cmd_check(argv: list[str]) -> None:
         if not (args.config / "config.yaml").is_file():
             raise UserError(f"{args.config} is not a node folder of a plan (no config.yaml)")
         cfg = load_yaml(args.config / "config.yaml")
+        # a plan's END folder names its device profile, whose rank the device trains (the launcher's rank)
+        profile = read_node(args.config).doc.get("device_profile") if (args.config / "node.yaml").is_file() else None
     else:
-        cfg = compose(args.overrides)
+        cfg, profile = compose(args.overrides), None
     facts = read_facts()
     try:
-        settings = pick_settings(cfg, facts)
+        settings = pick_settings(cfg, facts, rank=device_rank(cfg, profile), bf16_cached=bf16_copy_cached(cfg.model))
     except DeviceError as exc:
         if args.json:
             print(json.dumps({"device": describe(facts), "error": str(exc)}, indent=2))
@@ -89,7 +91,10 @@ def cmd_check(argv: list[str]) -> None:
     print(f"device: {d['arch']}, {d['cpu_count']} CPUs, {d['mem_available_mib']:.0f} of {d['mem_total_mib']:.0f} MiB "
           f"available, Python {d['python']}, torch {d['torch']}, AES instructions: {'yes' if d['aes'] else 'no'} "
           f"-> mask PRG {d['mask_prg']}")
-    print(f"model {settings.model}, LoRA r={settings.lora_r} (the federation's; not changed per device)")
+    whose = (f"device profile {profile}'s" if settings.lora_r != cfg.lora.r else
+             f"the federation's lora.r{f', device profile {profile}' if profile else ''}")
+    print(f"model {settings.model}, LoRA r={settings.lora_r} ({whose}; set by the federation, not changed by this check)")
+    print(f"base bf16 copy cached: {'yes' if settings.bf16_cached else 'no (its one-off conversion peak counts)'}")
     print(f"settings: {settings.dtype} base, gradient checkpointing {'on' if settings.gradient_checkpointing else 'off'}, "
           f"batch {settings.batch_size} x accumulation {settings.grad_accum}, max_seq_len {settings.max_seq_len}")
     print(f"predicted peak {settings.predicted_peak_mib:.0f} MiB; needs {settings.needed_mib:.0f} MiB with margin; "

@@ -26,18 +26,21 @@ and ``bf16c:2:chunk+ckpt``)::
 A safety margin of 256 MiB (the run-to-run spread of the measured peaks was 50-250 MiB) is
 added, and the result must fit the device's ``MemAvailable``. A bf16 base is converted
 once from the fp32 cache; that first load peaked at 1.45 GB (README), modelled as runtime +
-1.33 x (fp32 + bf16 weights), and must fit too.
+1.33 x (fp32 + bf16 weights), and must fit too -- unless the device's cache holds the bf16
+copy already (``bf16_cached``, :func:`bf16_copy_cached`), when the training peak alone counts.
 
 What the launcher may change per device: base precision, gradient checkpointing, batch
-size (with gradient accumulation raised to keep the effective batch) and ``max_seq_len``;
-and, only where nothing else fits, a quantised base (``model.quantize=int8``, then ``nf4``,
-on the bf16 base with checkpointing; :mod:`fedlora.quantize`), where the platform can run it
-(x86-64 with AVX2 or aarch64, bitsandbytes installed). Its weights are modelled as 1 byte
+size (with gradient accumulation raised to keep the effective batch), a quantised base
+(``model.quantize=int8``, then ``nf4``, on the bf16 base with checkpointing; :mod:`fedlora.quantize`)
+before ``max_seq_len`` is cut, where the platform can run it (x86-64 with AVX2 or aarch64,
+bitsandbytes installed), and ``max_seq_len``. A quantised base's weights are modelled as 1 byte
 (int8) or 0.5 byte + block scales (nf4) per linear-layer parameter, the rest (embedding, norms)
 in bf16, and its activations (with bitsandbytes' dequantisation buffers) are calibrated on the
-measured peaks :data:`MEASURED_QUANT_PEAK_MIB`; like the bf16 base it must fit the one-off load
-that makes the bf16 copy. For SmolLM2-135M a quantised base needs MORE than the bf16 base, so it
-is never picked there; it pays for models whose weights outweigh their activations.
+measured peaks :data:`MEASURED_QUANT_PEAK_MIB`; like the bf16 base it loads from the bf16 copy.
+For SmolLM2-135M at the measured 4 x 256 tokens a quantised base needs MORE than the bf16 base
+(its activations per token are larger); with fewer tokens per step its smaller weights win, so it
+is picked on a device with the bf16 copy cached, little memory, and batch 1 (see the test).
+Without the copy its load is held to the conversion peak, which is larger than what it saves.
 The LoRA rank is the device's profile's (``topology.profiles.<p>.lora_r``, else ``lora.r``;
 ``rank=``), set by the federation, never lowered by the launcher: the cloud knows each device's
 rank from its profile and pads its update (:mod:`fedlora.aggregate.ranks`).
@@ -281,6 +284,7 @@ class Settings:
     mask_prg: str
     changed: list[str] = field(default_factory=list)  # what differs from the federation's config
     quantize: str = "none"  # model.quantize: a quantised frozen base where nothing else fits
+    bf16_cached: bool = False  # the bf16 copy was cached: no one-off conversion peak was counted
 
     def overrides(self) -> list[str]:
         """Hydra overrides that apply these settings to the federation's config."""
@@ -310,14 +314,25 @@ def _ladder(cfg: FedLoraConfig) -> list[tuple[str, bool]]:
     return PRECISION_LADDER[PRECISION_LADDER.index(own):]
 
 
-def pick_settings(cfg: FedLoraConfig, facts: DeviceFacts, *, rank: int | None = None) -> Settings:
+def device_rank(cfg: FedLoraConfig, profile: str | None) -> int:
+    """The LoRA rank a device of ``profile`` trains: ``topology.profiles.<profile>.lora_r``, else ``lora.r``."""
+    own = cfg.topology.profiles.get(profile or "")
+    return (own.lora_r if own is not None else 0) or cfg.lora.r
+
+
+def pick_settings(cfg: FedLoraConfig, facts: DeviceFacts, *, rank: int | None = None,
+                  bf16_cached: bool = False) -> Settings:
     """The least degraded settings that fit ``facts``; :class:`DeviceError` when none does.
 
     Order of degradation: precision/checkpointing ladder first (costs time, not quality),
-    then the batch halves (gradient accumulation doubles: same effective batch), then
-    ``max_seq_len`` halves down to 64 (longer examples are truncated: costs quality); when even
-    that does not fit, a quantised base (:data:`QUANT_LADDER`, where the platform can run one).
-    ``rank``: the LoRA rank this device trains (its profile's ``lora_r``); default ``lora.r``.
+    then the batch halves (gradient accumulation doubles: same effective batch); then, before
+    ``max_seq_len`` halves (down to 64: longer examples are truncated, which costs quality), a
+    quantised base at that length (:data:`QUANT_LADDER`, batch halving again, where the platform
+    can run one; it costs a little quality too, README "Quantised base").
+    ``rank``: the LoRA rank this device trains (its profile's ``lora_r``, :func:`device_rank`); default ``lora.r``.
+    ``bf16_cached``: the base's bf16 copy is in the device's model cache already
+    (:func:`fedlora.model.dtype_copy_cached`), so a bf16 or quantised base is judged by its training
+    peak alone, not also by the one-off load that makes the copy (:func:`conversion_peak_mib`).
     """
     check_platform(facts)
     shape = model_shape(cfg.model)
@@ -327,7 +342,7 @@ def pick_settings(cfg: FedLoraConfig, facts: DeviceFacts, *, rank: int | None = 
     def need(dtype, ckpt, batch, seq, quantize="none"):
         peak = predict_peak_mib(shape, dtype=dtype, checkpointing=ckpt, batch=batch, seq=seq, r=r, targets=targets,
                                 quantize=quantize)
-        first_load = conversion_peak_mib(shape) if dtype == "bfloat16" else 0.0  # the copy may not exist yet
+        first_load = conversion_peak_mib(shape) if dtype == "bfloat16" and not bf16_cached else 0.0
         return peak, max(peak + SAFETY_MIB, first_load)
 
     seqs = [t.max_seq_len]
@@ -339,8 +354,8 @@ def pick_settings(cfg: FedLoraConfig, facts: DeviceFacts, *, rank: int | None = 
     quant_why = unsupported_reason("int8", arch=facts.arch, avx2=facts.avx2, bnb_installed=facts.bitsandbytes)
     rungs = [(d, c, cfg.model.quantize) for d, c in _ladder(cfg)]
     last_resort = [] if quant_why is not None or cfg.model.quantize != "none" else QUANT_LADDER
-    for ladder in (rungs, last_resort):
-        for seq in seqs:
+    for seq in seqs:
+        for ladder in (rungs, last_resort):
             for batch in batches:
                 for dtype, ckpt, quantize in ladder:
                     peak, needed = need(dtype, ckpt, batch, seq, quantize)
@@ -353,7 +368,7 @@ def pick_settings(cfg: FedLoraConfig, facts: DeviceFacts, *, rank: int | None = 
                             ("train.max_seq_len", t.max_seq_len, seq), ("model.quantize", cfg.model.quantize, quantize)]
                             if a != b]
                         return Settings(shape.name, r, dtype, ckpt, batch, accum, seq, round(peak, 1), round(needed, 1),
-                                        round(available, 1), mask_prg(facts), changed, quantize)
+                                        round(available, 1), mask_prg(facts), changed, quantize, bf16_cached)
     dtype, ckpt = _ladder(cfg)[-1]
     _, smallest = need(dtype, ckpt, 1, seqs[-1])
     quant = ""
@@ -364,9 +379,19 @@ def pick_settings(cfg: FedLoraConfig, facts: DeviceFacts, *, rank: int | None = 
     raise DeviceError(
         f"this device cannot train {shape.name} (LoRA r={r} on {','.join(targets)}): it has {available:.0f} MiB "
         f"available ({facts.mem_total_mib:.0f} MiB total), the smallest settings ({dtype}, gradient checkpointing, "
-        f"batch 1, max_seq_len {seqs[-1]}) need {smallest:.0f} MiB (predicted peak + {SAFETY_MIB:.0f} MiB margin, or the "
-        f"one-off load that makes the bf16 copy of the base, whichever is larger).{quant} "
+        f"batch 1, max_seq_len {seqs[-1]}) need {smallest:.0f} MiB (predicted peak + {SAFETY_MIB:.0f} MiB margin"
+        + ("" if bf16_cached else ", or the one-off load that makes the bf16 copy of the base, whichever is larger")
+        + f").{quant} "
         "Free memory (close other programs), use a device with more memory, or a smaller model.")
+
+
+def bf16_copy_cached(model: ModelConfig) -> bool:
+    """Whether this device's model cache holds the base's bf16 copy already (``pick_settings(bf16_cached=)``)."""
+    try:
+        from fedlora.model import dtype_copy_cached  # imports torch (seconds, maybe absent): only when a device is checked
+    except ImportError:  # no torch: check_platform says so
+        return False
+    return dtype_copy_cached(model, "bfloat16")
 
 
 def describe(facts: DeviceFacts) -> dict:

@@ -32,7 +32,7 @@ import sys
 
 from fedlora.deploy.attach import Attachment
 from fedlora.deploy.channel import socket_path
-from fedlora.deploy.device import describe, pick_settings, read_facts
+from fedlora.deploy.device import bf16_copy_cached, describe, device_rank, pick_settings, read_facts
 from fedlora.deploy.plan import NodeFolder, read_node
 from fedlora.deploy.processes import Security, run_end
 
@@ -43,9 +43,9 @@ def device_node_config(node: NodeFolder, *, audit: bool = False) -> tuple[dict, 
     """(the SuperNode's extra node config, what was checked and picked) for an END folder."""
     cfg = node.config()
     facts = read_facts()
-    profile = cfg.topology.profiles.get(node.doc.get("device_profile") or "")
     # DeviceError: this device cannot train the model (at its profile's LoRA rank, which the cloud gives it too)
-    settings = pick_settings(cfg, facts, rank=profile.lora_r or None if profile is not None else None)
+    settings = pick_settings(cfg, facts, rank=device_rank(cfg, node.doc.get("device_profile")),
+                             bf16_cached=bf16_copy_cached(cfg.model))
     data_file = node.data_file()
     picked = {"device": describe(facts), "settings": settings.as_dict(), "data_file": data_file or None}
     state = node.path("state")
