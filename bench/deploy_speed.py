@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -65,7 +66,7 @@ def overrides(args: argparse.Namespace) -> list[str]:
     ]
 
 
-def deployment(cfg, used: list[str], work: Path, *, mode: str) -> dict:
+def deployment(cfg, used: list[str], work: Path, *, mode: str, timeout_s: float = 3600) -> dict:
     from fedlora.deploy.plan import DeploySettings, write_plan
     from fedlora.deploy.processes import ProcessGroup, free_port_run, placement
 
@@ -92,7 +93,7 @@ def deployment(cfg, used: list[str], work: Path, *, mode: str) -> dict:
         ready = time.perf_counter() - t0
         t1 = time.perf_counter()
         cloud = group.start("cloud", [*fedlora, "cloud", "--config", str(plan / "cloud")], env)
-        if cloud.wait(timeout=3600) != 0:
+        if cloud.wait(timeout=timeout_s) != 0:  # subprocess.TimeoutExpired past it: this mode failed
             raise SystemExit(f"the cloud run failed; logs in {work}")
         total = time.perf_counter() - t1
     rounds = rounds_of(plan / "cloud" / "run")
@@ -181,6 +182,10 @@ def breakdown(dep: dict) -> dict[int, dict[str, float]]:
     return {r: {k: sum(s[k] for s in stages.values()) for k in ("clientapp_s", "handle_s")} for r, stages in per.items()}
 
 
+def interrupted(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -192,6 +197,7 @@ def main() -> None:
     p.add_argument("--local-steps", type=int, default=2)
     p.add_argument("--modes", default="cold,warm",
                    help="deployments side by side: cold (before), warm (after), fork (warm + forked ClientApps)")
+    p.add_argument("--mode-timeout-s", type=float, default=3600, help="a deployment's cloud run longer than this fails")
     p.add_argument("--lock", default=DEFAULT_LOCK)
     p.add_argument("--no-lock", action="store_true")
     p.add_argument("--out", default=str(RESULTS / "deploy_speed.json"))
@@ -206,6 +212,8 @@ def main() -> None:
     from fedlora.runs.progress import quiet_libraries
 
     quiet_libraries()
+    # `timeout` (SIGTERM): unwind, so the deployment's process group stops its processes (new sessions, not signalled)
+    signal.signal(signal.SIGTERM, interrupted)
     used = overrides(args)
     cfg = compose(used)
     base = Path(tempfile.mkdtemp(prefix="fedlora-deploy-speed-"))
@@ -217,7 +225,7 @@ def main() -> None:
         sim_total = time.perf_counter() - t0
         for mode in modes:
             try:
-                deps[mode] = deployment(cfg, used, base / mode, mode=mode)
+                deps[mode] = deployment(cfg, used, base / mode, mode=mode, timeout_s=args.mode_timeout_s)
             except (SystemExit, Exception) as exc:  # one mode failing must not lose the others' figures
                 failed[mode] = f"{type(exc).__name__}: {exc}"
                 print(f"{mode}: FAILED ({failed[mode]}); logs in {base / mode}")
