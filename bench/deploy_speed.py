@@ -229,6 +229,10 @@ def main() -> None:
             except (SystemExit, Exception) as exc:  # one mode failing must not lose the others' figures
                 failed[mode] = f"{type(exc).__name__}: {exc}"
                 print(f"{mode}: FAILED ({failed[mode]}); logs in {base / mode}")
+            except KeyboardInterrupt as exc:  # `timeout`: keep the modes done so far, run no more
+                failed[mode] = f"interrupted ({exc})"
+                print(f"{mode}: INTERRUPTED; logs in {base / mode}")
+                break
         modes = [m for m in modes if m in deps]
         info["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     sim = rounds_of(base / "simulation")
