@@ -152,6 +152,8 @@ def per_device_round(dep: dict, rounds: int) -> dict:
 
     starts = mean("clientapp_starts")
     forks = sum(m["forks"] for m in msgs) / n
+    if forks and not starts:  # Flower's start line is the ClientApp's own output: a forked one writes to the fork log
+        starts = (forks - mean("messages", "run")) / rounds
     if dep["residents"]:
         loads = sum(s["model_builds"] for s in dep["residents"].values()) / n / rounds
     else:  # cold: the ClientApp of each message that trains loads the model
