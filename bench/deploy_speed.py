@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -65,7 +66,7 @@ def overrides(args: argparse.Namespace) -> list[str]:
     ]
 
 
-def deployment(cfg, used: list[str], work: Path, *, mode: str) -> dict:
+def deployment(cfg, used: list[str], work: Path, *, mode: str, timeout_s: float = 3600) -> dict:
     from fedlora.deploy.plan import DeploySettings, write_plan
     from fedlora.deploy.processes import ProcessGroup, free_port_run, placement
 
@@ -92,7 +93,7 @@ def deployment(cfg, used: list[str], work: Path, *, mode: str) -> dict:
         ready = time.perf_counter() - t0
         t1 = time.perf_counter()
         cloud = group.start("cloud", [*fedlora, "cloud", "--config", str(plan / "cloud")], env)
-        if cloud.wait(timeout=3600) != 0:
+        if cloud.wait(timeout=timeout_s) != 0:  # subprocess.TimeoutExpired past it: this mode failed
             raise SystemExit(f"the cloud run failed; logs in {work}")
         total = time.perf_counter() - t1
     rounds = rounds_of(plan / "cloud" / "run")
@@ -101,17 +102,71 @@ def deployment(cfg, used: list[str], work: Path, *, mode: str) -> dict:
             "leftovers": group.leftovers()}
 
 
-def messages_per_device(plan: Path, ends: list[int]) -> dict[int, dict[str, int]]:
-    """Client -> Flower message type -> how many its SuperNode answered (each one ClientApp process)."""
-    pattern = re.compile(r"Sending: (\S+) message")  # one reply per message received
+HEADER = re.compile(r"\[RUN \d+(?:, ROUND (\d+)/([\w-]+))?\]")  # Flower's log header of each message's lines
+RECEIVED = re.compile(r"Receiving: (\S+) message")
+STARTED = "Start `flwr-clientapp` process"  # the SuperExec, once per message (cold, warm and fork alike)
+FORKED = "forked ClientApp process"  # fedlora.deploy.clientapp_fork, once per ClientApp it forks
+
+
+def flower_log(folder: Path, name: str) -> str:
+    return "\n".join(re.sub(r"\x1b\[[0-9;]*m", "", p.read_text(errors="replace"))
+                     for p in sorted((folder / "logs").glob(name)))
+
+
+def messages_per_device(plan: Path, ends: list[int]) -> dict[int, dict]:
+    """Client -> what its SuperNode's log says: messages received by type, per round (``run`` for
+    the run's identify query) the messages and ``flwr-clientapp`` starts, the long-running Flower
+    processes started (SuperNode, SuperExec: retries while the edge comes up included) and how many
+    ClientApps the fork server forked (``fork`` mode)."""
     out = {}
     for c in ends:
-        text = "\n".join(p.read_text(errors="replace") for p in (plan / f"end-{c}" / "logs").glob("supernode*.log"))
-        counts: dict[str, int] = {}
-        for m in pattern.finditer(re.sub(r"\x1b\[[0-9;]*m", "", text)):
-            counts[m.group(1)] = counts.get(m.group(1), 0) + 1
-        out[c] = counts
+        folder = plan / f"end-{c}"
+        text = flower_log(folder, "supernode.log")
+        types: dict[str, int] = {}
+        rounds: dict[str, dict[str, int]] = {}
+        where, stage, trains = "run", None, 0
+        for line in text.splitlines():
+            if h := HEADER.search(line):
+                where, stage = h.group(1) or "run", h.group(2)
+            elif m := RECEIVED.search(line):
+                types[m.group(1)] = types.get(m.group(1), 0) + 1
+                trains += m.group(1) == "train" or stage == STAGES[0]  # the message that trains (secure: its first stage)
+                rounds.setdefault(where, {"messages": 0, "clientapp_starts": 0})["messages"] += 1
+            elif STARTED in line:
+                rounds.setdefault(where, {"messages": 0, "clientapp_starts": 0})["clientapp_starts"] += 1
+        out[c] = {"types": types, "rounds": rounds, "trains": trains, "supernode_starts": text.count("Starting Flower SuperNode"),
+                  "superexec_starts": text.count("Starting Flower SuperExec"),
+                  "forks": flower_log(folder, "supernode-fork.log").count(FORKED)}
     return out
+
+
+def per_device_round(dep: dict, rounds: int) -> dict:
+    """Means over devices and the secure rounds (``run``: the run's own messages, once per device)."""
+    msgs = list(dep["messages"].values())
+    n = len(msgs)
+
+    def mean(key: str, where: str = "rounds") -> float:
+        if where == "run":
+            return sum(m["rounds"].get("run", {}).get(key, 0) for m in msgs) / n
+        return sum(v[key] for m in msgs for r, v in m["rounds"].items() if r != "run") / n / rounds
+
+    starts = mean("clientapp_starts")
+    forks = sum(m["forks"] for m in msgs) / n
+    if forks and not starts:  # Flower's start line is the ClientApp's own output: a forked one writes to the fork log
+        starts = (forks - mean("messages", "run")) / rounds
+    if dep["residents"]:
+        loads = sum(s["model_builds"] for s in dep["residents"].values()) / n / rounds
+    else:  # cold: the ClientApp of each message that trains loads the model
+        loads = sum(m["trains"] for m in msgs) / n / rounds
+    return {"messages_per_device_round": mean("messages"), "clientapp_starts_per_device_round": starts,
+            "run_messages_per_device": mean("messages", "run"),
+            "run_clientapp_starts_per_device": mean("clientapp_starts", "run"),
+            "forked_clientapps_per_device_run": forks,
+            "interpreter_clientapp_starts_per_device_round": max(0.0, starts - forks / rounds) if forks else starts,
+            "supernode_starts_per_device_run": sum(m["supernode_starts"] for m in msgs) / n,
+            "superexec_starts_per_device_run": sum(m["superexec_starts"] for m in msgs) / n,
+            "resident_processes_per_device_run": 1 if dep["residents"] else 0,
+            "model_loads_per_device_round": loads}
 
 
 def residents(plan: Path, ends: list[int]) -> dict[int, dict]:
@@ -129,6 +184,10 @@ def breakdown(dep: dict) -> dict[int, dict[str, float]]:
     return {r: {k: sum(s[k] for s in stages.values()) for k in ("clientapp_s", "handle_s")} for r, stages in per.items()}
 
 
+def interrupted(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,6 +199,7 @@ def main() -> None:
     p.add_argument("--local-steps", type=int, default=2)
     p.add_argument("--modes", default="cold,warm",
                    help="deployments side by side: cold (before), warm (after), fork (warm + forked ClientApps)")
+    p.add_argument("--mode-timeout-s", type=float, default=3600, help="a deployment's cloud run longer than this fails")
     p.add_argument("--lock", default=DEFAULT_LOCK)
     p.add_argument("--no-lock", action="store_true")
     p.add_argument("--out", default=str(RESULTS / "deploy_speed.json"))
@@ -154,6 +214,8 @@ def main() -> None:
     from fedlora.runs.progress import quiet_libraries
 
     quiet_libraries()
+    # `timeout` (SIGTERM): unwind, so the deployment's process group stops its processes (new sessions, not signalled)
+    signal.signal(signal.SIGTERM, interrupted)
     used = overrides(args)
     cfg = compose(used)
     base = Path(tempfile.mkdtemp(prefix="fedlora-deploy-speed-"))
@@ -165,10 +227,14 @@ def main() -> None:
         sim_total = time.perf_counter() - t0
         for mode in modes:
             try:
-                deps[mode] = deployment(cfg, used, base / mode, mode=mode)
+                deps[mode] = deployment(cfg, used, base / mode, mode=mode, timeout_s=args.mode_timeout_s)
             except (SystemExit, Exception) as exc:  # one mode failing must not lose the others' figures
                 failed[mode] = f"{type(exc).__name__}: {exc}"
                 print(f"{mode}: FAILED ({failed[mode]}); logs in {base / mode}")
+            except KeyboardInterrupt as exc:  # `timeout`: keep the modes done so far, run no more
+                failed[mode] = f"interrupted ({exc})"
+                print(f"{mode}: INTERRUPTED; logs in {base / mode}")
+                break
         modes = [m for m in modes if m in deps]
         info["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     sim = rounds_of(base / "simulation")
@@ -194,17 +260,12 @@ def main() -> None:
     print(table(rows, head, digits=1))
     counts = {}
     for mode, dep in deps.items():
-        msgs = [sum(v for k, v in m.items() if k.startswith("train")) for m in dep["messages"].values()]
-        per_round = sum(msgs) / len(msgs) / args.rounds
-        loads = (sum(s["model_builds"] for s in dep["residents"].values()) / len(dep["ends"]) / args.rounds
-                 if dep["residents"] else per_round)
-        counts[mode] = {"messages_per_device_round": per_round, "clientapp_processes_per_device_round": per_round,
-                        "resident_processes_per_device_run": 1 if dep["residents"] else 0,
-                        "model_loads_per_device_round": loads, "identify_per_device_run":
-                        sum(m.get("query", 0) for m in dep["messages"].values()) / len(msgs)}
-        print(f"{mode}: tiers ready {dep['tiers_ready_s']:.1f}s, cloud total {dep['cloud_total_s']:.1f}s; per device per secure "
-              f"round: {per_round:.2f} Flower train messages = ClientApp processes, {loads:.2f} model loads; leftovers "
-              f"{dep['leftovers']}")
+        counts[mode] = per_device_round(dep, args.rounds)
+        print(f"{mode}: tiers ready {dep['tiers_ready_s']:.1f}s, cloud total {dep['cloud_total_s']:.1f}s; "
+              f"leftovers {dep['leftovers']}")
+    keys = list(next(iter(counts.values()))) if counts else []
+    print("Per END device (means over devices; 'round' = one secure round):")
+    print(table([[key, *[counts[m][key] for m in deps]] for key in keys], ["", *deps], digits=2))
     memory = None
     warm = next((m for m in ("warm", "fork") if m in deps), None)
     if warm is not None:
@@ -216,6 +277,12 @@ def main() -> None:
         print(f"{warm} resident processes, peak RSS MiB after each round (per device):")
         print(table([[c, *[m["peak_mib"] for m in ms]] for c, ms in memory.items()], ["device", *cols], digits=0))
         print(table([[c, *[m["rss_mib"] for m in ms]] for c, ms in memory.items()], ["device (RSS now)", *cols], digits=0))
+        growth = {c: {"peak_mib": ms[-1]["peak_mib"] - ms[min(1, len(ms) - 1)]["peak_mib"],
+                      "rss_mib": ms[-1]["rss_mib"] - ms[min(1, len(ms) - 1)]["rss_mib"]} for c, ms in memory.items() if ms}
+        memory = {"per_round": memory, "growth_round2_to_last": growth}
+        worst = {k: max(g[k] for g in growth.values()) for k in ("peak_mib", "rss_mib")}
+        print(f"{warm}: growth from round 2 to the last round, max over devices: peak {worst['peak_mib']:+.1f} MiB, "
+              f"RSS now {worst['rss_mib']:+.1f} MiB")
     out = write_json(args.out, {
         **provenance("deploy_speed", info), "overrides": used, "failed": failed,
         "simulation": {"total_s": sim_total, "rounds": sim},

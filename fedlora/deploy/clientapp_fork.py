@@ -105,11 +105,13 @@ def serve(path: Path, run_child=None, *, stopping=lambda: False) -> None:
                 except ValueError as exc:
                     log.warning("clientapp fork server: %s", exc)
                     continue
-                if os.fork() == 0:
+                child = os.fork()
+                if child == 0:
                     listener.close()
                     conn.close()
                     _child(run_child, argv)
                 conn.sendall(b"ok")
+                log.info("clientapp fork server: forked ClientApp process %d", child)  # counted by bench/deploy_speed.py
     finally:
         listener.close()
         path.unlink(missing_ok=True)
