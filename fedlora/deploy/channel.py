@@ -29,7 +29,7 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -231,14 +231,11 @@ def call(path: Path, request: bytes, *, timeout_s: float, connect_wait_s: float 
             raise ChannelError(f"the resident device process failed: {exc}") from None
 
 
-def serve(listener: socket.socket, handle: Callable[[dict[str, Any]], dict[str, Any]], *,
-          stopping: Callable[[], bool] = lambda: False, received: Callable[[dict[str, Any]], None] | None = None,
-          served: Callable[[dict[str, Any]], None] | None = None, idle_s: float = 1.0) -> None:
-    """Answer requests one at a time until ``stopping()``: a request from another user is dropped
-    unread, a malformed one or one ``handle`` raises on gets an error reply (the process goes on).
-    ``received`` gets each request's kind, stage and round as it starts; ``served`` each answered
-    request's timings: also ``clientapp_s`` (the ClientApp process's age when it asked) and
-    ``handle_s`` (the work here)."""
+def own_connections(listener: socket.socket, *, stopping: Callable[[], bool] = lambda: False,
+                    idle_s: float = 1.0, label: str = "device channel") -> Iterator[tuple[socket.socket, int]]:
+    """Accepted connections ``(conn, peer pid)`` from this process's own user, one at a time, until
+    ``stopping()`` (checked every ``idle_s``); a connection from another user is closed unread.
+    The caller uses the connection inside the loop body; it is closed when the body ends."""
     listener.settimeout(idle_s)
     me = os.getuid()
     while not stopping():
@@ -249,27 +246,39 @@ def serve(listener: socket.socket, handle: Callable[[dict[str, Any]], dict[str, 
         with conn:
             pid, uid = peer(conn)
             if uid != me:
-                log.warning("device channel: dropped a connection from uid %d (only uid %d may use it)", uid, me)
+                log.warning("%s: dropped a connection from uid %d (only uid %d may use it)", label, uid, me)
                 continue
-            conn.settimeout(None)  # training takes as long as it takes; the caller has the round's timeout
-            try:
-                data = recv_frame(conn)
-            except ChannelError as exc:
-                log.warning("device channel: %s", exc)
-                continue
-            t0, age, request = time.time(), process_age_s(pid), None
-            try:
-                request = decode_request(data)
-                if received is not None:
-                    received({"kind": request["kind"], "stage": request["stage"], "round": request["round"], "received": t0})
-                reply = encode_reply(handle(request))
-            except Exception as exc:  # the device's reason goes back to the ClientApp: an error reply, a dropout
-                log.warning("device request failed: %s: %s", type(exc).__name__, exc)
-                reply = encode_reply(error=f"{type(exc).__name__}: {exc}")
-            try:
-                send_frame(conn, reply)
-            except OSError as exc:  # the ClientApp gave up (its timeout); the next request is served anyway
-                log.warning("device channel: could not send the reply: %s", exc)
+            yield conn, pid
+
+
+def serve(listener: socket.socket, handle: Callable[[dict[str, Any]], dict[str, Any]], *,
+          stopping: Callable[[], bool] = lambda: False, received: Callable[[dict[str, Any]], None] | None = None,
+          served: Callable[[dict[str, Any]], None] | None = None, idle_s: float = 1.0) -> None:
+    """Answer requests one at a time until ``stopping()``: a request from another user is dropped
+    unread, a malformed one or one ``handle`` raises on gets an error reply (the process goes on).
+    ``received`` gets each request's kind, stage and round as it starts; ``served`` each answered
+    request's timings: also ``clientapp_s`` (the ClientApp process's age when it asked) and
+    ``handle_s`` (the work here)."""
+    for conn, pid in own_connections(listener, stopping=stopping, idle_s=idle_s):
+        conn.settimeout(None)  # training takes as long as it takes; the caller has the round's timeout
+        try:
+            data = recv_frame(conn)
+        except ChannelError as exc:
+            log.warning("device channel: %s", exc)
+            continue
+        t0, age, request = time.time(), process_age_s(pid), None
+        try:
+            request = decode_request(data)
+            if received is not None:
+                received({"kind": request["kind"], "stage": request["stage"], "round": request["round"], "received": t0})
+            reply = encode_reply(handle(request))
+        except Exception as exc:  # the device's reason goes back to the ClientApp: an error reply, a dropout
+            log.warning("device request failed: %s: %s", type(exc).__name__, exc)
+            reply = encode_reply(error=f"{type(exc).__name__}: {exc}")
+        try:
+            send_frame(conn, reply)
+        except OSError as exc:  # the ClientApp gave up (its timeout); the next request is served anyway
+            log.warning("device channel: could not send the reply: %s", exc)
         if served is not None and request is not None:
             served({"kind": request["kind"], "stage": request["stage"], "round": request["round"], "received": t0,
                     "clientapp_s": age, "handle_s": time.time() - t0})

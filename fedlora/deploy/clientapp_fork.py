@@ -89,29 +89,20 @@ def serve(path: Path, run_child=None, *, stopping=lambda: False) -> None:
         run_child = _flower_clientapp
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     listener = channel.listen(path)
-    listener.settimeout(1.0)
-    me = os.getuid()
     try:
-        while not stopping():
+        for conn, _pid in channel.own_connections(listener, stopping=stopping, label="clientapp fork server"):
             try:
-                conn, _ = listener.accept()
-            except TimeoutError:
+                argv = read_argv(conn)
+            except ValueError as exc:
+                log.warning("clientapp fork server: %s", exc)
                 continue
-            with conn:
-                if channel.peer(conn)[1] != me:
-                    continue
-                try:
-                    argv = read_argv(conn)
-                except ValueError as exc:
-                    log.warning("clientapp fork server: %s", exc)
-                    continue
-                child = os.fork()
-                if child == 0:
-                    listener.close()
-                    conn.close()
-                    _child(run_child, argv)
-                conn.sendall(b"ok")
-                log.info("clientapp fork server: forked ClientApp process %d", child)  # counted by bench/deploy_speed.py
+            child = os.fork()
+            if child == 0:
+                listener.close()
+                conn.close()
+                _child(run_child, argv)
+            conn.sendall(b"ok")
+            log.info("clientapp fork server: forked ClientApp process %d", child)  # counted by bench/deploy_speed.py
     finally:
         listener.close()
         path.unlink(missing_ok=True)
