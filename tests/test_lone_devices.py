@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from test_secure_rounds import RecordingTransport, stage_dropper
 
 from fedlora import wire
 from fedlora.config import ConfigError, TopologyConfig
@@ -138,7 +139,7 @@ def test_the_aggregators_and_unmasker_see_the_lone_device_only_inside_the_sum(tm
     import fedlora.secure.rounds as rounds
     from fedlora.roles.device import train_round
 
-    requests, results, payloads, unmasked = [], [], [], []
+    requests, results, unmasked = [], [], []
     real_run, real_remove = LocalCellRunner.run, rounds.remove_masks
 
     def spy_run(self, reqs, **kw):
@@ -152,17 +153,9 @@ def test_the_aggregators_and_unmasker_see_the_lone_device_only_inside_the_sum(tm
         unmasked.append((total.cells, total.clients, [m.cell for m in masks], plain.clients))
         return plain
 
-    class Spy(InProcessTransport):
-        def exchange(self, server_round, stage, payloads_, arrays, settings, on_reply):
-            replies = super().exchange(server_round, stage, payloads_, arrays, settings, on_reply)
-            payloads.extend(r.update for r in replies if r.error is None)
-            self.settings, self.arrays = settings, arrays if arrays is not None else self.arrays
-            return replies
-
     monkeypatch.setattr(LocalCellRunner, "run", spy_run)
     monkeypatch.setattr(rounds, "remove_masks", spy_remove)
-    transport = Spy(8)
-    transport.arrays = None
+    transport = RecordingTransport(8)
     run_federation(lone_run("topology.cloud_sync_every=2"), tmp_path / "r", transport)
     host = [r for r in requests if LONE in r.clients]
     assert len(host) == 1 and all(r.cell != LONE_CELL for r in requests)  # one session, no request for its own cell
@@ -174,7 +167,7 @@ def test_the_aggregators_and_unmasker_see_the_lone_device_only_inside_the_sum(tm
     assert all(clients >= 2 and plain == clients and masks == sorted(cells) for cells, clients, masks, plain in unmasked)
     assert [clients for cells, clients, *_ in unmasked if host[0].cell in cells] == [4]
     delta, metrics = train_round(transport.settings, transport.arrays, LONE)
-    blob = b"".join(results + payloads)
+    blob = b"".join(results + transport.payloads)
     for v in delta.values():
         nonzero = v[np.abs(v) > 1e-6]
         assert nonzero.size and nonzero.tobytes()[:64] not in blob
@@ -183,12 +176,6 @@ def test_the_aggregators_and_unmasker_see_the_lone_device_only_inside_the_sum(tm
         result = wire.loads(data, "cell-result")
         assert result.plain is None and result.metrics == {}
         assert all(st.train_loss is None and st.num_examples is None for st in result.clients.values())
-
-
-def stage_dropper(drops):
-    def fault(server_round, stage, reply):
-        return None if (reply.client, stage) in drops else reply
-    return fault
 
 
 @pytest.mark.parametrize("who, stage, counted", [
