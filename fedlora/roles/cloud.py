@@ -416,8 +416,8 @@ def _host_lone_devices(run: Run, groups):
     if run.secure is None or run.cfg.privacy.lone_devices != "merge":
         return groups, {}, ""
     if not getattr(run.runner, "hosts_lone_devices", False):
-        return groups, {}, ("; these edge processes cannot merge a lone device into another cell's session yet "
-                            "(privacy.lone_devices=merge works in simulation)")
+        return groups, {}, ("; edge processes cannot merge a lone device into another cell's session yet, each reaches "
+                            "only its own devices (privacy.lone_devices=merge works in simulation and on a single server)")
     merged, hosted = host_lone_devices(groups, run.tree)
     return merged, hosted, "; no other neighbourhood cell trains this round to host it"
 
