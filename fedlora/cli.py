@@ -82,6 +82,8 @@ def cmd_run(argv: list[str]) -> None:
         print(
             f"run directory: {run_dir}\n"
             f"  wall time {summary['wall_s']:.0f}s, {summary['total_bytes']['all'] / 1e6:.1f} MB exchanged\n"
+            f"  sampled devices left out other than by dropping out: {summary.get('left_out_total', 0)} "
+            f"of {summary.get('sampled_total', 0)} sampled\n"
             f"  next: fedlora eval {run_dir}   |   fedlora generate {run_dir} --compare-base --prompt '...'"
         )
         return summary.get("final_eval_loss")

@@ -354,6 +354,11 @@ class PrivacyConfig:
     # Secure mode samples at least this many clients in each neighbourhood with a sampled client
     # (when it has them), so that a cell can lose some and stay at or above t.
     min_cell_clients: int = 3
+    # A sampled device left alone in its neighbourhood this round (mobility moved the others away, or
+    # they are off): merge (it joins a sibling neighbourhood's secure session for the round, so its data
+    # counts and no aggregator sees its update alone) | refuse (it is left out of the round). Edge
+    # processes (`fedlora cloud` with neighbourhood edges) cannot merge yet and refuse, saying so.
+    lone_devices: str = "merge"
     # Central DP (privacy=secagg_dp, DP-FedAvg): each device clips its whole update to L2 norm
     # clip_norm and weighs it equally (its count is sent as max_examples, its loss is withheld);
     # the unmasking tier adds N(0, (noise_multiplier * clip_norm)^2) to the sum of updates once
@@ -581,6 +586,7 @@ def _validate_privacy(cfg: FedLoraConfig) -> None:
     _choice("privacy.mode", p.mode, PRIVACY_MODES)
     _choice("privacy.unmasker", p.unmasker, ("cloud", "suburban"))
     _choice("privacy.prg", p.prg, ("aes128-ctr", "chacha20"))
+    _choice("privacy.lone_devices", p.lone_devices, ("merge", "refuse"))
     if p.mode == "secagg_dp":
         _positive("privacy.clip_norm", p.clip_norm)
         _positive("privacy.noise_multiplier", p.noise_multiplier, zero_ok=True)

@@ -227,6 +227,10 @@ class EdgeCellRunner:
     :class:`fedlora.roles.cloud.DeviceLocator`: each edge's report of its connected devices.
     """
 
+    # An edge reaches only the devices attached to it: a device alone in its cell cannot join another
+    # edge's secure session (fedlora.roles.lone); the cloud refuses its cell and says why.
+    hosts_lone_devices = False
+
     def __init__(self, grid: Grid, tree: CellTree, *, timeout_s: float, connect_timeout_s: float = 120.0,
                  rejoin_s: float = 60.0, track_devices: bool = False):
         self.tree = tree

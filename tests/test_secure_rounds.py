@@ -172,13 +172,28 @@ def test_an_unregistered_device_is_refused(tmp_path, short_run):
         agg.receive_advert(read_message(data, AdvertiseKeys))
 
 
+class RecordingTransport(InProcessTransport):
+    """The in-process transport, keeping every usable secure-stage reply (``payloads``) and the last
+    round's settings and start adapter (``settings``, ``arrays``: to recompute a client's plain update)."""
+
+    def __init__(self, num_clients: int):
+        super().__init__(num_clients)
+        self.payloads, self.settings, self.arrays = [], None, None
+
+    def exchange(self, server_round, stage, payloads, arrays, settings, on_reply):
+        replies = super().exchange(server_round, stage, payloads, arrays, settings, on_reply)
+        self.payloads.extend(r.update for r in replies if r.error is None)
+        self.settings, self.arrays = settings, arrays if arrays is not None else self.arrays
+        return replies
+
+
 def test_what_the_aggregator_hands_upward_holds_no_individual_value(tmp_path, short_run):
     """Capture every CellResult run_cell hands upward and every message the aggregator holds;
     no client's plain update, example count or loss appears in any of it."""
     import fedlora.roles.cloud as federation
     from fedlora.roles.device import train_round
 
-    captured, sent_payloads = [], []
+    captured = []
     real_run = federation.LocalCellRunner.run
 
     def spy_run(self, requests, **kw):
@@ -186,21 +201,13 @@ def test_what_the_aggregator_hands_upward_holds_no_individual_value(tmp_path, sh
         captured.extend(r.to_bytes() for r in results)
         return results
 
-    class Spy(InProcessTransport):
-        def exchange(self, server_round, stage, payloads, arrays, settings, on_reply):
-            replies = super().exchange(server_round, stage, payloads, arrays, settings, on_reply)
-            sent_payloads.extend(r.update for r in replies if r.error is None)
-            self.settings, self.arrays = settings, arrays if arrays is not None else self.arrays
-            return replies
-
     federation.LocalCellRunner.run = spy_run
     try:
-        transport = Spy(8)
-        transport.arrays = None
+        transport = RecordingTransport(8)
         run_federation(short_run(*EIGHT_LAPTOPS), tmp_path / "r", transport)
     finally:
         federation.LocalCellRunner.run = real_run
-    blob = b"".join(captured + sent_payloads)
+    blob = b"".join(captured + transport.payloads)
     for c in range(8):  # recompute each client's plain update (training is deterministic)
         delta, metrics = train_round(transport.settings, transport.arrays, c)
         for v in delta.values():

@@ -44,6 +44,7 @@ from fedlora.model import resolve_model_dir
 from fedlora.roles.device import initial_adapter, lora_model
 from fedlora.roles.hierfavg import CellModels
 from fedlora.roles.local import LocalCellRunner
+from fedlora.roles.lone import host_lone_devices, left_out
 from fedlora.roles.neighbourhood import (
     AggregatorKeys,
     CellRequest,
@@ -96,6 +97,9 @@ class CellRunner(Protocol):
     :class:`LocalCellRunner` runs them in this process; a deployment sends each request to
     the cell's edge-aggregator process, which calls :func:`fedlora.roles.neighbourhood.run_cell` there.
     ``late`` and ``on_reply`` are hints a remote runner may apply on its side or ignore.
+    A runner whose ``hosts_lone_devices`` is true can run a cell with a client from another
+    neighbourhood (every client is reachable from where the cells run); without it a device alone
+    in its cell is refused (:mod:`fedlora.roles.lone`).
     """
 
     def run(self, requests: list[CellRequest], *, late: LateCallback | None = None,
@@ -381,25 +385,41 @@ class CellReplies:
     secure_round: SecureRound | None  # the round's secure session (None: plain sums)
     refused: dict[str, tuple[list[int], str]]  # cell -> (its clients, why it cannot run a secure session)
     split_plan: dict[int, SplitChoice] = field(default_factory=dict)  # client -> how it trains (train.mode split|auto)
+    hosted: dict[int, tuple[str, str]] = field(default_factory=dict)  # lone client -> (its cell, the host cell)
 
 
 def dispatch(run: Run, server_round: int, who: Participants, sent: AdapterState, sync: bool) -> CellReplies:
     """Send every neighbourhood cell with a training client its request and run the cells (``runner.run``)."""
     settings = run.resolved.round_settings(server_round, run.client_settings)
     groups = _cell_groups(who.training, run.cell_of, run.cells, sent, run.trainable, run.hierfavg)
+    groups, hosted, lone_note = _host_lone_devices(run, groups)
     sr, keys = _secure_round(run, server_round, groups) if run.secure is not None else (None, None)
     plan = plan_round(run.tree, run.cell_of, who.training, run.shape, run.cfg.train) if run.shape is not None else {}
     requests, refused = [], {}
     for cell, group, start in groups:
         data = sr.cell(cell, group, start) if sr is not None else None
         if isinstance(data, str):
-            refused[cell] = (group, data)
+            refused[cell] = (group, data + lone_note)
             continue
         cuts = {c: (plan[c].cut.k, plan[c].cut.m) for c in group if c in plan and plan[c].cut is not None}
         requests.append(CellRequest(run.run_id, server_round, cell, group, start, settings, run.expected, data, cuts))
     late = _deadline_verdict(run, server_round, sent, sync)
     results = run.runner.run(requests, late=late, on_reply=_reply_reporter(run), keys=keys)
-    return CellReplies(results, sr, refused, plan)
+    for client, (own, host) in sorted(hosted.items()):
+        run.progress.note(f"round {server_round}: client {client} is alone in {own}: it joins {host}'s secure session")
+    return CellReplies(results, sr, refused, plan, hosted)
+
+
+def _host_lone_devices(run: Run, groups):
+    """Secure mode: the groups with each device alone in its cell merged into another cell's session
+    (``privacy.lone_devices=merge``, where the runner can), the merged clients, and what a refusal adds."""
+    if run.secure is None or run.cfg.privacy.lone_devices != "merge":
+        return groups, {}, ""
+    if not getattr(run.runner, "hosts_lone_devices", False):
+        return groups, {}, ("; edge processes cannot merge a lone device into another cell's session yet, each reaches "
+                            "only its own devices (privacy.lone_devices=merge works in simulation and on a single server)")
+    merged, hosted = host_lone_devices(groups, run.tree)
+    return merged, hosted, "; no other neighbourhood cell trains this round to host it"
 
 
 def _cell_groups(clients, cell_of, cells: CellModels, sent: AdapterState, trainable: list[str], hierfavg: bool):
@@ -494,6 +514,9 @@ def aggregate_up(run: Run, server_round: int, replies: CellReplies, sync: bool) 
     if replies.secure_round is not None:
         results, cell_sums, metric_sums, secure_record = _unmask_round(replies.secure_round, results, replies.refused,
                                                                        run.hierfavg, run.dp)
+        if replies.hosted:  # only when a device was alone: a round without one keeps its record as it was
+            secure_record["hosted"] = {str(c): {"cell": own, "session": host}
+                                       for c, (own, host) in sorted(replies.hosted.items())}
     else:
         cell_sums = {res.cell: _with_edge(res) for res in results if res.plain is not None}
         metric_sums = {k: sum(res.metrics.get(k, 0.0) for res in results) for k in ("num_examples", "train_loss")}
@@ -602,6 +625,7 @@ def round_record(run: Run, server_round: int, who: Participants, up: RoundSums, 
     dropped = [{"client": c, "reason": why} for c, why in who.off.items()]
     dropped += [{"client": c, "reason": st.reason} for c, st in statuses.items() if st.status != ACCEPTED]
     participants = sorted(c for c, st in sorted(statuses.items()) if st.status == ACCEPTED)
+    outside = left_out(statuses)
     dp = run.dp
     return {
         "round": server_round,
@@ -613,6 +637,7 @@ def round_record(run: Run, server_round: int, who: Participants, up: RoundSums, 
         "cloud_sync": sync,
         "num_examples": metric_sums["num_examples"],
         "cell_of": {str(c): run.cell_of[c] for c in participants},
+        **({"left_out": outside} if outside else {}),  # present only when a device was left out (aim: never)
         **({"secure": up.secure_record} if up.secure_record is not None else {}),
         **({"dp": _dp_record(dp, len(who.selected) / len(run.available))} if dp is not None else {}),
         **net.record(),
@@ -701,4 +726,6 @@ def finish_run(run: Run, sent: AdapterState) -> dict:
         f"done: held-out loss {base_loss:.4f} -> {summary['final_eval_loss']:.4f} "
         f"(perplexity {summary['base_perplexity']:.2f} -> {summary['final_perplexity']:.2f}); adapter in {run_dir / 'adapter'}"
     )
+    run.progress.note(f"sampled devices left out other than by dropping out: {summary['left_out_total']} of "
+                      f"{summary['sampled_total']} sampled")
     return summary

@@ -21,6 +21,9 @@ class LocalCellRunner:
     """Every cell in this process over one transport (simulation, tests, a single server); split
     clients train with their cell's edge half in this process too (:func:`fedlora.roles.split.split_round`)."""
 
+    # Every client is reachable from here, so a cell may hold a device from another neighbourhood.
+    hosts_lone_devices = True
+
     def __init__(self, transport: Transport):
         self.transport = transport
 

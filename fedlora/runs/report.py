@@ -98,6 +98,10 @@ def summarise(run_dir: Path, base_eval_loss: float | None, wall_s: float, extra:
         "final_train_loss": next((r["train_loss"] for r in reversed(rounds) if r.get("train_loss") is not None), None),
         "total_bytes": {**totals, "all": sum(totals["up"].values()) + sum(totals["down"].values())},
         "dropped_total": sum(len(r["dropped"]) for r in rounds),
+        # Sampled participations (in the sum or dropped), and those left out though they did not drop out
+        # themselves (a round's ``left_out``: a refused or aborted secure cell; aim: 0).
+        "sampled_total": sum(len(r["participants"]) + len(r["dropped"]) for r in rounds),
+        "left_out_total": sum(len(r.get("left_out", ())) for r in rounds),
         "wall_s": wall_s,
         **(extra or {}),
     }

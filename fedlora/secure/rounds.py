@@ -72,6 +72,8 @@ ACCEPTED, LATE, DROPPED = "accepted", "late", "dropped"
 # ("cell aborted: <why>"); a cell the cloud could not start ("cell refused: <why>").
 NO_REPLY = "no reply before the round timeout"
 CELL_ABORTED, CELL_REFUSED = "cell aborted", "cell refused"
+# The fewest clients a secure session runs with: the unmasker learns the sum, so one client's is its update.
+MIN_SESSION_CLIENTS = 2
 
 
 def device_id(client: int) -> str:
@@ -469,8 +471,8 @@ class SecureRound:
     def cell(self, cell: str, clients: list[int], arrays: Mapping[str, np.ndarray]) -> SecureCell | str:
         """The signed per-cell data, or why the cell cannot run a secure session."""
         n = len(clients)
-        if n < 2:
-            return f"{n} client(s) in the cell; secure aggregation needs at least 2"
+        if n < MIN_SESSION_CLIENTS:
+            return f"{n} client(s) in the cell; secure aggregation needs at least {MIN_SESSION_CLIENTS}"
         s = self.settings
         header = CellHeader(
             run_id=self.run_id, server_round=self.server_round, cell=cell, aggregator=aggregator_id(cell),
