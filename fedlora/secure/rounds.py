@@ -34,6 +34,7 @@ import numpy as np
 from fedlora import transcript, wire
 from fedlora.secure import shamir
 from fedlora.secure.aggregator import NeighbourhoodAggregator
+from fedlora.secure.bounds import sum_violation
 from fedlora.secure.client import CellClient
 from fedlora.secure.encoding import EncodingConfig, TensorLayout, adapter_digest, decode_sum
 from fedlora.secure.errors import CellAborted, RejectedMessage, SecAggError
@@ -72,6 +73,8 @@ ACCEPTED, LATE, DROPPED = "accepted", "late", "dropped"
 # ("cell aborted: <why>"); a cell the cloud could not start ("cell refused: <why>").
 NO_REPLY = "no reply before the round timeout"
 CELL_ABORTED, CELL_REFUSED = "cell aborted", "cell refused"
+# A cell whose decoded sum is out of what its clients could send (privacy.bound_check): "out of bounds: <why>".
+BOUND_REFUSED = "out of bounds"
 
 
 def device_id(client: int) -> str:
@@ -423,6 +426,10 @@ class SecureSettings:
     unmasker: str  # cloud | suburban
     prg: str
     complete_graph_up_to: int
+    # Refuse a cell whose decoded sum its clients' clipped updates could not add up to (fedlora/secure/bounds.py);
+    # norm_bound > 0: the L2 norm every honest update is clipped to, checked too.
+    bound_check: bool = False
+    norm_bound: float = 0.0
 
 
 def threshold_for(n: int, fraction: float, complete_up_to: int) -> int:
@@ -498,6 +505,11 @@ class SecureRound:
                 masks[cell] = self.unmasker_for(cell).unmask_cell(outcome.bundle)
             except CellAborted as exc:
                 aborted[cell] = str(exc)
+                continue
+            why = self.out_of_bounds(outcome.masked, masks[cell]) if self.settings.bound_check else None
+            if why is not None:  # the cell leaves the sum; the other cells go on
+                aborted[cell] = why
+                del masks[cell]
         enc = self.settings.encoding
         if per_cell:
             groups = {cell: [outcomes[cell].masked] for cell in masks}
@@ -513,6 +525,18 @@ class SecureRound:
             plain = remove_masks(total, [masks[c] for c in sorted(total.cells)])
             sums[key] = decode_sum(plain.vector, self.layout, enc, plain.clients)
         return sums, aborted
+
+
+    def out_of_bounds(self, masked: MaskedSum, mask: CellMask) -> str | None:
+        """Why one cell's sum (its masked sum less its mask, decoded) cannot come from honest clients, or None
+        (:func:`fedlora.secure.bounds.sum_violation`)."""
+        try:
+            plain = remove_masks(add_masked([masked], self.settings.encoding), [mask])
+            decoded = decode_sum(plain.vector, self.layout, self.settings.encoding, plain.clients)
+        except (ValueError, SecAggError) as exc:  # e.g. a count no k clients can have
+            return f"{BOUND_REFUSED}: {exc}"
+        why = sum_violation(decoded, norm_bound=self.settings.norm_bound, unbounded=(LOSS_KEY,))
+        return None if why is None else f"{BOUND_REFUSED}: {why}"
 
 
 def secure_layout(expected: Mapping[str, tuple[int, ...]]) -> TensorLayout:
