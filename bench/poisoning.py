@@ -155,7 +155,8 @@ def initial_state(overrides: list[str]) -> dict:
 
 def base_overrides(args: argparse.Namespace) -> list[str]:
     data = [] if args.data == "wearable" else ["data=file", f"data.path={require_medical(args.data_path)}"]
-    return [f"model={args.model}", *data, "topology=small6g" if args.topology == "tree" else "topology=flat",
+    tree = ["topology=small6g", "topology.suburban_cells=1", "topology.neighbourhoods_per_suburban=2"]
+    return [f"model={args.model}", *data, *(tree if args.topology == "tree" else ["topology=flat"]),
             f"federation.num_clients={args.clients}", f"federation.rounds={args.rounds}", "federation.fraction=1.0",
             f"federation.min_clients={min(2, args.clients)}", f"train.local_steps={args.local_steps}",
             f"train.max_seq_len={args.max_seq_len}", f"train.batch_size={args.batch}", f"train.lr={args.lr}",
@@ -172,10 +173,10 @@ def main() -> None:
     p.add_argument("--data", default="medical", choices=("medical", "wearable"))
     p.add_argument("--data-path", default=MEDICAL)
     p.add_argument("--topology", default="tree", choices=("tree", "flat"),
-                   help="tree: small6g (4 neighbourhood cells; robust rules per cell), flat: one cell")
-    p.add_argument("--clients", type=int, default=8)
+                   help="tree: 1 sub-urban cell > 2 neighbourhood cells (robust rules per cell), flat: one cell")
+    p.add_argument("--clients", type=int, default=10, help="END devices (default: 5 per neighbourhood cell)")
     p.add_argument("--attacker", type=int, default=0)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--local-steps", type=int, default=2)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--max-seq-len", type=int, default=96)

@@ -238,3 +238,12 @@ def test_secure_bound_check_drops_the_poisoned_cell_with_the_reason_and_the_roun
     reasons = {d["client"]: d["reason"] for d in rec["dropped"]}
     assert 0 in reasons and "out of bounds" in reasons[0] and 0 not in rec["participants"]
     assert rec["aggregated"] and len(rec["participants"]) >= 5  # the other cells are in the sum
+
+
+def test_an_impossible_example_count_drops_its_cell_even_without_the_bound_check(tmp_path, short_run):
+    # the count slot x1000: no k clients with <= n_max examples each can sum to it; before, the whole round failed
+    run_federation(short_run(*EIGHT, "privacy=secagg"), tmp_path / "r", poisoning.malicious_transport(8, 0, "count"))
+    rec = report.read_rounds(tmp_path / "r")[0]
+    reasons = {d["client"]: d["reason"] for d in rec["dropped"]}
+    assert "impossible" in reasons[0] and "out of bounds" in reasons[0]
+    assert rec["aggregated"] and len(rec["participants"]) >= 5

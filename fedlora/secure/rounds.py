@@ -494,6 +494,8 @@ class SecureRound:
 
         ``per_cell``: one sum per neighbourhood (HierFAVG needs them); else the cells' masked
         sums are added up the tree (sub-urban, then cloud) and only the total is unmasked.
+        With ``bound_check``, and whenever the total cannot be decoded (e.g. an example count beyond what
+        its clients can have), each cell's own sum is checked first and a cell out of bounds is left out.
         """
         masks: dict[str, CellMask] = {}
         aborted: dict[str, str] = {}
@@ -505,11 +507,26 @@ class SecureRound:
                 masks[cell] = self.unmasker_for(cell).unmask_cell(outcome.bundle)
             except CellAborted as exc:
                 aborted[cell] = str(exc)
-                continue
-            why = self.out_of_bounds(outcome.masked, masks[cell]) if self.settings.bound_check else None
+        if self.settings.bound_check:
+            self._leave_out_of_bounds(outcomes, masks, aborted)
+        try:
+            return self._decode(outcomes, masks, per_cell), aborted
+        except ValueError:  # one cell's impossible sum would fail the whole round: find it, decode the rest
+            if self.settings.bound_check:
+                raise
+            self._leave_out_of_bounds(outcomes, masks, aborted)
+            return self._decode(outcomes, masks, per_cell), aborted
+
+    def _leave_out_of_bounds(self, outcomes: Mapping[str, SecureOutcome], masks: dict[str, CellMask],
+                             aborted: dict[str, str]) -> None:
+        """Move every cell whose own sum is out of bounds (:meth:`out_of_bounds`) from ``masks`` to ``aborted``."""
+        for cell in sorted(masks):
+            why = self.out_of_bounds(outcomes[cell].masked, masks[cell])
             if why is not None:  # the cell leaves the sum; the other cells go on
                 aborted[cell] = why
                 del masks[cell]
+
+    def _decode(self, outcomes: Mapping[str, SecureOutcome], masks: Mapping[str, CellMask], per_cell: bool) -> dict:
         enc = self.settings.encoding
         if per_cell:
             groups = {cell: [outcomes[cell].masked] for cell in masks}
@@ -524,8 +541,7 @@ class SecureRound:
             total = add_masked(parts, enc)
             plain = remove_masks(total, [masks[c] for c in sorted(total.cells)])
             sums[key] = decode_sum(plain.vector, self.layout, enc, plain.clients)
-        return sums, aborted
-
+        return sums
 
     def out_of_bounds(self, masked: MaskedSum, mask: CellMask) -> str | None:
         """Why one cell's sum (its masked sum less its mask, decoded) cannot come from honest clients, or None
