@@ -49,6 +49,9 @@ PLAIN_DEFENCES = {"none": [], "norm": ["strategy.norm_bound={B}"], "median": ["s
 SECURE_DEFENCES = {"none": [], "bounds": ["privacy.bound_check=true"],
                    "bounds+norm": ["privacy.bound_check=true", "strategy.norm_bound={B}"]}
 COUNT_FACTOR = 1000
+ORDER = (("plain", "none"), ("secure", "none"), ("plain", "median"), ("secure", "bounds"), ("plain", "norm"),
+         ("secure", "bounds+norm"), ("plain", "trimmed"))
+HEADERS = ["mode", "defence", "attack", "||w_R-w_0||", "eval loss", "attacker in sum", "attacker dropped"]
 
 
 def poison_update(update: dict, attack: str, rng: np.random.Generator) -> dict:
@@ -197,26 +200,25 @@ def main() -> None:
         base = base_overrides(args)
         bound = args.norm_bound or calibrate_bound(base, args, Path(tmp))
         initial = initial_state(base)
-        for mode in args.modes.split(","):
+        modes = args.modes.split(",")
+        for mode, defence in ORDER:  # interleaved, so that a cut-short run still has both modes' main rows
+            if mode not in modes:
+                continue
             privacy = ["privacy=none"] if mode == "plain" else ["privacy=secagg", "privacy.clip=0.05"]
-            defences = PLAIN_DEFENCES if mode == "plain" else SECURE_DEFENCES
-            for defence, extra in defences.items():
-                for attack in attacks:
-                    run_dir = Path(tmp) / f"{mode}-{defence}-{attack}"
-                    over = base + privacy + [e.format(B=bound) for e in extra]
-                    res = run_one(over, attack, args.clients, args.attacker, run_dir)
-                    res.update(mode=mode, defence=defence, attack=attack,
-                               adapter_change=adapter_change(run_dir, initial))
-                    results.append(res)
-                    rows.append([mode, defence, attack, res["adapter_change"], res["final_eval_loss"],
-                                 f"{res['attacker_in_sum_rounds']}/{res['rounds']}", "; ".join(res["attacker_dropped_reasons"])])
-                    print(table([rows[-1]], ["mode", "defence", "attack", "||w_R-w_0||", "eval loss", "attacker in sum",
-                                             "attacker dropped"], digits=4), flush=True)
-        print("\n" + table(rows, ["mode", "defence", "attack", "||w_R-w_0||", "eval loss", "attacker in sum",
-                                  "attacker dropped"], digits=4))
-        out = write_json(args.out, {**provenance("poisoning", {"argv": sys.argv, "norm_bound": bound,
-                                                               "overrides": base}), "results": results})
-        print(f"wrote {out}")
+            extra = (PLAIN_DEFENCES if mode == "plain" else SECURE_DEFENCES)[defence]
+            for attack in attacks:
+                run_dir = Path(tmp) / f"{mode}-{defence}-{attack}"
+                over = base + privacy + [e.format(B=bound) for e in extra]
+                res = run_one(over, attack, args.clients, args.attacker, run_dir)
+                res.update(mode=mode, defence=defence, attack=attack, adapter_change=adapter_change(run_dir, initial))
+                results.append(res)
+                rows.append([mode, defence, attack, res["adapter_change"], res["final_eval_loss"],
+                             f"{res['attacker_in_sum_rounds']}/{res['rounds']}", "; ".join(res["attacker_dropped_reasons"])])
+                print(table([rows[-1]], HEADERS, digits=4), flush=True)
+                write_json(args.out, {**provenance("poisoning", {"argv": sys.argv, "norm_bound": bound, "overrides": base}),
+                                      "results": results})
+        print("\n" + table(rows, HEADERS, digits=4))
+        print(f"wrote {args.out}")
 
 
 def calibrate_bound(base: list[str], args: argparse.Namespace, tmp: Path) -> float:
