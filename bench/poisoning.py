@@ -14,7 +14,8 @@ A federation of ``--clients`` always-available devices, every one of them in eve
 Per (mode, defence, attack): the L2 norm of the global adapter's change over the run (``||w_R - w_0||``,
 the trainable tensors) and the held-out loss at the end, beside the honest run's (``attack=none``).
 Defences, plain (``privacy=none``): none (fedavg), ``norm`` (``strategy.norm_bound``), ``median``
-(``strategy=fedmedian``), ``trimmed`` (``strategy=fedtrimmedavg``); secure (``privacy=secagg``): none,
+(``strategy=fedmedian``), ``trimmed`` (``strategy=fedtrimmedavg``, cutting one update at each end of a
+cell); secure (``privacy=secagg``): none,
 ``bounds`` (``privacy.bound_check=true``), ``bounds+norm`` (and ``strategy.norm_bound``, devices clip).
 
 How the malicious device is injected (bench and tests only, never in fedlora/): plain, a transport ``fault``
@@ -45,7 +46,7 @@ from _common import DEFAULT_LOCK, MEDICAL, RESULTS, bench_lock, provenance, requ
 
 ATTACKS = ("none", "scale100", "signflip", "random", "count")
 PLAIN_DEFENCES = {"none": [], "norm": ["strategy.norm_bound={B}"], "median": ["strategy=fedmedian"],
-                  "trimmed": ["strategy=fedtrimmedavg"]}
+                  "trimmed": ["strategy=fedtrimmedavg", "strategy.trim_fraction={T}"]}
 SECURE_DEFENCES = {"none": [], "bounds": ["privacy.bound_check=true"],
                    "bounds+norm": ["privacy.bound_check=true", "strategy.norm_bound={B}"]}
 COUNT_FACTOR = 1000
@@ -177,9 +178,9 @@ def main() -> None:
     p.add_argument("--data-path", default=MEDICAL)
     p.add_argument("--topology", default="tree", choices=("tree", "flat"),
                    help="tree: 1 sub-urban cell > 2 neighbourhood cells (robust rules per cell), flat: one cell")
-    p.add_argument("--clients", type=int, default=10, help="END devices (default: 5 per neighbourhood cell)")
+    p.add_argument("--clients", type=int, default=6, help="END devices (default: 3 per neighbourhood cell)")
     p.add_argument("--attacker", type=int, default=0)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--local-steps", type=int, default=2)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--max-seq-len", type=int, default=96)
@@ -201,6 +202,7 @@ def main() -> None:
         bound = args.norm_bound or calibrate_bound(base, args, Path(tmp))
         initial = initial_state(base)
         modes = args.modes.split(",")
+        per_cell = args.clients // 2 if args.topology == "tree" else args.clients
         for mode, defence in ORDER:  # interleaved, so that a cut-short run still has both modes' main rows
             if mode not in modes:
                 continue
@@ -208,7 +210,8 @@ def main() -> None:
             extra = (PLAIN_DEFENCES if mode == "plain" else SECURE_DEFENCES)[defence]
             for attack in attacks:
                 run_dir = Path(tmp) / f"{mode}-{defence}-{attack}"
-                over = base + privacy + [e.format(B=bound) for e in extra]
+                trim = max(0.2, 1.01 / per_cell)  # cut at least one update at each end of a cell
+                over = base + privacy + [e.format(B=bound, T=f"{min(trim, 0.49):.3f}") for e in extra]
                 res = run_one(over, attack, args.clients, args.attacker, run_dir)
                 res.update(mode=mode, defence=defence, attack=attack, adapter_change=adapter_change(run_dir, initial))
                 results.append(res)
