@@ -21,7 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 MODEL_SOURCES = ("smollm2", "local", "hub", "tiny")
 DATA_SOURCES = ("wearable", "file")
 PARTITIONERS = ("iid", "dirichlet", "natural")
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "ffa_lora", "fedsa_lora", "feddpa")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "ffa_lora", "fedsa_lora", "feddpa", "fedmedian", "fedtrimmedavg")
+# Robust strategies -> the rule the tier that sees individual updates (the neighbourhood edge) sums them
+# by (fedlora/aggregate/robust.py); every other strategy's cells use "mean".
+ROBUST_RULES = {"fedmedian": "median", "fedtrimmedavg": "trimmed_mean"}
 # Those that keep part of the learning on the device (fedlora/roles/personal.py)
 PERSONAL_STRATEGIES = ("fedsa_lora", "feddpa")
 TOPOLOGY_KINDS = ("flat", "tree")
@@ -155,7 +158,8 @@ class StrategyConfig:
     # fedadam / fedyogi (server optimiser on the averaged delta), ffa_lora (A frozen and
     # shared, only B trained and sent); personal (fedlora/roles/personal.py): fedsa_lora (A aggregated,
     # each device keeps its own B), feddpa (a shared adapter aggregated + a local one that never leaves
-    # the device, both active at inference).
+    # the device, both active at inference); robust (fedlora/aggregate/robust.py, plain mode only): fedmedian
+    # (coordinate-wise median), fedtrimmedavg (trimmed mean) of each cell's updates, then FedAvg across cells.
     name: str = "fedavg"
     # Personal strategies, simulation: at the end of the run also train every client alone (one local
     # round per federation round, on its own data) and report its held-out loss beside the global and
@@ -166,6 +170,13 @@ class StrategyConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     tau: float = 1e-3
+    # fedtrimmedavg (Flower's FedTrimmedAvg beta): the fraction of a cell's updates cut off at each end of
+    # every coordinate before the mean.
+    trim_fraction: float = 0.2
+    # Norm bounding, any strategy (0 = off): each update is clipped to this L2 norm -- by its cell in plain
+    # mode, by the device under secure aggregation -- and, in plain mode, weighed by at most
+    # privacy.max_examples (n_max) examples (fedlora/aggregate/robust.py, docs/robust.md).
+    norm_bound: float = 0.0
 
 
 @dataclass
@@ -366,6 +377,10 @@ class PrivacyConfig:
     clip_norm: float = 1.0
     noise_multiplier: float = 1.0
     delta: float = 1e-5
+    # Secure aggregation: the unmasking tier refuses (drops, with the reason) a cell whose decoded sum is
+    # larger than its clients' clipped updates could add up to -- per coordinate, and in L2 norm when
+    # updates are norm-bounded (strategy.norm_bound, or clip_norm under secagg_dp): fedlora/secure/bounds.py.
+    bound_check: bool = False
 
 
 @dataclass
@@ -576,6 +591,9 @@ def validate_strategy(s: StrategyConfig) -> None:
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(s, name) < 1:
             raise ConfigError(f"strategy.{name}={getattr(s, name)} must be in [0, 1)")
+    if not 0 <= s.trim_fraction < 0.5:
+        raise ConfigError(f"strategy.trim_fraction={s.trim_fraction} must be in [0, 0.5) (cut at each end)")
+    _positive("strategy.norm_bound", s.norm_bound, zero_ok=True)
 
 
 PRIVACY_MODES = ("auto", "none", "secagg", "secagg_dp")

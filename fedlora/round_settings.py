@@ -41,6 +41,8 @@ PRIVACY_MODES = ("none", "secagg", "secagg_dp")
 # What a device keeps for itself under a personal strategy (fedlora.roles.personal): nothing, its own
 # LoRA B tensors (FedSA-LoRA), or a whole local adapter beside the shared one (FedDPA).
 PERSONAL_KINDS = ("none", "lora_b", "adapter")
+# How a cell sums its devices' updates (fedlora.aggregate.robust.RULES).
+AGGREGATION_RULES = ("mean", "median", "trimmed_mean")
 
 
 class RoundSettingsError(ValueError):
@@ -78,6 +80,12 @@ class RoundSettings:
     threads: int
     # Seconds a cell aggregator waits for its devices' replies (federation.round_timeout_s).
     round_timeout_s: float
+    # How a plain cell sums its devices' updates (fedlora/aggregate/robust.py): mean | median | trimmed_mean
+    # (cutting trim_fraction at each end); norm_bound > 0 clips each update to that L2 norm (by the cell in plain
+    # mode, by the device itself under secure aggregation); 0 = off.
+    aggregation: str = "mean"
+    trim_fraction: float = 0.2
+    norm_bound: float = 0.0
     # Devices that train a lower LoRA rank than lora.r (their profile's lora_r): partition id -> rank.
     # Such a device trains the first r components of the global adapter and returns its update
     # zero-padded to lora.r (fedlora/aggregate/ranks.py); a device not listed trains lora.r.
@@ -112,6 +120,12 @@ class RoundSettings:
             if not device.isdigit() or not 1 <= rank <= self.lora.r:
                 raise RoundSettingsError(f"round settings: lora_ranks[{device!r}]={rank} must be a partition id -> "
                                          f"a rank in [1, lora.r={self.lora.r}]")
+        if self.aggregation not in AGGREGATION_RULES:
+            raise RoundSettingsError(f"round settings: aggregation={self.aggregation!r} is not one of: "
+                                     f"{', '.join(AGGREGATION_RULES)}")
+        if not 0 <= self.trim_fraction < 0.5 or self.norm_bound < 0:
+            raise RoundSettingsError(f"round settings: trim_fraction={self.trim_fraction} must be in [0, 0.5) and "
+                                     f"norm_bound={self.norm_bound} >= 0")
         if self.privacy not in PRIVACY_MODES:
             raise RoundSettingsError(f"round settings: privacy={self.privacy!r} is not one of: {', '.join(PRIVACY_MODES)}")
 

@@ -17,7 +17,7 @@ from copy import deepcopy
 from dataclasses import dataclass
 from typing import Any
 
-from fedlora.config import PERSONAL_STRATEGIES, ConfigError, FedLoraConfig
+from fedlora.config import PERSONAL_STRATEGIES, ROBUST_RULES, ConfigError, FedLoraConfig
 from fedlora.round_settings import VERSION, RoundSettings
 from fedlora.secure.encoding import EncodingConfig, check_overflow
 from fedlora.secure.errors import UnsafeEncoding
@@ -53,7 +53,15 @@ class RunSettings:
         clips = {name: v for name in expected for key, v in p.clip_per_tensor.items() if key in name}
         clips[LOSS_KEY] = p.loss_clip
         encoding = EncodingConfig(bits=p.bits, clip=p.clip, clip_per_tensor=clips, max_examples=self.max_examples)
-        return SecureSettings(encoding, p.threshold, p.unmasker, p.prg, p.complete_graph_up_to)
+        return SecureSettings(encoding, p.threshold, p.unmasker, p.prg, p.complete_graph_up_to,
+                              bound_check=p.bound_check, norm_bound=self.norm_bound())
+
+    def norm_bound(self) -> float:
+        """The L2 norm every honest update is clipped to (0: none): ``strategy.norm_bound``, and under
+        ``secagg_dp`` also ``privacy.clip_norm`` (the smaller of the two)."""
+        bounds = [b for b in (self.config.strategy.norm_bound,
+                              self.config.privacy.clip_norm if self.privacy == "secagg_dp" else 0.0) if b > 0]
+        return min(bounds, default=0.0)
 
     def round_settings(self, server_round: int, client_settings: Mapping[str, Any]) -> RoundSettings:
         """What the devices get with round ``server_round``'s requests; ``client_settings``: the
@@ -66,7 +74,9 @@ class RunSettings:
             personal=str(client_settings.get("personal", "none")), personal_dir=str(client_settings.get("personal_dir", "")),
             privacy=self.privacy, clip_norm=float(cfg.privacy.clip_norm), max_examples=self.max_examples,
             threads=cfg.simulation.threads_per_client or cfg.simulation.cpus_per_client,
-            round_timeout_s=float(cfg.federation.round_timeout_s), lora_ranks=self.lora_ranks())
+            round_timeout_s=float(cfg.federation.round_timeout_s),
+            aggregation=ROBUST_RULES.get(cfg.strategy.name, "mean"), trim_fraction=float(cfg.strategy.trim_fraction),
+            norm_bound=float(cfg.strategy.norm_bound), lora_ranks=self.lora_ranks())
 
     def lora_ranks(self) -> dict[str, int]:
         """Devices whose profile trains a lower LoRA rank than ``lora.r``: partition id -> rank (HetLoRA)."""
@@ -87,6 +97,7 @@ def resolve_run(cfg: FedLoraConfig) -> RunSettings:
             raise ConfigError(f"privacy.bits={p.bits} with privacy.max_examples={n_max} and federation.num_clients="
                               f"{cfg.federation.num_clients} is unsafe: {exc}") from None
     _check_split(cfg, privacy)
+    _check_robust(cfg, privacy)
     run = RunSettings(cfg, privacy, n_max, build_tree(cfg.topology, cfg.federation.num_clients, cfg.seed))
     _check_combinations(cfg, run)
     return run
@@ -106,6 +117,20 @@ def _check_combinations(cfg: FedLoraConfig, run: RunSettings) -> None:
     if ranks and personal:
         raise ConfigError(f"strategy={cfg.strategy.name} with per-device LoRA ranks (topology.profiles.*.lora_r): "
                           "personal strategies at several ranks are not built yet; use one rank or another strategy")
+
+
+def _check_robust(cfg: FedLoraConfig, privacy: str) -> None:
+    """A median or trimmed mean needs the individual updates, which only a plain cell sees; norm bounding is
+    built for full (not split) devices."""
+    name = cfg.strategy.name
+    if name in ROBUST_RULES and privacy != "none":
+        raise ConfigError(f"strategy={name} with privacy={privacy} (privacy.mode={cfg.privacy.mode}): a "
+                          f"{ROBUST_RULES[name].replace('_', ' ')} needs each update, which secure aggregation hides "
+                          "from every tier; use privacy=none, or strategy.norm_bound with privacy.bound_check=true "
+                          "under secure aggregation (docs/robust.md)")
+    if (name in ROBUST_RULES or cfg.strategy.norm_bound > 0) and cfg.train.mode != "full":
+        raise ConfigError(f"strategy={name} / strategy.norm_bound={cfg.strategy.norm_bound} with train.mode="
+                          f"{cfg.train.mode}: robust aggregation of split updates is not built yet; use train.mode=full")
 
 
 def _check_split(cfg: FedLoraConfig, privacy: str) -> None:

@@ -11,6 +11,10 @@ Strategies (``strategy.name``):
   with bias correction so the first round's step is ``server_lr`` sized.
 - ``ffa_lora``: A frozen at its shared initialisation, only B trained and sent; averaging B
   is then exact (the product BA is linear in B).
+- ``fedmedian`` / ``fedtrimmedavg`` (robust, plain mode only): each neighbourhood cell -- the tier that sees
+  the individual updates -- takes their coordinate-wise median / trimmed mean (:mod:`fedlora.aggregate.robust`),
+  and the cloud averages the cells' estimates like FedAvg. ``strategy.norm_bound`` (any strategy) clips
+  each update to an L2 norm first.
 
 Personal strategies keep part of the learning on each device (:mod:`fedlora.roles.personal`):
 - ``fedsa_lora`` (FedSA-LoRA, arXiv 2410.01463): devices train A and B, send only A (averaged
@@ -96,6 +100,20 @@ class FedDPA(Strategy):
         return {"proximal_mu": 0.0, "freeze_a": False, "personal": self.personal}
 
 
+class FedMedian(Strategy):
+    """Coordinate-wise median of each cell's updates (the cells apply it: fedlora/aggregate/robust.py), then
+    FedAvg of the cells' medians. Plain mode only."""
+
+    name = "fedmedian"
+
+
+class FedTrimmedAvg(Strategy):
+    """Coordinate-wise trimmed mean of each cell's updates (``strategy.trim_fraction`` cut at each end, applied
+    by the cells: fedlora/aggregate/robust.py), then FedAvg of the cells' estimates. Plain mode only."""
+
+    name = "fedtrimmedavg"
+
+
 class FedOpt(Strategy):
     """FedAdam / FedYogi: adaptive server optimiser on the pseudo-gradient (average delta)."""
 
@@ -149,6 +167,10 @@ def make_strategy(cfg: StrategyConfig) -> Strategy:
         return FedSALoRA(cfg)
     if cfg.name == "feddpa":
         return FedDPA(cfg)
+    if cfg.name == "fedmedian":
+        return FedMedian(cfg)
+    if cfg.name == "fedtrimmedavg":
+        return FedTrimmedAvg(cfg)
     if cfg.name in ("fedadam", "fedyogi"):
         return FedOpt(cfg, cfg.name)
     raise ValueError(f"strategy.name={cfg.name!r} is not a known strategy")

@@ -269,7 +269,11 @@ def private_update(delta: AdapterState, metrics: dict[str, float], settings: Rou
     """What a device hands to secure aggregation: under ``privacy=secagg_dp`` its update clipped to
     L2 norm ``privacy.clip_norm`` and weighted like every other client's (count = n_max), and its
     training loss withheld (0), so one client's influence on the released sum is bounded by the
-    clip (DP-FedAvg). Otherwise unchanged."""
+    clip (DP-FedAvg). Under any secure mode with ``strategy.norm_bound`` set (``settings.norm_bound``), an
+    honest device clips its update to that L2 norm itself (no tier sees it to do so; the unmasker can check the
+    cell's sum against it, fedlora/secure/bounds.py). Otherwise unchanged."""
+    if settings.norm_bound > 0 and settings.privacy != "none":
+        delta = clip_update(delta, settings.norm_bound)[0]
     if settings.privacy != "secagg_dp":
         return delta, metrics
     clipped, norm = clip_update(delta, settings.clip_norm)

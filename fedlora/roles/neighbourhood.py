@@ -29,6 +29,7 @@ import numpy as np
 
 from fedlora import adapters, wire
 from fedlora.adapters import AdapterState
+from fedlora.aggregate.robust import cell_sum, is_robust
 from fedlora.aggregate.sums import WeightedSum
 from fedlora.config import DataConfig, LoraConfig, ModelConfig, SplitConfig, TinyModelConfig, TrainConfig
 from fedlora.round_settings import RoundSettings
@@ -347,6 +348,9 @@ def _plain_result(request: CellRequest, replies: Mapping[int, ClientReply], late
             usable[cid] = reply
     stragglers = dict(late(usable)) if late is not None and usable else {}
     total, examples, loss = WeightedSum(), 0.0, 0.0
+    s = request.settings
+    robust = is_robust(s.aggregation, s.norm_bound)
+    kept: list[tuple[AdapterState, float]] = []  # the accepted updates, summed by the robust rule below
     edge: WeightedSum | None = None
     for cid in sorted(usable):
         status = statuses[cid]
@@ -357,12 +361,18 @@ def _plain_result(request: CellRequest, replies: Mapping[int, ClientReply], late
         n = float(reply.metrics["num_examples"])
         status.status, status.num_examples = ACCEPTED, n
         status.train_loss = _float(reply.metrics.get("train_loss"))
-        total.add(reply.update, n)
+        if robust:
+            kept.append((reply.update, n))
+        else:
+            total.add(reply.update, n)
         if cid in request.split:
             edge = edge or WeightedSum()
             edge.add_tensors(reply.edge_update, n)
         examples += n
         loss += (status.train_loss if status.train_loss is not None else float("nan")) * n
+    if kept:  # fedlora/aggregate/robust.py: median / trimmed mean / norm bounding of the cell's updates
+        total = cell_sum(kept, rule=s.aggregation, trim_fraction=s.trim_fraction, norm_bound=s.norm_bound,
+                         max_examples=s.max_examples)
     metrics = {"num_examples": examples, "train_loss": loss} if total.count else {}
     return CellResult(request.cell, statuses, total if total.count else None, metrics, edge=edge)
 

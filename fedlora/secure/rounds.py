@@ -34,6 +34,7 @@ import numpy as np
 from fedlora import transcript, wire
 from fedlora.secure import shamir
 from fedlora.secure.aggregator import NeighbourhoodAggregator
+from fedlora.secure.bounds import sum_violation
 from fedlora.secure.client import CellClient
 from fedlora.secure.encoding import EncodingConfig, TensorLayout, adapter_digest, decode_sum
 from fedlora.secure.errors import CellAborted, RejectedMessage, SecAggError
@@ -74,6 +75,8 @@ NO_REPLY = "no reply before the round timeout"
 CELL_ABORTED, CELL_REFUSED = "cell aborted", "cell refused"
 # The fewest clients a secure session runs with: the unmasker learns the sum, so one client's is its update.
 MIN_SESSION_CLIENTS = 2
+# A cell whose decoded sum is out of what its clients could send (privacy.bound_check): "out of bounds: <why>".
+BOUND_REFUSED = "out of bounds"
 
 
 def device_id(client: int) -> str:
@@ -425,6 +428,10 @@ class SecureSettings:
     unmasker: str  # cloud | suburban
     prg: str
     complete_graph_up_to: int
+    # Refuse a cell whose decoded sum its clients' clipped updates could not add up to (fedlora/secure/bounds.py);
+    # norm_bound > 0: the L2 norm every honest update is clipped to, checked too.
+    bound_check: bool = False
+    norm_bound: float = 0.0
 
 
 def threshold_for(n: int, fraction: float, complete_up_to: int) -> int:
@@ -489,6 +496,8 @@ class SecureRound:
 
         ``per_cell``: one sum per neighbourhood (HierFAVG needs them); else the cells' masked
         sums are added up the tree (sub-urban, then cloud) and only the total is unmasked.
+        With ``bound_check``, and whenever the total cannot be decoded (e.g. an example count beyond what
+        its clients can have), each cell's own sum is checked first and a cell out of bounds is left out.
         """
         masks: dict[str, CellMask] = {}
         aborted: dict[str, str] = {}
@@ -500,6 +509,26 @@ class SecureRound:
                 masks[cell] = self.unmasker_for(cell).unmask_cell(outcome.bundle)
             except CellAborted as exc:
                 aborted[cell] = str(exc)
+        if self.settings.bound_check:
+            self._leave_out_of_bounds(outcomes, masks, aborted)
+        try:
+            return self._decode(outcomes, masks, per_cell), aborted
+        except ValueError:  # one cell's impossible sum would fail the whole round: find it, decode the rest
+            if self.settings.bound_check:
+                raise
+            self._leave_out_of_bounds(outcomes, masks, aborted)
+            return self._decode(outcomes, masks, per_cell), aborted
+
+    def _leave_out_of_bounds(self, outcomes: Mapping[str, SecureOutcome], masks: dict[str, CellMask],
+                             aborted: dict[str, str]) -> None:
+        """Move every cell whose own sum is out of bounds (:meth:`out_of_bounds`) from ``masks`` to ``aborted``."""
+        for cell in sorted(masks):
+            why = self.out_of_bounds(outcomes[cell].masked, masks[cell])
+            if why is not None:  # the cell leaves the sum; the other cells go on
+                aborted[cell] = why
+                del masks[cell]
+
+    def _decode(self, outcomes: Mapping[str, SecureOutcome], masks: Mapping[str, CellMask], per_cell: bool) -> dict:
         enc = self.settings.encoding
         if per_cell:
             groups = {cell: [outcomes[cell].masked] for cell in masks}
@@ -514,7 +543,18 @@ class SecureRound:
             total = add_masked(parts, enc)
             plain = remove_masks(total, [masks[c] for c in sorted(total.cells)])
             sums[key] = decode_sum(plain.vector, self.layout, enc, plain.clients)
-        return sums, aborted
+        return sums
+
+    def out_of_bounds(self, masked: MaskedSum, mask: CellMask) -> str | None:
+        """Why one cell's sum (its masked sum less its mask, decoded) cannot come from honest clients, or None
+        (:func:`fedlora.secure.bounds.sum_violation`)."""
+        try:
+            plain = remove_masks(add_masked([masked], self.settings.encoding), [mask])
+            decoded = decode_sum(plain.vector, self.layout, self.settings.encoding, plain.clients)
+        except (ValueError, SecAggError) as exc:  # e.g. a count no k clients can have
+            return f"{BOUND_REFUSED}: {exc}"
+        why = sum_violation(decoded, norm_bound=self.settings.norm_bound, unbounded=(LOSS_KEY,))
+        return None if why is None else f"{BOUND_REFUSED}: {why}"
 
 
 def secure_layout(expected: Mapping[str, tuple[int, ...]]) -> TensorLayout:
