@@ -285,7 +285,6 @@ def main() -> None:
     from fedlora.data import client_examples, eval_examples, tokenize
     from fedlora.roles.device import initial_adapter, lora_model
     from fedlora.runs.progress import quiet_libraries
-    from fedlora.seeds import round_seed
     from fedlora.train import evaluate, train_local
 
     quiet_libraries()
@@ -350,31 +349,7 @@ def main() -> None:
             take_baseline(args.baseline_json, out, methods)
         save()
 
-        if "central" in methods:
-            print(f"[quality] (b) centralised: {n * R * S} steps on {len(union)} examples", file=sys.stderr, flush=True)
-            reset()
-            t0 = time.perf_counter()
-            r = train_steps(union, n * R * S, round_seed(cfg.seed, "bench-central"))
-            loss = held_out_loss()
-            res["central"] = {"eval_loss": loss, "train_loss": r.loss, "steps": r.steps,
-                              "train_seconds": r.seconds, "seconds": time.perf_counter() - t0}
-            print(f"[quality]   central {loss:.4f}", file=sys.stderr, flush=True)
-            save()
-
-        if "local" in methods:
-            per_client = []
-            t0 = time.perf_counter()
-            for c in range(n):
-                reset()
-                r = train_steps(train_tok[c], R * S, round_seed(cfg.seed, "bench-local", c))
-                loss = held_out_loss()
-                per_client.append({"client": c, "eval_loss": loss, "train_loss": r.loss, "examples": r.examples,
-                                   "train_seconds": r.seconds})
-                print(f"[quality]   local client {c}: {loss:.4f} ({r.examples} examples)", file=sys.stderr, flush=True)
-            losses = [x["eval_loss"] for x in per_client]
-            res["local"] = {"eval_loss": statistics.mean(losses), "min": min(losses), "max": max(losses),
-                            "steps_each": R * S, "clients": per_client, "seconds": time.perf_counter() - t0}
-            save()
+        train_baselines(methods, res, cfg, union, train_tok, reset, train_steps, held_out_loss, save)
         reset()
 
         run_root = Path(args.run_dir) if args.run_dir else Path(tempfile.mkdtemp(prefix="fedlora-quality-"))
@@ -389,6 +364,39 @@ def main() -> None:
         info["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
 
     report(out, args, cfg, len(held_out))
+
+
+def train_baselines(methods, res: dict, cfg, union, train_tok, reset, train_steps, held_out_loss, save) -> None:
+    """(b) centralised on the union of the clients' training data and (c) each client alone, from the
+    initial adapter, each evaluated on the shared held-out set (into ``res``)."""
+    from fedlora.seeds import round_seed
+
+    n, R, S = cfg.federation.num_clients, cfg.federation.rounds, cfg.train.local_steps
+    if "central" in methods:
+        print(f"[quality] (b) centralised: {n * R * S} steps on {len(union)} examples", file=sys.stderr, flush=True)
+        reset()
+        t0 = time.perf_counter()
+        r = train_steps(union, n * R * S, round_seed(cfg.seed, "bench-central"))
+        loss = held_out_loss()
+        res["central"] = {"eval_loss": loss, "train_loss": r.loss, "steps": r.steps,
+                          "train_seconds": r.seconds, "seconds": time.perf_counter() - t0}
+        print(f"[quality]   central {loss:.4f}", file=sys.stderr, flush=True)
+        save()
+
+    if "local" in methods:
+        per_client = []
+        t0 = time.perf_counter()
+        for c in range(n):
+            reset()
+            r = train_steps(train_tok[c], R * S, round_seed(cfg.seed, "bench-local", c))
+            loss = held_out_loss()
+            per_client.append({"client": c, "eval_loss": loss, "train_loss": r.loss, "examples": r.examples,
+                               "train_seconds": r.seconds})
+            print(f"[quality]   local client {c}: {loss:.4f} ({r.examples} examples)", file=sys.stderr, flush=True)
+        losses = [x["eval_loss"] for x in per_client]
+        res["local"] = {"eval_loss": statistics.mean(losses), "min": min(losses), "max": max(losses),
+                        "steps_each": R * S, "clients": per_client, "seconds": time.perf_counter() - t0}
+        save()
 
 
 def data_summary(splits, train_tok, held_out, union, max_seq_len: int) -> dict:
