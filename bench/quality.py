@@ -40,7 +40,8 @@ or ``--recipe "R10xS1:federation.rounds=10 train.local_steps=1"``. Each recipe r
 sums of fedlora/secure). A recipe must keep the total training steps (rounds x local steps),
 batch and sequence length of the bench (equal steps and tokens), else the bench stops. Without
 ``--recipe`` there is one, ``fedavg`` (the bench's settings as given). Results go to
-``--out`` after every run; the table (recipe x privacy -> held-out loss and fraction of the
+``--out`` after every run (order: base, centralised, the federated runs, local-only last, so a run
+cut short still has the federated-vs-centralised comparison); the table (recipe x privacy -> held-out loss and fraction of the
 centralised gain, with centralised and local-only beside them) is printed at the end.
 
 Experiments for closing a gap: ``--methods fed`` with ``--baseline-json`` reuses (b)/(c)
@@ -349,7 +350,9 @@ def main() -> None:
             take_baseline(args.baseline_json, out, methods)
         save()
 
-        train_baselines(methods, res, cfg, union, train_tok, reset, train_steps, held_out_loss, save)
+        # Centralised first and local-only last: a run cut short still has the federated-vs-central comparison.
+        train_baselines([m for m in methods if m == "central"], res, cfg, union, train_tok, reset, train_steps, held_out_loss,
+                        save)
         reset()
 
         run_root = Path(args.run_dir) if args.run_dir else Path(tempfile.mkdtemp(prefix="fedlora-quality-"))
@@ -360,6 +363,8 @@ def main() -> None:
             if recipe == runs[0][0] and privacy == "plain":  # the first recipe, plain: the older files' "fed"
                 res["fed"] = rec
             save()
+        train_baselines([m for m in methods if m == "local"], res, cfg, union, train_tok, reset, train_steps, held_out_loss,
+                        save)
         out["total_seconds"] = time.perf_counter() - t_all
         info["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
 
