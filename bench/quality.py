@@ -253,6 +253,22 @@ def quality_table(out: dict, n: int, R: int, S: int) -> str:
                  digits=4)
 
 
+def federated_records(doc: dict) -> list[dict]:
+    """A result file's federated runs; a file from before the recipes (one plain FedAvg-family run under
+    ``results.fed``) gives that one, labelled by its strategy."""
+    if "federated" in doc:
+        return list(doc["federated"])
+    fed = doc["results"].get("fed")
+    if fed is None:
+        return []
+    c = doc["config"]
+    server_lr = doc.get("experiment", {}).get("fedavg_server_lr")  # the old bench-only FedAvg server lr
+    label = c["strategy"]["name"] + (f", server lr {server_lr:g}" if server_lr else "")
+    return [{"recipe": label, "privacy": "plain", "overrides": [], "strategy": c["strategy"]["name"],
+             "rounds": c["federation"]["rounds"], "local_steps": c["train"]["local_steps"], "steps": fed["steps"],
+             "eval_loss": fed["eval_loss"], "seconds": fed.get("seconds")}]
+
+
 def print_tables(paths: list[str]) -> None:
     """The quality table of earlier result files: the first one's baselines, every file's federated runs."""
     docs = [json.loads(Path(p).read_text()) for p in paths]
@@ -261,9 +277,11 @@ def print_tables(paths: list[str]) -> None:
         base_differs = abs(doc["results"]["base"]["eval_loss"] - first["results"]["base"]["eval_loss"]) > 1e-6
         if base_differs or doc["steps"] != first["steps"]:
             sys.exit(f"--table: {path} has another base loss or steps than {paths[0]}: not the same settings")
-    merged = {**first, "federated": [rec for doc in docs for rec in doc.get("federated", [])]}
     c = first["config"]
     n, R, S = c["federation"]["num_clients"], c["federation"]["rounds"], c["train"]["local_steps"]
+    merged = {**first, "federated": [rec for doc in docs for rec in federated_records(doc)]}
+    for rec in merged["federated"]:
+        rec["fraction"] = fraction(first["results"], rec["eval_loss"])
     print(f"Quality ({', '.join(paths)}): {first['data']['held_out_examples']} held-out examples, {n} clients, "
           f"{n * R * S} steps per method, batch {c['train']['batch_size']}, max_seq_len {c['train']['max_seq_len']}, "
           f"lr {c['train']['lr']}")
