@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 MODEL_SOURCES = ("smollm2", "local", "hub", "tiny")
 DATA_SOURCES = ("wearable", "file")
 PARTITIONERS = ("iid", "dirichlet", "natural")
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "ffa_lora", "fedsa_lora", "feddpa", "fedmedian", "fedtrimmedavg")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "ffa_lora", "fedsa_lora", "feddpa", "fedmedian", "fedtrimmedavg",
+              "fedavgm")
 # Robust strategies -> the rule the tier that sees individual updates (the neighbourhood edge) sums them
 # by (fedlora/aggregate/robust.py); every other strategy's cells use "mean".
 ROBUST_RULES = {"fedmedian": "median", "fedtrimmedavg": "trimmed_mean"}
@@ -159,7 +160,8 @@ class StrategyConfig:
     # shared, only B trained and sent); personal (fedlora/roles/personal.py): fedsa_lora (A aggregated,
     # each device keeps its own B), feddpa (a shared adapter aggregated + a local one that never leaves
     # the device, both active at inference); robust (fedlora/aggregate/robust.py, plain mode only): fedmedian
-    # (coordinate-wise median), fedtrimmedavg (trimmed mean) of each cell's updates, then FedAvg across cells.
+    # (coordinate-wise median), fedtrimmedavg (trimmed mean) of each cell's updates, then FedAvg across cells;
+    # fedavgm (FedAvg with server momentum).
     name: str = "fedavg"
     # Personal strategies, simulation: at the end of the run also train every client alone (one local
     # round per federation round, on its own data) and report its held-out loss beside the global and
@@ -177,6 +179,9 @@ class StrategyConfig:
     # mode, by the device under secure aggregation -- and, in plain mode, weighed by at most
     # privacy.max_examples (n_max) examples (fedlora/aggregate/robust.py, docs/robust.md).
     norm_bound: float = 0.0
+    # fedavgm: the server's momentum on the average delta (v = server_momentum * v + delta; the global
+    # adapter moves by server_lr * v; conf/strategy/fedavgm.yaml sets server_lr 1.0).
+    server_momentum: float = 0.9
 
 
 @dataclass
@@ -193,6 +198,11 @@ class FederationConfig:
     # Seconds the cloud waits after a round before starting the next (a deployment's window to
     # restart or update an edge, or to let devices charge); 0: straight on.
     round_pause_s: float = 0.0
+    # The clients' learning rate across rounds: round t (1-based) trains with train.lr times
+    # lr_factor(lr_schedule, t - 1, rounds, lr_warmup_rounds) (fedlora/schedule.py): constant (train.lr
+    # every round) | linear | cosine decay over the run, after a linear warm-up of lr_warmup_rounds.
+    lr_schedule: str = "constant"
+    lr_warmup_rounds: int = 0
 
 
 @dataclass
@@ -503,6 +513,8 @@ def validate(cfg: FedLoraConfig, *, files: bool = True) -> None:
     _positive("federation.round_timeout_s", f.round_timeout_s)
     if f.round_pause_s < 0:
         raise ConfigError(f"federation.round_pause_s={f.round_pause_s} must be >= 0")
+    _choice("federation.lr_schedule", f.lr_schedule, LR_SCHEDULES)
+    _positive("federation.lr_warmup_rounds", f.lr_warmup_rounds, zero_ok=True)
     if not 0 < f.fraction <= 1:
         raise ConfigError(f"federation.fraction={f.fraction} must be in (0, 1]")
     if f.min_clients > f.num_clients:
@@ -588,6 +600,8 @@ def validate_strategy(s: StrategyConfig) -> None:
     _positive("strategy.proximal_mu", s.proximal_mu, zero_ok=True)
     _positive("strategy.server_lr", s.server_lr)
     _positive("strategy.tau", s.tau)
+    if not 0 <= s.server_momentum < 1:
+        raise ConfigError(f"strategy.server_momentum={s.server_momentum} must be in [0, 1)")
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(s, name) < 1:
             raise ConfigError(f"strategy.{name}={getattr(s, name)} must be in [0, 1)")

@@ -17,8 +17,9 @@ from copy import deepcopy
 from dataclasses import dataclass
 from typing import Any
 
-from fedlora.config import PERSONAL_STRATEGIES, ROBUST_RULES, ConfigError, FedLoraConfig
+from fedlora.config import PERSONAL_STRATEGIES, ROBUST_RULES, ConfigError, FedLoraConfig, TrainConfig
 from fedlora.round_settings import VERSION, RoundSettings
+from fedlora.schedule import lr_factor
 from fedlora.secure.encoding import EncodingConfig, check_overflow
 from fedlora.secure.errors import UnsafeEncoding
 from fedlora.secure.rounds import LOSS_KEY, SecureSettings
@@ -69,7 +70,7 @@ class RunSettings:
         cfg = self.config
         return RoundSettings(
             version=VERSION, round=server_round, seed=cfg.seed, num_partitions=cfg.federation.num_clients,
-            model=deepcopy(cfg.model), lora=deepcopy(cfg.lora), train=deepcopy(cfg.train), data=deepcopy(cfg.data),
+            model=deepcopy(cfg.model), lora=deepcopy(cfg.lora), train=self.round_train(server_round), data=deepcopy(cfg.data),
             freeze_a=bool(client_settings["freeze_a"]), proximal_mu=float(client_settings["proximal_mu"]),
             personal=str(client_settings.get("personal", "none")), personal_dir=str(client_settings.get("personal_dir", "")),
             privacy=self.privacy, clip_norm=float(cfg.privacy.clip_norm), max_examples=self.max_examples,
@@ -77,6 +78,15 @@ class RunSettings:
             round_timeout_s=float(cfg.federation.round_timeout_s),
             aggregation=ROBUST_RULES.get(cfg.strategy.name, "mean"), trim_fraction=float(cfg.strategy.trim_fraction),
             norm_bound=float(cfg.strategy.norm_bound), lora_ranks=self.lora_ranks())
+
+    def round_train(self, server_round: int) -> TrainConfig:
+        """The local training settings of round ``server_round``: ``train`` with the round's learning rate
+        under ``federation.lr_schedule`` / ``lr_warmup_rounds`` (fedlora/schedule.py; train.lr itself when constant)."""
+        cfg = self.config
+        train, f = deepcopy(cfg.train), cfg.federation
+        if f.lr_schedule != "constant" or f.lr_warmup_rounds:
+            train.lr = cfg.train.lr * lr_factor(f.lr_schedule, server_round - 1, f.rounds, f.lr_warmup_rounds)
+        return train
 
     def lora_ranks(self) -> dict[str, int]:
         """Devices whose profile trains a lower LoRA rank than ``lora.r``: partition id -> rank (HetLoRA)."""

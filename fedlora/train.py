@@ -13,6 +13,7 @@ import torch.utils.checkpoint
 
 from fedlora.config import TrainConfig
 from fedlora.data import batches
+from fedlora.schedule import lr_factor
 
 if TYPE_CHECKING:  # only for annotations: fedlora.split imports this module's config, not the reverse
     from fedlora.split import DeviceHalf
@@ -33,18 +34,6 @@ def num_steps(cfg: TrainConfig, num_examples: int) -> int:
         return cfg.local_steps
     per_epoch = math.ceil(num_examples / (cfg.batch_size * cfg.grad_accum))
     return max(1, math.ceil(per_epoch * cfg.epochs))
-
-
-def lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:
-    """Multiplier on the base learning rate at optimiser step ``step`` (0-based)."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    if schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 LOSS_CHUNK = 256  # answer positions whose vocabulary logits exist at once

@@ -31,8 +31,9 @@ PACKAGES = ("fedlora", "server", "clients")
 # one. A module's layer is that of the longest prefix below that names it or a package above it.
 LAYERS: dict[int, tuple[str, ...]] = {
     # 0: what everything may use and which knows nothing of federated learning: seeds, the
-    #    canonical bytes of signatures and messages, the typed config schema, the user-error type.
-    0: ("fedlora.seeds", "fedlora.transcript", "fedlora.config", "fedlora.usage"),
+    #    canonical bytes of signatures and messages, the typed config schema, the user-error type,
+#    learning-rate schedules.
+    0: ("fedlora.seeds", "fedlora.transcript", "fedlora.config", "fedlora.usage", "fedlora.schedule"),
     # 1: primitives and protocol state machines, no tier or deployment knowledge: the message
     #    codec, the typed round settings a device receives, the names of Flower message records,
     #    the secure-aggregation protocol, weighted sums.

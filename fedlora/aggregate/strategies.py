@@ -9,6 +9,8 @@ Strategies (``strategy.name``):
 - ``fedprox`` fedavg on the server; clients add a proximal term ``mu/2 ||w - w_global||^2``.
 - ``fedadam`` / ``fedyogi``: server optimiser on the average delta (Reddi et al., 2021),
   with bias correction so the first round's step is ``server_lr`` sized.
+- ``fedavgm``: server momentum (Hsu et al., 2019, arXiv 1909.06335): ``v = server_momentum * v +
+  mean delta``, next global = global + ``server_lr * v`` (momentum 0 and server_lr 1 is FedAvg).
 - ``ffa_lora``: A frozen at its shared initialisation, only B trained and sent; averaging B
   is then exact (the product BA is linear in B).
 - ``fedmedian`` / ``fedtrimmedavg`` (robust, plain mode only): each neighbourhood cell -- the tier that sees
@@ -156,6 +158,31 @@ class FedOpt(Strategy):
         self.v = {k[2:]: v for k, v in state.items() if k.startswith("v/")}
 
 
+class FedAvgM(Strategy):
+    """FedAvg with server momentum: the cloud keeps a velocity of past average deltas."""
+
+    name = "fedavgm"
+
+    def __init__(self, cfg: StrategyConfig):
+        super().__init__(cfg)
+        self.velocity: AdapterState = {}
+
+    def apply(self, global_state: AdapterState, mean_delta: AdapterState) -> AdapterState:
+        c = self.cfg
+        out = dict(global_state)
+        for key, delta in mean_delta.items():
+            v = c.server_momentum * self.velocity.get(key, np.zeros_like(delta, np.float64)) + delta.astype(np.float64)
+            self.velocity[key] = v
+            out[key] = (global_state[key] + c.server_lr * v).astype(np.float32)
+        return out
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {f"velocity/{k}": v for k, v in self.velocity.items()}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        self.velocity = {k[len("velocity/"):]: v for k, v in state.items() if k.startswith("velocity/")}
+
+
 def make_strategy(cfg: StrategyConfig) -> Strategy:
     if cfg.name == "fedavg":
         return Strategy(cfg)
@@ -171,6 +198,8 @@ def make_strategy(cfg: StrategyConfig) -> Strategy:
         return FedMedian(cfg)
     if cfg.name == "fedtrimmedavg":
         return FedTrimmedAvg(cfg)
+    if cfg.name == "fedavgm":
+        return FedAvgM(cfg)
     if cfg.name in ("fedadam", "fedyogi"):
         return FedOpt(cfg, cfg.name)
     raise ValueError(f"strategy.name={cfg.name!r} is not a known strategy")
