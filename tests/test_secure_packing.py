@@ -279,3 +279,15 @@ def test_a_packed_secure_round_gives_the_unpacked_aggregate(tmp_path, short_run,
         assert a["train_loss"] == b["train_loss"] and all(c["ok"] for c in b["secure"]["cells"].values())
     up = lambda r: sum(r["bytes"]["up"].values())  # noqa: E731  the network model's uploads, every link
     assert up(r_on[0]) < up(r_off[0])
+
+
+def test_privacy_packing_setting():
+    from fedlora.config import ConfigError, compose
+    from fedlora.run_settings import resolve_run
+
+    assert compose(["privacy=secagg"]).privacy.packing == "off"
+    assert compose(["privacy=secagg", "privacy.packing=auto"]).privacy.packing == "auto"
+    with pytest.raises(ConfigError, match="privacy.packing"):
+        compose(["privacy=secagg", "privacy.packing=32"])
+    settings = resolve_run(compose(["privacy=secagg", "privacy.packing=auto"])).secure_settings({"w": (2, 3)})
+    assert settings.packing == "auto" and settings.encoding.sum_clients == 0  # the cloud sizes the ring per round
