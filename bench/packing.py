@@ -73,8 +73,11 @@ def cell_bytes(size: str, n: int, bits: int, sum_clients: int, seed: int = 0) ->
         agg.receive_shares(send("share_keys", clients[u].share_keys(roster)))
     deliveries = agg.close_sharing()
     rng = np.random.default_rng(seed)  # bench data: LoRA-delta-like values, std 1e-3
+    float_sum = {name: np.zeros(shape) for name, shape in shapes}
     for u in ids:
         update = {name: (rng.standard_normal(shape) * 1e-3).astype(np.float32) for name, shape in shapes}
+        for name in update:
+            float_sum[name] += update[name]
         agg.receive_masked_input(send("masked_input", clients[u].masked_input(deliveries[u], clients[u].encode(update, 20))))
     request, masked = agg.close_upload()
     for u in request.survivors:
@@ -82,10 +85,14 @@ def cell_bytes(size: str, n: int, bits: int, sum_clients: int, seed: int = 0) ->
     plain = remove_masks(masked, [unmasker.unmask_cell(agg.close_unmask())])
     decoded = decode_sum(plain.vector, layout, enc, plain.clients)
     fp32 = 4 * layout.num_values
+    # the decoded mean against the float mean of the same updates (every client has n_max: weight 1)
+    err = np.concatenate([(decoded.total[k] / 20 - float_sum[k]).ravel() / n for k in float_sum])
+    scale = np.concatenate([np.abs(v).ravel() / n for v in float_sum.values()])
     return {"size": size, "values": layout.num_values, "clients": n, "bits": bits, "ring_clients": sum_clients,
             "ring_bits": enc.value_bits, "fp32_bytes": fp32,
             "masked_input_bytes": max(sent["masked_input"]), "upload_bytes": max(map(sum, zip(*sent.values()))),
-            "per_message_bytes": {s: max(v) for s, v in sent.items()}, "decoded": decoded}
+            "per_message_bytes": {s: max(v) for s, v in sent.items()}, "decoded": decoded,
+            "mean_abs_err_of_mean": float(np.mean(np.abs(err))), "rel_err_of_mean": float(np.mean(np.abs(err)) / np.mean(scale))}
 
 
 def measure(sizes: list[str], n: int, ring_clients: int) -> list[dict]:
@@ -134,10 +141,10 @@ def main() -> int:
     print(f"Secure upload bytes per client and round / fp32 adapter bytes ({args.clients} clients in the cell, "
           "exact sizes of the serialised messages)")
     print(table([[r["size"], r["values"], r["bits"], r["packing"], r["ring_bits"], r["masked_input_bytes"],
-                  r["masked_input_ratio"], r["upload_bytes"], r["upload_ratio"], r["decoded_sum_same_as_unpacked"]]
-                 for r in rows],
+                  r["masked_input_ratio"], r["upload_bytes"], r["upload_ratio"], r["decoded_sum_same_as_unpacked"],
+                  r["rel_err_of_mean"]] for r in rows],
                 ["adapter", "values", "b", "packing", "ring bits", "masked input B", "/ fp32", "all uploads B", "/ fp32",
-                 "same sum"], digits=4))
+                 "same sum", "|mean err| / |mean|"], digits=4))
     if quality:
         fp32 = quality.get("fp32")
         print("\nQuality (bench/quality.py --methods fed, held-out loss; lower is better)")
