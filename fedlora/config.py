@@ -372,6 +372,10 @@ class PrivacyConfig:
     prg: str = "aes128-ctr"
     # Cells up to this many clients use the complete graph, bigger ones a Harary graph (SecAgg+).
     complete_graph_up_to: int = 100
+    # Masked uploads: "off" = every coordinate as 32 bits (Z_2^32); "auto" = packed in a ring of
+    # bits + ceil(log2 n) bits, n = the most clients one unmasked sum of the round holds (e.g. 20
+    # of 32 bits at bits=16 and 10 clients; the decoded sums are the same). Quote "off" in YAML.
+    packing: str = "off"
     # Secure mode samples at least this many clients in each neighbourhood with a sampled client
     # (when it has them), so that a cell can lose some and stay at or above t.
     min_cell_clients: int = 3
@@ -619,6 +623,7 @@ def _validate_privacy(cfg: FedLoraConfig) -> None:
     _choice("privacy.unmasker", p.unmasker, ("cloud", "suburban"))
     _choice("privacy.prg", p.prg, ("aes128-ctr", "chacha20"))
     _choice("privacy.lone_devices", p.lone_devices, ("merge", "refuse"))
+    _choice("privacy.packing", p.packing, ("off", "auto"))
     if p.mode == "secagg_dp":
         _positive("privacy.clip_norm", p.clip_norm)
         _positive("privacy.noise_multiplier", p.noise_multiplier, zero_ok=True)

@@ -54,7 +54,7 @@ class RunSettings:
         clips = {name: v for name in expected for key, v in p.clip_per_tensor.items() if key in name}
         clips[LOSS_KEY] = p.loss_clip
         encoding = EncodingConfig(bits=p.bits, clip=p.clip, clip_per_tensor=clips, max_examples=self.max_examples)
-        return SecureSettings(encoding, p.threshold, p.unmasker, p.prg, p.complete_graph_up_to,
+        return SecureSettings(encoding, p.threshold, p.unmasker, p.prg, p.complete_graph_up_to, packing=p.packing,
                               bound_check=p.bound_check, norm_bound=self.norm_bound())
 
     def norm_bound(self) -> float:

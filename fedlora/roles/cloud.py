@@ -445,7 +445,9 @@ def _secure_round(run: Run, server_round: int, groups) -> tuple[SecureRound, Agg
     """The cloud's side of this round's secure session over the cells in ``groups``, and the keys it aggregates with."""
     sr = SecureRound(identities=run.identities, run_id=run.run_id, server_round=server_round, clients=run.available,
                      cells_above={cell: run.tree.cells[cell].parent or CLOUD for cell, _, _ in groups},
-                     settings=run.secure, layout=secure_layout(run.expected))
+                     settings=run.secure, layout=secure_layout(run.expected),
+                     # packing's ring: HierFAVG unmasks each cell alone, else one sum holds every training client
+                     sum_clients=0 if run.hierfavg else sum(len(group) for _, group, _ in groups))
     return sr, AggregatorKeys.of(run.identities, cloud=True)
 
 

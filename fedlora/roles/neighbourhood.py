@@ -33,6 +33,7 @@ from fedlora.aggregate.robust import cell_sum, is_robust
 from fedlora.aggregate.sums import WeightedSum
 from fedlora.config import DataConfig, LoraConfig, ModelConfig, SplitConfig, TinyModelConfig, TrainConfig
 from fedlora.round_settings import RoundSettings
+from fedlora.secure.packing import packed_size
 from fedlora.secure.rounds import ACCEPTED, CLOUD_ID, DROPPED, LATE, NO_REPLY, STAGES, run_secure_cells
 from fedlora.world.splitplan import SplitCut, tensor_layer
 
@@ -313,7 +314,8 @@ def _secure_results(requests, transport, server_round, late, on_reply, keys) -> 
         return out
 
     def upload_bytes(req: CellRequest) -> int:
-        return 4 * req.secure.header.header.layout.size  # the masked uint32 vector
+        header = req.secure.header.header
+        return packed_size(header.layout, header.encoding)  # the masked vector: uint32 words, or packed
 
     done = run_secure_cells(requests, exchange, aggregator_identity=keys.identity, cloud_key=keys.cloud_key,
                             late=late, upload_bytes=upload_bytes)

@@ -38,6 +38,7 @@ from fedlora.secure.messages import (
     UnmaskResponse,
     compute_session_id,
 )
+from fedlora.secure.packing import reduce, unpack
 
 
 class AggregatorState(str, Enum):
@@ -153,8 +154,9 @@ class NeighbourhoodAggregator:
     # ------------------------------------------------------------------ 4. masked input
 
     def receive_masked_input(self, msg: MaskedInput) -> None:
-        """Verify one masked input (sender in U2, this session, signed, right shape, once)
-        and add it to the running sum; the input itself is not kept."""
+        """Verify one masked input (sender in U2, this session, signed, right shape -- the
+        header's packed length when packed -- once) and add it to the running sum (in the
+        header's ring); the input itself is not kept."""
         self._expect(AggregatorState.MASKED_INPUT, f"masked input of {msg.sender!r}")
         who = f"cell {self.cell!r}: masked input of {msg.sender!r}"
         if msg.sid != self._sid:
@@ -163,11 +165,13 @@ class NeighbourhoodAggregator:
             raise RejectedMessage(f"{who}: sender did not share keys in this session")
         if msg.sender in self._uploaded:
             raise RejectedMessage(f"{who}: second upload (replay?)")
-        size = self._header.layout.size
-        if not isinstance(msg.vector, np.ndarray) or msg.vector.dtype != np.uint32 or msg.vector.shape != (size,):
-            raise RejectedMessage(f"{who}: must be a uint32 vector of length {size}")
+        header = self._header
+        try:
+            vector = unpack(msg.vector, header.layout, header.encoding)
+        except ValueError as exc:
+            raise RejectedMessage(f"{who}: {exc}") from None
         self._registry.check(msg.sender, MaskedInput.signed_bytes(msg.sid, msg.sender, msg.vector), msg.signature, who)
-        np.add(self._sum, msg.vector, out=self._sum)
+        reduce(np.add(self._sum, vector, out=self._sum), header.encoding)
         self._uploaded.add(msg.sender)
 
     def close_upload(self) -> tuple[UnmaskRequest, MaskedSum]:

@@ -51,6 +51,7 @@ from fedlora.secure.messages import (
     share_associated_data,
     unmask_associated_data,
 )
+from fedlora.secure.packing import pack
 from fedlora.secure.prg import SEED_BYTES, Randomness, SeededStream
 
 
@@ -171,7 +172,8 @@ class CellClient:
 
     def masked_input(self, delivery: ShareDelivery, encoded: np.ndarray) -> MaskedInput:
         """Open the shares addressed to this client, then mask ``encoded`` (from :meth:`encode`)
-        with the self mask and one pair mask per neighbour whose shares arrived, and sign."""
+        with the self mask and one pair mask per neighbour whose shares arrived, pack it as the
+        header's encoding says (:mod:`~fedlora.secure.packing`), and sign."""
         self._expect(ClientState.SHARED, "masked_input")
         header, graph, roster, sid, me = self.header, self._graph, self._roster, self._sid, self.device_id
         check_encoded(encoded, header.layout, header.encoding)
@@ -199,7 +201,7 @@ class CellClient:
             held[sender] = (shamir.Share(my_x, payload.self_mask_y), shamir.Share(my_x, payload.mask_key_y))
         seeds = {peer: pair_seed(self._mask_key, roster.advert(peer).mask_key, sid=sid, owner=me, peer=peer)
                  for peer in held}
-        vector = mask_input(encoded, self._self_seed, seeds, me, header.prg)
+        vector = pack(mask_input(encoded, self._self_seed, seeds, me, header.prg), header.layout, header.encoding)
         signature = self._identity.sign(MaskedInput.signed_bytes(sid, me, vector))
         self._held = held
         self.state = ClientState.UPLOADED

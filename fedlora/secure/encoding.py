@@ -16,6 +16,10 @@ vector ``q_u`` that can be masked and summed with wrap-around:
 Overflow: a sum of ``n`` values in ``[-L, L]`` stays in int32 iff ``n * L <= 2^31 - 1``
 (65,538 summands at b = 16), and the count coordinate needs ``n * n_max <= 2^32 - 1``.
 :func:`check_overflow` refuses anything else -- a wrapped sum would decode silently wrong.
+
+Packing (``EncodingConfig.sum_clients`` > 0, :mod:`fedlora.secure.packing`): the value
+coordinates travel in the smaller ring Z_2^k, ``k = ring_bits(b, sum_clients)``, which holds a
+sum of up to ``sum_clients`` inputs exactly; the count coordinate stays in Z_2^32.
 """
 
 from __future__ import annotations
@@ -51,11 +55,20 @@ def max_summands(bits: int) -> int:
     return _INT32_MAX // levels(bits)
 
 
-def check_overflow(num_summands: int, bits: int, max_examples: int | None = None) -> None:
+def ring_bits(bits: int, sum_clients: int) -> int:
+    """Width k of the ring Z_2^k that holds a sum of ``sum_clients`` b-bit values exactly:
+    ``b + ceil(log2 n)`` (at most 32), since ``n * (2^(b-1) - 1) <= 2^(k-1) - 1`` then."""
+    if not isinstance(sum_clients, int) or sum_clients < 1:
+        raise ValueError(f"sum_clients={sum_clients} must be an integer >= 1")
+    return min(32, bits + (sum_clients - 1).bit_length())
+
+
+def check_overflow(num_summands: int, bits: int, max_examples: int | None = None, ring: int = 32) -> None:
     """Raise :class:`UnsafeEncoding` unless summing ``num_summands`` encoded updates is exact.
 
-    Needs ``num_summands * (2^(bits-1) - 1) <= 2^31 - 1`` (the signed coordinates) and, if
-    ``max_examples`` is given, ``num_summands * max_examples <= 2^32 - 1`` (the count).
+    Needs ``num_summands * (2^(bits-1) - 1) <= 2^(ring-1) - 1`` (the signed coordinates, in
+    Z_2^ring; ring = 32 unless packed) and, if ``max_examples`` is given,
+    ``num_summands * max_examples <= 2^32 - 1`` (the count).
     """
     if not isinstance(bits, int) or not 2 <= bits <= 31:
         raise UnsafeEncoding(f"bits={bits} must be an integer in 2..31 (signed fixed point inside Z_2^32)")
@@ -67,6 +80,11 @@ def check_overflow(num_summands: int, bits: int, max_examples: int | None = None
         raise UnsafeEncoding(
             f"{num_summands} summands of {bits}-bit values can reach {num_summands * levels(bits):,} > 2^31 - 1, "
             f"so the sum could wrap in Z_2^32; at bits={bits} at most {max_summands(bits):,} summands fit ({hint})")
+    if ring < 32 and num_summands * levels(bits) > 2 ** (ring - 1) - 1:
+        raise UnsafeEncoding(
+            f"{num_summands} summands of {bits}-bit values can reach {num_summands * levels(bits):,} > 2^{ring - 1} - 1, "
+            f"so the sum could wrap in the packed ring Z_2^{ring}; at most {(2 ** (ring - 1) - 1) // levels(bits):,} "
+            "summands fit (size the ring for more clients: EncodingConfig.sum_clients)")
     if max_examples is not None and num_summands * max_examples > _UINT32_MAX:
         raise UnsafeEncoding(
             f"{num_summands} summands with up to max_examples={max_examples} examples each can reach "
@@ -85,6 +103,10 @@ class EncodingConfig:
     clip_per_tensor: tuple[tuple[str, float], ...] | Mapping[str, float] = ()
     # n_max: an update is weighted by min(n_u, n_max) / n_max; its count slot carries min(n_u, n_max).
     max_examples: int = DEFAULT_MAX_EXAMPLES
+    # n: the most client inputs any sum of this encoding may hold before it is unmasked; the value
+    # coordinates then travel packed in Z_2^ring_bits(b, n) (fedlora.secure.packing). 0 = not packed:
+    # every coordinate travels as 32 bits in Z_2^32.
+    sum_clients: int = 0
 
     def __post_init__(self) -> None:
         per = self.clip_per_tensor
@@ -97,10 +119,19 @@ class EncodingConfig:
                 raise ValueError(f"encoding {name}={value} must be a positive finite number")
         if not isinstance(self.max_examples, int) or not 1 <= self.max_examples <= _UINT32_MAX:
             raise ValueError(f"encoding max_examples={self.max_examples} must be an integer in 1..2^32-1")
+        if not isinstance(self.sum_clients, int) or self.sum_clients < 0:
+            raise ValueError(f"encoding sum_clients={self.sum_clients} must be an integer >= 0 (0 = not packed)")
+        if self.sum_clients:
+            self.check_capacity(self.sum_clients)
 
     @property
     def levels(self) -> int:
         return levels(self.bits)
+
+    @property
+    def value_bits(self) -> int:
+        """k: the value coordinates live in Z_2^k (32 unless packed); the count always in Z_2^32."""
+        return ring_bits(self.bits, self.sum_clients) if self.sum_clients else 32
 
     def clip_for(self, name: str) -> float:
         return dict(self.clip_per_tensor).get(name, self.clip)
@@ -110,13 +141,19 @@ class EncodingConfig:
         return self.clip_for(name) / self.levels
 
     def check_capacity(self, num_summands: int) -> None:
-        """:func:`check_overflow` for this encoding."""
-        check_overflow(num_summands, self.bits, self.max_examples)
+        """:func:`check_overflow` for this encoding (in its packed ring, and for at most
+        ``sum_clients`` inputs when packed)."""
+        if self.sum_clients and num_summands > self.sum_clients:
+            raise UnsafeEncoding(f"{num_summands} inputs in one sum, but the packed ring Z_2^{self.value_bits} is "
+                                 f"sized for at most sum_clients={self.sum_clients}")
+        check_overflow(num_summands, self.bits, self.max_examples, self.value_bits)
 
     def fields(self) -> tuple:
-        """Canonical transcript fields (floats as exact hex)."""
+        """Canonical transcript fields (floats as exact hex); the ring only when packed, so an
+        unpacked header's transcript (and its session's masks) is what it was before packing."""
+        packed = (("ring", self.sum_clients, self.value_bits),) if self.sum_clients else ()
         return ("encoding", self.bits, self.clip.hex(), tuple((k, v.hex()) for k, v in self.clip_per_tensor),
-                self.max_examples)
+                self.max_examples) + packed
 
 
 @dataclass(frozen=True)
@@ -204,9 +241,14 @@ def to_ring(q: np.ndarray) -> np.ndarray:
     return (np.asarray(q, dtype=np.int64) & _UINT32_MAX).astype(np.uint32)
 
 
-def from_ring(v: np.ndarray) -> np.ndarray:
-    """uint32 in Z_2^32 -> the signed int32 value it represents (as int64)."""
-    return np.ascontiguousarray(v, dtype=np.uint32).view(np.int32).astype(np.int64)
+def from_ring(v: np.ndarray, ring: int = 32) -> np.ndarray:
+    """uint32 in Z_2^ring -> the signed value it represents (as int64); only the low ``ring``
+    bits count (a sum computed in uint32 is right mod 2^ring, since 2^ring divides 2^32)."""
+    signed = np.ascontiguousarray(v, dtype=np.uint32).view(np.int32).astype(np.int64)
+    if ring == 32:
+        return signed
+    low, half = signed & ((1 << ring) - 1), 1 << (ring - 1)
+    return (low ^ half) - half
 
 
 def effective_examples(num_examples: int, config: EncodingConfig) -> int:
@@ -292,7 +334,7 @@ def decode_sum(plain: np.ndarray, layout: TensorLayout, config: EncodingConfig, 
     if not clients <= examples <= clients * config.max_examples:
         raise ValueError(f"count coordinate {examples} is impossible for {clients} clients with 1..{config.max_examples} "
                          "examples each: the masks did not cancel (wrong or tampered sum)")
-    signed = from_ring(plain[: layout.count_index])
+    signed = from_ring(plain[: layout.count_index], config.value_bits)
     total = {}
     for name, shape in layout.tensors:
         start, stop = layout.offsets[name]

@@ -275,12 +275,19 @@ class ShareDelivery:
 
 
 def vector_digest(vector: np.ndarray) -> bytes:
+    """SHA-256 of a masked vector as it travels: uint32 words, or the packed bytes (uint8,
+    :mod:`~fedlora.secure.packing`; tagged, so no packed vector hashes like a uint32 one)."""
+    if isinstance(vector, np.ndarray) and vector.dtype == np.uint8:
+        return hashlib.sha256(b"fedlora/packed-vector/v1" + vector.tobytes()).digest()
     return hashlib.sha256(np.ascontiguousarray(vector, dtype="<u4").tobytes()).digest()
 
 
 @dataclass(frozen=True, eq=False)
 class MaskedInput:
-    """y_u = q_u + PRG(b_u) + sum_{v>u} PRG(s_uv) - sum_{v<u} PRG(s_uv) mod 2^32, signed with sid."""
+    """y_u = q_u + PRG(b_u) + sum_{v>u} PRG(s_uv) - sum_{v<u} PRG(s_uv) mod 2^32, signed with sid.
+
+    ``vector`` is the uint32 vector, or under packing (``EncodingConfig.sum_clients``) its
+    packed bytes (:func:`~fedlora.secure.packing.pack`: value coordinates mod 2^k)."""
 
     sid: bytes
     sender: str

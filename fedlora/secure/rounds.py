@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -432,6 +432,9 @@ class SecureSettings:
     # norm_bound > 0: the L2 norm every honest update is clipped to, checked too.
     bound_check: bool = False
     norm_bound: float = 0.0
+    # off: masked vectors travel as 32-bit words; auto: packed in a ring sized to the round's
+    # sums (fedlora.secure.packing; the same decoded sums, fewer bytes).
+    packing: str = "off"
 
 
 def threshold_for(n: int, fraction: float, complete_up_to: int) -> int:
@@ -446,8 +449,14 @@ class SecureRound:
     """The cloud's side of one secure round."""
 
     def __init__(self, *, identities: Identities, run_id: str, server_round: int, clients: list[int],
-                 cells_above: Mapping[str, str], settings: SecureSettings, layout: TensorLayout):
+                 cells_above: Mapping[str, str], settings: SecureSettings, layout: TensorLayout,
+                 sum_clients: int | None = None):
+        """``sum_clients`` (packing only): the most client inputs one unmasked sum of the round
+        holds -- the round's training clients when the cells' sums are added up the tree, 0
+        when each cell is unmasked on its own (HierFAVG); None: every client in ``clients``."""
         self.ids, self.run_id, self.server_round, self.settings, self.layout = identities, run_id, server_round, settings, layout
+        self.sum_clients = len(clients) if sum_clients is None else int(sum_clients)
+        self.encodings: dict[str, EncodingConfig] = {}  # cell -> the encoding its header names
         self.cloud = identities.own(CLOUD_ID)
         self.cells_above = dict(cells_above)  # neighbourhood -> its sub-urban cell ("cloud" when flat)
         keys = {CLOUD_ID: self.cloud.public_bytes}
@@ -481,15 +490,23 @@ class SecureRound:
         if n < MIN_SESSION_CLIENTS:
             return f"{n} client(s) in the cell; secure aggregation needs at least {MIN_SESSION_CLIENTS}"
         s = self.settings
+        self.encodings[cell] = self.encoding_for(n)
         header = CellHeader(
             run_id=self.run_id, server_round=self.server_round, cell=cell, aggregator=aggregator_id(cell),
             unmasker=self.unmasker_for(cell).device_id, unmasker_key=self.unmasker_for(cell).public_key,
-            global_adapter_digest=adapter_digest(arrays), layout=self.layout, encoding=s.encoding,
+            global_adapter_digest=adapter_digest(arrays), layout=self.layout, encoding=self.encodings[cell],
             threshold=threshold_for(n, s.threshold, s.complete_graph_up_to), max_clients=n,
             graph_seed=self.ids.rng("graph", self.run_id, self.server_round, cell)(32),
             complete_graph_up_to=s.complete_graph_up_to, prg=s.prg)
         return SecureCell(SignedHeader.sign(header, self.cloud, CLOUD_ID), self.signed_registry,
                           {c: device_id(c) for c in clients})
+
+    def encoding_for(self, n: int) -> EncodingConfig:
+        """The encoding of a cell of ``n`` clients: the settings', packed (``packing=auto``) in a
+        ring for ``max(n, sum_clients)`` inputs -- never fewer than the cell itself holds."""
+        if self.settings.packing == "off":
+            return self.settings.encoding
+        return replace(self.settings.encoding, sum_clients=max(n, self.sum_clients))
 
     def unmask(self, outcomes: Mapping[str, SecureOutcome], *, per_cell: bool):
         """Unmask and decode: ({cell or "cloud": DecodedSum}, {cell: abort reason}).
@@ -529,17 +546,17 @@ class SecureRound:
                 del masks[cell]
 
     def _decode(self, outcomes: Mapping[str, SecureOutcome], masks: Mapping[str, CellMask], per_cell: bool) -> dict:
-        enc = self.settings.encoding
         if per_cell:
             groups = {cell: [outcomes[cell].masked] for cell in masks}
         else:
             by_suburb: dict[str, list[MaskedSum]] = {}
             for cell in masks:  # sub-urban tier: add its neighbourhoods' masked sums
                 by_suburb.setdefault(self.cells_above[cell], []).append(outcomes[cell].masked)
-            parts = [add_masked(p, enc) for _, p in sorted(by_suburb.items())]
+            parts = [add_masked(p, self._encoding_of(p)) for _, p in sorted(by_suburb.items())]
             groups = {CLOUD_ID: parts} if parts else {}
         sums = {}
         for key, parts in groups.items():
+            enc = self._encoding_of(parts)
             total = add_masked(parts, enc)
             plain = remove_masks(total, [masks[c] for c in sorted(total.cells)])
             sums[key] = decode_sum(plain.vector, self.layout, enc, plain.clients)
@@ -549,12 +566,21 @@ class SecureRound:
         """Why one cell's sum (its masked sum less its mask, decoded) cannot come from honest clients, or None
         (:func:`fedlora.secure.bounds.sum_violation`)."""
         try:
-            plain = remove_masks(add_masked([masked], self.settings.encoding), [mask])
-            decoded = decode_sum(plain.vector, self.layout, self.settings.encoding, plain.clients)
+            enc = self._encoding_of([masked])
+            plain = remove_masks(add_masked([masked], enc), [mask])
+            decoded = decode_sum(plain.vector, self.layout, enc, plain.clients)
         except (ValueError, SecAggError) as exc:  # e.g. a count no k clients can have
             return f"{BOUND_REFUSED}: {exc}"
         why = sum_violation(decoded, norm_bound=self.settings.norm_bound, unbounded=(LOSS_KEY,))
         return None if why is None else f"{BOUND_REFUSED}: {why}"
+
+    def _encoding_of(self, parts: list[MaskedSum]) -> EncodingConfig:
+        """The one encoding of the cells in ``parts`` (sums in different rings cannot be added)."""
+        encodings = {self.encodings.get(cell, self.settings.encoding) for part in parts for cell in part.cells}
+        if len(encodings) != 1:
+            raise ValueError(f"cells {sorted(c for p in parts for c in p.cells)} were encoded in different rings; "
+                             "their masked sums cannot be added")
+        return encodings.pop()
 
 
 def secure_layout(expected: Mapping[str, tuple[int, ...]]) -> TensorLayout:

@@ -44,6 +44,7 @@ from fedlora.secure.messages import (
     decode_revealed,
     unmask_associated_data,
 )
+from fedlora.secure.packing import reduce
 from fedlora.secure.prg import SEED_BYTES, Randomness
 
 
@@ -130,7 +131,7 @@ class Unmasker:
                 seed = pair_seed(key, roster.advert(w).mask_key, sid=sid, owner=v, peer=w)
                 add_mask(mask, seed, pair_sign(w, v), header.prg)  # the sign w used in y_w
         self._unmasked.add(sid)
-        return CellMask(cell, sid, len(survivors), mask)
+        return CellMask(cell, sid, len(survivors), reduce(mask, header.encoding))
 
     def _collect_shares(self, bundle: UnmaskBundle, sid: bytes, graph, survivors: set[str], dropped: set[str]
                         ) -> tuple[dict[tuple[str, str], list[shamir.Share]], list[str]]:
