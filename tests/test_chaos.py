@@ -1,0 +1,107 @@
+"""The chaos soak's pure half (fedlora.deploy.chaos): the seeded fault schedule, when a fault is due,
+the checks of a run's records and the namespace/netem command lines -- no processes, no network."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from fedlora.deploy import chaos
+
+MACHINES = chaos.Machines("cloud", ["edge-a", "edge-b"], [f"end-{i}" for i in range(6)])
+
+
+def test_schedule_is_seeded_and_keeps_tier_kills_apart_and_out_of_the_last_round():
+    s = chaos.ChaosSettings(seed=3, rounds=10)
+    faults = chaos.fault_schedule(s, MACHINES)
+    assert faults == chaos.fault_schedule(s, MACHINES)
+    assert faults != chaos.fault_schedule(chaos.ChaosSettings(seed=4, rounds=10), MACHINES)
+    kinds = [f.kind for f in faults]
+    assert kinds.count(chaos.KILL) == s.device_kills + s.edge_kills + s.cloud_kills
+    assert kinds.count(chaos.KILL_RESIDENT) == s.resident_kills
+    assert kinds.count(chaos.NETEM) == s.netems and kinds.count(chaos.PARTITION) == s.partitions
+    tier = [f for f in faults if f.kind == chaos.KILL and not f.target.startswith("end-")]
+    assert sum(f.target == "cloud" for f in tier) == s.cloud_kills
+    assert len({f.round for f in tier}) == len(tier) and all(f.round < s.rounds for f in tier)
+    assert all(1 <= f.round <= s.rounds and 0 <= f.offset_s < s.round_s for f in faults)
+    assert all(f.trigger in chaos.STAGES and f.target.startswith("end-") for f in faults if f.kind == chaos.KILL_RESIDENT)
+    assert all(f.target != "cloud" for f in faults if f.kind in (chaos.NETEM, chaos.PARTITION))
+    assert [f.id for f in faults] == list(range(len(faults)))
+    assert [(f.round, f.offset_s) for f in faults] == sorted((f.round, f.offset_s) for f in faults)
+
+
+@pytest.mark.parametrize("bad, match", [({"rounds": 1}, "at least 2 rounds"), ({"rounds": 3, "cloud_kills": 3}, "distinct"),
+                                        ({"netems": -1}, "netems=-1")])
+def test_schedule_refuses_what_it_cannot_do(bad, match):
+    with pytest.raises(chaos.ChaosError, match=match):
+        chaos.fault_schedule(chaos.ChaosSettings(**bad), MACHINES)
+
+
+def test_due_by_time_and_by_stage():
+    timed = chaos.Fault(0, chaos.KILL, "end-1", 3, chaos.TIME, 10.0, 5.0)
+    assert not chaos.due(timed, 2, 99.0, {}) and not chaos.due(timed, 3, 9.0, {})
+    assert chaos.due(timed, 3, 10.0, {}) and chaos.due(timed, 4, 0.0, {})  # round 3 ended first: at once
+    staged = chaos.Fault(1, chaos.KILL_RESIDENT, "end-1", 3, "masked-input", 0.0, 0.0)
+    assert not chaos.due(staged, 3, 50.0, {"end-1": (3, "share-keys")})
+    assert not chaos.due(staged, 3, 50.0, {"end-2": (3, "masked-input")})
+    assert chaos.due(staged, 3, 0.0, {"end-1": (3, "masked-input")})
+    assert chaos.due(staged, 4, 0.0, {"end-1": (4, "advertise")})  # missed in its round: the next stage seen
+
+
+def _round(n, participants, dropped=(), cells=None, examples=None):
+    record = {"round": n, "participants": list(participants), "dropped": [{"client": c, "reason": "gone"} for c in dropped],
+              "num_examples": float(examples if examples is not None else 12 * len(participants))}
+    if cells is not None:
+        record["secure"] = {"cells": {k: {"ok": bool(v), "survivors": v} for k, v in cells.items()}}
+    return record
+
+
+ASKED = {r: list(range(6)) for r in range(1, 4)}
+GOOD = [_round(1, range(6), cells={"a": [0, 1, 2], "b": [3, 4, 5]}),
+        _round(2, [0, 1, 3, 4, 5], [2], cells={"a": [0, 1], "b": [3, 4, 5]}),
+        _round(3, [3, 4, 5], [0, 1, 2], cells={"a": [], "b": [3, 4, 5]})]
+EXAMPLES = {c: 12.0 for c in range(6)}
+
+
+def test_a_sound_run_passes():
+    assert chaos.check_rounds(GOOD, expected_rounds=3, asked=ASKED, examples_of=EXAMPLES) == []
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda rs: rs.pop(1), "not 1..3 once each"),
+    (lambda rs: rs.insert(2, copy.deepcopy(rs[1])), "not 1..3 once each"),
+    (lambda rs: rs[1]["dropped"].clear(), r"asked client\(s\) \[2\] neither joined nor dropped"),
+    (lambda rs: rs[1]["dropped"][0].update(reason=""), "dropped without a reason"),
+    (lambda rs: rs[0]["participants"].append(5), "listed twice"),
+    (lambda rs: rs[1]["participants"].append(2), "both joined and dropped"),
+    (lambda rs: rs[0]["secure"]["cells"]["b"]["survivors"].append(0), "survivors"),
+    (lambda rs: rs[0].update(num_examples=84.0), "counted twice"),
+    (lambda rs: rs[2]["secure"]["cells"]["a"].update(survivors=[0]), "aborted but counts"),
+    (lambda rs: rs[0]["participants"].append(7), r"\[7\] recorded but not asked"),
+])
+def test_each_broken_promise_is_named(mutate, match):
+    rounds = copy.deepcopy(GOOD)
+    mutate(rounds)
+    problems = chaos.check_rounds(rounds, expected_rounds=3, asked=ASKED, examples_of=EXAMPLES)
+    assert any(__import__("re").search(match, p) for p in problems), problems
+
+
+def test_survival_counts_faults_whose_rounds_were_recorded():
+    log = [{"kind": chaos.KILL, "fired_round": 1, "restored_round": 2}, {"kind": chaos.KILL, "fired_round": None},
+           {"kind": chaos.NETEM, "fired_round": 3, "restored_round": 3}]
+    out = chaos.survival(log, GOOD, completed=True)
+    assert (out["scheduled"], out["injected"], out["survived"]) == (3, 2, 2)
+    assert out["by_kind"][chaos.KILL] == {"scheduled": 2, "injected": 1, "survived": 1}
+    assert chaos.survival(log, GOOD, completed=False)["survived"] == 0
+
+
+def test_namespace_commands_make_and_delete_the_same_names():
+    made = chaos.netns_argvs("t", 120, 3)
+    created = {a[3] for a in made if a[:3] == ["ip", "netns", "add"]}
+    deleted = {a[3] for a in chaos.netns_cleanup_argvs("t", 3)}
+    assert created == deleted == {"flc-t-hub", "flc-t-0", "flc-t-1", "flc-t-2"}
+    addresses = [a[5] for a in made if "addr" in a]
+    assert addresses == ["10.120.0.2/16", "10.120.0.3/16", "10.120.0.4/16"]
+    assert chaos.netem_argv("t", 1, ("loss", "100%"))[-6:] == ["dev", "eth0", "root", "netem", "loss", "100%"]
+    assert chaos.netem_argv("t", 1, None, hub_side=True)[3:] == ["flc-t-hub", "tc", "qdisc", "del", "dev", "v1", "root"]
