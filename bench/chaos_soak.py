@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -52,6 +53,7 @@ from fedlora.deploy.plan import DeploySettings, edge_name, end_name, write_plan 
 from fedlora.deploy.processes import ProcessGroup, placement  # noqa: E402
 from fedlora.deploy.resident import read_status  # noqa: E402
 
+FIRST_ROUND_S = 60.0  # a round's duration before one is recorded (faults fall at a fraction of it)
 RESULTS = Path(__file__).resolve().parent / "results"
 FEDLORA = [sys.executable, "-m", "fedlora.cli"]
 BASE_OVERRIDES = [
@@ -74,7 +76,7 @@ BASE_OVERRIDES = [
 ]
 # The short soak CI runs: 3 rounds, one fault of each kind but the edge kill and the stage kill.
 SHORT = chaos.ChaosSettings(rounds=3, device_kills=1, resident_kills=0, edge_kills=0, cloud_kills=1, netems=1,
-                            partitions=1, round_s=25.0, down_s=(2.0, 6.0), netem_s=(10.0, 20.0), partition_s=(3.0, 6.0))
+                            partitions=1, spread=0.8, down_s=(2.0, 6.0), netem_s=(10.0, 20.0), partition_s=(3.0, 6.0))
 
 
 @dataclass
@@ -223,14 +225,15 @@ class Soak:
         group.start("cloud", self.command("cloud"), self.env)
         pending = list(self.faults)
         restores: list[tuple[float, dict, chaos.Fault]] = []  # (when, its log entry, fault)
-        done, round_t0 = 0, time.time()
+        current, round_t0 = 0, time.time()
         while time.time() < self.deadline:
-            rounds = read_rounds(self.run_dir)
-            if len(rounds) != done:
-                done, round_t0 = len(rounds), time.time()
-            current = done + 1
+            training = self.training_round()  # the round the cloud last started (0: none yet)
+            if training != current:
+                current, round_t0 = training, time.time()
             stages = self.stages()
-            for fault in [f for f in pending if chaos.due(f, current, time.time() - round_t0, stages)]:
+            # (no time into a round before the cloud starts one: round 0 has no faults)
+            into = (time.time() - round_t0) / self.round_estimate()
+            for fault in [f for f in pending if chaos.due(f, current, into, stages)]:
                 if fault.kind in (chaos.KILL, chaos.NETEM, chaos.PARTITION) and any(
                         r[2].target == fault.target for r in restores):
                     continue  # that machine is still down or degraded: the fault waits
@@ -254,6 +257,22 @@ class Soak:
             time.sleep(0.2)
         self.log += [{**f.to_dict(), "fired_round": None, "note": "deadline"} for f in pending]
         return False
+
+    def round_estimate(self) -> float:
+        """How long a round takes here: the median of the recorded rounds' wall time (before any, a guess)."""
+        walls = sorted(float(r.get("wall_s") or 0.0) for r in read_rounds(self.run_dir))
+        return max(5.0, walls[len(walls) // 2]) if walls else FIRST_ROUND_S
+
+    def training_round(self) -> int:
+        """The round the cloud last said it started (its log: ``round N: K client(s) training``), at
+        least the one after the last recorded round (a restarted cloud resumes there)."""
+        try:
+            text = (self.folder("cloud") / "logs" / "run.log").read_text(errors="replace")
+        except OSError:
+            text = ""
+        started = [int(m) for m in re.findall(r"fedlora: round (\d+): \d+ client\(s\) training", text)]
+        done = len(read_rounds(self.run_dir))
+        return max(started[-1] if started else 0, done + 1 if done else 0)
 
     def stages(self) -> dict[str, tuple[int, str]]:
         """END node -> (round, stage) its resident process serves now."""

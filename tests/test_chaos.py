@@ -24,11 +24,11 @@ def test_schedule_is_seeded_and_keeps_tier_kills_apart_and_out_of_the_last_round
     tier = [f for f in faults if f.kind == chaos.KILL and not f.target.startswith("end-")]
     assert sum(f.target == "cloud" for f in tier) == s.cloud_kills
     assert len({f.round for f in tier}) == len(tier) and all(f.round < s.rounds for f in tier)
-    assert all(1 <= f.round <= s.rounds and 0 <= f.offset_s < s.round_s for f in faults)
+    assert all(1 <= f.round <= s.rounds and 0 <= f.at < s.spread for f in faults)
     assert all(f.trigger in chaos.STAGES and f.target.startswith("end-") for f in faults if f.kind == chaos.KILL_RESIDENT)
     assert all(f.target != "cloud" for f in faults if f.kind in (chaos.NETEM, chaos.PARTITION))
     assert [f.id for f in faults] == list(range(len(faults)))
-    assert [(f.round, f.offset_s) for f in faults] == sorted((f.round, f.offset_s) for f in faults)
+    assert [(f.round, f.at) for f in faults] == sorted((f.round, f.at) for f in faults)
 
 
 @pytest.mark.parametrize("bad, match", [({"rounds": 1}, "at least 2 rounds"), ({"rounds": 3, "cloud_kills": 3}, "distinct"),
@@ -39,12 +39,12 @@ def test_schedule_refuses_what_it_cannot_do(bad, match):
 
 
 def test_due_by_time_and_by_stage():
-    timed = chaos.Fault(0, chaos.KILL, "end-1", 3, chaos.TIME, 10.0, 5.0)
-    assert not chaos.due(timed, 2, 99.0, {}) and not chaos.due(timed, 3, 9.0, {})
-    assert chaos.due(timed, 3, 10.0, {}) and chaos.due(timed, 4, 0.0, {})  # round 3 ended first: at once
+    timed = chaos.Fault(0, chaos.KILL, "end-1", 3, chaos.TIME, 0.4, 5.0)
+    assert not chaos.due(timed, 2, 9.0, {}) and not chaos.due(timed, 3, 0.39, {})
+    assert chaos.due(timed, 3, 0.4, {}) and chaos.due(timed, 4, 0.0, {})  # round 3 ended first: at once
     staged = chaos.Fault(1, chaos.KILL_RESIDENT, "end-1", 3, "masked-input", 0.0, 0.0)
-    assert not chaos.due(staged, 3, 50.0, {"end-1": (3, "share-keys")})
-    assert not chaos.due(staged, 3, 50.0, {"end-2": (3, "masked-input")})
+    assert not chaos.due(staged, 3, 0.9, {"end-1": (3, "share-keys")})
+    assert not chaos.due(staged, 3, 0.9, {"end-2": (3, "masked-input")})
     assert chaos.due(staged, 3, 0.0, {"end-1": (3, "masked-input")})
     assert chaos.due(staged, 4, 0.0, {"end-1": (4, "advertise")})  # missed in its round: the next stage seen
 

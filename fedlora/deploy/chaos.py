@@ -28,7 +28,7 @@ NETEM = "netem"  # a machine's link: delay, jitter and loss for down_s
 PARTITION = "partition"  # a machine's link cut (100% loss both ways) for down_s
 KINDS = (KILL, KILL_RESIDENT, NETEM, PARTITION)
 STAGES = ("advertise", "share-keys", "masked-input", "unmask")  # a secure round's device stages, in order
-TIME = "time"  # a trigger: offset_s after the round started
+TIME = "time"  # a trigger: a fraction of a round's duration after the round started
 
 
 class ChaosError(ValueError):
@@ -44,7 +44,7 @@ class Fault:
     target: str  # "cloud", "edge-<cell>", "end-<n>"
     round: int  # the round it is aimed at (fired in a later one when that round ends first)
     trigger: str  # TIME, or a stage of STAGES: when the target's resident process serves it (KILL_RESIDENT)
-    offset_s: float  # TIME: seconds after the round started
+    at: float  # TIME: how far into the round, as a fraction of a round's duration (the soak measures it)
     down_s: float  # the process stays dead / the link degraded this long
     signal: str = "SIGKILL"  # KILL: SIGKILL (a crash) or SIGTERM (a graceful stop)
     netem: tuple[str, ...] = ()  # NETEM: the netem arguments, e.g. ("delay", "80ms", "20ms", "loss", "3%")
@@ -65,7 +65,7 @@ class ChaosSettings:
     cloud_kills: int = 2
     netems: int = 3  # links degraded (delay, jitter, loss)
     partitions: int = 2  # links cut for a few seconds
-    round_s: float = 40.0  # offsets are drawn in [0, round_s): about one round's duration
+    spread: float = 1.0  # TIME faults fall at [0, spread) of a round's duration into their round
     down_s: tuple[float, float] = (3.0, 20.0)  # how long a killed process stays down
     netem_s: tuple[float, float] = (20.0, 60.0)
     partition_s: tuple[float, float] = (4.0, 12.0)
@@ -128,20 +128,20 @@ def fault_schedule(settings: ChaosSettings, machines: Machines) -> list[Fault]:
 
 
 def _offset(rng: random.Random, s: ChaosSettings) -> float:
-    return round(rng.uniform(0.0, s.round_s), 1)
+    return round(rng.uniform(0.0, s.spread), 3)
 
 
 def _uniform(rng: random.Random, bounds: tuple[float, float]) -> float:
     return round(rng.uniform(*bounds), 1)
 
 
-def due(fault: Fault, current_round: int, elapsed_s: float, stage_of: dict[str, tuple[int, str]]) -> bool:
-    """Whether ``fault`` fires now: the deployment is in ``current_round``, ``elapsed_s`` into it;
-    ``stage_of``: END node -> (round, stage) its resident process is serving now."""
+def due(fault: Fault, current_round: int, into: float, stage_of: dict[str, tuple[int, str]]) -> bool:
+    """Whether ``fault`` fires now: the deployment is in ``current_round``, ``into`` of a round's
+    duration into it; ``stage_of``: END node -> (round, stage) its resident process is serving now."""
     if current_round < fault.round:
         return False
     if fault.trigger == TIME:
-        return current_round > fault.round or elapsed_s >= fault.offset_s
+        return current_round > fault.round or into >= fault.at
     busy = stage_of.get(fault.target)
     # A stage trigger whose round ended without the stage (e.g. the device was down): the next stage seen.
     return busy is not None and busy[0] >= fault.round and (busy[0] > fault.round or busy[1] == fault.trigger)
