@@ -111,8 +111,8 @@ class SoakResult:
 
 def netns_usable() -> str | None:
     """None when network namespaces can be made here, else why not."""
-    if shutil.which("ip") is None or shutil.which("tc") is None:
-        return "no `ip`/`tc` command (iproute2)"
+    if shutil.which("ip") is None or shutil.which("tc") is None or shutil.which("nft") is None:
+        return "no `ip`/`tc` (iproute2) or `nft` (nftables) command"
     probe = f"flc-probe-{os.getpid()}"
     made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
     if made.returncode != 0:
@@ -130,6 +130,7 @@ class NetLab:
         self.subnet = 100 + os.getpid() % 100  # 10.<subnet>.0.0/16, apart from other soaks on this machine
         self.index = {m: i for i, m in enumerate(machines)}
         self.made = False
+        self.netem = False  # whether this kernel has sch_netem (else links get a rate cap and nftables loss)
 
     def __enter__(self) -> NetLab:
         self.made = True
@@ -139,6 +140,10 @@ class NetLab:
         except subprocess.CalledProcessError as exc:
             self.close()
             raise RuntimeError(f"{' '.join(exc.cmd)}: {exc.stderr.strip()}") from None
+        probe = ["ip", "netns", "exec", chaos.hub_name(self.tag), "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay",
+                 "1ms"]
+        self.netem = subprocess.run(probe, capture_output=True).returncode == 0
+        subprocess.run(probe[:6] + ["del", "dev", "lo", "root"], capture_output=True)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -150,11 +155,17 @@ class NetLab:
     def prefix(self, machine: str) -> list[str]:
         return ["ip", "netns", "exec", chaos.netns_name(self.tag, self.index[machine])]
 
-    def set_link(self, machine: str, args: tuple[str, ...] | None) -> None:
-        """netem ``args`` on both ends of ``machine``'s link (None: clear them)."""
-        for hub_side in (False, True):
-            argv = chaos.netem_argv(self.tag, self.index[machine], args, hub_side=hub_side)
-            subprocess.run(argv, capture_output=True, text=True, check=args is not None)
+    def degrade(self, machine: str, link: chaos.Degrade | None) -> None:
+        """Degrade ``machine``'s link (netem, or a rate cap and random loss), cut it (``link`` None)."""
+        i = self.index[machine]
+        argvs = (chaos.partition_argvs(self.tag, i) if link is None
+                 else chaos.degrade_argvs(self.tag, i, link, netem=self.netem))
+        for argv in argvs:
+            subprocess.run(argv, check=True, capture_output=True, text=True)
+
+    def restore(self, machine: str) -> None:
+        for argv in chaos.restore_argvs(self.tag, self.index[machine]):
+            subprocess.run(argv, capture_output=True)  # what was not set is not there to undo
 
     def close(self) -> None:
         for argv in chaos.netns_cleanup_argvs(self.tag, len(self.machines)):
@@ -181,8 +192,12 @@ class Loopback:
     def prefix(self, machine: str) -> list[str]:
         return []
 
-    def set_link(self, machine: str, args) -> None:
+    netem = False
+
+    def degrade(self, machine: str, link) -> None:
         raise RuntimeError("link faults need network namespaces")
+
+    restore = degrade
 
     def left(self) -> list[str]:
         return []
@@ -299,10 +314,10 @@ class Soak:
             except (TypeError, ValueError, ProcessLookupError):
                 entry.update(fired_round=None, note="no resident process to kill")
         else:
-            self.net.set_link(fault.target, chaos.PARTITION_NETEM if fault.kind == chaos.PARTITION else fault.netem)
+            self.net.degrade(fault.target, fault.link if fault.kind == chaos.NETEM else None)
+            entry["netem"] = self.net.netem
         print(f"[chaos] round {current}: {fault.kind} {fault.target} {fault.signal if fault.kind == chaos.KILL else ''}"
-              f"{' ' + ' '.join(fault.netem) if fault.netem else ''} (for {fault.down_s}s; stages {entry['stages_then']})",
-              flush=True)
+              f"{fault.link or ''} (for {fault.down_s}s; stages {entry['stages_then']})", flush=True)
         return entry
 
     def restore(self, group: ProcessGroup, fault: chaos.Fault, entry: dict, current: int) -> None:
@@ -319,7 +334,7 @@ class Soak:
             else:
                 group.restart(fault.target)
         else:
-            self.net.set_link(fault.target, None)
+            self.net.restore(fault.target)
         entry["restored_round"] = current
         print(f"[chaos] round {current}: {fault.target} back", flush=True)
 

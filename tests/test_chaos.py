@@ -103,5 +103,14 @@ def test_namespace_commands_make_and_delete_the_same_names():
     assert created == deleted == {"flc-t-hub", "flc-t-0", "flc-t-1", "flc-t-2"}
     addresses = [a[5] for a in made if "addr" in a]
     assert addresses == ["10.120.0.2/16", "10.120.0.3/16", "10.120.0.4/16"]
-    assert chaos.netem_argv("t", 1, ("loss", "100%"))[-6:] == ["dev", "eth0", "root", "netem", "loss", "100%"]
-    assert chaos.netem_argv("t", 1, None, hub_side=True)[3:] == ["flc-t-hub", "tc", "qdisc", "del", "dev", "v1", "root"]
+    link = chaos.Degrade(80, 10, 3, 512)
+    netem = chaos.degrade_argvs("t", 1, link, netem=True)
+    assert [a[3] for a in netem] == ["flc-t-1", "flc-t-hub"] and netem[0][-6:] == ["netem", "delay", "80ms", "10ms", "loss", "3%"]
+    shaped = chaos.degrade_argvs("t", 1, link, netem=False)
+    assert [a[4:7] for a in shaped[:2]] == [["tc", "qdisc", "replace"]] * 2 and "512kbit" in shaped[0]
+    rules = [a for a in shaped if a[4:7] == ["nft", "add", "rule"]]
+    assert [r[-9:] for r in rules] == [[iface, '"eth0"', "numgen", "random", "mod", "100", "<", "3", "drop"]
+                                        for iface in ("oifname", "iifname")]
+    cut = chaos.partition_argvs("t", 1)
+    assert [r[-3:] for r in cut if "rule" in r] == [["oifname", '"eth0"', "drop"], ["iifname", '"eth0"', "drop"]]
+    assert {tuple(a[4:7]) for a in chaos.restore_argvs("t", 1)} == {("tc", "qdisc", "del"), ("nft", "delete", "table")}

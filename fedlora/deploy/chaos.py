@@ -3,8 +3,9 @@
 A soak (``bench/chaos_soak.py``) runs a planned deployment -- cloud, edges and END devices,
 each machine in its own network namespace -- while it injects the faults of
 :func:`fault_schedule`: processes killed and started again at random moments of a round
-(mid-stage included), links degraded with ``tc netem`` (delay, jitter, loss) and cut for a
-few seconds (a partition). Afterwards :func:`check_rounds` says what a deployment promises
+(mid-stage included), links degraded (``tc netem`` delay, jitter and loss where the kernel has
+netem, else a ``tbf`` rate cap and nftables random loss) and cut for a few seconds (a
+partition). Afterwards :func:`check_rounds` says what a deployment promises
 whatever happened: every round done once (a restarted cloud resumes, it loses none and
 repeats none), every device asked in a round joined it or is in its dropped list with a
 reason, no update counted twice. :func:`survival` tells each fault's outcome from the
@@ -12,7 +13,8 @@ records.
 
 Nothing here starts a process or touches the network: the schedule is a list of
 :class:`Fault` values (from the seed alone, the same on every machine), the checks read
-``rounds.jsonl`` records, :func:`netns_argvs` / :func:`netem_argv` only build command lines.
+``rounds.jsonl`` records, :func:`netns_argvs`, :func:`degrade_argvs` and the like only build
+command lines.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from fedlora.seeds import round_seed
 
 KILL = "kill"  # a whole machine's process tree (SIGKILL or SIGTERM), started again after down_s
 KILL_RESIDENT = "kill-resident"  # an END device's resident process only, while it serves a stage
-NETEM = "netem"  # a machine's link: delay, jitter and loss for down_s
-PARTITION = "partition"  # a machine's link cut (100% loss both ways) for down_s
+NETEM = "netem"  # a machine's link degraded for down_s: delay, jitter and loss (or what the kernel has: Degrade)
+PARTITION = "partition"  # a machine's link cut (everything dropped both ways) for down_s
 KINDS = (KILL, KILL_RESIDENT, NETEM, PARTITION)
 STAGES = ("advertise", "share-keys", "masked-input", "unmask")  # a secure round's device stages, in order
 TIME = "time"  # a trigger: a fraction of a round's duration after the round started
@@ -47,10 +49,10 @@ class Fault:
     at: float  # TIME: how far into the round, as a fraction of a round's duration (the soak measures it)
     down_s: float  # the process stays dead / the link degraded this long
     signal: str = "SIGKILL"  # KILL: SIGKILL (a crash) or SIGTERM (a graceful stop)
-    netem: tuple[str, ...] = ()  # NETEM: the netem arguments, e.g. ("delay", "80ms", "20ms", "loss", "3%")
+    link: Degrade | None = None  # NETEM: how the link is degraded
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "netem": list(self.netem)}
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -102,26 +104,26 @@ def fault_schedule(settings: ChaosSettings, machines: Machines) -> list[Fault]:
         if getattr(s, name) < 0:
             raise ChaosError(f"{name}={getattr(s, name)} must be >= 0")
     rng = random.Random(round_seed(s.seed, "chaos-schedule"))
-    faults: list[tuple[str, str, int, str, float, float, str, tuple[str, ...]]] = []
+    faults: list[tuple[str, str, int, str, float, float, str, Degrade | None]] = []
     tier_rounds = rng.sample(range(1, s.rounds), tier)
     for i, rnd in enumerate(tier_rounds):
         target = machines.cloud if i < s.cloud_kills else rng.choice(machines.edges)
         signal = "SIGKILL" if rng.random() < 0.75 else "SIGTERM"
-        faults.append((KILL, target, rnd, TIME, _offset(rng, s), _uniform(rng, s.down_s), signal, ()))
+        faults.append((KILL, target, rnd, TIME, _offset(rng, s), _uniform(rng, s.down_s), signal, None))
     for _ in range(s.device_kills):
         faults.append((KILL, rng.choice(machines.ends), rng.randrange(1, s.rounds + 1), TIME, _offset(rng, s),
-                       _uniform(rng, s.down_s), "SIGKILL", ()))
+                       _uniform(rng, s.down_s), "SIGKILL", None))
     for _ in range(s.resident_kills):
         faults.append((KILL_RESIDENT, rng.choice(machines.ends), rng.randrange(1, s.rounds + 1), rng.choice(STAGES), 0.0,
-                       0.0, "SIGKILL", ()))
+                       0.0, "SIGKILL", None))
     links = [*machines.edges, *machines.ends]
     for _ in range(s.netems):
-        args = ("delay", f"{rng.randrange(20, 150)}ms", f"{rng.randrange(5, 30)}ms", "loss", f"{rng.randrange(1, 6)}%")
+        args = Degrade(rng.randrange(20, 150), rng.randrange(5, 30), rng.randrange(1, 6), rng.choice([256, 512, 1000, 2000]))
         faults.append((NETEM, rng.choice(links), rng.randrange(1, s.rounds + 1), TIME, _offset(rng, s),
                        _uniform(rng, s.netem_s), "", args))
     for _ in range(s.partitions):
         faults.append((PARTITION, rng.choice(links), rng.randrange(1, s.rounds + 1), TIME, _offset(rng, s),
-                       _uniform(rng, s.partition_s), "", ()))
+                       _uniform(rng, s.partition_s), "", None))
     faults.sort(key=lambda f: (f[2], f[4], f[0], f[1]))
     return [Fault(i, kind, target, rnd, trig, off, down, sig, args)
             for i, (kind, target, rnd, trig, off, down, sig, args) in enumerate(faults)]
@@ -272,13 +274,60 @@ def netns_cleanup_argvs(tag: str, count: int) -> list[list[str]]:
     return [["ip", "netns", "del", netns_name(tag, i)] for i in range(count)] + [["ip", "netns", "del", hub_name(tag)]]
 
 
-def netem_argv(tag: str, index: int, args: tuple[str, ...] | None, *, hub_side: bool = False) -> list[str]:
-    """``tc`` setting (``args``: netem arguments) or clearing (None) machine ``index``'s link, on
-    its own end (``eth0``: what it sends) or the hub's (``v<i>``: what it receives)."""
-    ns, dev = (hub_name(tag), f"v{index}") if hub_side else (netns_name(tag, index), "eth0")
-    if args is None:
-        return ["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"]
-    return ["ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", "netem", *args]
+@dataclass(frozen=True)
+class Degrade:
+    """A degraded link: one-way delay with jitter, random loss, and a rate cap (0: none)."""
+
+    delay_ms: int
+    jitter_ms: int
+    loss_pct: int
+    rate_kbit: int = 0
+
+    def netem_args(self) -> list[str]:
+        return ["delay", f"{self.delay_ms}ms", f"{self.jitter_ms}ms", "loss", f"{self.loss_pct}%"]
 
 
-PARTITION_NETEM = ("loss", "100%")
+CHAOS_TABLE = "fedlora_chaos"  # the nftables table a soak adds in a machine's namespace
+
+
+def _in_ns(tag: str, index: int, argv: list[str], hub_side: bool = False) -> list[str]:
+    return ["ip", "netns", "exec", hub_name(tag) if hub_side else netns_name(tag, index), *argv]
+
+
+def degrade_argvs(tag: str, index: int, link: Degrade, *, netem: bool) -> list[list[str]]:
+    """Commands that degrade machine ``index``'s link both ways. ``netem``: the kernel has
+    ``sch_netem`` (delay, jitter and loss on both veth ends); without it (e.g. a minimal VM kernel)
+    the delay cannot be made, so the link gets what the kernel has: a token-bucket rate cap
+    (``tbf``: queueing delay under load) on both ends and random loss with nftables (``numgen``)."""
+    dev, hub_dev = "eth0", f"v{index}"
+    if netem:
+        return [_in_ns(tag, index, ["tc", "qdisc", "replace", "dev", d, "root", "netem", *link.netem_args()], hub)
+                for d, hub in ((dev, False), (hub_dev, True))]
+    rate = link.rate_kbit or 1000
+    shape = [_in_ns(tag, index, ["tc", "qdisc", "replace", "dev", d, "root", "tbf", "rate", f"{rate}kbit", "burst", "32kbit",
+                                 "latency", f"{max(50, 4 * link.delay_ms)}ms"], hub)
+             for d, hub in ((dev, False), (hub_dev, True))]
+    return shape + _nft_drop_argvs(tag, index, f"numgen random mod 100 < {link.loss_pct}")
+
+
+def partition_argvs(tag: str, index: int) -> list[list[str]]:
+    """Commands that cut machine ``index``'s link both ways (nftables drops all it sends and receives
+    on it; its loopback keeps working)."""
+    return _nft_drop_argvs(tag, index, "")
+
+
+def _nft_drop_argvs(tag: str, index: int, match: str) -> list[list[str]]:
+    table = ["inet", CHAOS_TABLE]
+    argvs = [_in_ns(tag, index, ["nft", "add", "table", *table])]
+    for chain, hook, iface in (("out", "output", "oifname"), ("in", "input", "iifname")):
+        argvs.append(_in_ns(tag, index, ["nft", "add", "chain", *table, chain, "{", "type", "filter", "hook", hook,
+                                         "priority", "0", ";", "policy", "accept", ";", "}"]))
+        argvs.append(_in_ns(tag, index, ["nft", "add", "rule", *table, chain, iface, '"eth0"', *match.split(), "drop"]))
+    return argvs
+
+
+def restore_argvs(tag: str, index: int) -> list[list[str]]:
+    """Commands that undo :func:`degrade_argvs` and :func:`partition_argvs` (each may find nothing to undo)."""
+    return [_in_ns(tag, index, ["tc", "qdisc", "del", "dev", "eth0", "root"]),
+            _in_ns(tag, index, ["tc", "qdisc", "del", "dev", f"v{index}", "root"], True),
+            _in_ns(tag, index, ["nft", "delete", "table", "inet", CHAOS_TABLE])]
