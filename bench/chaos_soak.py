@@ -93,9 +93,10 @@ class SoakResult:
     wall_s: float = 0.0
     leftovers: list[int] = field(default_factory=list)
     namespaces_left: list[str] = field(default_factory=list)
+    machines: chaos.Machines | None = None
 
     def report(self) -> dict:
-        survived = chaos.survival(self.faults, self.rounds, self.completed and not self.problems)
+        survived = chaos.survival(self.faults, self.rounds, self.completed and not self.problems, self.machines)
         return {"settings": self.settings, "network": self.network, "completed": self.completed,
                 "rounds": len(self.rounds), "problems": self.problems, "faults": survived, "fault_log": self.faults,
                 "adapter": self.adapter, "wall_s": round(self.wall_s, 1), "processes_left": self.leftovers,
@@ -374,7 +375,7 @@ def soak(work: Path, settings: chaos.ChaosSettings, *, netns: bool = True, timeo
     env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
     net = NetLab(["cloud", *machines.edges, *machines.ends]) if why_not is None else Loopback()
     result = SoakResult(settings={**vars(settings), "overrides": overrides}, network="netns" if why_not is None else
-                        f"loopback ({why_not})", faults=[], rounds=[], completed=False, problems=[])
+                        f"loopback ({why_not})", faults=[], rounds=[], completed=False, problems=[], machines=machines)
     group = ProcessGroup(work / "logs")
     try:
         with net:

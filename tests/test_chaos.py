@@ -87,13 +87,20 @@ def test_each_broken_promise_is_named(mutate, match):
     assert any(__import__("re").search(match, p) for p in problems), problems
 
 
-def test_survival_counts_faults_whose_rounds_were_recorded():
-    log = [{"kind": chaos.KILL, "fired_round": 1, "restored_round": 2}, {"kind": chaos.KILL, "fired_round": None},
-           {"kind": chaos.NETEM, "fired_round": 3, "restored_round": 3}]
-    out = chaos.survival(log, GOOD, completed=True)
-    assert (out["scheduled"], out["injected"], out["survived"]) == (3, 2, 2)
-    assert out["by_kind"][chaos.KILL] == {"scheduled": 2, "injected": 1, "survived": 1}
-    assert chaos.survival(log, GOOD, completed=False)["survived"] == 0
+def test_survival_counts_injected_survived_and_recovered():
+    machines = chaos.Machines("cloud", ["edge-a", "edge-b"], [f"end-{i}" for i in range(6)],
+                              {f"end-{i}": "edge-a" if i < 3 else "edge-b" for i in range(6)})
+    log = [{"kind": chaos.KILL, "target": "end-2", "fired_round": 1, "restored_round": 2},  # joins again in round 3? no
+           {"kind": chaos.KILL, "target": "end-3", "fired_round": 1, "restored_round": 1},  # back in round 2
+           {"kind": chaos.KILL, "target": "edge-b", "fired_round": 1, "restored_round": 2},  # its cell whole in round 3
+           {"kind": chaos.KILL, "target": "cloud", "fired_round": 2, "restored_round": 2},
+           {"kind": chaos.KILL, "target": "end-0", "fired_round": None},
+           {"kind": chaos.NETEM, "target": "end-1", "fired_round": 3, "restored_round": 3}]  # no later round
+    out = chaos.survival(log, GOOD, completed=True, machines=machines)
+    assert out["by_kind"][chaos.KILL] == {"scheduled": 5, "injected": 4, "survived": 4, "recovered": 3, "unobservable": 0}
+    assert out["by_kind"][chaos.NETEM] == {"scheduled": 1, "injected": 1, "survived": 1, "recovered": 0, "unobservable": 1}
+    failed = chaos.survival(log, GOOD, completed=False, machines=machines)
+    assert failed["survived"] == failed["recovered"] == 0
 
 
 def test_namespace_commands_make_and_delete_the_same_names():

@@ -34,7 +34,10 @@ def test_short_chaos_soak_survives_its_faults(tmp_path, env):
     why_not = chaos_soak.netns_usable()
     if why_not is not None:
         warnings.warn(f"chaos soak on loopback, no link faults: {why_not}", stacklevel=1)
-    result = chaos_soak.soak(tmp_path, chaos_soak.SHORT, netns=why_not is None, timeout_s=900, env=env)
+    # Every device reachable in every round (no simulated availability): each dropout is a fault's.
+    always = [f"topology.profiles.{p}.availability=1.0" for p in ("rpi4", "car", "laptop")]
+    result = chaos_soak.soak(tmp_path, chaos_soak.SHORT, netns=why_not is None, timeout_s=1500, env=env,
+                             extra_overrides=always)
     report = result.report()
     print(json.dumps({k: report[k] for k in ("network", "faults", "per_round", "wall_s")}, indent=1))
     assert result.completed, report["problems"]
@@ -45,5 +48,6 @@ def test_short_chaos_soak_survives_its_faults(tmp_path, env):
     assert {chaos.KILL} <= kinds and (why_not is not None or {chaos.NETEM, chaos.PARTITION} <= kinds), result.faults
     assert any(f["target"] == "cloud" and f["fired_round"] is not None for f in result.faults), result.faults
     assert faults["injected"] == faults["survived"] == faults["scheduled"], faults
+    assert faults["recovered"] + faults["unobservable"] == faults["injected"], faults  # each hit machine came back
     assert [r["round"] for r in result.rounds] == [1, 2, 3]
     assert result.adapter["peft_lora_tensors"] >= result.adapter["tensors"] > 0

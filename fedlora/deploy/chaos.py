@@ -218,14 +218,22 @@ def _check_secure(record: dict, participants: list[int]) -> list[str]:
     return out
 
 
-def survival(faults: list[dict], rounds: list[dict], completed: bool) -> dict:
-    """Faults injected vs survived: a fault is survived when the run completed and each round it
-    touched (fired .. restored) is recorded -- its devices joined or dropped with a reason.
-    ``faults``: the soak's log, each a :meth:`Fault.to_dict` with ``fired_round`` (None: never fired)."""
+def survival(faults: list[dict], rounds: list[dict], completed: bool, machines: Machines | None = None) -> dict:
+    """Faults injected vs survived vs recovered, per kind.
+
+    ``faults``: the soak's log, each a :meth:`Fault.to_dict` with ``fired_round`` (None: never
+    fired) and ``restored_round``. Survived: the run completed with each round from the fault to
+    its end recorded. Recovered: what it hit took part again afterwards -- a later round has the
+    END device (for an edge: every device of its cell, ``machines.cell_of``) among its
+    participants, for the cloud the rounds went on; a fault whose machine had no later round to
+    show it in is counted under ``unobservable``."""
     recorded = {r.get("round") for r in rounds}
+    joined = {r.get("round"): set(r.get("participants") or []) for r in rounds}
+    cell_of = machines.cell_of if machines is not None else {}
     by_kind: dict[str, dict[str, int]] = {}
     for f in faults:
-        row = by_kind.setdefault(f["kind"], {"scheduled": 0, "injected": 0, "survived": 0})
+        row = by_kind.setdefault(f["kind"], {"scheduled": 0, "injected": 0, "survived": 0, "recovered": 0,
+                                             "unobservable": 0})
         row["scheduled"] += 1
         if f.get("fired_round") is None:
             continue
@@ -233,8 +241,22 @@ def survival(faults: list[dict], rounds: list[dict], completed: bool) -> dict:
         last = f.get("restored_round") or f["fired_round"]
         if completed and all(r in recorded for r in range(f["fired_round"], last + 1)):
             row["survived"] += 1
-    total = {k: sum(row[k] for row in by_kind.values()) for k in ("scheduled", "injected", "survived")}
+        clients = _clients_of(f["target"], cell_of)
+        later = [r for r in sorted(joined) if r > last]
+        if f["target"] != "cloud" and not later:
+            row["unobservable"] += 1
+        elif f["target"] == "cloud" or any(clients <= joined[r] for r in later):
+            row["recovered"] += 1 if completed else 0
+    total = {k: sum(row[k] for row in by_kind.values()) for k in ("scheduled", "injected", "survived", "recovered",
+                                                                 "unobservable")}
     return {"by_kind": by_kind, **total}
+
+
+def _clients_of(target: str, cell_of: dict[str, str]) -> set[int]:
+    """The END clients a machine's fault hits: an END device itself, an edge's every device."""
+    if target.startswith("end-"):
+        return {int(target[4:])}
+    return {int(end[4:]) for end, edge in cell_of.items() if edge == target}
 
 
 # --- network namespaces and netem, as command lines ---------------------------------------------------------------
