@@ -121,3 +121,22 @@ def test_namespace_commands_make_and_delete_the_same_names():
     cut = chaos.partition_argvs("t", 1)
     assert [r[-3:] for r in cut if "rule" in r] == [["oifname", '"eth0"', "drop"], ["iifname", '"eth0"', "drop"]]
     assert {tuple(a[4:7]) for a in chaos.restore_argvs("t", 1)} == {("tc", "qdisc", "del"), ("nft", "delete", "table")}
+
+
+def test_process_group_kill_crashes_a_whole_tree_or_signals_only_its_head(tmp_path):
+    import signal
+    import time
+
+    from fedlora.deploy.processes import ProcessGroup, _alive
+
+    with ProcessGroup(tmp_path) as group:
+        group.start("crash", ["bash", "-c", "sleep 60 & sleep 60 & wait"], {"PATH": "/usr/bin:/bin"})
+        group.start("stop", ["bash", "-c", "trap 'kill $!; exit 0' TERM; sleep 60 & wait"], {"PATH": "/usr/bin:/bin"})
+        time.sleep(0.5)
+        crashed = group.kill("crash")
+        assert len(crashed) == 3 and group.procs["crash"].wait(5) == -signal.SIGKILL
+        stopped = group.kill("stop", signal.SIGTERM)
+        assert group.procs["stop"].wait(5) == 0
+        time.sleep(0.2)
+        assert not any(_alive(p) for p in crashed + stopped)  # SIGTERM: the head stopped its own child
+    assert group.leftovers() == []
