@@ -140,3 +140,48 @@ def test_process_group_kill_crashes_a_whole_tree_or_signals_only_its_head(tmp_pa
         time.sleep(0.2)
         assert not any(_alive(p) for p in crashed + stopped)  # SIGTERM: the head stopped its own child
     assert group.leftovers() == []
+
+
+def test_an_error_the_superlink_sends_for_a_node_is_that_nodes_reply(monkeypatch):
+    """Found by the soak: Flower answers for a node that stopped beating (or a message that expired)
+    itself, from SUPERLINK_NODE_ID; that answer must drop the node at once with Flower's reason,
+    not be ignored as from an unknown node (the node then waited for as "no reply before the timeout")."""
+    import time
+
+    from flwr.app import RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from server.transport import FlowerTransport
+
+    for name in ("_task_id", "_run_id", "_node_id"):  # what a ServerApp process has set when it builds a Message
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+    class Meta:  # like Flower's Metadata: read-only properties over __dict__ (which _exchange sets)
+        src_node_id = property(lambda self: self.__dict__["_src_node_id"])
+        reply_to_message_id = property(lambda self: self.__dict__["_reply_to_message_id"])
+
+    class Reply:
+        error = type("Error", (), {"reason": "Error: Node Unavailable - The destination node failed to report a heartbeat"})
+
+        def __init__(self, src, reply_to):
+            self.metadata = Meta()
+            self.metadata.__dict__.update(_src_node_id=src, _reply_to_message_id=reply_to)
+
+        def has_error(self):
+            return True
+
+    class Grid:
+        def push_messages(self, messages):
+            self.ids = [f"m{i}" for i in range(len(messages))]
+            return self.ids
+
+        def pull_messages(self, ids):  # both answered by the SuperLink itself
+            return [Reply(SUPERLINK_NODE_ID, mid) for mid in self.ids if mid in ids]
+
+    transport = FlowerTransport(Grid(), expected_clients=2, timeout_s=30)
+    transport.node_of = {3: 30, 4: 40}
+    t0 = time.time()
+    replies = transport._ask({3: RecordDict(), 4: RecordDict()}, "train", "1", lambda reply: None, secure=False)
+    assert time.time() - t0 < 5  # not the 30 s timeout
+    assert sorted(r.client for r in replies) == [3, 4] and all("Node Unavailable" in r.error for r in replies), replies
