@@ -95,7 +95,7 @@ def test_survival_counts_injected_survived_and_recovered():
            {"kind": chaos.KILL, "target": "edge-b", "fired_round": 1, "restored_round": 2},  # its cell whole in round 3
            {"kind": chaos.KILL, "target": "cloud", "fired_round": 2, "restored_round": 2},
            {"kind": chaos.KILL, "target": "end-0", "fired_round": None},
-           {"kind": chaos.NETEM, "target": "end-1", "fired_round": 3, "restored_round": 3}]  # no later round
+           {"kind": chaos.NETEM, "target": "end-1", "fired_round": 3, "restored_round": 4}]  # put back after the run
     out = chaos.survival(log, GOOD, completed=True, machines=machines)
     assert out["by_kind"][chaos.KILL] == {"scheduled": 5, "injected": 4, "survived": 4, "recovered": 3, "unobservable": 0}
     assert out["by_kind"][chaos.NETEM] == {"scheduled": 1, "injected": 1, "survived": 1, "recovered": 0, "unobservable": 1}

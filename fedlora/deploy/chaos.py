@@ -238,7 +238,8 @@ def survival(faults: list[dict], rounds: list[dict], completed: bool, machines: 
         if f.get("fired_round") is None:
             continue
         row["injected"] += 1
-        last = f.get("restored_round") or f["fired_round"]
+        # restored after the run's last round (the soak puts every link back at the end): through that round
+        last = min(f.get("restored_round") or f["fired_round"], max(recorded, default=f["fired_round"]))
         if completed and all(r in recorded for r in range(f["fired_round"], last + 1)):
             row["survived"] += 1
         clients = _clients_of(f["target"], cell_of)
