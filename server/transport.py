@@ -6,6 +6,7 @@ import logging
 import time
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 
 from fedlora import protocol
@@ -115,14 +116,23 @@ class FlowerTransport:
         return replies
 
     def _exchange(self, messages: list[Message], timeout_s: float, on_message) -> list[Message]:
-        """Push messages, pull replies until all arrived or the timeout; one reply per node."""
-        pending = set(self.grid.push_messages(messages))
+        """Push messages, pull replies until all arrived or the timeout; one reply per node.
+
+        An error the SuperLink answers in a node's place (the node stopped beating, the message
+        expired: Flower sends it from ``SUPERLINK_NODE_ID``) counts as that node's reply, so the
+        node is dropped at once with Flower's reason, not after the timeout as "no reply"."""
+        ids = list(self.grid.push_messages(messages))
+        dst_of = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages)}
+        pending = set(ids)
         seen_nodes: set[int] = set()
         out = []
         deadline = time.time() + timeout_s
         while pending and time.time() < deadline:
             for msg in self.grid.pull_messages(pending):
                 pending.discard(msg.metadata.reply_to_message_id)
+                if msg.metadata.src_node_id == SUPERLINK_NODE_ID and msg.metadata.reply_to_message_id in dst_of:
+                    # Flower's own way of naming a message's sender (it sets the message id the same way)
+                    msg.metadata.__dict__["_src_node_id"] = dst_of[msg.metadata.reply_to_message_id]
                 if msg.metadata.src_node_id in seen_nodes:
                     continue
                 seen_nodes.add(msg.metadata.src_node_id)

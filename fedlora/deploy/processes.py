@@ -258,6 +258,17 @@ class ProcessGroup:
         _terminate(pids, [proc], grace_s)
         return self.start(name, argv, env, cwd)
 
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> list[int]:
+        """Send ``sig`` to one process of the group and (SIGKILL: a crash) every process below it,
+        or (any other signal: a stop the process handles itself) to it alone; return the pids
+        its tree had, which the group then expects gone at the end like any other."""
+        proc = self.procs[name]
+        pids = [p for p in [proc.pid, *_descendants([proc.pid])] if _alive(p)]
+        self.seen.update(pids)
+        for pid in pids if sig == signal.SIGKILL else pids[:1]:
+            _signal(pid, sig)
+        return pids
+
     def leftovers(self) -> list[int]:
         """Pids this group started (or saw below them) that still run."""
         return sorted(p for p in self.seen if _alive(p))
