@@ -58,7 +58,7 @@ def choice_items(rows: list[Mapping[str, Any]]) -> list[ChoiceItem]:
     items = []
     for i, row in enumerate(rows):
         options = tuple(str(o).strip() for o in row.get("options") or YES_NO_MAYBE)
-        gold = row.get("answer", row.get("label"))
+        gold = row.get("answer") if row.get("answer") is not None else row.get("label")  # a table has both columns
         question = str(row.get("question") or "").strip()
         if not question:
             raise DataError(f"row {i}: no 'question'")
