@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -314,6 +315,7 @@ def _extract_tokenizer(out: Path) -> None:
 
 def _convert_smollm2(cfg: ModelConfig, out: Path) -> None:
     gguf = _smollm2_gguf()
+    started = time.perf_counter()
     log.info("converting SmolLM2 GGUF to %s (once)", cache_root(cfg) / SMOLLM2_DIR)
     tok = AutoTokenizer.from_pretrained(_tokenizer_dir(cfg))
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -325,6 +327,7 @@ def _convert_smollm2(cfg: ModelConfig, out: Path) -> None:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     _write_marker(out, {"source": "smollm2", "gguf": str(gguf)})
+    log.info("converted SmolLM2 in %.1fs", time.perf_counter() - started)
 
 
 def _tiny_dir(cfg: ModelConfig) -> Path:
