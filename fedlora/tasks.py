@@ -224,7 +224,7 @@ def run_advice_accuracy(cfg: FedLoraConfig, model: Any, tokenizer: Any) -> dict[
         return None
     started = time.perf_counter()
     examples = eval_examples(cfg.data, cfg.federation.num_clients, cfg.seed)[:n]
-    scores = advice_accuracy(model, tokenizer, examples, batch_size=cfg.train.eval_batch_size)
+    scores = advice_accuracy(model, tokenizer, examples, batch_size=len(examples))  # one batch: fewest decoding steps
     return {**scores, "seconds": time.perf_counter() - started}
 
 
