@@ -317,7 +317,8 @@ def cmd_eval(argv: list[str]) -> None:
 
 def _loss_scores(cfg, adapters, specs: list[str], examples: list[dict]) -> dict:
     """Held-out loss and perplexity of the base and of each adapter spec on ``examples``."""
-    from fedlora.data import tokenize  # torch only for `fedlora eval`
+    # torch only for `fedlora eval`
+    from fedlora.data import tokenize
     from fedlora.runs.report import perplexity
     from fedlora.train import evaluate
 
