@@ -133,7 +133,7 @@ def _adapter_and_config(target: Path, overrides: list[str], command: str, reads:
     # Hydra/OmegaConf only for the commands that read a run (eval, generate)
     from omegaconf import OmegaConf
 
-    from fedlora.config import compose, load_yaml, to_dict, to_typed
+    from fedlora.config import ConfigError, compose, load_yaml, omegaconf_message, to_dict, to_typed
 
     adapter = target / "adapter" if (target / "adapter").is_dir() else target
     if not (adapter / "adapter_config.json").is_file():
@@ -143,7 +143,12 @@ def _adapter_and_config(target: Path, overrides: list[str], command: str, reads:
         cfg = load_yaml(run_config)
         base = to_dict(cfg)
         if overrides:
-            cfg = to_typed(OmegaConf.merge(OmegaConf.create(base), *map(_override_node, overrides)))
+            nodes = list(map(_override_node, overrides))
+            try:
+                merged = OmegaConf.merge(OmegaConf.create(base), *nodes)
+            except Exception as exc:  # omegaconf raises several types; each is a bad override
+                raise ConfigError(omegaconf_message(exc)) from None
+            cfg = to_typed(merged)
     else:
         base, cfg = to_dict(compose([])), compose(overrides)
         reads = (*reads, "model")
@@ -200,6 +205,9 @@ def _override_node(item: str):
     group_file = conf_dir() / key / f"{value}.yaml"
     if "." not in key and group_file.is_file():
         return OmegaConf.create({key: OmegaConf.to_container(OmegaConf.load(group_file))})
+    if "." not in key and (conf_dir() / key).is_dir():
+        known = ", ".join(sorted(f.stem for f in (conf_dir() / key).glob("*.yaml")))
+        raise UserError(f"{item}: there is no {key} config {value!r} (conf/{key}/ has: {known})")
     return OmegaConf.from_dotlist([item])
 
 
@@ -220,16 +228,43 @@ def _adapter_set(adapter: Path, cfg, named: list[str], uses: list[str] | None):
     return adapters, specs
 
 
-def _held_out(cfg, tokenizer, client: int | None) -> list[dict]:
-    """The run's held-out examples, or (``--client N``) client N's own held-out examples only."""
-    from fedlora.data import client_examples, eval_examples, tokenize  # torch only for `fedlora eval`
+def _run_data(target: Path):
+    """The data config the run behind ``target`` trained on (the composed default for a bare adapter directory)."""
+    from fedlora.config import compose, load_yaml  # Hydra/OmegaConf only for the commands that read a run
 
+    adapter = target / "adapter" if (target / "adapter").is_dir() else target
+    run_config = adapter.parent / "config.yaml"
+    return (load_yaml(run_config, files=False) if run_config.is_file() else compose([])).data
+
+
+def _eval_data(cfg, target: Path, overrides: list[str], client: int | None) -> tuple[list[dict], str]:
+    """The examples `fedlora eval` scores and what they are: a dataset file it is given (``data.path`` other than
+    the run's) whole -- or its first ``data.max_eval_examples`` when that is given too --, else the run's held-out
+    examples (with ``--client N``: client N's own). ``data.path`` alone implies ``data.source=file``."""
+    from fedlora.data import client_examples, eval_examples, whole_file_examples  # torch only for `fedlora eval`
+
+    given = {o.partition("=")[0] for o in overrides}
+    trained = _run_data(target)
+    if "data.path" in given and cfg.data.source != "file":
+        cfg.data.source = "file"
+    if cfg.data.source == "file" and (trained.source != "file" or cfg.data.path != trained.path):
+        if client is not None:
+            raise UserError(f"--client {client} scores a client's held-out part of the run's data; "
+                            f"data.path={cfg.data.path} is another file (leave out one or the other)")
+        examples = whole_file_examples(cfg.data.path)
+        if "data.max_eval_examples" in given and cfg.data.max_eval_examples < len(examples):
+            cut = cfg.data.max_eval_examples
+            return examples[:cut], (f"the first {cut} of the {len(examples)} usable rows of {cfg.data.path} "
+                                    "(data.max_eval_examples)")
+        return examples, f"all {len(examples)} usable rows of {cfg.data.path} (a file given for evaluation is scored whole)"
+    n = cfg.federation.num_clients
     if client is None:
-        return tokenize(eval_examples(cfg.data, cfg.federation.num_clients, cfg.seed), tokenizer, cfg.train.max_seq_len)
-    if not 0 <= client < cfg.federation.num_clients:
-        raise UserError(f"--client {client}: the run has clients 0..{cfg.federation.num_clients - 1}")
-    held = client_examples(cfg.data, client, cfg.federation.num_clients, cfg.seed)[1]
-    return tokenize(held, tokenizer, cfg.train.max_seq_len)
+        return (eval_examples(cfg.data, n, cfg.seed),
+                f"the run's held-out examples (data.eval_fraction={cfg.data.eval_fraction} of each of its {n} clients' "
+                f"data, at most data.max_eval_examples={cfg.data.max_eval_examples})")
+    if not 0 <= client < n:
+        raise UserError(f"--client {client}: the run has clients 0..{n - 1}")
+    return client_examples(cfg.data, client, n, cfg.seed)[1], f"client {client}'s own held-out examples"
 
 
 _SWAP_HELP = dict(
@@ -240,24 +275,57 @@ _SWAP_HELP = dict(
 )
 
 
+TASKS = {
+    "choice": "labelled rows (--file): question, optional context, options (default yes/no/maybe) and the gold "
+              "answer or label; each option scored by its log-likelihood after the prompt",
+    "exact": "chat/Alpaca examples: greedy answers, exact match with the reference",
+    "advice": "the wearable data: greedy advice, exact match and the share of readings it judges as the advice "
+              "rules do",
+}
+
+
 def cmd_eval(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="fedlora eval", description="Held-out loss and perplexity of an adapter "
-                                     "(or of each of several over one base).")
+                                     "(or of each of several over one base); with --task, task accuracy.")
     parser.add_argument("target", type=Path, help="run directory or PEFT adapter directory")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help=_SWAP_HELP["adapter"])
     parser.add_argument("--use", action="append", metavar="NAME[+NAME]", help=_SWAP_HELP["use"] + "; each is scored")
     parser.add_argument("--client", type=int, help="score on this client's own held-out data only (e.g. its personal "
                                                    "adapter)")
+    parser.add_argument("--task", choices=sorted(TASKS), help="task accuracy instead of loss, base and each adapter: "
+                        + "; ".join(f"{k}: {v}" for k, v in sorted(TASKS.items())))
+    parser.add_argument("--file", help="--task choice: the labelled JSON/JSONL/CSV/Parquet file (scored whole)")
+    parser.add_argument("--limit", type=int, help="--task: score only the first N items")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data=medical data.max_eval_examples=200")
     args = parser.parse_intermixed_args(argv)
+    if (args.file or args.limit is not None) and not args.task:
+        raise UserError("--file and --limit go with --task (choice, exact or advice)")
+    if args.task == "choice" and not args.file:
+        raise UserError("--task choice needs --file LABELLED_FILE (rows with question, label/answer, optional options)")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit {args.limit} must be >= 1")
+    adapter, cfg = _adapter_and_config(args.target, args.overrides, "fedlora eval", EVAL_READS)
+    if args.task == "choice":
+        examples, scored = [], f"the labelled rows of {args.file}"
+    else:
+        examples, scored = _eval_data(cfg, args.target, args.overrides, args.client)
+    adapters, specs = _adapter_set(adapter, cfg, args.adapter, args.use)
+    result = _task_scores(args, cfg, adapters, specs, examples) if args.task else _loss_scores(cfg, adapters, specs, examples)
+    result = {"adapter": str(adapter) if specs[0] == "global" else specs[0], "scored": scored, **result}
+    if args.client is not None:
+        result["client"] = args.client
+    print(json.dumps(result, indent=2))
+
+
+def _loss_scores(cfg, adapters, specs: list[str], examples: list[dict]) -> dict:
+    """Held-out loss and perplexity of the base and of each adapter spec on ``examples``."""
     # torch only for `fedlora eval`
+    from fedlora.data import tokenize
     from fedlora.runs.report import perplexity
     from fedlora.train import evaluate
 
-    adapter, cfg = _adapter_and_config(args.target, args.overrides, "fedlora eval", EVAL_READS)
-    adapters, specs = _adapter_set(adapter, cfg, args.adapter, args.use)
     tokenizer = adapters.tokenizer
-    held_out = _held_out(cfg, tokenizer, args.client)
+    held_out = tokenize(examples, tokenizer, cfg.train.max_seq_len)
     scores = {}
     for spec in specs:
         adapters.use(spec)
@@ -265,21 +333,48 @@ def cmd_eval(argv: list[str]) -> None:
     with adapters.base_only():
         base_loss, _ = evaluate(adapters.model, held_out, cfg.train.eval_batch_size, pad_id=tokenizer.pad_token_id)
     loss, tokens = scores[specs[0]]
-    result = {
-        "adapter": str(adapter) if specs[0] == "global" else specs[0],
-        "examples": len(held_out),
-        "answer_tokens": tokens,
-        "base_eval_loss": base_loss,
-        "eval_loss": loss,
-        "base_perplexity": perplexity(base_loss),
-        "perplexity": perplexity(loss),
-    }
-    if len(specs) > 1 or args.adapter:
+    result = {"examples": len(held_out), "answer_tokens": tokens, "base_eval_loss": base_loss, "eval_loss": loss,
+              "base_perplexity": perplexity(base_loss), "perplexity": perplexity(loss)}
+    if len(specs) > 1 or len(adapters.names) > 1:
         result["adapters"] = {spec: {"eval_loss": s[0], "perplexity": perplexity(s[0]),
                                      "paths": [str(adapters.paths[n]) for n in spec.split("+")]} for spec, s in scores.items()}
-    if args.client is not None:
-        result["client"] = args.client
-    print(json.dumps(result, indent=2))
+    return result
+
+
+def _task_scores(args, cfg, adapters, specs: list[str], examples: list[dict]) -> dict:
+    """``--task``: the base's and each adapter spec's accuracy (fedlora.tasks), the first adapter's at the top."""
+    # torch and the task scorers only for `fedlora eval --task`
+    from fedlora.data import file_rows
+    from fedlora.data.wearable import advice_fields
+    from fedlora.tasks import CHOICE_METHOD, answer_scores, choice_items, choice_scores, option_logprobs
+
+    tokenizer, batch = adapters.tokenizer, cfg.train.eval_batch_size
+    if args.task == "choice":
+        items = choice_items(file_rows(args.file))[: args.limit]
+        method = CHOICE_METHOD
+
+        def score() -> dict:
+            lp = option_logprobs(adapters.model, tokenizer, items, max_seq_len=cfg.train.max_seq_len, batch_size=batch)
+            return {k: v for k, v in choice_scores(items, lp).items() if k != "predicted"}
+    else:
+        items = examples[: args.limit]
+        fields = advice_fields if args.task == "advice" else None
+        method = "greedy answers; exact match (whitespace collapsed)" + (
+            "; field_accuracy: share of the readings judged as the advice rules judge them (in range, or the rule's "
+            "own sentence)" if fields else "")
+
+        def score() -> dict:
+            return answer_scores(adapters.model, tokenizer, items, batch_size=batch, fields=fields)
+    scores = {}
+    for spec in specs:
+        adapters.use(spec)
+        scores[spec] = score()
+    with adapters.base_only():
+        base = score()
+    out = {"task": args.task, "method": method, "examples": len(items), "base": base, "tuned": scores[specs[0]]}
+    if len(specs) > 1 or len(adapters.names) > 1:
+        out["adapters"] = scores
+    return out
 
 
 def cmd_generate(argv: list[str]) -> None:

@@ -100,6 +100,9 @@ class DataConfig:
     records_per_client: int = 64
     # Cap on the held-out examples the server evaluates the global adapter on.
     max_eval_examples: int = 32
+    # wearable: at the end of a run, this many of those held-out questions are answered (greedy) by the base and
+    # by the adapter, and each answer is scored against the advice rules (summary.json "advice_accuracy"); 0 = off.
+    accuracy_examples: int = 16
 
 
 @dataclass
@@ -572,6 +575,7 @@ def validate_data(d: DataConfig, *, files: bool) -> None:
     _positive("data.dirichlet_alpha", d.dirichlet_alpha)
     _positive("data.records_per_client", d.records_per_client)
     _positive("data.max_eval_examples", d.max_eval_examples)
+    _positive("data.accuracy_examples", d.accuracy_examples, zero_ok=True)
 
 
 def validate_train(t: TrainConfig) -> None:

@@ -177,3 +177,65 @@ def test_a_sweep_with_bad_jobs_starts_none_and_names_every_bad_one(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "trained lora.r=4" in out.stdout and "trained lora.r=8" in out.stdout
     assert (tmp_path / "sweep" / "sweep_summary.csv").read_text().count("\n") == 3
+
+
+def _eval_json(capsys, *args) -> dict:
+    from fedlora import cli
+
+    cli.main(["eval", *map(str, args)])
+    return json.loads(capsys.readouterr().out)
+
+
+def test_eval_scores_a_file_it_is_given_whole_and_says_what_it_scored(finished_run, tmp_path, capsys):
+    run_dir, summary, _ = finished_run
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"instruction": f"What is {i} + {i}?", "output": f"It is {2 * i}."}) + "\n"
+                             for i in range(7)))
+    for given in (["data=file", f"data.path={other}"], [f"data.path={other}"], [f"data.path={other}", "data=file"]):
+        result = _eval_json(capsys, run_dir, *given)
+        assert result["examples"] == 7 and result["scored"].startswith(f"all 7 usable rows of {other}"), (given, result)
+    result = _eval_json(capsys, run_dir, f"data.path={other}", "data.max_eval_examples=3")
+    assert result["examples"] == 3 and result["scored"].startswith("the first 3 of the 7 usable rows")
+    # Without a file: the run's held-out examples, as the run scored them.
+    result = _eval_json(capsys, run_dir)
+    assert result["scored"].startswith("the run's held-out examples")
+    assert result["eval_loss"] == pytest.approx(summary["final_eval_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "given,needle",
+    [
+        (["data=nosuch"], "data=nosuch: there is no data config 'nosuch' (conf/data/ has: file, medical, wearable)"),
+        (["data.pth=x.jsonl"], "data.pth"),
+        (["data=file", "data.path=/no/such/file.jsonl"], "/no/such/file.jsonl"),
+        (["data=file"], "data.path must name a dataset file"),
+        (["--task", "choice"], "--task choice needs --file"),
+    ],
+)
+def test_eval_a_bad_override_is_one_clear_line(given, needle, finished_run, capsys):
+    from fedlora import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["eval", str(finished_run[0]), *given])
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if x.startswith("fedlora: error:"))
+    assert exit_.value.code == 2 and needle in line and "Traceback" not in err, err
+
+
+def test_eval_task_accuracy_base_and_adapter(finished_run, tmp_path, capsys):
+    run_dir, summary, _ = finished_run
+    labelled = tmp_path / "labelled.jsonl"
+    rows = [{"question": f"Is {i} even?", "context": "Numbers.", "label": "yes" if i % 2 == 0 else "no"} for i in range(5)]
+    rows.append({"question": "Which is a city?", "options": ["Paris", "Blue"], "answer": "Paris"})
+    labelled.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = _eval_json(capsys, run_dir, "--task", "choice", "--file", labelled)
+    assert result["task"] == "choice" and result["examples"] == 6 and "log-likelihood" in result["method"]
+    for scores in (result["base"], result["tuned"]):
+        assert {"acc", "acc_norm", "macro_f1"} <= scores.keys() and 0 <= scores["acc"] <= 1
+        assert scores["acc"] * 6 == pytest.approx(round(scores["acc"] * 6))
+    result = _eval_json(capsys, run_dir, "--task", "advice", "--limit", "2")
+    assert result["examples"] == 2 and {"exact_match", "field_accuracy", "all_fields"} <= result["tuned"].keys()
+    # The run itself reported the advice accuracy of its base and adapter on its held-out questions.
+    accuracy = summary["advice_accuracy"]
+    assert accuracy["base"]["examples"] == accuracy["adapter"]["examples"] > 0
+    assert 0 <= accuracy["adapter"]["field_accuracy"] <= 1 and accuracy["seconds"] > 0

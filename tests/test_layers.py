@@ -40,9 +40,11 @@ LAYERS: dict[int, tuple[str, ...]] = {
     1: ("fedlora.wire", "fedlora.round_settings", "fedlora.protocol", "fedlora.secure", "fedlora.aggregate.sums"),
     # 2: the learning and the world it runs in: model, training, adapters, data, the cell tree,
     #    network and mobility model, strategies and DP, the run records, a run's settings resolved once,
-    #    split learning's maths, adapter swapping over one base, quantising a frozen base.
+    #    split learning's maths, adapter swapping over one base, quantising a frozen base,
+    #    task accuracy (options by log-likelihood, generated answers).
     2: ("fedlora.model", "fedlora.quantize", "fedlora.train", "fedlora.adapters", "fedlora.data", "fedlora.world",
-        "fedlora.split", "fedlora.aggregate", "fedlora.runs", "fedlora.run_settings", "fedlora.swap"),
+        "fedlora.split", "fedlora.aggregate", "fedlora.runs", "fedlora.run_settings", "fedlora.swap",
+        "fedlora.tasks"),
     # 3: the roles of a round: device, neighbourhood, sub-urban, HierFAVG, cloud, local cells.
     3: ("fedlora.roles",),
     # 4: deployment: plan and node folders, keys, device facts, processes, launcher.

@@ -29,11 +29,12 @@ from __future__ import annotations
 
 from fedlora.config import DataConfig
 from fedlora.data.errors import DataError
+from fedlora.data.files import checked_path, file_examples, load_table
 from fedlora.data.partition import file_partition, held_out_count, shuffled_held_out_split
 from fedlora.data.tokens import batches, tokenize
 from fedlora.data.wearable import record_example, wearable_records
 
-__all__ = ["DataError", "batches", "client_examples", "eval_examples", "tokenize"]
+__all__ = ["DataError", "batches", "client_examples", "eval_examples", "file_rows", "tokenize", "whole_file_examples"]
 
 
 def client_examples(
@@ -83,3 +84,16 @@ def eval_examples(cfg: DataConfig, num_partitions: int, seed: int) -> list[dict]
                 out.append(held[depth])
         depth += 1
     return out
+
+
+def whole_file_examples(path: str) -> list[dict]:
+    """Every usable example of the dataset file ``path``, in file order (what `fedlora eval` scores of a file it is
+    given: none of it was trained on, so none is held back)."""
+    where = checked_path(path)
+    return list(file_examples(str(where), where.stat().st_mtime_ns)[0])
+
+
+def file_rows(path: str) -> list[dict]:
+    """The rows of a JSON/JSONL/CSV/Parquet file as dicts, in file order (labelled task data: its own columns)."""
+    where = checked_path(path)
+    return [dict(row) for row in load_table(str(where), where.stat().st_mtime_ns)]

@@ -86,6 +86,15 @@ def batches(
         yield {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def generation_prompt(messages: list[dict], tokenizer: Any) -> str:
+    """The text a model continues to answer ``messages`` (the turns before the answer): the chat
+    template with its generation prompt, or the plain ``### Instruction`` prompt without one --
+    the prompt :func:`tokenize` trains the answer after."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return _plain_prompt(messages)
+
+
 def _messages(example: dict, index: int) -> list[dict]:
     messages = example.get("messages") if isinstance(example, dict) else None
     if not messages or messages[-1].get("role") != "assistant":

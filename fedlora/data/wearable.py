@@ -9,6 +9,7 @@ process draws the same records.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -242,3 +243,40 @@ def _question(r: dict, intro: str, lead: str, ask: str) -> str:
     if r["steps"] is not None:
         readings.append(f"{r['steps']} steps")
     return f"{intro} {lead} {', '.join(readings)}. {ask}"
+
+
+# How each reading's flag sentence starts (the rules above), to read an answer back field by field.
+_FLAG_STARTS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("heart rate", re.compile(r"Resting HR \d")),
+    ("glucose", re.compile(r"(Fasting|Post-meal) glucose \d")),
+    ("blood pressure", re.compile(r"BP \d")),
+    ("sleep", re.compile(r"Sleep \d")),
+    ("activity", re.compile(r"\d+ steps is")),
+)
+_IN_RANGE = re.compile(r"^(?:Your|Good news: your) (.+?) (?:is|are) (?:in a healthy range|fine)\.?$")
+IN_RANGE = "in range"
+
+
+def advice_fields(text: str) -> dict[str, str]:
+    """What an advice text says of each reading: ``"in range"`` (named in the in-range sentence) or the
+    reading's flag sentence (its number, threshold and step, exactly), keyed by the reading's name
+    (heart rate, glucose, blood pressure, sleep, activity). A reading the text does not mention is
+    absent; one said twice (or both in range and flagged) reads as ``"contradictory"``. Reading
+    :func:`wearable_advice`'s own text gives back the rules' verdicts, so a generated answer is
+    scored against the rule that produced its reference field by field."""
+    fields: dict[str, str] = {}
+
+    def say(name: str, verdict: str) -> None:
+        fields[name] = "contradictory" if name in fields else verdict
+
+    for sentence in re.split(r"(?<=\.)\s+(?=[A-Z0-9])", " ".join(text.split())):
+        named = _IN_RANGE.match(sentence)
+        if named:
+            for name in re.split(r", | and ", named.group(1)):
+                say(name.strip(), IN_RANGE)
+            continue
+        for name, start in _FLAG_STARTS:
+            if start.match(sentence):
+                say(name, sentence)
+                break
+    return fields

@@ -78,6 +78,7 @@ from fedlora.secure.rounds import (
 )
 from fedlora.seeds import round_seed
 from fedlora.split import model_shape
+from fedlora.tasks import advice_line, run_advice_accuracy
 from fedlora.train import evaluate
 from fedlora.world.attachments import EdgeReport, place_devices
 from fedlora.world.mobility import assignment_at, next_assignment
@@ -712,6 +713,9 @@ def finish_run(run: Run, sent: AdapterState) -> dict:
     if run.strategy.personal != NONE:  # each client's own held-out loss: global vs personal (vs local-only)
         personal = personal_report(run.cfg, run.held_out.model, run.held_out.tokenizer, run.global_state,
                                    run.strategy.personal, run_dir / PERSONAL_DIR)
+    model = run.held_out.model
+    adapters.set_state(model, run.global_state)
+    accuracy = run_advice_accuracy(cfg, model, run.held_out.tokenizer)
     report.plot(run_dir, base_loss, tree=run.tree)
     summary = report.summarise(
         run_dir,
@@ -722,8 +726,11 @@ def finish_run(run: Run, sent: AdapterState) -> dict:
             "adapter_parameters_sent": adapters.num_parameters(sent),
             "adapter_bytes_per_client": adapters.nbytes(sent),
             **({"personal": personal} if personal is not None else {}),
+            **({"advice_accuracy": accuracy} if accuracy is not None else {}),
         },
     )
+    if accuracy is not None:
+        run.progress.note(advice_line(accuracy))
     run.progress.note(
         f"done: held-out loss {base_loss:.4f} -> {summary['final_eval_loss']:.4f} "
         f"(perplexity {summary['base_perplexity']:.2f} -> {summary['final_perplexity']:.2f}); adapter in {run_dir / 'adapter'}"
