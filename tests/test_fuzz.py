@@ -558,3 +558,83 @@ def test_device_settings_apply_or_are_a_value_error():
         decodes_cleanly(lambda t: apply_device_settings(base, t), text, (ValueError,), limit=32 * 2**20)
 
     run()
+
+
+# --------------------------------------------------------------------------- plan folders and node configs
+
+
+@pytest.fixture(scope="module")
+def plan_folder(tmp_path_factory):
+    from fedlora.config import compose
+    from fedlora.deploy.plan import write_plan
+
+    out = tmp_path_factory.mktemp("fuzz-plan") / "deploy"
+    write_plan(compose(["model=tiny", "federation.num_clients=4"]), out, overrides=["model=tiny", "federation.num_clients=4"])
+    return out / "end-0"
+
+
+def test_node_folders_read_or_are_a_plan_error(plan_folder, tmp_path_factory):
+    """A node folder whose node.yaml, registry or config.yaml is damaged: read, or the plan's own errors."""
+    import shutil
+
+    from fedlora.config import ConfigError
+    from fedlora.deploy.plan import REGISTRY_FILE, PlanError, read_node
+    from fedlora.secure.identities import IdentityError
+
+    files = {"node.yaml": (plan_folder / "node.yaml").read_bytes(), REGISTRY_FILE: (plan_folder / REGISTRY_FILE).read_bytes(),
+             "config.yaml": (plan_folder / "config.yaml").read_bytes()}
+    work = tmp_path_factory.mktemp("fuzz-node") / "end-0"
+    shutil.copytree(plan_folder, work)
+
+    def load(folder):
+        node = read_node(folder, "end")
+        node.identities()
+        _ = node.name, node.role, node.data_file()
+        return node.config()
+
+    structured = st.sampled_from(["", "a: [", "\t", "- 1\n- 2", "name: end-0\nrole: end\n", "{role: end, name: [1]}",
+                                  '{"format": 1, "devices": {"x": {}}}', "&a [*a]", "!!python/object:os.system {}",
+                                  "a: " + "[" * 200, "\x96\x00"]).map(str.encode)
+
+    load(work)  # the valid folder reads (and the first example does not pay for the imports)
+
+    @fuzz(200)
+    @given(st.sampled_from(sorted(files)), st.one_of(mutated(list(files.values()), transcript_framed=False), structured))
+    def run(name, data):
+        for other, original in files.items():
+            (work / other).write_bytes(data if other == name else original)
+        decodes_cleanly(load, work, (PlanError, IdentityError, ConfigError), limit=64 * 2**20)
+
+    run()
+
+
+# --------------------------------------------------------------------------- data loaders
+
+
+def test_dataset_files_load_or_are_a_data_error(tmp_path_factory):
+    """A device's own dataset file (JSON, JSONL, CSV), damaged: its examples, or a DataError."""
+    from fedlora.data.errors import DataError
+    from fedlora.data.files import file_examples
+
+    rows = [{"instruction": "Say hi", "input": "", "output": "hi"}, {"instruction": "Add", "input": "1+1", "output": "2"}]
+    chat = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
+    seeds = {".jsonl": ["".join(json.dumps(r) + "\n" for r in rows).encode(), json.dumps(chat[0]).encode() + b"\n"],
+             ".json": [json.dumps(rows).encode(), json.dumps(chat).encode()],
+             ".csv": [b"instruction,input,output\nSay hi,,hi\nAdd,1+1,2\n",
+                      b'messages\n"[{""role"": ""user"", ""content"": ""q""}, {""role"": ""assistant"", ""content"": ""a""}]"\n']}
+    folder = tmp_path_factory.mktemp("fuzz-data")
+    counter = iter(range(10**9))
+    for ext, datas in seeds.items():  # the valid files load (and the first example does not pay for the imports)
+        (folder / f"seed{ext}").write_bytes(datas[0])
+        assert file_examples(str(folder / f"seed{ext}"), 0)[0]
+
+    @fuzz(60)
+    @given(st.sampled_from(sorted(seeds)).flatmap(lambda ext: st.tuples(st.just(ext),
+                                                                        mutated(seeds[ext], transcript_framed=False))))
+    def run(case):
+        ext, data = case
+        path = folder / f"d{next(counter)}{ext}"
+        path.write_bytes(data)
+        decodes_cleanly(lambda p: file_examples(str(p), p.stat().st_mtime_ns), path, (DataError,), limit=256 * 2**20)
+
+    run()
