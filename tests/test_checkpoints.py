@@ -243,3 +243,36 @@ def test_a_crash_while_the_adapter_is_exported_keeps_the_previous_adapter(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
     adapters.export_peft(model, {k: v + 1 for k, v in state.items()}, out, "base")  # and the next export replaces it
     assert {p.name: p.read_bytes() for p in out.iterdir()} != before
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_checkpoint_with_a_torn_record_resumes_to_the_uninterrupted_adapter(tmp_path, short_run,
+                                                                                             monkeypatch):
+    """A real (tiny) federation whose cloud dies while writing round 2's checkpoint -- after the round's npz,
+    before latest.json, with half of round 2's record in rounds.jsonl: resume redoes round 2 and ends with
+    the adapter of the run that never crashed."""
+    from safetensors.numpy import load_file
+
+    from fedlora.roles.cloud import run_federation
+    from fedlora.roles.local import InProcessTransport
+
+    cfg = short_run("federation.num_clients=4", "federation.rounds=2", "topology=flat", "privacy=none")
+    run_federation(cfg, tmp_path / "full", InProcessTransport(4))
+    real_write_json = report.write_json
+
+    def die_before_round_2_is_committed(path, obj):
+        if path.name == "latest.json" and obj["round"] == 2:
+            with open(path.parents[1] / report.ROUNDS, "r+") as f:  # the record's last bytes never reached the disk
+                f.truncate(len(f.read()) - 20)
+            raise KeyboardInterrupt
+        real_write_json(path, obj)
+
+    with monkeypatch.context() as m:
+        m.setattr(report, "write_json", die_before_round_2_is_committed)
+        with pytest.raises(KeyboardInterrupt):
+            run_federation(cfg, tmp_path / "broken", InProcessTransport(4))
+    assert report.load_checkpoint(tmp_path / "broken")[0] == 1
+    run_federation(cfg, tmp_path / "broken", InProcessTransport(4), resume=True)
+    a, b = (load_file(str(tmp_path / d / "adapter" / "adapter_model.safetensors")) for d in ("full", "broken"))
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    assert [r["round"] for r in report.read_rounds(tmp_path / "broken")] == [1, 2]

@@ -31,9 +31,11 @@ EXAMPLES = int(os.environ.get("FEDLORA_FUZZ_EXAMPLES", "0"))
 ALLOC_LIMIT = 4 * 2**20
 
 
-def fuzz(examples: int):
-    """Hypothesis settings of one decoder: ``examples`` in CI (or FEDLORA_FUZZ_EXAMPLES), derandomised."""
-    return settings(max_examples=EXAMPLES or examples, derandomize=True, database=None, deadline=timedelta(seconds=5),
+def fuzz(examples: int, deadline_s: float = 5.0):
+    """Hypothesis settings of one decoder: ``examples`` in CI (or FEDLORA_FUZZ_EXAMPLES), derandomised;
+    an input that takes longer than ``deadline_s`` to decode (twice) is a hang."""
+    return settings(max_examples=EXAMPLES or examples, derandomize=True, database=None,
+                    deadline=timedelta(seconds=deadline_s),
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], print_blob=False)
 
 
@@ -320,7 +322,7 @@ def test_secure_messages_are_handled_or_rejected(session, name):
         receive(data)
     allowed = _secure_errors()
 
-    @fuzz(250)
+    @fuzz(150)
     @given(wire_inputs(seeds))
     def run(data):
         decodes_cleanly(receive, data, allowed, limit=16 * 2**20)
@@ -405,7 +407,7 @@ def test_edge_results_are_merged_or_the_cell_is_dropped(cell_messages):
     seeds = [result.to_bytes(), secure_result.to_bytes()]
     assert decode_result(plain, _Reply(seeds[0])).accepted == [0]
 
-    @fuzz(500)
+    @fuzz(300)
     @given(wire_inputs(seeds), st.booleans())
     def run(data, is_secure):
         got = decodes_cleanly(lambda d: decode_result(secure if is_secure else plain, _Reply(d)), data, ())
@@ -598,7 +600,7 @@ def test_node_folders_read_or_are_a_plan_error(plan_folder, tmp_path_factory):
 
     load(work)  # the valid folder reads (and the first example does not pay for the imports)
 
-    @fuzz(200)
+    @fuzz(150, deadline_s=30)
     @given(st.sampled_from(sorted(files)), st.one_of(mutated(list(files.values()), transcript_framed=False), structured))
     def run(name, data):
         for other, original in files.items():
@@ -628,7 +630,7 @@ def test_dataset_files_load_or_are_a_data_error(tmp_path_factory):
         (folder / f"seed{ext}").write_bytes(datas[0])
         assert file_examples(str(folder / f"seed{ext}"), 0)[0]
 
-    @fuzz(60)
+    @fuzz(40, deadline_s=30)
     @given(st.sampled_from(sorted(seeds)).flatmap(lambda ext: st.tuples(st.just(ext),
                                                                         mutated(seeds[ext], transcript_framed=False))))
     def run(case):
