@@ -9,6 +9,8 @@ adapter. Only LoRA tensors ever leave a device; the frozen base never does.
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -128,15 +130,27 @@ def export_peft(model: torch.nn.Module, state: AdapterState, out_dir: str | Path
 
     ``base_model_ref`` becomes ``base_model_name_or_path`` so plain
     ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ref), out_dir)`` works.
+    Written into a fresh sibling folder that then replaces ``out_dir``: a crash mid-write never
+    leaves a torn adapter there (at worst, for an instant between two renames, none at all).
     """
     out_dir = Path(out_dir)
+    tmp, old = out_dir.with_name(f".{out_dir.name}.tmp"), out_dir.with_name(f".{out_dir.name}.old")
+    for stale in (tmp, old):
+        shutil.rmtree(stale, ignore_errors=True)
     set_state(model, state)
     peft_config = model.peft_config["default"]
     previous = peft_config.base_model_name_or_path
     peft_config.base_model_name_or_path = base_model_ref
     try:
         # Only the federation's adapter: a device's personal one (FedDPA) is exported on its own.
-        model.save_pretrained(str(out_dir), safe_serialization=True, selected_adapters=["default"])
+        model.save_pretrained(str(tmp), safe_serialization=True, selected_adapters=["default"])
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     finally:
         peft_config.base_model_name_or_path = previous
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
     return out_dir

@@ -41,9 +41,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fedlora.deploy.processes import DeployError
     from fedlora.model import ModelError
     from fedlora.roles.cloud import FederationError
+    from fedlora.runs.report import CheckpointError
     from fedlora.secure.identities import IdentityError
 
-    return (UserError, ConfigError, DataError, ModelError, FederationError, DeployError, PlanError, IdentityError)
+    return (UserError, ConfigError, DataError, ModelError, FederationError, DeployError, PlanError, IdentityError,
+            CheckpointError)
 
 
 def _setup_logging() -> None:

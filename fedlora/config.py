@@ -463,9 +463,9 @@ def to_typed(cfg: DictConfig | dict[str, Any], *, files: bool = True) -> FedLora
     schema = OmegaConf.structured(FedLoraConfig)
     try:
         merged = OmegaConf.merge(schema, cfg)
-    except Exception as exc:  # omegaconf raises several types; all mean "bad key/type"
+        typed: FedLoraConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except Exception as exc:  # omegaconf raises several types; all mean "bad key/type" (or a missing value)
         raise ConfigError(omegaconf_message(exc)) from None
-    typed: FedLoraConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     validate(typed, files=files)
     return typed
 
@@ -475,7 +475,13 @@ def load_yaml(path: str | Path, *, files: bool = True) -> FedLoraConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    return to_typed(OmegaConf.load(path), files=files)  # type: ignore[arg-type]
+    try:
+        doc = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except Exception as exc:  # not YAML, not UTF-8, a bad interpolation: omegaconf and yaml raise several types
+        raise ConfigError(f"config file {path} cannot be read: {omegaconf_message(exc)}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"config file {path} is not a mapping of settings")
+    return to_typed(doc, files=files)
 
 
 def save_yaml(cfg: FedLoraConfig, path: str | Path) -> None:

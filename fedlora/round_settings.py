@@ -140,14 +140,19 @@ class RoundSettings:
         if not isinstance(doc, Mapping):
             raise RoundSettingsError(f"round settings must be a mapping, got {type(doc).__name__}")
         _check_version(doc.get("version"))  # first: another version may have other fields
+        where = _interpolation(doc)
+        if where:  # omegaconf would resolve it on this device: its environment (oc.env), or an error
+            raise RoundSettingsError(f"round settings: {where} is an interpolation (${{...}}); settings carry plain values")
         try:
             merged = OmegaConf.merge(OmegaConf.structured(cls), dict(doc))
+            missing = _missing_keys(OmegaConf.to_container(merged), doc)
+            if missing:
+                raise RoundSettingsError(f"round settings lack {', '.join(missing)}")
+            return OmegaConf.to_object(merged)  # type: ignore[return-value]
+        except RoundSettingsError:
+            raise
         except Exception as exc:  # omegaconf raises several types; all mean "bad key/type"
             raise RoundSettingsError(f"round settings: {omegaconf_message(exc)}") from None
-        missing = _missing_keys(OmegaConf.to_container(merged), doc)
-        if missing:
-            raise RoundSettingsError(f"round settings lack {', '.join(missing)}")
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
 # What a deployed device may set for itself (``fedlora client`` picks them from its memory,
@@ -176,7 +181,11 @@ def apply_device_settings(settings: RoundSettings, device_settings: str, data_fi
         doc["data"].update(source="file", path=data_file, partitioner="iid", partition_by="")
     fields = [f"{LOCAL_KEYS[item.partition('=')[0]]}={item.partition('=')[2]}" for item in items]
     try:
-        return RoundSettings.from_dict(OmegaConf.to_container(OmegaConf.merge(doc, OmegaConf.from_dotlist(fields))))
+        merged = OmegaConf.to_container(OmegaConf.merge(doc, OmegaConf.from_dotlist(fields)))
+    except Exception as exc:  # omegaconf (and the YAML parser under it) raise several types; all mean "bad value"
+        raise ValueError(f"device settings {device_settings!r}: {omegaconf_message(exc)}") from None
+    try:
+        return RoundSettings.from_dict(merged)
     except RoundSettingsError as exc:  # it names the field
         raise ValueError(f"device settings {device_settings!r}: {exc}") from None
 
@@ -185,6 +194,18 @@ def _check_version(version: Any) -> None:
     if version != VERSION or type(version) is not int:
         raise RoundSettingsError(f"round settings version={version!r}: this fedlora reads version {VERSION} only "
                                  f"(the cloud and its devices must run the same fedlora)")
+
+
+def _interpolation(doc: Any, prefix: str = "") -> str:
+    """The first key of ``doc`` (nested) whose string value holds an omegaconf interpolation ("" when none)."""
+    if isinstance(doc, str):
+        return (prefix or "a value") if "${" in doc else ""
+    items = doc.items() if isinstance(doc, Mapping) else enumerate(doc) if isinstance(doc, (list, tuple)) else ()
+    for key, value in items:
+        found = _interpolation(value, f"{prefix}.{key}" if prefix else str(key))
+        if found:
+            return found
+    return ""
 
 
 def _missing_keys(schema: Mapping, doc: Mapping, prefix: str = "") -> list[str]:

@@ -22,6 +22,9 @@ Field = Union[bytes, str, int, tuple, list]
 
 _BYTES, _STR, _INT, _TUPLE = b"B", b"S", b"I", b"T"
 _LEN = 4  # bytes of big-endian length prefix; every field we encode is far below 4 GiB
+# Deepest nesting of tuples decode accepts: far above anything fedlora encodes (a wire value of depth 64
+# is about 200 levels here), far below Python's recursion limit, so deep input is a ValueError.
+MAX_DEPTH = 256
 
 
 def encode(*fields: Field) -> bytes:
@@ -38,7 +41,7 @@ def digest(*fields: Field) -> bytes:
 
 def decode(data: bytes) -> tuple:
     """Inverse of :func:`encode`: the tuple of fields. Raises ValueError on anything else."""
-    value, end = _decode_at(bytes(data), 0)
+    value, end = _decode_at(bytes(data), 0, 0)
     if end != len(data):
         raise ValueError(f"{len(data) - end} trailing bytes after the transcript")
     if not isinstance(value, tuple):
@@ -67,7 +70,9 @@ def _encode_into(out: bytearray, value: Field) -> None:
     out += tag + len(body).to_bytes(_LEN, "big") + body
 
 
-def _decode_at(data: bytes, pos: int) -> tuple[Field, int]:
+def _decode_at(data: bytes, pos: int, depth: int) -> tuple[Field, int]:
+    if depth > MAX_DEPTH:
+        raise ValueError(f"transcript nested deeper than {MAX_DEPTH} levels")
     if pos + 1 + _LEN > len(data):
         raise ValueError("transcript truncated")
     tag = data[pos : pos + 1]
@@ -76,7 +81,7 @@ def _decode_at(data: bytes, pos: int) -> tuple[Field, int]:
     if tag == _TUPLE:
         items = []
         for _ in range(size):
-            item, pos = _decode_at(data, pos)
+            item, pos = _decode_at(data, pos, depth + 1)
             items.append(item)
         return tuple(items), pos
     if pos + size > len(data):

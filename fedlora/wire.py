@@ -8,7 +8,9 @@ per value:
     None, bool, int (any sign), float (exact hex), str, bytes, tuple/list, dict, frozenset,
     numpy arrays (a fixed list of dtypes, shape checked against the bytes), and dataclasses
     from an explicit list of known types (``register``), rebuilt through their constructor
-    so their own validation runs.
+    so their own validation runs. A type that subclasses :class:`Checked` also has every field checked
+against its annotation (:func:`check_fields`): a sender cannot put a list or None where a message
+says bytes and make a receiver's check fail with a TypeError instead of refusing the message.
 
 :func:`loads` raises :class:`WireError` (a ValueError) naming what is wrong for any input
 :func:`dumps` could not have produced; it never executes code from the input.
@@ -17,9 +19,14 @@ per value:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import numbers
+import sys
+import types
+import typing
 from enum import Enum
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 
@@ -173,6 +180,8 @@ def _dec(f: Any, depth: int) -> Any:
         if cls is None:
             raise WireError(f"unknown wire type {rest[0]!r}")
         if tag == "e":
+            if not (isinstance(cls, type) and issubclass(cls, Enum)):
+                raise WireError(f"{rest[0]!r} is not an enum")
             return cls(_dec(rest[1], depth + 1))
         if not dataclasses.is_dataclass(cls):
             raise WireError(f"{rest[0]!r} is not a message type")
@@ -190,3 +199,62 @@ def _typed(value: Any, kind: type) -> Any:
     if not isinstance(value, kind):
         raise WireError(f"expected {kind.__name__}, got {type(value).__name__}")
     return value
+
+
+# --------------------------------------------------------------------------- field types
+
+
+def check_fields(value: Any) -> None:
+    """Raise ValueError naming the first field of the dataclass ``value`` that is not of its annotated type.
+
+    Understood: ``bytes``, ``str``, ``bool``, ``int`` (never a bool), ``float`` (an int too),
+    ``np.ndarray``, dataclasses and enums by class, ``X | None``, ``tuple[X, ...]``, ``tuple[X, Y]``,
+    ``frozenset[X]``, ``list[X]``, ``dict[K, V]`` and bare ``dict``/``list``; anything else (``Any``, a
+    Mapping the constructor normalises) is the constructor's own to check."""
+    hints = _hints(type(value))
+    for f in dataclasses.fields(value):
+        if f.init and f.name in hints and not _matches(getattr(value, f.name), hints[f.name]):
+            raise ValueError(f"{type(value).__name__}.{f.name} must be {_describe(hints[f.name])}, "
+                             f"got a {type(getattr(value, f.name)).__name__}")
+
+
+class Checked:
+    """Base of a message dataclass whose fields are checked against their annotations on construction."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls, vars(sys.modules[cls.__module__]))
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args))
+    if origin in (frozenset, list):
+        return isinstance(value, origin) and all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
+    if hint is int:  # numpy's integers too (in-process values); from the wire only Python's
+        return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+    if hint is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    if hint in (bytes, str, bool, dict, list, np.ndarray) or dataclasses.is_dataclass(hint) \
+            or (isinstance(hint, type) and issubclass(hint, Enum)):
+        return isinstance(value, hint)
+    return True  # Any, Mapping, ...: the constructor checks (or normalises) these itself
+
+
+def _describe(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")

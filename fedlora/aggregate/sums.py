@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedlora.wire import Checked
+
 AdapterState = dict[str, np.ndarray]
 
 
 @dataclass
-class WeightedSum:
+class WeightedSum(Checked):
     """Running ``sum(weight * delta)`` and ``sum(weight)`` over client updates."""
 
     total: AdapterState = field(default_factory=dict)

@@ -348,7 +348,7 @@ def read_node(folder: Path | str, role: str | None = None) -> NodeFolder:
     except OSError:
         raise PlanError(f"{folder} is not a node folder of a deployment plan (no node.yaml); "
                         "make one with `fedlora deploy plan OUT_DIR` and copy its folder here") from None
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise PlanError(f"{folder / 'node.yaml'} is not valid YAML: {exc}") from None
     if not isinstance(doc, dict) or "name" not in doc or doc.get("role") not in ("cloud", "edge", "end"):
         raise PlanError(f"{folder / 'node.yaml'} has no name and role (cloud, edge or end)")

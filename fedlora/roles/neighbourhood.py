@@ -144,7 +144,7 @@ class CellRequest:
 
 
 @dataclass
-class ClientStatus:
+class ClientStatus(wire.Checked):
     """What happened to one END client of the cell this round."""
 
     client: int
@@ -179,6 +179,7 @@ class CellResult:
     edge: WeightedSum | None = None
 
     def __post_init__(self) -> None:
+        wire.check_fields(self)
         _check(isinstance(self.cell, str) and bool(self.cell), "cell must be a non-empty string")
         _check(isinstance(self.clients, dict) and all(isinstance(s, ClientStatus) and s.client == c
                                                       for c, s in self.clients.items()), "clients must map ids to statuses")

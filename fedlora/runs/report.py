@@ -7,9 +7,11 @@ Layout (the contract in docs/ARCHITECTURE):
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +22,32 @@ SUMMARY = "summary.json"
 CHECKPOINTS = "checkpoints"
 
 
+class CheckpointError(RuntimeError):
+    """A run directory's record or checkpoint could not be written (disk full, read-only, ...) or read back;
+    the message says which file, why, and that the last good checkpoint is kept."""
+
+
 def _atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` then rename tmp over ``path``: a crash at any point leaves ``path`` old or new, never
+    torn. The file and its folder are synced, so a power cut after the rename keeps the new one; a
+    failed write (e.g. disk full) removes tmp and raises with ``path`` untouched."""
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -31,17 +55,33 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def read_rounds(run_dir: Path) -> list[dict]:
+    """The round records; a last line cut short by a crash while it was appended (no newline yet) is not one."""
     path = Path(run_dir) / ROUNDS
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:
+            lines.pop()  # torn: the round it began is redone (its checkpoint was never written)
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def append_round(run_dir: Path, record: dict) -> None:
-    with open(Path(run_dir) / ROUNDS, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append the round's record; on a failed write (e.g. disk full) the file is cut back to what it was."""
+    path = Path(run_dir) / ROUNDS
+    with open(path, "a") as f:
+        size = f.tell()
+        try:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError as exc:
+            f.truncate(size)
+            raise CheckpointError(f"cannot append round {record.get('round')} to {path}: {_reason(exc)}; "
+                                  f"{_kept(run_dir)}") from None
 
 
 def truncate_rounds(run_dir: Path, last_round: int) -> None:
@@ -51,26 +91,60 @@ def truncate_rounds(run_dir: Path, last_round: int) -> None:
 
 
 def save_checkpoint(run_dir: Path, server_round: int, arrays: dict[str, np.ndarray], meta: dict) -> Path:
-    """Atomically save everything needed to continue after ``server_round``."""
+    """Atomically save everything needed to continue after ``server_round``.
+
+    The round's arrays go to their own file first, then ``latest.json`` is switched to it (each an
+    atomic replace), then all but the newest two round files are removed: a crash at any point leaves
+    ``latest.json`` naming a complete file of this round or of the one before. :class:`CheckpointError`
+    when the disk is full (or the write fails otherwise); the previous checkpoint then stays the latest.
+    """
     ckpt_dir = Path(run_dir) / CHECKPOINTS
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = ckpt_dir / f"round-{server_round:05d}.npz"
-    _atomic_write(path, lambda p: np.savez(open(p, "wb"), **arrays))
-    write_json(ckpt_dir / "latest.json", {"round": server_round, "file": path.name, **meta})
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, lambda p: _savez(p, arrays))
+        write_json(ckpt_dir / "latest.json", {"round": server_round, "file": path.name, **meta})
+    except OSError as exc:
+        raise CheckpointError(f"cannot write the checkpoint of round {server_round} in {ckpt_dir}: {_reason(exc)}; "
+                              f"{_kept(run_dir)}") from None
     for old in sorted(ckpt_dir.glob("round-*.npz"))[:-2]:
-        old.unlink()
+        old.unlink(missing_ok=True)
     return path
 
 
+def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def _reason(exc: OSError) -> str:
+    return "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+
+
+def _kept(run_dir: Path) -> str:
+    """What a failed write leaves: the last good checkpoint, and how to go on from it."""
+    try:
+        latest = json.loads((Path(run_dir) / CHECKPOINTS / "latest.json").read_text())
+        kept = f"the last good checkpoint (round {int(latest['round'])}) is kept"
+    except (OSError, ValueError, KeyError, TypeError):
+        kept = "no earlier checkpoint exists"
+    return f"{kept}; free space (or fix the folder) and run `fedlora resume {run_dir}`"
+
+
 def load_checkpoint(run_dir: Path) -> tuple[int, dict[str, np.ndarray], dict] | None:
-    """(round, arrays, meta) of the latest checkpoint, or None when there is none."""
+    """(round, arrays, meta) of the latest checkpoint, or None when there is none; CheckpointError when it
+    cannot be read (never the case after a crash: every file of it is replaced atomically)."""
     latest = Path(run_dir) / CHECKPOINTS / "latest.json"
     if not latest.exists():
         return None
-    meta = json.loads(latest.read_text())
-    with np.load(Path(run_dir) / CHECKPOINTS / meta["file"]) as data:
-        arrays = {k: data[k] for k in data.files}
-    return int(meta["round"]), arrays, meta
+    try:
+        meta = json.loads(latest.read_text())
+        with np.load(Path(run_dir) / CHECKPOINTS / meta["file"]) as data:
+            arrays = {k: data[k] for k in data.files}
+        return int(meta["round"]), arrays, meta
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"the checkpoint in {latest.parent} cannot be read ({type(exc).__name__}: {exc}); "
+                              "it was damaged outside fedlora (its writes are atomic)") from None
 
 
 def perplexity(loss: float | None) -> float | None:

@@ -34,6 +34,7 @@ from fedlora.secure.errors import RejectedMessage
 from fedlora.secure.graph import DEFAULT_COMPLETE_UP_TO, NeighbourGraph, cell_graph
 from fedlora.secure.keys import PUBLIC_KEY_BYTES, DeviceRegistry, IdentityKey
 from fedlora.secure.prg import AES128_CTR, PRG_KINDS, SEED_BYTES
+from fedlora.wire import Checked, check_fields
 
 DIGEST_BYTES = 32
 SELF_MASK = "self-mask"  # a share of b_u, the seed of u's self mask
@@ -81,6 +82,7 @@ class CellHeader:
     prg: str = AES128_CTR
 
     def __post_init__(self) -> None:
+        check_fields(self)
         for name in ("run_id", "cell", "aggregator", "unmasker"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"header {name} must be a non-empty string, got {getattr(self, name)!r}")
@@ -116,7 +118,7 @@ class CellHeader:
 
 
 @dataclass(frozen=True)
-class SignedHeader:
+class SignedHeader(Checked):
     header: CellHeader
     signer: str
     signature: bytes
@@ -138,7 +140,7 @@ class SignedHeader:
 
 
 @dataclass(frozen=True)
-class AdvertiseKeys:
+class AdvertiseKeys(Checked):
     """A client's two fresh X25519 public keys for this session, signed with its identity."""
 
     header_digest: bytes
@@ -165,7 +167,7 @@ class AdvertiseKeys:
 
 
 @dataclass(frozen=True)
-class Roster:
+class Roster(Checked):
     """The clients of the session (U1) with their signed keys, sorted by id."""
 
     header_digest: bytes
@@ -207,13 +209,13 @@ def compute_session_id(header: CellHeader, roster: Roster) -> bytes:
 
 
 @dataclass(frozen=True)
-class EncryptedShare:
+class EncryptedShare(Checked):
     receiver: str
     ciphertext: bytes
 
 
 @dataclass(frozen=True)
-class ShareKeys:
+class ShareKeys(Checked):
     """A client's shares of b_u and s_u, one sealed ciphertext per neighbour, signed."""
 
     sid: bytes
@@ -257,13 +259,13 @@ def share_associated_data(sid: bytes, sender: str, receiver: str) -> bytes:
 
 
 @dataclass(frozen=True)
-class DeliveredShare:
+class DeliveredShare(Checked):
     sender: str
     ciphertext: bytes
 
 
 @dataclass(frozen=True)
-class ShareDelivery:
+class ShareDelivery(Checked):
     """The ciphertexts addressed to ``receiver``, from every neighbour whose shares arrived (U2)."""
 
     sid: bytes
@@ -283,7 +285,7 @@ def vector_digest(vector: np.ndarray) -> bytes:
 
 
 @dataclass(frozen=True, eq=False)
-class MaskedInput:
+class MaskedInput(Checked):
     """y_u = q_u + PRG(b_u) + sum_{v>u} PRG(s_uv) - sum_{v<u} PRG(s_uv) mod 2^32, signed with sid.
 
     ``vector`` is the uint32 vector, or under packing (``EncodingConfig.sum_clients``) its
@@ -300,7 +302,7 @@ class MaskedInput:
 
 
 @dataclass(frozen=True, eq=False)
-class MaskedSum:
+class MaskedSum(Checked):
     """A masked sum as the tiers above a neighbourhood see it: which cells are in it, how
     many client inputs, and the uint32 vector (uniformly random to anyone without the masks)."""
 
@@ -313,7 +315,7 @@ class MaskedSum:
 
 
 @dataclass(frozen=True)
-class UnmaskRequest:
+class UnmaskRequest(Checked):
     """Who uploaded (survivors, U3) and who shared keys but did not upload (dropped, U2 \\ U3)."""
 
     sid: bytes
@@ -359,7 +361,7 @@ def unmask_associated_data(sid: bytes, sender: str, unmasker: str) -> bytes:
 
 
 @dataclass(frozen=True)
-class UnmaskResponse:
+class UnmaskResponse(Checked):
     """A survivor's revealed shares, sealed to the unmasker (the aggregator cannot read them)."""
 
     sid: bytes
@@ -368,7 +370,7 @@ class UnmaskResponse:
 
 
 @dataclass(frozen=True)
-class UnmaskBundle:
+class UnmaskBundle(Checked):
     """Everything the unmasker needs for one cell; it re-checks all of it itself."""
 
     header: SignedHeader
@@ -383,7 +385,7 @@ class UnmaskBundle:
 
 
 @dataclass(frozen=True, eq=False)
-class CellMask:
+class CellMask(Checked):
     """The total mask left in one cell's masked sum: masked sum - mask = plain sum."""
 
     cell: str
@@ -393,7 +395,7 @@ class CellMask:
 
 
 @dataclass(frozen=True, eq=False)
-class UnmaskedSum:
+class UnmaskedSum(Checked):
     """A plain quantised sum (masks removed) over ``clients`` inputs of ``cells``; decode it
     with :func:`~fedlora.secure.encoding.decode_sum`."""
 

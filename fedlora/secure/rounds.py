@@ -59,6 +59,7 @@ from fedlora.secure.messages import (
 )
 from fedlora.secure.tiers import add_masked
 from fedlora.secure.unmasker import Unmasker, remove_masks
+from fedlora.wire import Checked
 
 CLOUD_ID = "cloud"
 # The masked training-loss coordinate, a one-value "tensor" after every adapter tensor.
@@ -88,7 +89,7 @@ def aggregator_id(cell: str) -> str:
 
 
 @dataclass(frozen=True)
-class SignedRegistry:
+class SignedRegistry(Checked):
     """The cloud's registry (device id -> Ed25519 public key) for one round, signed by the cloud.
 
     Aggregators and clients take the registry only from here and check the signature
@@ -115,7 +116,7 @@ class SignedRegistry:
 
 
 @dataclass
-class SecureCell:
+class SecureCell(Checked):
     """``CellRequest.secure``: the cloud's signed header and registry for one cell and round."""
 
     header: SignedHeader
@@ -125,7 +126,7 @@ class SecureCell:
 
 
 @dataclass
-class Join:
+class Join(Checked):
     """The first stage's payload to a client: train, then advertise keys for this header."""
 
     header: SignedHeader
@@ -134,7 +135,7 @@ class Join:
 
 
 @dataclass
-class SecureOutcome:
+class SecureOutcome(Checked):
     """``CellResult.secure``: what the neighbourhood aggregator hands upward for one cell."""
 
     masked: MaskedSum | None = None
