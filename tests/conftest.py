@@ -16,6 +16,7 @@ BIN = Path(sys.executable).parent
 # A federated run that takes seconds with the tiny model: two local steps on 128-token
 # examples, twelve records per client, eight held-out examples, no progress bar.
 SHORT_RUN = ("train.local_steps=2", "train.max_seq_len=128", "data.records_per_client=12", "data.max_eval_examples=8",
+             "data.accuracy_examples=2",
              "progress=false")
 
 
