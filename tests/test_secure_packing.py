@@ -154,21 +154,26 @@ def test_packed_masked_sum_equals_the_plain_sum_with_dropouts(fed, bits):
         assert np.array_equal(decoded["on"].total[k], decoded["off"].total[k])  # bit-identical, not just close
 
 
-def test_packed_uploads_look_uniform_and_weigh_k_bits_per_value(fed):
-    enc = EncodingConfig(bits=8, clip=0.05, max_examples=1000, sum_clients=8)  # k = 11
-    ids = [f"u-{i}" for i in range(6)]
-    unmasker = fed.unmasker("cloud-uniform", 1)
-    hdr = header(fed, unmasker, enc, cell="uniform", n=6, t=4)
+def ready_to_mask(fed, enc: EncodingConfig, cell: str, *, n: int, t: int, seed: int):
+    """One cell of ``n`` clients through advertising and key sharing: (ids, clients, its aggregator, its
+    unmasker, each client's share deliveries, each client's encoded update) -- what masking needs."""
+    ids = [f"{cell[0]}-{i}" for i in range(n)]
+    unmasker = fed.unmasker(f"cloud-{cell}", 1)
+    hdr = header(fed, unmasker, enc, cell=cell, n=n, t=t)
     clients = {u: fed.client(u, hdr) for u in ids}
     from fedlora.secure.aggregator import NeighbourhoodAggregator
-    agg = NeighbourhoodAggregator("agg-uniform", fed.enroll("agg-uniform"), fed.registry, hdr)
+    agg = NeighbourhoodAggregator(f"agg-{cell}", fed.enroll(f"agg-{cell}"), fed.registry, hdr)
     for c in clients.values():
         agg.receive_advert(c.advertise(hdr))
     roster = agg.close_advertising()
     for u in roster.members:
         agg.receive_shares(clients[u].share_keys(roster))
-    deliveries = agg.close_sharing()
-    qs = encoded(ids, enc, seed=9)
+    return ids, clients, agg, unmasker, agg.close_sharing(), encoded(ids, enc, seed=seed)
+
+
+def test_packed_uploads_look_uniform_and_weigh_k_bits_per_value(fed):
+    enc = EncodingConfig(bits=8, clip=0.05, max_examples=1000, sum_clients=8)  # k = 11
+    ids, clients, agg, _, deliveries, qs = ready_to_mask(fed, enc, "uniform", n=6, t=4, seed=9)
     for u in ids:
         msg = clients[u].masked_input(deliveries[u], qs[u])
         assert msg.vector.dtype == np.uint8 and msg.vector.size == math.ceil(LAYOUT.num_values * 11 / 8) + 4
@@ -182,19 +187,7 @@ def test_packed_uploads_look_uniform_and_weigh_k_bits_per_value(fed):
 
 def test_a_packed_upload_of_the_wrong_length_or_padding_is_refused(fed):
     enc = EncodingConfig(bits=12, clip=0.05, max_examples=1000, sum_clients=5)  # k = 15: 5 padding bits
-    ids = [f"w-{i}" for i in range(5)]
-    unmasker = fed.unmasker("cloud-wrong", 1)
-    hdr = header(fed, unmasker, enc, cell="wrong", n=5, t=3)
-    clients = {u: fed.client(u, hdr) for u in ids}
-    from fedlora.secure.aggregator import NeighbourhoodAggregator
-    agg = NeighbourhoodAggregator("agg-wrong", fed.enroll("agg-wrong"), fed.registry, hdr)
-    for c in clients.values():
-        agg.receive_advert(c.advertise(hdr))
-    roster = agg.close_advertising()
-    for u in roster.members:
-        agg.receive_shares(clients[u].share_keys(roster))
-    deliveries = agg.close_sharing()
-    qs = encoded(ids, enc, seed=5)
+    ids, clients, agg, unmasker, deliveries, qs = ready_to_mask(fed, enc, "wrong", n=5, t=3, seed=5)
     msgs = {u: clients[u].masked_input(deliveries[u], qs[u]) for u in ids}
     msg = msgs["w-0"]
     assert (LAYOUT.num_values * 15) % 8 != 0  # the test needs padding bits
