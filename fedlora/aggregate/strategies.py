@@ -184,22 +184,10 @@ class FedAvgM(Strategy):
 
 
 def make_strategy(cfg: StrategyConfig) -> Strategy:
-    if cfg.name == "fedavg":
-        return Strategy(cfg)
-    if cfg.name == "fedprox":
-        return FedProx(cfg)
-    if cfg.name == "ffa_lora":
-        return FFALoRA(cfg)
-    if cfg.name == "fedsa_lora":
-        return FedSALoRA(cfg)
-    if cfg.name == "feddpa":
-        return FedDPA(cfg)
-    if cfg.name == "fedmedian":
-        return FedMedian(cfg)
-    if cfg.name == "fedtrimmedavg":
-        return FedTrimmedAvg(cfg)
-    if cfg.name == "fedavgm":
-        return FedAvgM(cfg)
+    classes = {"fedavg": Strategy, "fedprox": FedProx, "ffa_lora": FFALoRA, "fedsa_lora": FedSALoRA, "feddpa": FedDPA,
+               "fedmedian": FedMedian, "fedtrimmedavg": FedTrimmedAvg, "fedavgm": FedAvgM}
+    if cfg.name in classes:
+        return classes[cfg.name](cfg)
     if cfg.name in ("fedadam", "fedyogi"):
         return FedOpt(cfg, cfg.name)
     raise ValueError(f"strategy.name={cfg.name!r} is not a known strategy")
