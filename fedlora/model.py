@@ -13,6 +13,7 @@ renames it into place; the others wait and then reuse it.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import importlib.util
 import json
@@ -21,6 +22,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -305,18 +307,39 @@ def _tokenizer_dir(cfg: ModelConfig) -> Path:
     return _materialise(cache_root(cfg) / TOKENIZER_DIR, _extract_tokenizer)
 
 
+@contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """While a GGUF is converted: each file parsed once, gguf's tensor-name map built once per (arch, blocks).
+
+    transformers parses the whole file (its 49k-token vocabulary included) again for the config, the tokenizer
+    and the weights, and rebuilds the name map for every submodule (~400 for SmolLM2): most of a first run's
+    conversion time. Both are pure functions of their arguments, so the files written are the same."""
+    import gguf  # the GGUF library only while converting
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.lru_cache(maxsize=2)(reader)
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=8)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+
+
 def _extract_tokenizer(out: Path) -> None:
     gguf = _smollm2_gguf()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with _gguf_parsed_once():
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tok.save_pretrained(out)
     _write_marker(out, {"source": "smollm2-tokenizer", "gguf": str(gguf)})
 
 
 def _convert_smollm2(cfg: ModelConfig, out: Path) -> None:
     gguf = _smollm2_gguf()
+    started = time.perf_counter()
     log.info("converting SmolLM2 GGUF to %s (once)", cache_root(cfg) / SMOLLM2_DIR)
     tok = AutoTokenizer.from_pretrained(_tokenizer_dir(cfg))
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with _gguf_parsed_once():
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are dequantised to fp32 on load, but the config still carries the GGUF
     # marker; saved as is, a reload would treat the safetensors as quantised.
     model.hf_quantizer = None
@@ -325,6 +348,7 @@ def _convert_smollm2(cfg: ModelConfig, out: Path) -> None:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     _write_marker(out, {"source": "smollm2", "gguf": str(gguf)})
+    log.info("converted SmolLM2 in %.1fs", time.perf_counter() - started)
 
 
 def _tiny_dir(cfg: ModelConfig) -> Path:
