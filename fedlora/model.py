@@ -215,6 +215,28 @@ def wrap_lora(
     return model
 
 
+@contextmanager
+def lora_flags_kept(model: nn.Module) -> Iterator[None]:
+    """Inside the block, anything may switch adapters; afterwards every LoRA tensor's ``requires_grad`` is as before.
+
+    PEFT marks the active adapter trainable whenever it switches adapters (``set_adapter``, the end of
+    ``disable_adapter``): without this, an FFA-LoRA model scored once against its base trained A from then on."""
+    flags = {name: p.requires_grad for name, p in model.named_parameters() if "lora_" in name}
+    try:
+        yield
+    finally:
+        for name, param in model.named_parameters():
+            if name in flags:
+                param.requires_grad_(flags[name])
+
+
+@contextmanager
+def adapters_off(model: PeftModel) -> Iterator[None]:
+    """The plain base inside the block (PEFT's ``disable_adapter``), trainable flags kept (:func:`lora_flags_kept`)."""
+    with lora_flags_kept(model), model.disable_adapter():
+        yield
+
+
 def _is_lora_a(param_name: str) -> bool:
     return ".lora_A." in param_name or ".lora_embedding_A." in param_name
 

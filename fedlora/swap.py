@@ -19,7 +19,7 @@ from pathlib import Path
 from peft import PeftModel
 
 from fedlora.config import ModelConfig
-from fedlora.model import load_base_model
+from fedlora.model import adapters_off, load_base_model
 from fedlora.usage import UserError
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
@@ -85,7 +85,7 @@ class AdapterSet:
     @contextmanager
     def base_only(self) -> Iterator[None]:
         """The plain base model (every adapter off) inside the block."""
-        with self.model.disable_adapter():
+        with adapters_off(self.model):
             yield
 
     def describe(self) -> str:

@@ -31,6 +31,7 @@ from fedlora.config import FedLoraConfig
 from fedlora.data import DataError, eval_examples
 from fedlora.data.tokens import generation_prompt
 from fedlora.data.wearable import advice_fields
+from fedlora.model import adapters_off
 
 YES_NO_MAYBE = ("yes", "no", "maybe")
 CHOICE_METHOD = ("log-likelihood of each option's tokens after the prompt (lm-eval-harness): acc = highest sum, "
@@ -210,7 +211,7 @@ def advice_accuracy(model: Any, tokenizer: Any, examples: list[dict], *, batch_s
     """The wearable advice the base and the model's active adapter generate for ``examples``, each scored against
     the reference the advice rules wrote (:func:`answer_scores` with
     :func:`~fedlora.data.wearable.advice_fields`): ``{"base": {...}, "adapter": {...}}``. ``model``: a PEFT model."""
-    with model.disable_adapter():
+    with adapters_off(model):
         base = answer_scores(model, tokenizer, examples, batch_size=batch_size, fields=advice_fields)
     adapter = answer_scores(model, tokenizer, examples, batch_size=batch_size, fields=advice_fields)
     return {"base": base, "adapter": adapter}

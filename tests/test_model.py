@@ -336,6 +336,22 @@ def test_freeze_a_leaves_only_lora_b_trainable(tiny_cfg):
     }
 
 
+def test_scoring_against_the_base_keeps_a_frozen(tiny_cfg):
+    """PEFT marks the active adapter trainable when disable_adapter ends; FFA-LoRA's A must stay frozen after the
+    end-of-run advice accuracy (a later run in the same process reuses the model: it trained A)."""
+    from fedlora.model import adapters_off
+
+    peft_model = wrap_lora(fresh_base(tiny_cfg), LoraConfig(r=4), freeze_a=True)
+    before = {n: p.requires_grad for n, p in peft_model.named_parameters()}
+    with peft_model.disable_adapter():
+        pass
+    assert any(p.requires_grad for n, p in peft_model.named_parameters() if ".lora_A." in n)  # PEFT's behaviour
+    peft_model = wrap_lora(fresh_base(tiny_cfg), LoraConfig(r=4), freeze_a=True)
+    with adapters_off(peft_model):
+        pass
+    assert {n: p.requires_grad for n, p in peft_model.named_parameters()} == before
+
+
 def test_wrapping_a_shared_base_again_starts_from_the_plain_base(tiny_cfg):
     base, _ = load_base_model(tiny_cfg)
     ids = input_ids(tiny_cfg)

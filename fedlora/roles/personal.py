@@ -33,6 +33,7 @@ from safetensors.numpy import load_file, save_file
 
 from fedlora import adapters
 from fedlora.adapters import AdapterState
+from fedlora.model import lora_flags_kept
 
 NONE, LORA_B, ADAPTER = "none", "lora_b", "adapter"
 # The PEFT name of a FedDPA device's local adapter (the federation's is PEFT's "default").
@@ -120,15 +121,12 @@ def add_personal_adapter(model, init_seed: int) -> AdapterState:
 def both_active(model, *, train_personal: bool = False) -> Iterator[None]:
     """The shared and the personal adapter both active (their contributions add up); with ``train_personal``
     only the personal one trainable. Afterwards the shared adapter alone is active and every flag as before."""
-    flags = {name: p.requires_grad for name, p in model.named_parameters() if "lora_" in name}
-    model.base_model.set_adapter(["default", PERSONAL])
-    for name, param in model.named_parameters():
-        if "lora_" in name:
-            param.requires_grad_(train_personal and f".{PERSONAL}." in name)
-    try:
-        yield
-    finally:
-        model.base_model.set_adapter("default")
+    with lora_flags_kept(model):
+        model.base_model.set_adapter(["default", PERSONAL])
         for name, param in model.named_parameters():
-            if name in flags:
-                param.requires_grad_(flags[name])
+            if "lora_" in name:
+                param.requires_grad_(train_personal and f".{PERSONAL}." in name)
+        try:
+            yield
+        finally:
+            model.base_model.set_adapter("default")

@@ -97,6 +97,8 @@ def quiet_libraries() -> None:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     for noisy in ("transformers", "datasets", "httpx", "urllib3", "filelock", "alembic", "flwr", "ray"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # bitsandbytes (imported by peft when installed) warns at import that an optional kernels package is missing
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     # flwr has its own console handler; do not print its records twice through the root's.
     logging.getLogger("flwr").propagate = False
     if "transformers" not in sys.modules:

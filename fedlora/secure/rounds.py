@@ -98,7 +98,7 @@ class SignedRegistry(Checked):
 
     run_id: str
     server_round: int
-    keys: dict
+    keys: dict[str, bytes]
     signature: bytes
 
     @staticmethod
@@ -122,7 +122,7 @@ class SecureCell(Checked):
     header: SignedHeader
     registry: SignedRegistry
     # END client id -> its device id in the registry.
-    devices: dict
+    devices: dict[int, str]
 
 
 @dataclass
@@ -141,9 +141,9 @@ class SecureOutcome(Checked):
     masked: MaskedSum | None = None
     bundle: UnmaskBundle | None = None
     aborted: str | None = None
-    survivors: list = field(default_factory=list)
+    survivors: list[int] = field(default_factory=list)
     # Stage -> clients that were asked at that stage and sent nothing usable.
-    dropped: dict = field(default_factory=dict)
+    dropped: dict[str, list[int]] = field(default_factory=dict)
 
 
 wire.register(SignedRegistry, SecureCell, Join, SecureOutcome, CellHeader, SignedHeader, TensorLayout, EncodingConfig,
