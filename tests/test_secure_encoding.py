@@ -214,3 +214,11 @@ def test_adapter_digest_sees_every_bit():
     state["l1.lora_B.weight"][5, 5] = np.float32(1e-30)
     assert adapter_digest(state) != base
     assert adapter_digest({"x": np.zeros((2, 3), np.float32)}) != adapter_digest({"x": np.zeros((3, 2), np.float32)})
+
+
+def test_a_layout_with_a_negative_dimension_is_refused():
+    """Found by a 3000-example fuzz run: a forged header's layout with a dimension -1 decoded, then the
+    client's signature check could not encode it (ValueError instead of a rejected message)."""
+    with pytest.raises(ValueError, match="non-negative"):
+        TensorLayout((("a", (-1, 3)),))
+    assert TensorLayout((("a", (0, 3)),)).num_values == 0

@@ -165,6 +165,8 @@ class TensorLayout:
 
     def __post_init__(self) -> None:
         tensors = tuple((str(n), tuple(int(d) for d in s)) for n, s in self.tensors)
+        if any(d < 0 for _, shape in tensors for d in shape):
+            raise ValueError("layout tensor dimensions must be non-negative")
         names = [n for n, _ in tensors]
         if names != sorted(set(names)):
             raise ValueError("layout tensors must be sorted by name and unique")

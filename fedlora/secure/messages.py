@@ -99,6 +99,8 @@ class CellHeader:
         if self.max_clients <= self.complete_graph_up_to and 2 * self.threshold <= self.max_clients:
             raise ValueError(f"header threshold t={self.threshold} must be more than half of max_clients={self.max_clients} "
                              f"(t >= {self.max_clients // 2 + 1}) for a complete-graph cell")
+        if self.complete_graph_up_to < 0:
+            raise ValueError(f"header complete_graph_up_to={self.complete_graph_up_to} must be >= 0")
         if self.graph_degree is not None and self.graph_degree < 2:
             raise ValueError(f"header graph_degree={self.graph_degree} must be >= 2 or None")
         self.encoding.check_capacity(self.max_clients)
