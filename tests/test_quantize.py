@@ -86,27 +86,12 @@ def test_a_platform_that_cannot_quantise_is_told_why(tiny_config, monkeypatch):
     assert quantize_base(base, "none") is base  # nothing to do, nothing checked
 
 
-def test_the_launcher_plans_a_quantised_base_on_its_measured_peaks_and_says_why_not():
-    import json
-    from pathlib import Path
-
+def test_the_launcher_says_why_it_cannot_plan_a_quantised_base():
+    """Where nothing fits, the launcher's error says whether a quantised base was tried and why not (its
+    calibration on the measured peaks: tests/test_deploy_device.py)."""
     from fedlora.config import compose
-    from fedlora.deploy.device import (
-        MEASURED_QUANT_PEAK_MIB,
-        SMOLLM2_135M,
-        DeviceError,
-        DeviceFacts,
-        pick_settings,
-        predict_peak_mib,
-    )
+    from fedlora.deploy.device import DeviceError, DeviceFacts, pick_settings
 
-    bench = Path(__file__).resolve().parents[1] / "bench" / "results" / "quantized.json"
-    rows = {r["config"]: r for r in json.loads(bench.read_text())["memory"] if "peak_mib" in r}
-    for how, peak in MEASURED_QUANT_PEAK_MIB.items():
-        assert rows[f"{how}:ckpt"]["peak_mib"] == peak and rows[f"{how}:ckpt"]["raw"]["batch_shape"] == [4, 256]
-        predicted = predict_peak_mib(SMOLLM2_135M, dtype="bfloat16", checkpointing=True, batch=4, seq=256, r=8,
-                                     targets=["q_proj", "v_proj"], quantize=how)
-        assert predicted == pytest.approx(peak, rel=1e-9)
     cfg = compose([])
 
     def device(avail, arch="aarch64", avx2=False, bnb=True):

@@ -35,12 +35,15 @@ size (with gradient accumulation raised to keep the effective batch), a quantise
 before ``max_seq_len`` is cut, where the platform can run it (x86-64 with AVX2 or aarch64,
 bitsandbytes installed), and ``max_seq_len``. A quantised base's weights are modelled as 1 byte
 (int8) or 0.5 byte + block scales (nf4) per linear-layer parameter, the rest (embedding, norms)
-in bf16, and its activations (with bitsandbytes' dequantisation buffers) are calibrated on the
-measured peaks :data:`MEASURED_QUANT_PEAK_MIB`; like the bf16 base it loads from the bf16 copy.
-For SmolLM2-135M at the measured 4 x 256 tokens a quantised base needs MORE than the bf16 base
-(its activations per token are larger); with fewer tokens per step its smaller weights win, so it
-is picked on a device with the bf16 copy cached, little memory, and batch 1 (see the test).
-Without the copy its load is held to the conversion peak, which is larger than what it saves.
+in bf16, plus the overhead of running it quantised (bitsandbytes' dequantisation buffers),
+measured against the bf16 base in one harness at 256, 512 and 1,024 tokens per step
+(:data:`QUANT_CALIBRATION`) and scaled with the model like the activations; like the bf16 base
+it loads from the bf16 copy. For SmolLM2-135M on CPU that overhead is larger than what the
+smaller weights save at every measured size (nf4 +86 to +122 MiB over bf16 with checkpointing,
+int8 +217 to +331), so the launcher never picks a quantised base for it: it cuts ``max_seq_len``
+instead. For a larger model the saving grows with its linear layers and wins (the test uses
+SmolLM2-1.7B's shape). Without the bf16 copy cached, a quantised base (made from it) must fit the
+one-off conversion peak too, as the bf16 base must.
 The LoRA rank is the device's profile's (``topology.profiles.<p>.lora_r``, else ``lora.r``;
 ``rank=``), set by the federation, never lowered by the launcher: the cloud knows each device's
 rank from its profile and pads its update (:mod:`fedlora.aggregate.ranks`).
@@ -85,11 +88,23 @@ PRECISION_LADDER = [("float32", False), ("float32", True), ("bfloat16", True)]
 ARCHES_WITH_TORCH = ("x86_64", "amd64", "aarch64", "arm64")
 # Last resort, in order: a quantised frozen base (fedlora/quantize.py) on the bf16 base, with checkpointing.
 QUANT_LADDER = [("bfloat16", True, "int8"), ("bfloat16", True, "nf4")]
-# Measured peak MiB of the quantised bases (bf16 rest), SmolLM2-135M, LoRA r=8 q,v, batch 4 x 256, checkpointing:
-# bench/results/quantized.json rows int8:ckpt and nf4:ckpt. Both ABOVE the bf16 base's 1,156 MiB: bitsandbytes
-# dequantises each weight for the forward and backward matmuls on CPU, and at 135M parameters those buffers and
-# the activations outweigh what the smaller weights save.
-MEASURED_QUANT_PEAK_MIB = {"int8": 1589.86328125, "nf4": 1241.734375}
+# Quantised bases (bf16 rest), SmolLM2-135M, LoRA r=8 q,v: measured peak MiB in ONE harness beside the bf16 base
+# at the same tokens per step and checkpointing (bench/quantized.py, a fresh process per row, the bf16 copy
+# cached so no row pays the one-off conversion), keyed by (gradient checkpointing, tokens per step) -> {quantize:
+# peak}; "none" is the bf16 base. The file each row is from: QUANT_CALIBRATION_FILES. At every measured size the
+# quantised base peaks ABOVE the bf16 one: bitsandbytes dequantises each weight for the forward and backward
+# matmuls on CPU, and at 135M parameters (21% of them the tied embedding, kept in bf16) those buffers outweigh
+# what the smaller weights save. The launcher models that as a per-mode overhead (quant_overhead_mib).
+QUANT_CALIBRATION = {
+    (True, 256): {"none": 929.51953125, "int8": 1146.4453125, "nf4": 1044.74609375},
+    (True, 512): {"none": 1016.17578125, "int8": 1277.9296875, "nf4": 1138.23828125},
+    (True, 1024): {"none": 1208.9296875, "int8": 1540.32421875, "nf4": 1295.26953125},
+    (False, 256): {"none": 1173.62109375, "int8": 1349.80078125, "nf4": 1266.52734375},
+    (False, 1024): {"none": 1915.17578125, "int8": 2446.01953125, "nf4": 2171.2265625},
+}
+QUANT_CALIBRATION_FILES = {(True, 256): "quantized_batch1.json", (True, 512): "quantized_ckpt_b2.json",
+                           (True, 1024): "quantized_ckpt_b4.json", (False, 256): "quantized_batch1.json",
+                           (False, 1024): "quantized_quiet.json"}
 # Bytes per linear-layer weight: int8 (+ one fp32 scale per row, ignored); nf4 (+ 8-bit block scales of
 # 64 weights and their fp32 second-level scales, ~1/64 byte).
 QUANT_BYTES = {"none": None, "int8": 1.0, "nf4": 0.5 + 1 / 64}
@@ -238,26 +253,48 @@ def _weights_mib(shape: ModelShape, dtype: str, quantize: str = "none") -> float
     return ((shape.params - linear) * per + linear * QUANT_BYTES[quantize]) / MIB
 
 
-def activation_mib_per_token(dtype: str, checkpointing: bool, quantize: str = "none") -> float:
-    """SmolLM2-135M's activation memory per training token, from the measured peaks (a quantised base:
-    its measured row with checkpointing, whatever ``dtype`` and ``checkpointing``, dequantisation buffers included)."""
+def activation_mib_per_token(dtype: str, checkpointing: bool) -> float:
+    """SmolLM2-135M's activation memory per training token, from the measured peaks."""
     base = SMOLLM2_135M
     lora = lora_params(base, 8, ["q_proj", "v_proj"]) * 16 / MIB
-    if quantize != "none":
-        measured, weights = MEASURED_QUANT_PEAK_MIB[quantize], _weights_mib(base, "bfloat16", quantize)
-    else:
-        measured = MEASURED_PEAK_MIB[("float32" if dtype == "float32" else "bfloat16", checkpointing)]  # fp16 = bf16 bytes
-        weights = _weights_mib(base, dtype)
-    return (measured - RUNTIME_MIB - weights - lora) / CALIBRATION_TOKENS
+    measured = MEASURED_PEAK_MIB[("float32" if dtype == "float32" else "bfloat16", checkpointing)]  # fp16 = bf16 bytes
+    return (measured - RUNTIME_MIB - _weights_mib(base, dtype) - lora) / CALIBRATION_TOKENS
+
+
+def _tokens(batch: int, seq: int) -> float:
+    """Tokens per step as the memory model counts them (attention: once more by ``seq/256`` above 256)."""
+    return batch * seq * max(1.0, seq / 256)
+
+
+def quant_overhead_mib(quantize: str, checkpointing: bool, tokens: float) -> float:
+    """What a ``quantize``-d base adds to SmolLM2-135M's training peak beyond its (smaller) weights, against the
+    bf16 base at the same tokens and checkpointing: measured (:data:`QUANT_CALIBRATION`), linear in tokens between
+    the measured sizes, held at the nearest one outside them."""
+    base = SMOLLM2_135M
+    saved = _weights_mib(base, "bfloat16") - _weights_mib(base, "bfloat16", quantize)
+    points = sorted((t, row[quantize] - row["none"] + saved) for (ckpt, t), row in QUANT_CALIBRATION.items()
+                    if ckpt == checkpointing)
+    if tokens <= points[0][0]:
+        return points[0][1]
+    for (t0, v0), (t1, v1) in zip(points, points[1:]):
+        if tokens <= t1:
+            return v0 + (v1 - v0) * (tokens - t0) / (t1 - t0)
+    return points[-1][1]
 
 
 def predict_peak_mib(shape: ModelShape, *, dtype: str, checkpointing: bool, batch: int, seq: int, r: int,
                      targets: list[str], quantize: str = "none") -> float:
-    """Predicted peak resident memory (MiB) of local training, without the safety margin."""
+    """Predicted peak resident memory (MiB) of local training, without the safety margin. A quantised base:
+    the unquantised prediction with its linear layers' smaller weights and the measured overhead of running
+    them quantised (:func:`quant_overhead_mib`, scaled with the model like the activations)."""
     scale = (shape.hidden * shape.layers) / (SMOLLM2_135M.hidden * SMOLLM2_135M.layers)
-    tokens = batch * seq * max(1.0, seq / 256)
-    act = activation_mib_per_token(dtype, checkpointing, quantize) * scale * tokens
-    return RUNTIME_MIB + _weights_mib(shape, dtype, quantize) + lora_params(shape, r, targets) * 16 / MIB + act
+    tokens = _tokens(batch, seq)
+    peak = (RUNTIME_MIB + _weights_mib(shape, dtype) + lora_params(shape, r, targets) * 16 / MIB
+            + activation_mib_per_token(dtype, checkpointing) * scale * tokens)
+    if quantize == "none":
+        return peak
+    return (peak - _weights_mib(shape, dtype) + _weights_mib(shape, dtype, quantize)
+            + quant_overhead_mib(quantize, checkpointing, tokens) * scale)
 
 
 def conversion_peak_mib(shape: ModelShape) -> float:
@@ -327,8 +364,8 @@ def pick_settings(cfg: FedLoraConfig, facts: DeviceFacts, *, rank: int | None = 
     Order of degradation: precision/checkpointing ladder first (costs time, not quality),
     then the batch halves (gradient accumulation doubles: same effective batch); then, before
     ``max_seq_len`` halves (down to 64: longer examples are truncated, which costs quality), a
-    quantised base at that length (:data:`QUANT_LADDER`, batch halving again, where the platform
-    can run one; it costs a little quality too, README "Quantised base").
+    quantised base at that length (:data:`QUANT_LADDER`: int8 at every batch, then nf4 at every batch --
+    nf4 costs more quality than int8, README "Quantised base" -- where the platform can run one).
     ``rank``: the LoRA rank this device trains (its profile's ``lora_r``, :func:`device_rank`); default ``lora.r``.
     ``bf16_cached``: the base's bf16 copy is in the device's model cache already
     (:func:`fedlora.model.dtype_copy_cached`), so a bf16 or quantised base is judged by its training
@@ -355,7 +392,7 @@ def pick_settings(cfg: FedLoraConfig, facts: DeviceFacts, *, rank: int | None = 
     rungs = [(d, c, cfg.model.quantize) for d, c in _ladder(cfg)]
     last_resort = [] if quant_why is not None or cfg.model.quantize != "none" else QUANT_LADDER
     for seq in seqs:
-        for ladder in (rungs, last_resort):
+        for ladder in [rungs] + [[q] for q in last_resort]:  # a quantised base costs quality: int8 at every batch before nf4
             for batch in batches:
                 for dtype, ckpt, quantize in ladder:
                     peak, needed = need(dtype, ckpt, batch, seq, quantize)
