@@ -15,6 +15,7 @@ from fedlora.roles.cloud import run_federation
 from fedlora.roles.local import InProcessTransport
 from fedlora.roles.suburban import merge_up
 from fedlora.run_settings import resolve_run
+from fedlora.runs.report import load_checkpoint
 from fedlora.runs.status import render_text, run_status
 from fedlora.world.netsim import SplitTraffic, simulate_round
 from fedlora.world.splitplan import ModelShape, SplitCut, choose, device_memory_mb, plan_round
@@ -131,10 +132,9 @@ def test_a_split_run_equals_the_same_run_trained_whole(tmp_path, short_run, whol
 
 @pytest.mark.slow
 def test_auto_splits_only_devices_too_small_and_a_mixed_run_still_equals_whole(tmp_path, short_run, whole):
-    # Phones (166 MB usable) cannot hold plain training of the tiny model (~172 MB by the estimate,
-    # most of it one chunk of vocabulary logits), but can hold its ends (~160 MB).
-    small = ("topology.profiles.phone.memory_gb=0.216", "train.split.runtime_mb=0")
-    mixed = short_run(*TREE, *small, "train.mode=auto")
+    # Phones (166 MB usable; SMALL_PHONES) cannot hold plain training of the tiny model (~172 MB by the
+    # estimate, most of it one chunk of vocabulary logits), but can hold its ends (~160 MB).
+    mixed = short_run(*TREE, *SMALL_PHONES, "train.mode=auto")
     run_federation(mixed, tmp_path / "auto", InProcessTransport(6))
     rounds = [json.loads(line) for line in (tmp_path / "auto" / "rounds.jsonl").read_text().splitlines()]
     tree = resolve_run(mixed).tree
@@ -176,6 +176,46 @@ def test_mobility_a_split_device_continues_with_its_new_edge_and_counts_once(tmp
         # every split device's activations crossed its current cell's access link once
         assert sum(e["bytes_up"] for e in r["split"]["clients"].values()) == \
             r["split"]["activation_bytes"]["up"]["end->neighbourhood"]
+
+
+HIERFAVG = ("topology.cloud_sync_every=2", "federation.rounds=3")
+SMALL_PHONES = ("topology.profiles.phone.memory_gb=0.216", "train.split.runtime_mb=0")  # phones split under auto
+
+
+@pytest.mark.slow
+def test_hierfavg_with_split_devices_equals_it_trained_whole_and_resumes_mid_period(tmp_path, short_run):
+    """Cell models between syncs hold split devices' updates with per-tensor weights: the adapter is the
+    whole-model HierFAVG run's; a crash in round 2 (after round 1's cell models, before the sync) resumes
+    to the uninterrupted run exactly."""
+    whole_dir, split_dir, broken = tmp_path / "whole", tmp_path / "split", tmp_path / "broken"
+    run_federation(short_run(*TREE, *HIERFAVG), whole_dir, InProcessTransport(6))
+    cfg = short_run(*TREE, *HIERFAVG, *SMALL_PHONES, "train.mode=auto")
+    run_federation(cfg, split_dir, InProcessTransport(6))
+    rounds = [json.loads(line) for line in (split_dir / "rounds.jsonl").read_text().splitlines()]
+    assert [r["cloud_sync"] for r in rounds] == [False, True, True]
+    split = rounds[0]["split"]["split_clients"]
+    assert split and set(split) <= set(rounds[0]["participants"])  # in round 1's cell models
+    assert len(split) < len(rounds[0]["participants"])  # mixed with full devices
+    a = load_file(str(whole_dir / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(split_dir / "adapter" / "adapter_model.safetensors"))
+    assert set(a) == set(b)
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+    def crash_in_round_2(server_round, reply):
+        if server_round == 2:
+            raise KeyboardInterrupt
+        return reply
+
+    with pytest.raises(KeyboardInterrupt):
+        run_federation(cfg, broken, InProcessTransport(6, fault=crash_in_round_2))
+    done, saved, _ = load_checkpoint(broken)
+    # round 1's cell models, with their per-tensor weights
+    assert done == 1 and any(k.startswith("cells/") and "#tensor_weight/" in k for k in saved)
+    run_federation(cfg, broken, InProcessTransport(6), resume=True)
+    c = load_file(str(broken / "adapter" / "adapter_model.safetensors"))
+    for k in b:
+        np.testing.assert_array_equal(c[k], b[k], err_msg=k)
 
 
 def test_split_config_errors(short_run):
