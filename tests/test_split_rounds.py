@@ -8,11 +8,13 @@ import json
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from test_secure_rounds import EIGHT_LAPTOPS, adapter
 
 from fedlora.aggregate.sums import WeightedSum
 from fedlora.config import ConfigError, DeviceProfileConfig, TopologyConfig, TrainConfig
 from fedlora.roles.cloud import run_federation
-from fedlora.roles.local import InProcessTransport
+from fedlora.roles.local import InProcessTransport, LocalCellRunner
+from fedlora.roles.split import SecureSplitDevices
 from fedlora.roles.suburban import merge_up
 from fedlora.run_settings import resolve_run
 from fedlora.runs.report import load_checkpoint
@@ -225,8 +227,105 @@ def test_split_config_errors(short_run):
         short_run("train.split.min_k=0")
     with pytest.raises(ConfigError, match="train.mode"):
         short_run("train.mode=half")
-    with pytest.raises(ConfigError, match="secure aggregation"):
-        resolve_run(short_run("topology=small6g", "privacy=secagg", "train.mode=split"))
+    with pytest.raises(ConfigError, match="privacy=secagg_dp.*clip_norm"):
+        resolve_run(short_run("topology=small6g", "privacy=secagg_dp", "train.mode=split"))
+    assert resolve_run(short_run("topology=small6g", "privacy=secagg", "train.mode=split")).secure
+    assert resolve_run(short_run("topology=small6g", "train.mode=auto", "topology.cloud_sync_every=2")).secure
+
+
+# Eight always-available laptops on the small6g tree, one round of all of them; secure with clip 1.0 (nothing
+# clipped), every device split k=1, m=1 (layers 0 and 3 on the device, 1 and 2 on its edge).
+LAPTOPS = (*EIGHT_LAPTOPS, "model.tiny.num_hidden_layers=4", "topology.mobility.model=none", "lora.dropout=0.0")
+SECURE = ("privacy=secagg", "privacy.clip=1.0")
+SPLIT = ("train.mode=split", "train.split.k=1", "train.split.m=1")
+
+
+def _worst(a, b):
+    assert set(a) == set(b)
+    return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+
+
+@pytest.fixture(scope="module")
+def plain_laptops(tmp_path_factory, short_run):
+    """The plain runs a secure split run is compared with: {"full": dir, "split": dir}."""
+    base = tmp_path_factory.mktemp("laptops")
+    run_federation(short_run(*LAPTOPS, "privacy=none"), base / "full", InProcessTransport(8))
+    run_federation(short_run(*LAPTOPS, "privacy=none", *SPLIT), base / "split", InProcessTransport(8))
+    return {"full": base / "full", "split": base / "split"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [(), ("privacy.packing=auto", "privacy.bits=12"), ("topology.cloud_sync_every=2",)],
+                         ids=["words", "packed-12bit", "hierfavg-per-cell"])
+def test_split_devices_under_secure_aggregation_equal_the_plain_split_run_to_the_decode_bound(
+        tmp_path, short_run, plain_laptops, options):
+    """A split device's own tensors enter the masked sum (zeros for its edge's blocks), its edge adds its part in
+    plain: the secure run is the plain split run up to the secure decode bound, and so the run trained whole;
+    packed in a smaller ring, and under HierFAVG (each cell unmasked alone; one round, so its sync is the mean)."""
+    run_federation(short_run(*LAPTOPS, *SECURE, *SPLIT, *options), tmp_path / "s", InProcessTransport(8))
+    (rs,) = [json.loads(line) for line in (tmp_path / "s" / "rounds.jsonl").read_text().splitlines()]
+    (rp,) = [json.loads(line) for line in (plain_laptops["split"] / "rounds.jsonl").read_text().splitlines()]
+    assert rs["participants"] == rp["participants"] == list(range(8)) and rs["aggregated"]
+    assert rs["secure"]["clients_in_sum"] == 8 and all(c["ok"] for c in rs["secure"]["cells"].values())
+    assert rs["num_examples"] == rp["num_examples"]  # split devices' counts travel masked, like any device's
+    assert rs["split"]["split_clients"] == list(range(8))
+    for c in range(8):  # the split record is there as in plain mode
+        assert rs["split"]["clients"][str(c)]["exchanges"] == rp["split"]["clients"][str(c)]["exchanges"] == 2
+    bound = rs["secure"]["decode_error_bound"]
+    plain_split, plain_full, secure = (adapter(plain_laptops["split"]), adapter(plain_laptops["full"]),
+                                       adapter(tmp_path / "s"))
+    assert 0 < _worst(plain_split, secure) <= bound + 1e-6  # + float32 rounding of the stored adapters
+    assert _worst(plain_full, secure) <= bound + 1e-6
+    for k in plain_full:
+        np.testing.assert_allclose(plain_split[k], plain_full[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+class _FailingSplitDevices(SecureSplitDevices):
+    """Split devices whose session with the edge fails for some (client, stage)."""
+
+    def __init__(self, fail):
+        super().__init__()
+        self.fail = fail
+
+    def step(self, stage, payload, settings, arrays, client, cut, expected):
+        if (client, stage) in self.fail:
+            raise ConnectionError(f"edge lost client {client} at {stage}")
+        return super().step(stage, payload, settings, arrays, client, cut, expected)
+
+
+@pytest.mark.slow
+def test_a_failed_split_session_under_secure_aggregation_is_a_dropout_and_the_sum_stays_exact(tmp_path, short_run):
+    """One cell of 8 split devices (t = 5): client 3's split session fails while training, client 5's at its
+    masked input (the others' shares remove its masks); the sum is the plain sum of the other six, edge parts
+    of the two never added."""
+    one_cell = ("topology.suburban_cells=1", "topology.neighbourhoods_per_suburban=1", "privacy.threshold=0.5")
+    fail = {(3, "advertise"), (5, "masked-input")}
+    handed_up = []
+
+    class Runner(LocalCellRunner):
+        def run(self, requests, **kw):
+            handed_up.extend(results := super().run(requests, **kw))
+            return results
+
+    run_federation(short_run(*LAPTOPS, *one_cell, *SECURE, *SPLIT), tmp_path / "s", InProcessTransport(8),
+                   runner=Runner(InProcessTransport(8), secure_split=lambda: _FailingSplitDevices(fail)))
+    # the edge's part went into the masked sum: nothing of a split client leaves the cell in plain
+    assert [(r.plain, r.edge) for r in handed_up] == [(None, None)] and handed_up[0].secure.masked is not None
+
+    def drop_3_and_5(server_round, reply):
+        return None if reply.client in (3, 5) else reply
+
+    run_federation(short_run(*LAPTOPS, *one_cell, "privacy=none"), tmp_path / "p",
+                   InProcessTransport(8, fault=drop_3_and_5))
+    (rs,) = [json.loads(line) for line in (tmp_path / "s" / "rounds.jsonl").read_text().splitlines()]
+    (rp,) = [json.loads(line) for line in (tmp_path / "p" / "rounds.jsonl").read_text().splitlines()]
+    assert rs["participants"] == rp["participants"] == [0, 1, 2, 4, 6, 7]
+    cell = rs["secure"]["cells"]["neighbourhood-0-0"]
+    assert cell["ok"] and cell["dropped"] == {"advertise": [3], "masked-input": [5]}
+    why = {d["client"]: d["reason"] for d in rs["dropped"]}
+    assert "split session failed" in why[3] and "edge lost client 3" in why[3] and "masked-input" in why[5]
+    assert rs["num_examples"] == rp["num_examples"]
+    assert _worst(adapter(tmp_path / "p"), adapter(tmp_path / "s")) <= rs["secure"]["decode_error_bound"] + 1e-6
 
 
 SMOL = ModelShape(num_layers=30, hidden=576, intermediate=1536, vocab=49152, heads=9, kv_heads=3, tied=True,
