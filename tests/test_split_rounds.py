@@ -280,6 +280,26 @@ def test_split_devices_under_secure_aggregation_equal_the_plain_split_run_to_the
         np.testing.assert_allclose(plain_split[k], plain_full[k], rtol=1e-4, atol=1e-6, err_msg=k)
 
 
+@pytest.mark.slow
+def test_auto_under_the_default_privacy_mixes_split_and_full_devices_in_secure_cells(tmp_path, short_run, plain_laptops):
+    """The defaults on a tree: privacy=auto is secagg; train.mode=auto splits the phones only, so cells hold both."""
+    mixed = ("privacy=auto", "privacy.clip=1.0", "topology.profile_mix={rpi4: 0, phone: 0.5, car: 0, laptop: 0.5}",
+             "topology.profiles.phone.availability=1.0", *SMALL_PHONES, "train.mode=auto")
+    cfg = short_run(*LAPTOPS, *mixed)
+    tree = resolve_run(cfg).tree
+    assert resolve_run(cfg).privacy == "secagg"
+    run_federation(cfg, tmp_path / "s", InProcessTransport(8))
+    (rs,) = [json.loads(line) for line in (tmp_path / "s" / "rounds.jsonl").read_text().splitlines()]
+    assert rs["participants"] == list(range(8)) and rs["secure"]["clients_in_sum"] == 8
+    split = set(rs["split"]["split_clients"])
+    assert split == {c for c in range(8) if tree.profile_of[c] == "phone"}
+    cells = {}
+    for c, cell in rs["cell_of"].items():
+        cells.setdefault(cell, set()).add(int(c) in split)
+    assert any(kinds == {True, False} for kinds in cells.values())  # a cell with both
+    assert _worst(adapter(plain_laptops["full"]), adapter(tmp_path / "s")) <= rs["secure"]["decode_error_bound"] + 1e-6
+
+
 class _FailingSplitDevices(SecureSplitDevices):
     """Split devices whose session with the edge fails for some (client, stage)."""
 
