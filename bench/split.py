@@ -16,11 +16,16 @@
             only (fedlora/world/netsim.py with fedlora/world/splitplan.py's compute estimates).
 ``choice``  For each device profile of the tree (and a 512 MB Pi Zero 2 W): the chosen cut against
             fixed cuts: estimated memory, step time, whether it fits.
+``secure``  Bytes of the update each device uploads per round (``rounds.jsonl`` access-link bytes less the
+            activations, per device), full and split (k=1, m=1), plain and under secure aggregation
+            (32-bit words and packed): tiny 4-block model, 8 laptops on small6g, one round, in-process.
+            Bytes only, so it takes no bench lock.
 
     python bench/split.py memory [--cuts 1:0,2:1]   # takes the bench lock; ~3 min on 2 cores
     python bench/split.py network
     python bench/split.py choice
     python bench/split.py quality                   # takes the bench lock; ~3 min
+    python bench/split.py secure                    # ~2 min
 """
 
 from __future__ import annotations
@@ -376,6 +381,41 @@ def quality(args) -> None:
                                                  "results": out})
 
 
+# ------------------------------------------------------------------------------ secure
+
+
+def secure(args) -> None:
+    """Per device and round, the bytes of its upload besides the activations: full vs split, plain vs secure."""
+    import tempfile
+
+    from fedlora.config import compose
+    from fedlora.roles.cloud import run_federation
+    from fedlora.roles.local import InProcessTransport
+
+    base = ["model=tiny", "model.tiny.num_hidden_layers=4", "topology=small6g", "topology.mobility.model=none",
+            "federation.num_clients=8", "federation.rounds=1", "federation.fraction=1.0", "train.local_steps=2",
+            "train.max_seq_len=128", "data.records_per_client=12", "data.max_eval_examples=8", "progress=false",
+            "topology.profile_mix={rpi4: 0, phone: 0, car: 0, laptop: 1.0}", "topology.profiles.laptop.availability=1.0"]
+    privacy = {"plain": ["privacy=none"], "secagg": ["privacy=secagg", "privacy.clip=1.0"],
+               "secagg packed": ["privacy=secagg", "privacy.clip=1.0", "privacy.packing=auto"]}
+    modes = {"full": [], "split 1:1": ["train.mode=split", "train.split.k=1", "train.split.m=1"]}
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for (p, p_extra), (m, m_extra) in ((a, b) for a in privacy.items() for b in modes.items()):
+            run_dir = Path(tmp) / f"{p}-{m}".replace(" ", "_").replace(":", "")
+            run_federation(compose(base + p_extra + m_extra), run_dir, InProcessTransport(8))
+            (r,) = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
+            up = r["bytes"]["up"]["end->neighbourhood"]
+            act = (r.get("split") or {}).get("activation_bytes", {}).get("up", {}).get("end->neighbourhood", 0)
+            out[f"{p}, {m}"] = {"devices": len(r["participants"]), "access_up_bytes": up, "activation_up_bytes": act,
+                                "update_bytes_per_device": (up - act) / len(r["participants"])}
+    rows = [[name, o["devices"], f"{o['update_bytes_per_device']:,.0f}", f"{o['activation_up_bytes']:,}"]
+            for name, o in out.items()]
+    print(table(rows, ["run", "devices", "update B / device", "activations B (all)"]))
+    write_json(RESULTS / "split_secure.json", {**provenance("split secure"), "config": {"base": base, "privacy": privacy,
+                                                                                       "modes": modes}, "results": out})
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_child":
         child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
@@ -391,8 +431,9 @@ def main() -> None:
     ch.add_argument("--split-in-cell", type=int, nargs="+", default=[1, 8])
     q = sub.add_parser("quality")
     q.add_argument("--rounds", type=int, default=3)
+    sub.add_parser("secure")
     args = ap.parse_args()
-    {"memory": memory, "network": network, "choice": choice, "quality": quality}[args.what](args)
+    {"memory": memory, "network": network, "choice": choice, "quality": quality, "secure": secure}[args.what](args)
 
 
 if __name__ == "__main__":

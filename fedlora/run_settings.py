@@ -144,16 +144,15 @@ def _check_robust(cfg: FedLoraConfig, privacy: str) -> None:
 
 
 def _check_split(cfg: FedLoraConfig, privacy: str) -> None:
-    """Split learning (``train.mode`` split|auto) is built for plain sums without HierFAVG cell models."""
+    """Split learning (``train.mode`` split|auto) is built for plain sums and secure aggregation without DP noise
+    (with or without HierFAVG cell models)."""
     if cfg.train.mode == "full":
         return
-    if privacy != "none":
-        raise ConfigError(f"train.mode={cfg.train.mode} with privacy={privacy} (privacy.mode={cfg.privacy.mode}): split "
-                          "devices under secure aggregation are not built yet; use privacy=none (and see "
-                          "docs/split_learning.md: the edge sees split devices' activations anyway)")
-    if cfg.topology.kind != "flat" and cfg.topology.cloud_sync_every > 1:
-        raise ConfigError(f"train.mode={cfg.train.mode} with topology.cloud_sync_every={cfg.topology.cloud_sync_every}: "
-                          "HierFAVG cell models do not keep per-tensor weights yet; use topology.cloud_sync_every=1")
+    if privacy == "secagg_dp":
+        raise ConfigError(f"train.mode={cfg.train.mode} with privacy=secagg_dp (privacy.mode={cfg.privacy.mode}): DP "
+                          "clips each device's whole update to privacy.clip_norm, but a split device holds only its own "
+                          "blocks' part (its edge trains the rest): not built yet; use privacy=secagg or privacy=none "
+                          "(docs/split_learning.md)")
 
 
 def _privacy_mode(cfg: FedLoraConfig) -> str:

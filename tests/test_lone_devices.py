@@ -131,6 +131,19 @@ def test_the_merged_session_matches_the_plain_mean_of_all_eight(tmp_path, lone_r
     assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) <= rs["secure"]["decode_error_bound"] + 1e-6
 
 
+def test_a_lone_split_device_trains_with_its_host_cells_edge_and_the_sum_stays_exact(tmp_path, lone_run):
+    split = ("train.mode=split", "train.split.k=1", "train.split.m=0", "privacy.clip=1.0")
+    run_federation(lone_run(*split), tmp_path / "s", InProcessTransport(8))
+    run_federation(lone_run("privacy=none"), tmp_path / "p", InProcessTransport(8))
+    rs, rp = report.read_rounds(tmp_path / "s")[0], report.read_rounds(tmp_path / "p")[0]
+    assert rs["participants"] == rp["participants"] == list(range(8)) and rs["num_examples"] == rp["num_examples"]
+    assert rs["secure"]["hosted"] == {str(LONE): {"cell": LONE_CELL, "session": HOST}}
+    assert rs["split"]["clients"][str(LONE)]["edge"] == HOST and rs["split"]["clients"]["1"]["edge"] != HOST
+    a = load_file(str(tmp_path / "p" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "s" / "adapter" / "adapter_model.safetensors"))
+    assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) <= rs["secure"]["decode_error_bound"] + 1e-6
+
+
 def test_the_aggregators_and_unmasker_see_the_lone_device_only_inside_the_sum(tmp_path, lone_run, monkeypatch):
     """The lone device is in exactly one cell request, its host's; the host's session is signed for
     the merged roster (n = 4, t = 3); what the aggregator holds and hands up, and what the unmasker

@@ -8,13 +8,16 @@ import json
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from test_secure_rounds import EIGHT_LAPTOPS, adapter
 
 from fedlora.aggregate.sums import WeightedSum
 from fedlora.config import ConfigError, DeviceProfileConfig, TopologyConfig, TrainConfig
 from fedlora.roles.cloud import run_federation
-from fedlora.roles.local import InProcessTransport
+from fedlora.roles.local import InProcessTransport, LocalCellRunner
+from fedlora.roles.split import SecureSplitDevices
 from fedlora.roles.suburban import merge_up
 from fedlora.run_settings import resolve_run
+from fedlora.runs.report import load_checkpoint
 from fedlora.runs.status import render_text, run_status
 from fedlora.world.netsim import SplitTraffic, simulate_round
 from fedlora.world.splitplan import ModelShape, SplitCut, choose, device_memory_mb, plan_round
@@ -131,10 +134,9 @@ def test_a_split_run_equals_the_same_run_trained_whole(tmp_path, short_run, whol
 
 @pytest.mark.slow
 def test_auto_splits_only_devices_too_small_and_a_mixed_run_still_equals_whole(tmp_path, short_run, whole):
-    # Phones (166 MB usable) cannot hold plain training of the tiny model (~172 MB by the estimate,
-    # most of it one chunk of vocabulary logits), but can hold its ends (~160 MB).
-    small = ("topology.profiles.phone.memory_gb=0.216", "train.split.runtime_mb=0")
-    mixed = short_run(*TREE, *small, "train.mode=auto")
+    # Phones (166 MB usable; SMALL_PHONES) cannot hold plain training of the tiny model (~172 MB by the
+    # estimate, most of it one chunk of vocabulary logits), but can hold its ends (~160 MB).
+    mixed = short_run(*TREE, *SMALL_PHONES, "train.mode=auto")
     run_federation(mixed, tmp_path / "auto", InProcessTransport(6))
     rounds = [json.loads(line) for line in (tmp_path / "auto" / "rounds.jsonl").read_text().splitlines()]
     tree = resolve_run(mixed).tree
@@ -178,6 +180,46 @@ def test_mobility_a_split_device_continues_with_its_new_edge_and_counts_once(tmp
             r["split"]["activation_bytes"]["up"]["end->neighbourhood"]
 
 
+HIERFAVG = ("topology.cloud_sync_every=2", "federation.rounds=3")
+SMALL_PHONES = ("topology.profiles.phone.memory_gb=0.216", "train.split.runtime_mb=0")  # phones split under auto
+
+
+@pytest.mark.slow
+def test_hierfavg_with_split_devices_equals_it_trained_whole_and_resumes_mid_period(tmp_path, short_run):
+    """Cell models between syncs hold split devices' updates with per-tensor weights: the adapter is the
+    whole-model HierFAVG run's; a crash in round 2 (after round 1's cell models, before the sync) resumes
+    to the uninterrupted run exactly."""
+    whole_dir, split_dir, broken = tmp_path / "whole", tmp_path / "split", tmp_path / "broken"
+    run_federation(short_run(*TREE, *HIERFAVG), whole_dir, InProcessTransport(6))
+    cfg = short_run(*TREE, *HIERFAVG, *SMALL_PHONES, "train.mode=auto")
+    run_federation(cfg, split_dir, InProcessTransport(6))
+    rounds = [json.loads(line) for line in (split_dir / "rounds.jsonl").read_text().splitlines()]
+    assert [r["cloud_sync"] for r in rounds] == [False, True, True]
+    split = rounds[0]["split"]["split_clients"]
+    assert split and set(split) <= set(rounds[0]["participants"])  # in round 1's cell models
+    assert len(split) < len(rounds[0]["participants"])  # mixed with full devices
+    a = load_file(str(whole_dir / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(split_dir / "adapter" / "adapter_model.safetensors"))
+    assert set(a) == set(b)
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+    def crash_in_round_2(server_round, reply):
+        if server_round == 2:
+            raise KeyboardInterrupt
+        return reply
+
+    with pytest.raises(KeyboardInterrupt):
+        run_federation(cfg, broken, InProcessTransport(6, fault=crash_in_round_2))
+    done, saved, _ = load_checkpoint(broken)
+    # round 1's cell models, with their per-tensor weights
+    assert done == 1 and any(k.startswith("cells/") and "#tensor_weight/" in k for k in saved)
+    run_federation(cfg, broken, InProcessTransport(6), resume=True)
+    c = load_file(str(broken / "adapter" / "adapter_model.safetensors"))
+    for k in b:
+        np.testing.assert_array_equal(c[k], b[k], err_msg=k)
+
+
 def test_split_config_errors(short_run):
     with pytest.raises(ConfigError, match="privacy floor"):
         short_run("train.mode=split", "train.split.k=1", "train.split.min_k=2")
@@ -185,8 +227,125 @@ def test_split_config_errors(short_run):
         short_run("train.split.min_k=0")
     with pytest.raises(ConfigError, match="train.mode"):
         short_run("train.mode=half")
-    with pytest.raises(ConfigError, match="secure aggregation"):
-        resolve_run(short_run("topology=small6g", "privacy=secagg", "train.mode=split"))
+    with pytest.raises(ConfigError, match="privacy=secagg_dp.*clip_norm"):
+        resolve_run(short_run("topology=small6g", "privacy=secagg_dp", "train.mode=split"))
+    assert resolve_run(short_run("topology=small6g", "privacy=secagg", "train.mode=split")).secure
+    assert resolve_run(short_run("topology=small6g", "train.mode=auto", "topology.cloud_sync_every=2")).secure
+
+
+# Eight always-available laptops on the small6g tree, one round of all of them; secure with clip 1.0 (nothing
+# clipped), every device split k=1, m=1 (layers 0 and 3 on the device, 1 and 2 on its edge).
+LAPTOPS = (*EIGHT_LAPTOPS, "model.tiny.num_hidden_layers=4", "topology.mobility.model=none", "lora.dropout=0.0")
+SECURE = ("privacy=secagg", "privacy.clip=1.0")
+SPLIT = ("train.mode=split", "train.split.k=1", "train.split.m=1")
+
+
+def _worst(a, b):
+    assert set(a) == set(b)
+    return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+
+
+@pytest.fixture(scope="module")
+def plain_laptops(tmp_path_factory, short_run):
+    """The plain runs a secure split run is compared with: {"full": dir, "split": dir}."""
+    base = tmp_path_factory.mktemp("laptops")
+    run_federation(short_run(*LAPTOPS, "privacy=none"), base / "full", InProcessTransport(8))
+    run_federation(short_run(*LAPTOPS, "privacy=none", *SPLIT), base / "split", InProcessTransport(8))
+    return {"full": base / "full", "split": base / "split"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [(), ("privacy.packing=auto", "privacy.bits=12"), ("topology.cloud_sync_every=2",)],
+                         ids=["words", "packed-12bit", "hierfavg-per-cell"])
+def test_split_devices_under_secure_aggregation_equal_the_plain_split_run_to_the_decode_bound(
+        tmp_path, short_run, plain_laptops, options):
+    """A split device's own tensors enter the masked sum (zeros for its edge's blocks), its edge adds its part in
+    plain: the secure run is the plain split run up to the secure decode bound, and so the run trained whole;
+    packed in a smaller ring, and under HierFAVG (each cell unmasked alone; one round, so its sync is the mean)."""
+    run_federation(short_run(*LAPTOPS, *SECURE, *SPLIT, *options), tmp_path / "s", InProcessTransport(8))
+    (rs,) = [json.loads(line) for line in (tmp_path / "s" / "rounds.jsonl").read_text().splitlines()]
+    (rp,) = [json.loads(line) for line in (plain_laptops["split"] / "rounds.jsonl").read_text().splitlines()]
+    assert rs["participants"] == rp["participants"] == list(range(8)) and rs["aggregated"]
+    assert rs["secure"]["clients_in_sum"] == 8 and all(c["ok"] for c in rs["secure"]["cells"].values())
+    assert rs["num_examples"] == rp["num_examples"]  # split devices' counts travel masked, like any device's
+    assert rs["split"]["split_clients"] == list(range(8))
+    for c in range(8):  # the split record is there as in plain mode
+        assert rs["split"]["clients"][str(c)]["exchanges"] == rp["split"]["clients"][str(c)]["exchanges"] == 2
+    bound = rs["secure"]["decode_error_bound"]
+    plain_split, plain_full, secure = (adapter(plain_laptops["split"]), adapter(plain_laptops["full"]),
+                                       adapter(tmp_path / "s"))
+    assert 0 < _worst(plain_split, secure) <= bound + 1e-6  # + float32 rounding of the stored adapters
+    assert _worst(plain_full, secure) <= bound + 1e-6
+    for k in plain_full:
+        np.testing.assert_allclose(plain_split[k], plain_full[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.slow
+def test_auto_under_the_default_privacy_mixes_split_and_full_devices_in_secure_cells(tmp_path, short_run, plain_laptops):
+    """The defaults on a tree: privacy=auto is secagg; train.mode=auto splits the phones only, so cells hold both."""
+    mixed = ("privacy=auto", "privacy.clip=1.0", "topology.profile_mix={rpi4: 0, phone: 0.5, car: 0, laptop: 0.5}",
+             "topology.profiles.phone.availability=1.0", *SMALL_PHONES, "train.mode=auto")
+    cfg = short_run(*LAPTOPS, *mixed)
+    tree = resolve_run(cfg).tree
+    assert resolve_run(cfg).privacy == "secagg"
+    run_federation(cfg, tmp_path / "s", InProcessTransport(8))
+    (rs,) = [json.loads(line) for line in (tmp_path / "s" / "rounds.jsonl").read_text().splitlines()]
+    assert rs["participants"] == list(range(8)) and rs["secure"]["clients_in_sum"] == 8
+    split = set(rs["split"]["split_clients"])
+    assert split == {c for c in range(8) if tree.profile_of[c] == "phone"}
+    cells = {}
+    for c, cell in rs["cell_of"].items():
+        cells.setdefault(cell, set()).add(int(c) in split)
+    assert any(kinds == {True, False} for kinds in cells.values())  # a cell with both
+    assert _worst(adapter(plain_laptops["full"]), adapter(tmp_path / "s")) <= rs["secure"]["decode_error_bound"] + 1e-6
+
+
+class _FailingSplitDevices(SecureSplitDevices):
+    """Split devices whose session with the edge fails for some (client, stage)."""
+
+    def __init__(self, fail):
+        super().__init__()
+        self.fail = fail
+
+    def step(self, stage, payload, settings, arrays, client, cut, expected):
+        if (client, stage) in self.fail:
+            raise ConnectionError(f"edge lost client {client} at {stage}")
+        return super().step(stage, payload, settings, arrays, client, cut, expected)
+
+
+@pytest.mark.slow
+def test_a_failed_split_session_under_secure_aggregation_is_a_dropout_and_the_sum_stays_exact(tmp_path, short_run):
+    """One cell of 8 split devices (t = 5): client 3's split session fails while training, client 5's at its
+    masked input (the others' shares remove its masks); the sum is the plain sum of the other six, edge parts
+    of the two never added."""
+    one_cell = ("topology.suburban_cells=1", "topology.neighbourhoods_per_suburban=1", "privacy.threshold=0.5")
+    fail = {(3, "advertise"), (5, "masked-input")}
+    handed_up = []
+
+    class Runner(LocalCellRunner):
+        def run(self, requests, **kw):
+            handed_up.extend(results := super().run(requests, **kw))
+            return results
+
+    run_federation(short_run(*LAPTOPS, *one_cell, *SECURE, *SPLIT), tmp_path / "s", InProcessTransport(8),
+                   runner=Runner(InProcessTransport(8), secure_split=lambda: _FailingSplitDevices(fail)))
+    # the edge's part went into the masked sum: nothing of a split client leaves the cell in plain
+    assert [(r.plain, r.edge) for r in handed_up] == [(None, None)] and handed_up[0].secure.masked is not None
+
+    def drop_3_and_5(server_round, reply):
+        return None if reply.client in (3, 5) else reply
+
+    run_federation(short_run(*LAPTOPS, *one_cell, "privacy=none"), tmp_path / "p",
+                   InProcessTransport(8, fault=drop_3_and_5))
+    (rs,) = [json.loads(line) for line in (tmp_path / "s" / "rounds.jsonl").read_text().splitlines()]
+    (rp,) = [json.loads(line) for line in (tmp_path / "p" / "rounds.jsonl").read_text().splitlines()]
+    assert rs["participants"] == rp["participants"] == [0, 1, 2, 4, 6, 7]
+    cell = rs["secure"]["cells"]["neighbourhood-0-0"]
+    assert cell["ok"] and cell["dropped"] == {"advertise": [3], "masked-input": [5]}
+    why = {d["client"]: d["reason"] for d in rs["dropped"]}
+    assert "split session failed" in why[3] and "edge lost client 3" in why[3] and "masked-input" in why[5]
+    assert rs["num_examples"] == rp["num_examples"]
+    assert _worst(adapter(tmp_path / "p"), adapter(tmp_path / "s")) <= rs["secure"]["decode_error_bound"] + 1e-6
 
 
 SMOL = ModelShape(num_layers=30, hidden=576, intermediate=1536, vocab=49152, heads=9, kv_heads=3, tied=True,

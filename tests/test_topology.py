@@ -209,6 +209,46 @@ def test_cell_models_with_a_period_keep_cells_apart_until_the_sync():
     np.testing.assert_allclose(restored.sync(g).mean()["a"], [4 / 5, 9 / 5])
 
 
+def test_cell_models_keep_per_tensor_weights_through_the_period_a_checkpoint_and_the_sync():
+    """Split learning: a tensor's cell mean and its drift weigh whoever trained it (hand-computed)."""
+    from fedlora.roles.suburban import TreeSums
+
+    tree = build_tree(tree_cfg(cloud_sync_every=2), 8, seed=0)
+    hood0, hood1 = tree.tier("neighbourhood")[:2]
+    g = {"a": np.zeros((1,), np.float32), "b": np.zeros((1,), np.float32)}
+    one = lambda a, b=None: {"a": np.array([a], np.float32), **({"b": np.array([b], np.float32)} if b is not None else {})}  # noqa: E731
+    mixed = WeightedSum()  # hood0, round 1: a device with both tensors (weight 2), one with "a" only (weight 1)
+    mixed.add(one(1.0, 2.0), 2.0)
+    mixed.add(one(4.0), 1.0)
+    assert mixed.tensor_weight == {"a": 3.0, "b": 2.0}
+    uniform = WeightedSum()
+    uniform.add(one(1.0, 1.0), 2.0)
+    models = CellModels(tree)
+    models.absorb(TreeSums(cells={hood0: mixed, hood1: uniform}), g)
+    np.testing.assert_allclose(models.start_from(hood0, g)["a"], [2.0])  # (2*1 + 1*4) / 3
+    np.testing.assert_allclose(models.start_from(hood0, g)["b"], [2.0])  # only the first trained b
+    assert models.tensor_weights == {hood0: {"a": 3.0, "b": 2.0}}  # hood1 keeps one weight
+    later = WeightedSum()  # hood0, round 2: one full device (weight 1) from the cell model
+    later.add(one(0.0, 3.0), 1.0)
+    models.absorb(TreeSums(cells={hood0: later}), g)
+    np.testing.assert_allclose(models.start_from(hood0, g)["b"], [5.0])
+    assert models.tensor_weights[hood0] == {"a": 4.0, "b": 3.0} and models.weights[hood0] == 4.0
+    saved = models.state()
+    restored, old = CellModels(tree), CellModels(tree)
+    restored.load_state(saved)
+    old.load_state({k: v for k, v in saved.items() if "#tensor_weight/" not in k})  # a checkpoint from before
+    cloud = models.sync(g)
+    # drift a: 2 weighing 4 (hood0), 1 weighing 2 (hood1); b: 5 weighing 3, 1 weighing 2
+    assert cloud.count == 4 and cloud.weight == 6.0 and cloud.tensor_weight == {"a": 6.0, "b": 5.0}
+    np.testing.assert_allclose(cloud.mean()["a"], [(2 * 4 + 1 * 2) / 6])
+    np.testing.assert_allclose(cloud.mean()["b"], [(5 * 3 + 1 * 2) / 5])
+    assert models.models == {} and models.tensor_weights == {}
+    back = restored.sync(g)
+    assert back.tensor_weight == cloud.tensor_weight
+    np.testing.assert_array_equal(back.mean()["b"], cloud.mean()["b"])
+    np.testing.assert_allclose(old.sync(g).mean()["b"], [(5 * 4 + 1 * 2) / 6])  # every tensor weighs the cell's 4
+
+
 @pytest.mark.parametrize(
     "topology,needle",
     [

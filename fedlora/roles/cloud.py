@@ -654,10 +654,11 @@ def round_record(run: Run, server_round: int, who: Participants, up: RoundSums, 
 def _split_record(run: Run, up: RoundSums, net: RoundNetwork, plan: Mapping[int, SplitChoice]) -> dict:
     """The round record's ``split`` field: who trained split at which cut with which edge, what crossed."""
     clients = {}
+    hosted = (up.secure_record or {}).get("hosted", {})  # a lone device trains with its host cell's edge
     for c, choice in sorted(plan.items()):
         entry = choice.record()
         if choice.cut is not None:
-            entry["edge"] = run.tree.neighbourhood_of(run.cell_of[c])
+            entry["edge"] = hosted[str(c)]["session"] if str(c) in hosted else run.tree.neighbourhood_of(run.cell_of[c])
             st = up.statuses.get(c)
             if st is not None and st.split is not None:
                 entry.update({k: st.split[k] for k in ("exchanges", "steps", "bytes_up", "bytes_down", "edge_seconds")})

@@ -228,6 +228,7 @@ def secure_session(run: object, settings: RoundSettings) -> str:
 def secure_step(stage: str, payload: bytes, stored: tuple[str, bytes] | None, settings: RoundSettings,
                 global_state: AdapterState | None, partition_id: int, *, run: object = "local",
                 identities: Identities | None = None, local: DeviceLocal | None = None,
+                train: Callable[[], tuple[AdapterState, dict[str, float]]] | None = None,
                 ) -> tuple[bytes, tuple[str, bytes], dict[str, float]]:
     """One secure-aggregation stage on this device: (reply, (session key, state) to keep on
     the device, clear metrics).
@@ -239,6 +240,8 @@ def secure_step(stage: str, payload: bytes, stored: tuple[str, bytes] | None, se
     ``identities``: this device's key, the cloud's public key and secret randomness; default
     derived from the run seed (SIMULATION ONLY); a deployed device passes its node folder's
     (:class:`~fedlora.secure.identities.PlannedIdentities`).
+    ``train()``: how the first stage trains, -> (delta, metrics); default :func:`train_round` (a split
+    device's session with its edge: :class:`fedlora.roles.split.SecureSplitDevices`).
     """
     session = secure_session(run, settings)
     state = None
@@ -257,8 +260,9 @@ def secure_step(stage: str, payload: bytes, stored: tuple[str, bytes] | None, se
         raise ValueError("this device's registry has no key for the cloud")
     reply, state, metrics = client_step(stage, payload, state, identity=ids.own(me), cloud_key=cloud_key,
                                         rng=ids.rng("device", me, server_round, stage),
-                                        train=lambda: private_update(*train_round(settings, global_state, partition_id,
-                                                                                  local=local),
+                                        train=lambda: private_update(*(train() if train is not None else
+                                                                       train_round(settings, global_state, partition_id,
+                                                                                   local=local)),
                                                                      settings),
                                         arrays=global_state)
     return reply, (session, state), metrics

@@ -12,26 +12,29 @@ from typing import Callable
 
 from fedlora import adapters
 from fedlora.roles.device import secure_step, train_round
-from fedlora.roles.neighbourhood import ClientReply, ReplyCallback, Transport, run_cells
-from fedlora.roles.split import split_round
+from fedlora.roles.neighbourhood import ClientReply, ReplyCallback, SecureSplit, Transport, run_cells
+from fedlora.roles.split import SecureSplitDevices, split_round
 from fedlora.secure.identities import Identities
 
 
 class LocalCellRunner:
     """Every cell in this process over one transport (simulation, tests, a single server); split
-    clients train with their cell's edge half in this process too (:func:`fedlora.roles.split.split_round`)."""
+    clients train with their cell's edge half in this process too (:func:`fedlora.roles.split.split_round`;
+    in a secure session :class:`fedlora.roles.split.SecureSplitDevices`, one per round)."""
 
     # Every client is reachable from here, so a cell may hold a device from another neighbourhood.
     hosts_lone_devices = True
 
-    def __init__(self, transport: Transport):
+    def __init__(self, transport: Transport, secure_split: Callable[[], SecureSplit] = SecureSplitDevices):
         self.transport = transport
+        self.secure_split = secure_split  # a round's split devices in secure sessions (tests may replace them)
 
     def clients(self) -> list[int]:
         return self.transport.clients()
 
     def run(self, requests, *, late=None, on_reply=None, keys=None):
-        return run_cells(requests, self.transport, late=late, on_reply=on_reply, keys=keys, split=split_round)
+        return run_cells(requests, self.transport, late=late, on_reply=on_reply, keys=keys, split=split_round,
+                         secure_split=self.secure_split())
 
 
 class InProcessTransport:

@@ -21,25 +21,41 @@ Pure: no Flower, Ray or sockets.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
-from fedlora import adapters, wire
+from fedlora import adapters, transcript, wire
 from fedlora.adapters import AdapterState
 from fedlora.aggregate.robust import cell_sum, is_robust
 from fedlora.aggregate.sums import WeightedSum
 from fedlora.config import DataConfig, LoraConfig, ModelConfig, SplitConfig, TinyModelConfig, TrainConfig
 from fedlora.round_settings import RoundSettings
-from fedlora.secure.packing import packed_size
+from fedlora.secure.encoding import encode_update
+from fedlora.secure.messages import MaskedSum
+from fedlora.secure.packing import packed_size, reduce
+from fedlora.secure.prg import SeededStream
 from fedlora.secure.rounds import ACCEPTED, CLOUD_ID, DROPPED, LATE, NO_REPLY, STAGES, run_secure_cells
 from fedlora.world.splitplan import SplitCut, tensor_layer
 
 # (settings, adapter to start from, client, its cut) -> (device's update, metrics, edge's delta of its blocks):
 # how an edge trains a split client with it (fedlora.roles.split.split_round in-process).
 SplitTrainer = Callable[[RoundSettings, AdapterState, int, SplitCut], tuple[AdapterState, dict[str, Any], AdapterState]]
+
+
+class SecureSplit(Protocol):
+    """Secure aggregation: this edge's split clients' sessions (:class:`fedlora.roles.split.SecureSplitDevices`
+    in-process). ``step`` runs one stage of a split client's secure session, the first training it split with
+    this edge, -> (its reply, clear metrics); ``edge[client]`` then holds (the edge's delta of its blocks, the
+    client's example count), which the edge adds into the cell's masked sum for the clients in it."""
+
+    edge: dict[int, tuple[AdapterState, float]]
+
+    def step(self, stage: str, payload: bytes, settings: RoundSettings, arrays: AdapterState, client: int,
+             cut: SplitCut, expected: dict[str, tuple[int, ...]]) -> tuple[bytes, dict[str, Any]]: ...
 
 
 class CellWireError(wire.WireError):
@@ -129,6 +145,11 @@ class CellRequest:
         cut = SplitCut(*self.split[client])
         return {k: v for k, v in self.expected.items() if not cut.on_edge(tensor_layer(k), self.num_layers)}
 
+    def edge_expected_of(self, client: int) -> dict[str, tuple[int, ...]]:
+        """The tensors a split client's edge trains with it (its blocks; none for a client that is not split)."""
+        own = self.expected_of(client)
+        return {k: v for k, v in self.expected.items() if k not in own}
+
     @property
     def num_layers(self) -> int:
         """Decoder blocks of the model (from the tensor names; 0 without any)."""
@@ -174,8 +195,9 @@ class CellResult:
     metrics: dict[str, float] = field(default_factory=dict)
     # Secure mode: the session's outcome (masked sum, unmask bundle, what happened per stage).
     secure: Any = None
-    # Split learning: the edge's part of its accepted split clients' updates (its blocks' tensors,
-    # each weighted by the client's examples; WeightedSum.add_tensors); None without split clients.
+    # Split learning, plain mode: the edge's part of its accepted split clients' updates (its blocks' tensors,
+    # each weighted by the client's examples; WeightedSum.add_tensors); None without split clients. (Secure
+    # mode: the edge's part is inside the masked sum, see _add_edge_parts.)
     edge: WeightedSum | None = None
 
     def __post_init__(self) -> None:
@@ -227,17 +249,19 @@ class AggregatorKeys:
 
 def run_cell(request: CellRequest, transport: Transport, *, late: LateCallback | None = None,
              on_reply: ReplyCallback | None = None, keys: AggregatorKeys | None = None,
-             split: SplitTrainer | None = None) -> CellResult:
+             split: SplitTrainer | None = None, secure_split: SecureSplit | None = None) -> CellResult:
     """Run one cell's round: train, check, drop stragglers, sum (plain) or run the secure
     session (``request.secure``; needs ``keys``). Never raises for a bad client.
     ``split``: how this edge trains its split clients (``request.split``) with them
-    (:func:`fedlora.roles.split.split_round` in-process); without it they are dropped."""
-    return run_cells([request], transport, late=late, on_reply=on_reply, keys=keys, split=split)[0]
+    (:func:`fedlora.roles.split.split_round` in-process); ``secure_split`` the same in a secure session
+    (:class:`fedlora.roles.split.SecureSplitDevices`); without it they are dropped."""
+    return run_cells([request], transport, late=late, on_reply=on_reply, keys=keys, split=split,
+                     secure_split=secure_split)[0]
 
 
 def run_cells(requests: list[CellRequest], transport: Transport, *, late: LateCallback | None = None,
               on_reply: ReplyCallback | None = None, keys: AggregatorKeys | None = None,
-              split: SplitTrainer | None = None) -> list[CellResult]:
+              split: SplitTrainer | None = None, secure_split: SecureSplit | None = None) -> list[CellResult]:
     """:func:`run_cell` for several cells of one round, their clients asked together."""
     if not requests:
         return []
@@ -251,11 +275,10 @@ def run_cells(requests: list[CellRequest], transport: Transport, *, late: LateCa
         seen |= set(r.clients)
     server_round = rounds.pop()
     if any(r.secure is not None for r in requests):
-        if any(r.split for r in requests):
-            raise ValueError("split clients under secure aggregation are not supported yet")
         if keys is None:
             raise ValueError("secure cells need the aggregator's keys (keys=AggregatorKeys(...))")
-        return _secure_results(requests, transport, server_round, late, on_reply or (lambda reply: None), keys)
+        return _secure_results(requests, transport, server_round, late, on_reply or (lambda reply: None), keys,
+                               secure_split)
     replies = _train(requests, transport, server_round, on_reply or (lambda reply: None), split)
     return [_plain_result(r, {c: replies[c] for c in r.clients if c in replies}, late) for r in requests]
 
@@ -282,12 +305,34 @@ def _train(requests: list[CellRequest], transport: Transport, server_round: int,
 def _split_reply(request: CellRequest, client: int, split: SplitTrainer | None) -> ClientReply:
     """A split client's round with this edge, as a reply (an error reply when it fails)."""
     if split is None:
-        return ClientReply(client, error="split client, but this edge cannot train split devices")
+        return ClientReply(client, error=NO_SPLIT)
     try:
         update, metrics, edge = split(request.settings, request.arrays, client, SplitCut(*request.split[client]))
     except Exception as exc:  # a failing split session is a dropped client, not a failed cell
         return ClientReply(client, error=f"split session failed: {type(exc).__name__}: {exc}")
     return ClientReply(client, update, metrics, bytes_up=adapters.nbytes(update), edge_update=edge)
+
+
+NO_SPLIT = "split client, but this edge cannot train split devices"
+
+
+def _secure_split_reply(request: CellRequest, client: int, stage: str, payload: bytes,
+                        secure_split: SecureSplit | None) -> ClientReply:
+    """One stage of a split client's secure session with this edge, as a reply (an error reply when it fails:
+    the protocol then treats the client as a dropout). The first stage's edge part is checked here."""
+    if secure_split is None:
+        return ClientReply(client, error=NO_SPLIT)
+    try:
+        data, metrics = secure_split.step(stage, payload, request.settings, request.arrays, client,
+                                          SplitCut(*request.split[client]), request.expected)
+        if stage == STAGES[0]:
+            why = adapters.check_update(secure_split.edge[client][0], request.edge_expected_of(client)) or \
+                adapters.check_count(secure_split.edge[client][1])
+            if why is not None:
+                raise ValueError(f"the edge's part: {why}")
+    except Exception as exc:  # a failing split session is a dropped client, not a failed cell
+        return ClientReply(client, error=f"split session failed: {type(exc).__name__}: {exc}")
+    return ClientReply(client, data, metrics, bytes_up=len(data))
 
 
 def _same_start(requests: list[CellRequest]) -> list[list[CellRequest]]:
@@ -298,15 +343,19 @@ def _same_start(requests: list[CellRequest]) -> list[list[CellRequest]]:
     return list(groups.values())
 
 
-def _secure_results(requests, transport, server_round, late, on_reply, keys) -> list[CellResult]:
+def _secure_results(requests, transport, server_round, late, on_reply, keys, secure_split=None) -> list[CellResult]:
     def exchange(stage: str, reqs: list[CellRequest], payloads: dict[int, bytes]) -> dict[int, ClientReply]:
         out: dict[int, ClientReply] = {}
+        callback = on_reply if stage == STAGES[0] else (lambda reply: None)
+        for r in reqs:  # split clients: their sessions run with this edge, one after another
+            for c in sorted(c for c in r.split if c in payloads):
+                out[c] = _secure_split_reply(r, c, stage, payloads[c], secure_split)
+                callback(out[c])
         for group in _same_start(reqs):
-            sent = {c: payloads[c] for r in group for c in r.clients if c in payloads}
+            sent = {c: payloads[c] for r in group for c in r.clients if c in payloads and c not in r.split}
             if not sent:
                 continue
             arrays = group[0].arrays if stage == STAGES[0] else None
-            callback = on_reply if stage == STAGES[0] else (lambda reply: None)
             for reply in transport.exchange(server_round, stage, sent, arrays, group[0].settings, callback):
                 if reply.client in sent and reply.client not in out:
                     if reply.error is None and not isinstance(reply.update, (bytes, bytearray)):
@@ -327,9 +376,33 @@ def _secure_results(requests, transport, server_round, late, on_reply, keys) -> 
         for c in r.clients:
             st, why, reply = status[c]
             seconds = None if reply is None or reply.error else _float(reply.metrics.get("train_seconds"))
-            clients[c] = ClientStatus(c, st, why, seconds, reply.bytes_up if reply is not None else 0)
+            record = split_status(reply.metrics) if c in r.split and reply is not None else None
+            clients[c] = ClientStatus(c, st, why, seconds, reply.bytes_up if reply is not None else 0, split=record)
+        _add_edge_parts(r, outcome, secure_split)
         results.append(CellResult(r.cell, clients, secure=outcome))
     return results
+
+
+def _add_edge_parts(request: CellRequest, outcome, secure_split: SecureSplit | None) -> None:
+    """Add this edge's part of every split client in the cell's masked sum into that sum: the client's delta of
+    the edge's blocks, encoded as its own masked input would have encoded it (clip, weight min(n, n_max) / n_max,
+    stochastic rounding) with a zero count (the client's masked input counts its examples). The edge adds it
+    in plain -- it trained it -- and inside the masked sum no tier above can tell it from the devices' inputs.
+    A split client's masked input holds zeros there, so every tensor of the sum weighs the sum's count."""
+    if outcome.aborted is not None or outcome.masked is None or secure_split is None:
+        return
+    header = request.secure.header.header
+    layout, vector = header.layout, outcome.masked.vector.copy()
+    for c in outcome.survivors:
+        if c in request.split:
+            delta, n = secure_split.edge[c]
+            update = {name: np.zeros(shape, np.float32) for name, shape in layout.tensors}
+            rounding = SeededStream(hashlib.sha256(transcript.encode("edge-part", header.run_id, header.server_round,
+                                                                     header.cell, c)).digest())
+            part = encode_update({**update, **delta}, int(n), layout, header.encoding, rounding)
+            part[layout.count_index] = 0
+            vector = reduce(np.add(vector, part, out=vector), header.encoding)
+    outcome.masked = MaskedSum(outcome.masked.cells, outcome.masked.clients, vector)
 
 
 def _plain_result(request: CellRequest, replies: Mapping[int, ClientReply], late: LateCallback | None) -> CellResult:
@@ -342,8 +415,7 @@ def _plain_result(request: CellRequest, replies: Mapping[int, ClientReply], late
             continue
         reason = reject_reason(reply, request.expected_of(cid))
         if reason is None and cid in request.split:
-            edge_expected = {k: v for k, v in request.expected.items() if k not in request.expected_of(cid)}
-            reason = adapters.check_update(reply.edge_update, edge_expected)
+            reason = adapters.check_update(reply.edge_update, request.edge_expected_of(cid))
         seconds = None if reply.error else _float(reply.metrics.get("train_seconds"))
         statuses[cid] = ClientStatus(cid, DROPPED, reason, seconds, reply.bytes_up,
                                      split=split_status(reply.metrics) if cid in request.split else None)

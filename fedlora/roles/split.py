@@ -13,14 +13,22 @@ have weighed had it trained the whole model.
 :func:`split_round` is the in-process trainer (simulation, the :class:`~fedlora.roles.local.LocalCellRunner`):
 the device's half and the edge's half run in this process over an :class:`~fedlora.split.InProcessLink`,
 with the same code a deployment runs on each side of its stream.
+
+:class:`SecureSplitDevices` is the same under secure aggregation: a split device's update (its own
+tensors, zeros for its edge's) enters the cell's masked sum like any device's; the edge keeps its
+delta of its blocks and the device's example count, and adds that delta, in plain, into the cell's masked
+sum (:func:`fedlora.roles.neighbourhood.run_cells`; docs/split_learning.md).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from fedlora.adapters import AdapterState
-from fedlora.roles.device import train_round
+from fedlora.roles.device import secure_step, train_round
+from fedlora.roles.neighbourhood import SplitTrainer
 from fedlora.round_settings import RoundSettings
 from fedlora.split import DeviceHalf, EdgeHalf, InProcessLink, SplitCut, check_cut, edge_keys, num_layers
 
@@ -51,3 +59,34 @@ def split_round(settings: RoundSettings, global_state: AdapterState, partition_i
                "edge_seconds": link.edge.seconds, "split_k": cut.k, "split_m": cut.m,
                **{f"split_{k}": v for k, v in link.traffic.record().items()}}
     return device, metrics, edge
+
+
+class SecureSplitDevices:
+    """Secure aggregation, simulation: one round's split devices, each run in this process with its edge.
+
+    Called for every stage of a split client's secure session (:func:`fedlora.roles.device.secure_step`,
+    the device's own code); the first stage trains split (``trainer``, default :func:`split_round`) and
+    encodes the device's own tensors, with zeros for the edge's blocks and the device's loss and count, as
+    the device's masked input. The edge's delta of its blocks and the example count stay here (``edge``)
+    for the edge to add into the masked sum once it knows the device is in it."""
+
+    def __init__(self, trainer: SplitTrainer = split_round):
+        self.trainer = trainer
+        self.state: dict[int, tuple[str, bytes]] = {}  # client -> its device's secure-session state
+        self.edge: dict[int, tuple[AdapterState, float]] = {}  # client -> (edge's delta, examples)
+
+    def step(self, stage: str, payload: bytes, settings: RoundSettings, arrays: AdapterState, client: int,
+             cut: SplitCut, expected: dict[str, tuple[int, ...]]) -> tuple[bytes, dict[str, Any]]:
+        """One stage of ``client``'s session: (its reply, clear metrics: training time and the split record)."""
+        clear: dict[str, Any] = {}
+
+        def train() -> tuple[AdapterState, dict[str, Any]]:
+            device, metrics, edge = self.trainer(settings, arrays, client, cut)
+            self.edge[client] = (edge, float(metrics["num_examples"]))
+            clear.update({k: v for k, v in metrics.items() if k.startswith("split_") or k == "edge_seconds"})
+            zeros = {k: np.zeros(shape, np.float32) for k, shape in expected.items() if k not in device}
+            return {**device, **zeros}, metrics
+
+        reply, self.state[client], metrics = secure_step(stage, payload, self.state.get(client), settings, arrays,
+                                                         client, train=train)
+        return reply, {**metrics, **clear}
