@@ -84,6 +84,12 @@ def add(state: AdapterState, delta: AdapterState) -> AdapterState:
     return out
 
 
+def filled(update: AdapterState, shapes: dict[str, tuple[int, ...]]) -> AdapterState:
+    """``update`` with a float32 zero tensor for every tensor of ``shapes`` it lacks (a split device's
+    update without its edge's blocks, the edge's part without the device's)."""
+    return {**update, **{k: np.zeros(shape, np.float32) for k, shape in shapes.items() if k not in update}}
+
+
 def subtract(a: AdapterState, b: AdapterState) -> AdapterState:
     """a - b over the keys of a."""
     return {k: (a[k] - b[k]).astype(np.float32) for k in a}

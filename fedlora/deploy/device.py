@@ -261,11 +261,6 @@ def activation_mib_per_token(dtype: str, checkpointing: bool) -> float:
     return (measured - RUNTIME_MIB - _weights_mib(base, dtype) - lora) / CALIBRATION_TOKENS
 
 
-def _tokens(batch: int, seq: int) -> float:
-    """Tokens per step as the memory model counts them (attention: once more by ``seq/256`` above 256)."""
-    return batch * seq * max(1.0, seq / 256)
-
-
 def quant_overhead_mib(quantize: str, checkpointing: bool, tokens: float) -> float:
     """What a ``quantize``-d base adds to SmolLM2-135M's training peak beyond its (smaller) weights, against the
     bf16 base at the same tokens and checkpointing: measured (:data:`QUANT_CALIBRATION`), linear in tokens between
@@ -288,7 +283,7 @@ def predict_peak_mib(shape: ModelShape, *, dtype: str, checkpointing: bool, batc
     the unquantised prediction with its linear layers' smaller weights and the measured overhead of running
     them quantised (:func:`quant_overhead_mib`, scaled with the model like the activations)."""
     scale = (shape.hidden * shape.layers) / (SMOLLM2_135M.hidden * SMOLLM2_135M.layers)
-    tokens = _tokens(batch, seq)
+    tokens = batch * seq * max(1.0, seq / 256)  # attention: once more by seq/256 above 256 tokens
     peak = (RUNTIME_MIB + _weights_mib(shape, dtype) + lora_params(shape, r, targets) * 16 / MIB
             + activation_mib_per_token(dtype, checkpointing) * scale * tokens)
     if quantize == "none":

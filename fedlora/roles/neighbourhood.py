@@ -396,10 +396,9 @@ def _add_edge_parts(request: CellRequest, outcome, secure_split: SecureSplit | N
     for c in outcome.survivors:
         if c in request.split:
             delta, n = secure_split.edge[c]
-            update = {name: np.zeros(shape, np.float32) for name, shape in layout.tensors}
             rounding = SeededStream(hashlib.sha256(transcript.encode("edge-part", header.run_id, header.server_round,
                                                                      header.cell, c)).digest())
-            part = encode_update({**update, **delta}, int(n), layout, header.encoding, rounding)
+            part = encode_update(adapters.filled(delta, dict(layout.tensors)), int(n), layout, header.encoding, rounding)
             part[layout.count_index] = 0
             vector = reduce(np.add(vector, part, out=vector), header.encoding)
     outcome.masked = MaskedSum(outcome.masked.cells, outcome.masked.clients, vector)

@@ -24,8 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
+from fedlora import adapters
 from fedlora.adapters import AdapterState
 from fedlora.roles.device import secure_step, train_round
 from fedlora.roles.neighbourhood import SplitTrainer
@@ -84,8 +83,7 @@ class SecureSplitDevices:
             device, metrics, edge = self.trainer(settings, arrays, client, cut)
             self.edge[client] = (edge, float(metrics["num_examples"]))
             clear.update({k: v for k, v in metrics.items() if k.startswith("split_") or k == "edge_seconds"})
-            zeros = {k: np.zeros(shape, np.float32) for k, shape in expected.items() if k not in device}
-            return {**device, **zeros}, metrics
+            return adapters.filled(device, expected), metrics
 
         reply, self.state[client], metrics = secure_step(stage, payload, self.state.get(client), settings, arrays,
                                                          client, train=train)
