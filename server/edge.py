@@ -66,12 +66,20 @@ from server.transport import POLL_S, FlowerTransport, short_reason
 
 log = logging.getLogger("fedlora")
 # Beyond the round timeout (``federation.round_timeout_s``, which bounds the END clients'
-# training): the edge waits up to FIND_S for requested children that have not connected,
-# its relay waits RELAY_MARGIN_S more for the service, the cloud CLOUD_MARGIN_S more.
+# training): the edge waits up to FIND_S for requested children that have not connected
+# (up to REJOIN_S from its own start, see below), its relay waits RELAY_MARGIN_S more for the
+# service, the cloud CLOUD_MARGIN_S more.
 FIND_S = 30.0
-RELAY_MARGIN_S = 60.0
-CLOUD_MARGIN_S = 90.0
+# An edge that has just (re)started: its devices' SuperNodes notice only at their next retry
+# (Flower backs off up to 20 s), are refused by the new SuperLink (it does not know their node
+# ids), are started again by `fedlora client` and identify themselves (a ClientApp start): on a
+# loaded 2-core machine ~50 s. Requests in that window wait for their devices until REJOIN_S
+# after the edge service started.
+REJOIN_S = 75.0
+RELAY_MARGIN_S = REJOIN_S + 30.0
+CLOUD_MARGIN_S = RELAY_MARGIN_S + 30.0
 REPORT_S = FIND_S + RELAY_MARGIN_S  # the cloud waits this long for the edges' reports of their devices
+IDLE_FIND_S = 2.0  # between requests the edge looks for newly connected devices this often
 
 
 # --- edge service: the long-lived ServerApp run on the edge's own SuperLink -----------------
@@ -83,6 +91,12 @@ class ChildTransport(FlowerTransport):
     def __init__(self, grid: Grid, *, timeout_s: float = 600.0, connect_timeout_s: float = 60.0):
         super().__init__(grid, expected_clients=0, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
         self.others: set[int] = set()  # nodes that answered but are no END client
+        self.started = time.monotonic()
+
+    def find_wait_s(self) -> float:
+        """How long a request waits for requested children: ``connect_timeout_s``, or longer
+        while the edge is within REJOIN_S of its start (its devices are still rejoining)."""
+        return max(self.connect_timeout_s, self.started + REJOIN_S - time.monotonic())
 
     def find(self, wanted: list[int], wait_s: float) -> None:
         """Identify newly connected nodes until every wanted client is known or ``wait_s`` passed."""
@@ -163,9 +177,13 @@ def serve(grid: Grid, cell: str, spool_dir: str | Path, *, connect_timeout_s: fl
 
 def _serve_loop(cell: str, spool: Spool, transport: ChildTransport, keys: AggregatorKeys | None) -> int:
     served = 0
+    idle_since = 0.0
     while not spool.stopping():
         job = spool.claim()
         if job is None:
+            if time.monotonic() - idle_since >= IDLE_FIND_S:
+                _identify_while_idle(cell, transport)
+                idle_since = time.monotonic()
             time.sleep(POLL_S)
             continue
         key, data = job
@@ -187,6 +205,16 @@ def _serve_loop(cell: str, spool: Spool, transport: ChildTransport, keys: Aggreg
     return served
 
 
+def _identify_while_idle(cell: str, transport: ChildTransport) -> None:
+    """Identify END devices that connected since the last look, between requests: a device that
+    (re)joins after a restart of this edge or of itself is known before the next round asks for it,
+    and its identification (a ClientApp start on the device) is off the round's critical path."""
+    try:
+        transport.find([], 0.0)
+    except Exception as exc:  # the SuperLink busy or restarting: look again later
+        log.debug("edge %s: idle identification failed: %s: %s", cell, type(exc).__name__, exc)
+
+
 def _answer_report(cell: str, spool: Spool, key: str, transport: ChildTransport) -> None:
     try:
         devices = transport.report()
@@ -204,7 +232,7 @@ def run_request(request: CellRequest, cell: str, transport: ChildTransport, keys
         raise EdgeError(f"asked for cell {request.cell!r}, but this edge aggregates {cell!r}")
     transport.timeout_s = request.settings.round_timeout_s
     t0 = time.perf_counter()
-    transport.find(request.clients, transport.connect_timeout_s)
+    transport.find(request.clients, transport.find_wait_s())
     t1 = time.perf_counter()
     if request.secure is not None and keys is None:  # this edge is the cell's aggregator: it sees masked inputs only
         keys = AggregatorKeys.of(SimulatedIdentities(request.settings.seed))

@@ -379,3 +379,47 @@ def test_an_edge_reports_its_connected_devices_and_the_cloud_reads_the_reports(m
     assert reports == [EdgeReport(A, {0: 1}), EdgeReport(B, {3: 2, 4: 0})]
     fixed = EdgeCellRunner(_Grid([1], edge), tree, timeout_s=5, connect_timeout_s=1)
     assert fixed.clients() == sorted(c for c, cell in tree.initial.items() if cell == A)  # only A's edge is there
+
+
+def test_an_idle_edge_identifies_devices_that_join_before_any_request(monkeypatch, tmp_path):
+    """A device that (re)joins between rounds is identified while the edge is idle, so the next
+    round finds it at once; a stop file ends the service loop."""
+    import threading
+    import time
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedlora import protocol
+    from fedlora.deploy.spool import Spool
+    from server import edge
+
+    for name in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    monkeypatch.setattr(edge, "IDLE_FIND_S", 0.05)
+    grid = _Grid([], lambda node, kind: {protocol.IDENTITY: {protocol.CLIENT_ID_KEY: node // 10}})
+    children = edge.ChildTransport(grid, connect_timeout_s=5)
+    spool = Spool(tmp_path / "spool")
+    served = []
+    loop = threading.Thread(target=lambda: served.append(edge._serve_loop(A, spool, children, None)))
+    loop.start()
+    try:
+        grid.nodes = [30, 50]  # two devices join; no request has come
+        deadline = time.time() + 10
+        while set(children.node_of) != {3, 5} and time.time() < deadline:
+            time.sleep(0.05)
+        assert children.node_of == {3: 30, 5: 50}
+        assert grid.sent == ["query", "query"]  # each identified once, however often the edge looks
+    finally:
+        (spool.root / "stop").touch()
+        loop.join(10)
+    assert not loop.is_alive() and served == [0]
+
+
+def test_a_freshly_started_edge_waits_longer_for_its_rejoining_devices():
+    from server import edge
+
+    children = edge.ChildTransport(_Grid([], None), connect_timeout_s=30)
+    assert edge.REJOIN_S - 1 < children.find_wait_s() <= edge.REJOIN_S  # just started: devices still rejoining
+    children.started -= edge.REJOIN_S
+    assert children.find_wait_s() == 30  # long after: the usual wait
+    assert edge.RELAY_MARGIN_S > edge.REJOIN_S and edge.CLOUD_MARGIN_S > edge.RELAY_MARGIN_S  # nobody gives up first
