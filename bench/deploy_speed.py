@@ -273,10 +273,17 @@ def main() -> None:
         for c, status in deps[warm]["residents"].items():
             ends = [t for t in status["timings"] if t["stage"] == STAGES[-1]]
             memory[c] = [{"round": t["round"], "rss_mib": t.get("rss_mib"), "peak_mib": t.get("peak_mib")} for t in ends]
-        cols = [f"r{m['round']}" for m in next(iter(memory.values()))]
+        # A device that missed a round (a dropout) has no figure for it: "-" there.
+        served = sorted({m["round"] for ms in memory.values() for m in ms})
+        cols = [f"r{r}" for r in served]
+
+        def row(c, ms, key):
+            by_round = {m["round"]: m[key] for m in ms}
+            return [c, *[by_round.get(r, "-") for r in served]]
+
         print(f"{warm} resident processes, peak RSS MiB after each round (per device):")
-        print(table([[c, *[m["peak_mib"] for m in ms]] for c, ms in memory.items()], ["device", *cols], digits=0))
-        print(table([[c, *[m["rss_mib"] for m in ms]] for c, ms in memory.items()], ["device (RSS now)", *cols], digits=0))
+        print(table([row(c, ms, "peak_mib") for c, ms in memory.items()], ["device", *cols], digits=0))
+        print(table([row(c, ms, "rss_mib") for c, ms in memory.items()], ["device (RSS now)", *cols], digits=0))
         growth = {c: {"peak_mib": ms[-1]["peak_mib"] - ms[min(1, len(ms) - 1)]["peak_mib"],
                       "rss_mib": ms[-1]["rss_mib"] - ms[min(1, len(ms) - 1)]["rss_mib"]} for c, ms in memory.items() if ms}
         memory = {"per_round": memory, "growth_round2_to_last": growth}
