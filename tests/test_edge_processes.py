@@ -147,6 +147,9 @@ class _Devices:
     def find(self, wanted, wait_s):
         pass
 
+    def find_wait_s(self):
+        return self.connect_timeout_s
+
     def exchange(self, server_round, stage, payloads, arrays, settings, on_reply):
         from fedlora.roles.neighbourhood import ClientReply
         from fedlora.secure.rounds import CLOUD_ID, client_step, device_id
