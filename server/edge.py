@@ -78,7 +78,9 @@ FIND_S = 30.0
 REJOIN_S = 75.0
 RELAY_MARGIN_S = REJOIN_S + 30.0
 CLOUD_MARGIN_S = RELAY_MARGIN_S + 30.0
-REPORT_S = FIND_S + RELAY_MARGIN_S  # the cloud waits this long for the edges' reports of their devices
+# The cloud waits this long for the edges' reports of their devices (a report identifies new devices,
+# up to FIND_S; the relay gives it 60 s, clients/edge.py): not tied to the rejoin window, which no report waits for.
+REPORT_S = FIND_S + 60.0
 IDLE_FIND_S = 2.0  # between requests the edge looks for newly connected devices this often
 
 
