@@ -121,6 +121,17 @@ def _forward(socket: Path, settings_json: str, kind: str, arrays, **secure) -> d
     return channel.call(socket, channel.encode_request(kind, settings_json, arrays, **secure), timeout_s=timeout_s)
 
 
+def _split_order(msg: Message, socket: Path | None) -> str:
+    """The edge's split order in ``msg`` ("" when the device trains the whole model); split training
+    runs in the resident process only (it holds the stream with the edge)."""
+    if protocol.SPLIT not in msg.content:
+        return ""
+    if socket is None:
+        raise ValueError("the edge asks this device to train split, which needs its resident process "
+                         "(`fedlora client --config FOLDER` starts it)")
+    return str(msg.content[protocol.SPLIT][protocol.SPLIT_KEY])
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     if is_edge(context.node_config):
@@ -128,8 +139,9 @@ def train(msg: Message, context: Context) -> Message:
     settings_json = str(msg.content[protocol.SETTINGS][protocol.SETTINGS_KEY])
     global_state = {k: a.numpy() for k, a in msg.content[protocol.ADAPTER].items()}
     socket = _resident(context)
+    split = _split_order(msg, socket)
     if socket is not None:
-        answer = _forward(socket, settings_json, "train", global_state)
+        answer = _forward(socket, settings_json, "train", global_state, split=split)
         delta, metrics = answer["arrays"], answer["metrics"]
     else:
         from fedlora.roles.device import train_round  # torch only where training happens (Flower: one process per message)
@@ -156,9 +168,10 @@ def secagg(msg: Message, context: Context) -> Message:
     arrays = {k: a.numpy() for k, a in msg.content[protocol.ADAPTER].items()} if protocol.ADAPTER in msg.content else None
     stage = str(request[protocol.STAGE_KEY])
     socket = _resident(context)
+    split = _split_order(msg, socket)
     if socket is not None:  # the resident process keeps the session state
         answer = _forward(socket, settings_json, "secagg", arrays, run=int(context.run_id), stage=stage,
-                          round=settings.round, payload=bytes(request[protocol.PAYLOAD_KEY]))
+                          round=settings.round, payload=bytes(request[protocol.PAYLOAD_KEY]), split=split)
         reply, metrics = answer["reply"], answer["metrics"]
     else:
         from fedlora.roles.device import secure_step  # torch only on devices (Flower: one process per message)

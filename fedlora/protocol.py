@@ -60,3 +60,7 @@ EDGE_ROLE = "edge"
 ATTACHMENT_KEY = "attachment"
 REPORT = "report"
 REPORT_KEY = "devices"
+# Split learning in a deployment (fedlora/deploy/split_session.py): the edge's training message to a split
+# device (plain, or the secure session's first stage) carries a SPLIT ConfigRecord with the order as JSON.
+SPLIT = "split"
+SPLIT_KEY = "order"

@@ -47,7 +47,9 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -82,6 +84,8 @@ CLOUD_MARGIN_S = RELAY_MARGIN_S + 30.0
 # up to FIND_S; the relay gives it 60 s, clients/edge.py): not tied to the rejoin window, which no report waits for.
 REPORT_S = FIND_S + 60.0
 IDLE_FIND_S = 2.0  # between requests the edge looks for newly connected devices this often
+# request -> its split devices' sessions with this edge (fedlora.deploy.split_session.StreamedSplit)
+SplitSessions = Callable[[CellRequest], Any]
 
 
 # --- edge service: the long-lived ServerApp run on the edge's own SuperLink -----------------
@@ -118,14 +122,14 @@ class ChildTransport(FlowerTransport):
         self.find([], 0.0)
         return {c: self.attachment_of.get(c, 0) for c in sorted(self.node_of)}
 
-    def train(self, server_round, clients, arrays, settings, on_reply):
+    def train(self, server_round, clients, arrays, settings, on_reply, *, split=None):
         here = [c for c in clients if c in self.node_of]
-        replies = super().train(server_round, here, arrays, settings, on_reply) if here else []
+        replies = super().train(server_round, here, arrays, settings, on_reply, split=split) if here else []
         return replies + self._absent(clients, on_reply)
 
-    def exchange(self, server_round, stage, payloads, arrays, settings, on_reply):
+    def exchange(self, server_round, stage, payloads, arrays, settings, on_reply, *, split=None):
         here = {c: p for c, p in payloads.items() if c in self.node_of}
-        replies = super().exchange(server_round, stage, here, arrays, settings, on_reply) if here else []
+        replies = super().exchange(server_round, stage, here, arrays, settings, on_reply, split=split) if here else []
         return replies + self._absent(payloads, on_reply)
 
     def _absent(self, clients, on_reply) -> list[ClientReply]:
@@ -147,9 +151,10 @@ def serve(grid: Grid, cell: str, spool_dir: str | Path, *, connect_timeout_s: fl
     simulation-style)."""
     if not cell or not str(spool_dir):
         raise ValueError("mode=edge needs the run config keys cell and spool (fedlora edge sets them)")
-    keys = None
+    keys, node = None, None
     if node_dir:
-        keys = AggregatorKeys.of(read_node(node_dir).identities())
+        node = read_node(node_dir)
+        keys = AggregatorKeys.of(node.identities())
     spool = Spool(spool_dir)
     # Flower keeps a ServerApp's output to itself (`flwr log`); the edge's own log file:
     handler = logging.FileHandler(spool.root / "service.log")
@@ -168,7 +173,7 @@ def serve(grid: Grid, cell: str, spool_dir: str | Path, *, connect_timeout_s: fl
     threading.Thread(target=heartbeat, name="edge-heartbeat", daemon=True).start()
     served = 0
     try:
-        served = _serve_loop(cell, spool, transport, keys)
+        served = _serve_loop(cell, spool, transport, keys, split_sessions(node, transport) if node else None)
     finally:
         done.set()
         (spool.root / "heartbeat").unlink(missing_ok=True)  # waiting relays fail at once
@@ -177,7 +182,8 @@ def serve(grid: Grid, cell: str, spool_dir: str | Path, *, connect_timeout_s: fl
     return served
 
 
-def _serve_loop(cell: str, spool: Spool, transport: ChildTransport, keys: AggregatorKeys | None) -> int:
+def _serve_loop(cell: str, spool: Spool, transport: ChildTransport, keys: AggregatorKeys | None,
+                split_for: SplitSessions | None = None) -> int:
     served = 0
     idle_since = 0.0
     while not spool.stopping():
@@ -195,7 +201,7 @@ def _serve_loop(cell: str, spool: Spool, transport: ChildTransport, keys: Aggreg
         t0 = time.perf_counter()
         try:
             request = CellRequest.from_bytes(data)
-            result = run_request(request, cell, transport, keys)
+            result = run_request(request, cell, transport, keys, split_for=split_for)
         except Exception as exc:  # a bad request fails that request, not the edge
             log.warning("edge %s: request %s failed: %s: %s", cell, key, type(exc).__name__, exc)
             spool.answer(key, error=f"edge {cell}: {type(exc).__name__}: {exc}")
@@ -228,8 +234,30 @@ def _answer_report(cell: str, spool: Spool, key: str, transport: ChildTransport)
     log.info("edge %s: %d device(s) connected: %s", cell, len(devices), sorted(devices))
 
 
-def run_request(request: CellRequest, cell: str, transport: ChildTransport, keys: AggregatorKeys | None = None) -> CellResult:
-    """One cell round on this edge; ``keys``: the edge's own (deployment), else derived from the seed."""
+def split_sessions(node, transport: ChildTransport) -> SplitSessions:
+    """How this planned edge trains a request's split devices with them: over the split stream
+    (fedlora/deploy/split_session.py) on its SuperLink's bind host, port + 10000, with its plan keys."""
+    from fedlora.deploy.split_session import StreamedSplit
+    from fedlora.deploy.stream import StreamCredentials
+    from fedlora.deploy.stream_protocol import parse_address, stream_port
+
+    host, port = parse_address(str(node.doc["superlink"]["listen"]))
+    listen = (host, stream_port(port))
+    credentials: list = []  # loaded at the first split request (an edge without split devices needs none)
+
+    def for_request(request: CellRequest) -> StreamedSplit:
+        if not credentials:
+            credentials.append(StreamCredentials.from_node(node))
+        return StreamedSplit(transport, credentials[0], listen, edge=node.name, session=request.run_id)
+
+    return for_request
+
+
+def run_request(request: CellRequest, cell: str, transport: ChildTransport, keys: AggregatorKeys | None = None, *,
+                split_for: SplitSessions | None = None) -> CellResult:
+    """One cell round on this edge; ``keys``: the edge's own (deployment), else derived from the seed;
+    ``split_for(request)``: how it trains the request's split devices (a planned edge: :func:`split_sessions`;
+    without it they are dropped, "this edge cannot train split devices")."""
     if request.cell != cell:
         raise EdgeError(f"asked for cell {request.cell!r}, but this edge aggregates {cell!r}")
     transport.timeout_s = request.settings.round_timeout_s
@@ -238,7 +266,8 @@ def run_request(request: CellRequest, cell: str, transport: ChildTransport, keys
     t1 = time.perf_counter()
     if request.secure is not None and keys is None:  # this edge is the cell's aggregator: it sees masked inputs only
         keys = AggregatorKeys.of(SimulatedIdentities(request.settings.seed))
-    result = run_cell(request, transport, keys=keys)
+    split = split_for(request) if split_for is not None and request.split else None
+    result = run_cell(request, transport, keys=keys, split=split, secure_split=split)
     if result.secure is not None:
         log.info("edge %s: round %d: secure session %s", cell, request.server_round, result.secure.aborted or "ok")
     log.info("edge %s: round %d: children found in %.1fs, cell run in %.1fs", cell, request.server_round,

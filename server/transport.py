@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
@@ -77,15 +78,19 @@ class FlowerTransport:
         return set(answered)
 
     def train(self, server_round: int, clients: list[int], arrays: AdapterState, settings: RoundSettings,
-              on_reply: ReplyCallback) -> list[ClientReply]:
+              on_reply: ReplyCallback, *, split: Mapping[int, str] | None = None) -> list[ClientReply]:
+        """``split``: client -> its split order (JSON, :class:`fedlora.deploy.split_session.SplitOrder`)."""
         contents = {cid: RecordDict({protocol.ADAPTER: _adapter_record(arrays), protocol.SETTINGS: _settings_record(settings)})
                     for cid in clients}
+        _add_split(contents, split)
         return self._ask(contents, MessageType.TRAIN, str(server_round), on_reply, secure=False)
 
     def exchange(self, server_round: int, stage: str, payloads: dict[int, bytes], arrays: AdapterState | None,
-                 settings: RoundSettings, on_reply: ReplyCallback) -> list[ClientReply]:
+                 settings: RoundSettings, on_reply: ReplyCallback, *, split: Mapping[int, str] | None = None
+                 ) -> list[ClientReply]:
         """One secure-aggregation stage: message type ``train.secagg``, the stage, round and
-        payload in a ConfigRecord, the adapter only when ``arrays`` is given (first stage)."""
+        payload in a ConfigRecord, the adapter only when ``arrays`` is given (first stage);
+        ``split``: as for :meth:`train` (first stage)."""
         contents = {}
         for cid, payload in payloads.items():
             request = ConfigRecord({protocol.STAGE_KEY: stage, protocol.ROUND_KEY: int(server_round),
@@ -94,6 +99,7 @@ class FlowerTransport:
             if arrays is not None:
                 content[protocol.ADAPTER] = _adapter_record(arrays)
             contents[cid] = content
+        _add_split(contents, split)
         return self._ask(contents, f"{MessageType.TRAIN}.{protocol.SECAGG}", f"{server_round}/{stage}", on_reply, secure=True)
 
     def _ask(self, contents: dict[int, RecordDict], message_type: str, group_id: str, on_reply: ReplyCallback, *,
@@ -162,6 +168,12 @@ def decode_reply(cid: int, msg: Message, *, secure: bool = False) -> ClientReply
     except Exception as exc:  # malformed or malicious content must not stop the run
         return ClientReply(cid, error=f"malformed reply: {type(exc).__name__}: {exc}")
     return ClientReply(cid, update, metrics, bytes_up=bytes_up)
+
+
+def _add_split(contents: dict[int, RecordDict], split: Mapping[int, str] | None) -> None:
+    for cid, order in (split or {}).items():
+        if cid in contents:
+            contents[cid][protocol.SPLIT] = ConfigRecord({protocol.SPLIT_KEY: str(order)})
 
 
 def _adapter_record(arrays: AdapterState) -> ArrayRecord:

@@ -54,7 +54,11 @@ def test_codec_round_trip_and_refusals():
         channel.decode_request(wire.dumps({"kind": "train"}, channel.REQUEST))
     with pytest.raises(wire.WireError, match="'run' must be a int"):
         channel.decode_request(wire.dumps({"kind": "train", "settings": "", "arrays": None, "run": "7", "stage": "",
-                                           "round": 0, "payload": b""}, channel.REQUEST))
+                                           "round": 0, "payload": b"", "split": ""}, channel.REQUEST))
+    with pytest.raises(wire.WireError, match="'split' must be a str"):
+        channel.decode_request(wire.dumps({"kind": "train", "settings": "", "arrays": None, "run": 7, "stage": "",
+                                           "round": 0, "payload": b"", "split": 1}, channel.REQUEST))
+    assert channel.decode_request(channel.encode_request("train", "{}", None, split='{"k": 1}'))["split"] == '{"k": 1}'
     with pytest.raises(wire.WireError, match="arrays"):
         channel.decode_request(channel.encode_request("train", "{}", {"a": [1, 2]}))  # type: ignore[dict-item]
     with pytest.raises(wire.WireError, match="expected a device-reply"):

@@ -143,13 +143,14 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 # --- the messages ---------------------------------------------------------------------------
 
-_REQUEST_FIELDS = {"kind": str, "settings": str, "run": int, "stage": str, "round": int, "payload": bytes}
+# split: the edge's split order (JSON, fedlora/deploy/split_session.py) when the device trains split, else ""
+_REQUEST_FIELDS = {"kind": str, "settings": str, "run": int, "stage": str, "round": int, "payload": bytes, "split": str}
 
 
 def encode_request(kind: str, settings: str, arrays: dict[str, np.ndarray] | None, *, run: int = 0, stage: str = "",
-                   round: int = 0, payload: bytes = b"") -> bytes:
+                   round: int = 0, payload: bytes = b"", split: str = "") -> bytes:
     return wire.dumps({"kind": kind, "settings": settings, "arrays": arrays, "run": int(run), "stage": stage,
-                       "round": int(round), "payload": bytes(payload)}, REQUEST)
+                       "round": int(round), "payload": bytes(payload), "split": str(split)}, REQUEST)
 
 
 def decode_request(data: bytes) -> dict[str, Any]:

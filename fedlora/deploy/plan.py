@@ -180,6 +180,20 @@ def _check_settings(s: DeploySettings) -> None:
         raise PlanError(f"--candidate-cells={s.candidate_cells!r} is not one of: mobility, all")
 
 
+def _check_stream_ports(cfg: FedLoraConfig, nodes: dict[str, Node]) -> None:
+    """Split devices (train.mode split|auto) stream with their edge on its SuperLink port + 10000
+    (fedlora/deploy/stream_protocol.py): every edge's must be a port."""
+    from fedlora.deploy.stream_protocol import DEFAULT_PORT_OFFSET
+
+    if cfg.train.mode == "full":
+        return
+    for node in nodes.values():
+        if node.role == "edge" and node.superlink_port + DEFAULT_PORT_OFFSET > 65535:
+            raise PlanError(f"--base-port: edge {node.name}'s SuperLink port {node.superlink_port} + "
+                            f"{DEFAULT_PORT_OFFSET} (its split stream's port, train.mode={cfg.train.mode}) is over "
+                            f"65535; use a base port <= {65535 - DEFAULT_PORT_OFFSET - len(nodes)}")
+
+
 def address(node: Node) -> str:
     host = node.hosts[0]
     return f"[{host}]:{node.superlink_port}" if ":" in host else f"{host}:{node.superlink_port}"
@@ -190,6 +204,7 @@ def write_plan(cfg: FedLoraConfig, out_dir: Path, settings: DeploySettings | Non
     """Write every machine's folder under ``out_dir`` (which must not exist or be empty)."""
     settings = settings or DeploySettings()
     nodes = layout(cfg, settings)
+    _check_stream_ports(cfg, nodes)
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise PlanError(f"{out_dir} is not empty; a plan makes new keys, so it never writes over an old one")

@@ -125,15 +125,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def free_port_run(n: int, host: str = "127.0.0.1") -> int:
-    """A port p such that p..p+n-1 are all free on ``host`` right now (a plan's port bases)."""
+def free_port_run(n: int, host: str = "127.0.0.1", *, also: int = 0) -> int:
+    """A port p such that p..p+n-1 are all free on ``host`` right now (a plan's port bases); ``also``:
+    p+also..p+also+n-1 too (an edge's split stream listens on its SuperLink port + 10000)."""
+    import random
+
     for _ in range(200):
-        base = free_port(host)
-        if base + n > 65535:
+        base = random.randrange(20000, 65535 - also - n) if also else free_port(host)
+        if base + also + n > 65535:
             continue
         socks = []
         try:
-            for port in range(base, base + n):
+            for port in [*range(base, base + n), *(range(base + also, base + also + n) if also else [])]:
                 sock = socket.socket()
                 socks.append(sock)
                 sock.bind((host, port))

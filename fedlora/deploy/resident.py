@@ -57,7 +57,7 @@ def run(folder: str | Path, device_settings: str = "", data_file: str = "") -> N
     """Serve the device's requests until SIGTERM/SIGINT."""
     node = read_node(folder, "end")
     device = WarmDevice(int(node.doc["partition_id"]), local=DeviceLocal(device_settings, data_file, str(node.path("state"))),
-                        identities=node.identities())
+                        identities=node.identities(), node=node)
     path = channel.socket_path(node.folder)
     stop = {"now": False}
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from fedlora import protocol
+from fedlora import adapters, protocol
 from fedlora.roles.device import DeviceLocal, model_builds, secure_step, train_round
 from fedlora.secure.identities import Identities
 
@@ -32,10 +32,12 @@ from fedlora.secure.identities import Identities
 class WarmDevice:
     """The requests of one END device (its partition, own settings, own keys), in order."""
 
-    def __init__(self, partition_id: int, *, local: DeviceLocal | None = None, identities: Identities | None = None):
+    def __init__(self, partition_id: int, *, local: DeviceLocal | None = None, identities: Identities | None = None,
+                 node=None):
         self.partition_id = partition_id
         self.local = local
         self.identities = identities
+        self.node = node  # its plan folder (fedlora.deploy.plan.NodeFolder): the edges it may train split with
         self.secure: tuple[str, bytes] | None = None  # (session key, state) between secure stages
         self.requests = 0
 
@@ -46,19 +48,42 @@ class WarmDevice:
         """One message's work; raises (ValueError, :class:`~fedlora.roles.device.StaleSessionState`, ...)
         for a request this device cannot answer -- the caller turns it into an error reply."""
         settings = protocol.decode_settings(request["settings"])
+        train = self._split_training(request.get("split", ""), settings, request["arrays"])
         if request["kind"] == "train":
-            delta, metrics = train_round(settings, request["arrays"], self.partition_id, local=self.local)
+            delta, metrics = train() if train is not None else train_round(settings, request["arrays"],
+                                                                          self.partition_id, local=self.local)
             answer = {"arrays": delta, "metrics": metrics}
         elif request["kind"] == "secagg":
             if int(request["round"]) != settings.round:
                 raise ValueError(f"secure stage for round {request['round']} carries settings of round {settings.round}")
+            record: dict[str, float] = {}
+
+            def split_train():  # the edge learns the split record and the example count (it weighs its part with it)
+                delta, metrics = train()
+                record.update({k: v for k, v in metrics.items() if k.startswith("split_")})
+                return adapters.filled(delta, adapters.shapes(request["arrays"])), metrics
+
             reply, kept, metrics = secure_step(str(request["stage"]), bytes(request["payload"]), self.secure, settings,
                                                request["arrays"], self.partition_id, run=request["run"],
-                                               identities=self.identities, local=self.local)
+                                               identities=self.identities, local=self.local,
+                                               train=split_train if train is not None else None)
             self.secure = kept  # only after the stage succeeded: a refused stage leaves the state as it was
-            answer = {"reply": reply, "metrics": metrics}
+            answer = {"reply": reply, "metrics": {**metrics, **record}}
         else:
             raise ValueError(f"unknown device request kind {request['kind']!r}")
         self.requests += 1
         answer["metrics"] = {k: float(v) for k, v in answer["metrics"].items()}
         return {**answer, "stats": self.stats()}
+
+    def _split_training(self, order_json: str, settings, arrays):
+        """``train()`` for a split order from the edge (fedlora/deploy/split_session.py), None without one."""
+        if not order_json:
+            return None
+        from fedlora.deploy.split_session import SplitOrder, train_split
+
+        order = SplitOrder.from_json(order_json)
+        if self.node is None:
+            raise ValueError("the edge asks this device to train split, but it has no plan folder to find its edge in")
+        if arrays is None:
+            raise ValueError("a split order without the adapter to train from")
+        return lambda: train_split(self.node, order, settings, arrays, self.partition_id, local=self.local)
