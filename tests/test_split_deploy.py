@@ -245,6 +245,16 @@ def test_split_orders_are_checked_and_name_only_the_devices_own_edges(tmp_path, 
     assert (host, port) == ("127.0.0.1", edge_port + 10000)
     with pytest.raises(SplitOrderError, match="none of this device's edges"):
         edge_address(device, "edge-elsewhere")
+    # a device that may move finds every candidate cell's edge in its folder (a split order follows it there)
+    roaming = tmp_path / "roaming"
+    write_plan(tiny_config(*CELL[:2], "topology.neighbourhoods_per_suburban=2", "federation.num_clients=4"), roaming,
+               DeploySettings(base_port=free_port_run(4, also=10000), candidate_cells="all"))
+    device = read_node(roaming / "end-0")
+    edges = sorted(e["edge"] for e in device.doc["candidate_cells"].values())
+    assert len(edges) == 2 and device.doc["supernode"]["upstream"] in edges
+    for edge in edges:
+        port = int(read_node(roaming / edge).doc["superlink"]["address"].rsplit(":", 1)[1])
+        assert edge_address(device, edge) == ("127.0.0.1", port + 10000)
     # an edge's stream port is its SuperLink's + 10000: a plan with split devices refuses a base port too high
     with pytest.raises(PlanError, match="split stream's port"):
         write_plan(tiny_config(*CELL[:5], "train.mode=auto"), tmp_path / "high", DeploySettings(base_port=60000))
