@@ -31,6 +31,7 @@ devices train one after another: the edge has one copy of the model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -121,23 +122,36 @@ def train_split(node: NodeFolder, order: SplitOrder, settings: RoundSettings, gl
     cut = order.cut
     address = edge_address(node, order.edge)
     open_link = connect or StreamLink.connect
+    credentials = StreamCredentials.from_node(node)
     seen: dict[str, Any] = {}
-    with open_link(StreamCredentials.from_node(node), address, edge=protocol_id(order.edge), run_id=order.session,
-                   server_round=settings.round) as stream:
-        link = StreamSplitLink(stream)
+    with contextlib.ExitStack() as streams:
 
         def half(model) -> DeviceHalf:
+            # dialled once the model is built and the data tokenized: the edge waits for steps, not for a model load
             seen["layers"] = num_layers(model)
             check_cut(cut, seen["layers"], settings.train.split.min_k)
-            return DeviceHalf(model, cut, link)
+            stream = streams.enter_context(open_link(credentials, address, edge=protocol_id(order.edge),
+                                                     run_id=order.session, server_round=settings.round,
+                                                     limits=stream_limits(settings)))
+            seen["link"] = StreamSplitLink(stream)
+            return DeviceHalf(model, cut, seen["link"])
 
         delta, metrics = train_round(settings, global_state, partition_id, local=local, split=half)
+    link = seen["link"]
     on_edge = set(edge_keys(delta, cut, seen["layers"]))
     own = {k: v for k, v in delta.items() if k not in on_edge}
     record = {"split_k": cut.k, "split_m": cut.m, "split_exchanges": link.exchanges, "split_steps": link.steps,
               "split_bytes_up": link.tensor_bytes_up, "split_bytes_down": link.tensor_bytes_down,
               EXAMPLES: metrics["num_examples"]}
     return own, {**metrics, **{k: float(v) for k, v in record.items()}}
+
+
+def stream_limits(settings: RoundSettings):
+    """Both ends' stream limits for a round: a step may take up to the round's timeout (a slow device's
+    own blocks, loss and optimiser step lie between two of its edge calls)."""
+    from fedlora.deploy.stream_protocol import StreamLimits
+
+    return StreamLimits(step_timeout_s=max(StreamLimits.step_timeout_s, float(settings.round_timeout_s)))
 
 
 # --- the edge --------------------------------------------------------------------------------------
@@ -202,7 +216,8 @@ class StreamedSplit:
         device = device_id(client)
         factory = self.server_factory or SplitStreamServer
         server = factory(self.credentials, self.listen, run_id=self.session, server_round=settings.round,
-                         devices=[device], handler_for=lambda d: edge_half_handler(half), limits=self.limits)
+                         devices=[device], handler_for=lambda d: edge_half_handler(half),
+                         limits=self.limits or stream_limits(settings))
         t0 = time.perf_counter()
         server.start()
         try:
