@@ -237,6 +237,7 @@ def _answer_report(cell: str, spool: Spool, key: str, transport: ChildTransport)
 def split_sessions(node, transport: ChildTransport) -> SplitSessions:
     """How this planned edge trains a request's split devices with them: over the split stream
     (fedlora/deploy/split_session.py) on its SuperLink's bind host, port + 10000, with its plan keys."""
+    # only a planned edge needs the split stream's code
     from fedlora.deploy.split_session import StreamedSplit
     from fedlora.deploy.stream import StreamCredentials
     from fedlora.deploy.stream_protocol import parse_address, stream_port

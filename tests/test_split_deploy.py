@@ -22,7 +22,7 @@ from fedlora import protocol
 from fedlora.deploy import channel
 from fedlora.deploy.plan import DeploySettings, PlanError, read_node, write_plan
 from fedlora.deploy.processes import free_port_run
-from fedlora.deploy.split_session import SplitOrder, SplitOrderError, edge_address
+from fedlora.deploy.split_session import SplitOrder, SplitOrderError, device_trainer, edge_address
 from fedlora.deploy.stream import SplitStreamServer
 from fedlora.roles.cloud import run_federation
 from fedlora.roles.local import InProcessTransport
@@ -119,7 +119,8 @@ def _plan(tmp_path: Path, cfg) -> Path:
 
 def _devices(plan: Path, n: int) -> dict[int, WarmDevice]:
     nodes = {c: read_node(plan / f"end-{c}") for c in range(n)}
-    return {c: WarmDevice(c, identities=node.identities(), node=node) for c, node in nodes.items()}
+    return {c: WarmDevice(c, identities=node.identities(), split_trainer=device_trainer(node, c))
+            for c, node in nodes.items()}
 
 
 def _deployed(tmp_path: Path, cfg, *, absent=(), server_factory=None) -> tuple[Path, _Children]:

@@ -183,7 +183,7 @@ def _check_settings(s: DeploySettings) -> None:
 def _check_stream_ports(cfg: FedLoraConfig, nodes: dict[str, Node]) -> None:
     """Split devices (train.mode split|auto) stream with their edge on its SuperLink port + 10000
     (fedlora/deploy/stream_protocol.py): every edge's must be a port."""
-    from fedlora.deploy.stream_protocol import DEFAULT_PORT_OFFSET
+    from fedlora.deploy.stream_protocol import DEFAULT_PORT_OFFSET  # the stream's port rule, where a plan checks it
 
     if cfg.train.mode == "full":
         return

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from fedlora.deploy import channel
 from fedlora.deploy.plan import read_node
+from fedlora.deploy.split_session import device_trainer
 from fedlora.roles.device import DeviceLocal
 from fedlora.roles.warm_device import WarmDevice
 from fedlora.runs.progress import quiet_libraries
@@ -56,8 +57,10 @@ def read_status(folder: str | Path) -> dict | None:
 def run(folder: str | Path, device_settings: str = "", data_file: str = "") -> None:
     """Serve the device's requests until SIGTERM/SIGINT."""
     node = read_node(folder, "end")
-    device = WarmDevice(int(node.doc["partition_id"]), local=DeviceLocal(device_settings, data_file, str(node.path("state"))),
-                        identities=node.identities(), node=node)
+    partition = int(node.doc["partition_id"])
+    local = DeviceLocal(device_settings, data_file, str(node.path("state")))
+    device = WarmDevice(partition, local=local, identities=node.identities(),
+                        split_trainer=device_trainer(node, partition, local))
     path = channel.socket_path(node.folder)
     stop = {"now": False}
 

@@ -114,6 +114,7 @@ def train_split(node: NodeFolder, order: SplitOrder, settings: RoundSettings, gl
                 ) -> tuple[AdapterState, dict[str, float]]:
     """Train this round split with the edge ``order`` names: -> (the delta of the device's own tensors,
     metrics with the split record and ``split_examples``). Raises (a dropout) when the stream fails."""
+    # torch and the training code load only where a device trains split (the edge's relay and the ClientApp stay torch-free)
     from fedlora.deploy.split_link import StreamSplitLink
     from fedlora.deploy.stream import StreamCredentials, StreamLink
     from fedlora.roles.device import train_round
@@ -149,9 +150,19 @@ def train_split(node: NodeFolder, order: SplitOrder, settings: RoundSettings, gl
 def stream_limits(settings: RoundSettings):
     """Both ends' stream limits for a round: a step may take up to the round's timeout (a slow device's
     own blocks, loss and optimiser step lie between two of its edge calls)."""
-    from fedlora.deploy.stream_protocol import StreamLimits
+    from fedlora.deploy.stream_protocol import StreamLimits  # kept beside its one use (the module imports no stream code)
 
     return StreamLimits(step_timeout_s=max(StreamLimits.step_timeout_s, float(settings.round_timeout_s)))
+
+
+def device_trainer(node: NodeFolder, partition_id: int, local=None) -> Callable[[str, RoundSettings, AdapterState], Any]:
+    """A planned device's split training for its resident process (:class:`fedlora.roles.warm_device.WarmDevice`):
+    ``(order JSON, settings, global adapter) -> (own delta, metrics)``."""
+
+    def train(order_json: str, settings: RoundSettings, arrays: AdapterState):
+        return train_split(node, SplitOrder.from_json(order_json), settings, arrays, partition_id, local=local)
+
+    return train
 
 
 # --- the edge --------------------------------------------------------------------------------------
@@ -204,6 +215,7 @@ class StreamedSplit:
                      ) -> tuple[AdapterState, float, Any]:
         """Open ``client``'s stream with an EdgeHalf on this edge's model, ``ask()`` the device to train,
         close the stream: (the edge's delta of its blocks, its compute seconds, the device's reply)."""
+        # torch loads only on an edge that has split devices this round
         from fedlora.deploy.split_link import edge_half_handler
         from fedlora.deploy.stream import SplitStreamServer
         from fedlora.split import EdgeHalf, check_cut, num_layers
@@ -238,6 +250,7 @@ class StreamedSplit:
 
 def edge_model(settings: RoundSettings, arrays: AdapterState, client: int):
     """This edge's one LoRA-wrapped model (built once per process), holding the round's adapter."""
+    # torch and the model load only on an edge that has split devices
     import torch
 
     from fedlora.roles.device import initial_adapter, lora_model

@@ -33,11 +33,13 @@ class WarmDevice:
     """The requests of one END device (its partition, own settings, own keys), in order."""
 
     def __init__(self, partition_id: int, *, local: DeviceLocal | None = None, identities: Identities | None = None,
-                 node=None):
+                 split_trainer=None):
         self.partition_id = partition_id
         self.local = local
         self.identities = identities
-        self.node = node  # its plan folder (fedlora.deploy.plan.NodeFolder): the edges it may train split with
+        # (order JSON, settings, adapter) -> (own delta, metrics): how it trains split with the edge an order names
+        # (a planned device's resident process: fedlora.deploy.split_session.device_trainer)
+        self.split_trainer = split_trainer
         self.secure: tuple[str, bytes] | None = None  # (session key, state) between secure stages
         self.requests = 0
 
@@ -79,11 +81,8 @@ class WarmDevice:
         """``train()`` for a split order from the edge (fedlora/deploy/split_session.py), None without one."""
         if not order_json:
             return None
-        from fedlora.deploy.split_session import SplitOrder, train_split
-
-        order = SplitOrder.from_json(order_json)
-        if self.node is None:
+        if self.split_trainer is None:
             raise ValueError("the edge asks this device to train split, but it has no plan folder to find its edge in")
         if arrays is None:
             raise ValueError("a split order without the adapter to train from")
-        return lambda: train_split(self.node, order, settings, arrays, self.partition_id, local=self.local)
+        return lambda: self.split_trainer(order_json, settings, arrays)
