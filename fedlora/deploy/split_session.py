@@ -48,7 +48,6 @@ from fedlora.secure.rounds import STAGES, device_id
 from fedlora.world.splitplan import SplitCut, edge_keys
 
 log = logging.getLogger("fedlora")
-SPLIT_RECORD = ("split_k", "split_m", "split_exchanges", "split_steps", "split_bytes_up", "split_bytes_down")
 EXAMPLES = "split_examples"
 
 
