@@ -242,14 +242,16 @@ def split_sessions(node, transport: ChildTransport) -> SplitSessions:
     from fedlora.deploy.stream import StreamCredentials
     from fedlora.deploy.stream_protocol import parse_address, stream_port
 
-    host, port = parse_address(str(node.doc["superlink"]["listen"]))
-    listen = (host, stream_port(port))
-    credentials: list = []  # loaded at the first split request (an edge without split devices needs none)
+    # Resolved at the first split request: an edge without split devices needs neither the keys nor a
+    # stream port (its SuperLink may listen above 55535; a split request then fails with the port's error).
+    stream: list = []
 
     def for_request(request: CellRequest) -> StreamedSplit:
-        if not credentials:
-            credentials.append(StreamCredentials.from_node(node))
-        return StreamedSplit(transport, credentials[0], listen, edge=node.name, session=request.run_id)
+        if not stream:
+            host, port = parse_address(str(node.doc["superlink"]["listen"]))
+            stream.append(((host, stream_port(port)), StreamCredentials.from_node(node)))
+        listen, credentials = stream[0]
+        return StreamedSplit(transport, credentials, listen, edge=node.name, session=request.run_id)
 
     return for_request
 

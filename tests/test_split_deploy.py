@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -260,3 +261,8 @@ def test_split_orders_are_checked_and_name_only_the_devices_own_edges(tmp_path, 
     with pytest.raises(PlanError, match="split stream's port"):
         write_plan(tiny_config(*CELL[:5], "train.mode=auto"), tmp_path / "high", DeploySettings(base_port=60000))
     write_plan(tiny_config(*CELL[:5], "train.mode=full"), tmp_path / "high-full", DeploySettings(base_port=60000))
+    # ... and such an edge serves its full devices: the stream port is resolved at its first split request only
+    # (it once was at the service's start, which killed every edge listening above 55535: CI's chaos soak)
+    sessions = split_sessions(read_node(tmp_path / "high-full" / "edge-neighbourhood-0-0"), _Children({}))
+    with pytest.raises(ValueError, match="stream port 7"):
+        sessions(SimpleNamespace(run_id="run-x"))
