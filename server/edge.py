@@ -172,8 +172,13 @@ def serve(grid: Grid, cell: str, spool_dir: str | Path, *, connect_timeout_s: fl
 
     threading.Thread(target=heartbeat, name="edge-heartbeat", daemon=True).start()
     served = 0
+    spool.started()
     try:
         served = _serve_loop(cell, spool, transport, keys, split_sessions(node, transport) if node else None)
+    except Exception as exc:  # said where the relays and the deployment look, then Flower's run fails
+        spool.fail(f"{type(exc).__name__}: {exc}")
+        log.error("edge %s: the service stopped on %s: %s", cell, type(exc).__name__, exc)
+        raise
     finally:
         done.set()
         (spool.root / "heartbeat").unlink(missing_ok=True)  # waiting relays fail at once

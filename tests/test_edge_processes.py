@@ -280,6 +280,23 @@ def test_spool_relay_gives_up_on_a_dead_or_slow_service(tmp_path):
     assert spool.claim() is None  # the timed-out request was withdrawn
 
 
+def test_an_edge_service_that_stops_on_an_error_says_why_to_its_relays(tmp_path, monkeypatch):
+    import server.edge
+
+    def broken(*args, **kwargs):
+        raise ValueError("stream port 70001 is not in 1024..65535")
+
+    monkeypatch.setattr(server.edge, "_serve_loop", broken)
+    with pytest.raises(ValueError, match="stream port"):
+        server.edge.serve(None, "n0", tmp_path)
+    spool = Spool(tmp_path)
+    assert not spool.alive()  # its heartbeat went with it
+    with pytest.raises(EdgeError, match="not running .* it stopped on: ValueError: stream port 70001"):
+        spool.wait("k", 5)
+    spool.started()  # a new service run: the old failure says nothing any more
+    assert spool.failure() is None
+
+
 # --- the processes ---------------------------------------------------------------------------
 
 

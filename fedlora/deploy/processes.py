@@ -521,7 +521,9 @@ def run_edge(cell: str, parent: str, listen: str, work_dir: Path, security: Secu
 
             def watch() -> None:  # a service run that died is started again
                 if not Spool(spool).alive() and not Spool(spool).stopping():
-                    log.warning("edge %s: the service run stopped beating; starting a new one", cell)
+                    failure = Spool(spool).failure()
+                    log.warning("edge %s: the service run stopped beating%s; starting a new one", cell,
+                                f" (it failed: {failure})" if failure else "")
                     start_service()
 
             start_service()

@@ -60,7 +60,9 @@ class Spool:
                     return data
             if not self.alive():
                 self.cancel(key)
-                raise EdgeError(f"the edge service is not running (no heartbeat in {self.root} for {STALE_S:.0f}s)")
+                failure = self.failure()
+                raise EdgeError(f"the edge service is not running (no heartbeat in {self.root} for {STALE_S:.0f}s)"
+                                + (f"; it stopped on: {failure}" if failure else ""))
             time.sleep(POLL_S)
         self.cancel(key)
         raise EdgeError(f"no cell result within {timeout_s:.0f}s")
@@ -95,6 +97,21 @@ class Spool:
             self._put("results", f"{key}.err", error.encode())
         else:
             self._put("results", f"{key}.res", result)
+
+    def fail(self, reason: str) -> None:
+        """The service stopped on an error: kept for the relays' errors and the deployment's log."""
+        self._put(".", "failed", reason.encode())
+
+    def failure(self) -> str | None:
+        """Why the last service run stopped on an error (None: it did not, or a new run started)."""
+        try:
+            return (self.root / "failed").read_text(errors="replace")
+        except FileNotFoundError:
+            return None
+
+    def started(self) -> None:
+        """A new service run: the last one's failure no longer says anything."""
+        (self.root / "failed").unlink(missing_ok=True)
 
     def stopping(self) -> bool:
         return (self.root / "stop").exists()
