@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -259,6 +262,16 @@ def test_local_model_without_config_json_is_a_clear_error(tmp_path):
 def test_read_facts_on_this_machine():
     f = device.read_facts()
     assert f.mem_total_mib > 0 and 0 < f.mem_available_mib <= f.mem_total_mib and f.arch
+    assert f.cpu_count == len(os.sched_getaffinity(0))
+
+
+def test_a_device_counts_only_the_cores_it_may_run_on():
+    """A cpuset or ``taskset`` limits the device's torch threads (one core: one thread, not one per core
+    of the machine oversubscribing it)."""
+    code = "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); " \
+           "from fedlora.deploy.device import usable_cpus; print(usable_cpus())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "1"
 
 
 def test_cli_check_on_a_node_folder(tmp_path, capsys):

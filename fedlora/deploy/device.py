@@ -175,8 +175,17 @@ def read_facts() -> DeviceFacts:
     flags = {f for line in cpuinfo.splitlines() if line.partition(":")[0].strip().lower() in ("flags", "features")
              for f in line.partition(":")[2].split()}
     return DeviceFacts(total, available, platform.machine().lower(), platform.python_version(), torch_version,
-                       cpu_has_aes(cpuinfo), os.cpu_count() or 1, "avx2" in flags,
+                       cpu_has_aes(cpuinfo), usable_cpus(), "avx2" in flags,
                        importlib.util.find_spec("bitsandbytes") is not None)
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on (its CPU affinity: a cpuset, ``taskset``, a container's
+    limit), else every core: a device trains with this many torch threads, never more."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity on this OS
+        return os.cpu_count() or 1
 
 
 def mask_prg(facts: DeviceFacts) -> str:
