@@ -10,10 +10,10 @@ aggregation, 2 local steps), run three ways side by side in ONE invocation:
   keys; ``fedlora edge|client|cloud --config``) as it was before warm devices: ``fedlora
   client --cold`` (every Flower message's ClientApp process imports torch and loads the
   model), Flower's own waits (``FEDLORA_SUPERNODE_POLL_S=off``, SuperExec task poll 1 s);
-* ``warm`` (after, the default): the same plan with each device's resident process
-  (``fedlora.deploy.resident``) and the shorter waits (SuperExec poll 0.1 s, SuperNode idle
-  wait 0.2 s);
-* ``fork`` (opt-in): ``warm`` plus ``FEDLORA_CLIENTAPP_FORK=1`` -- Flower's per-message
+* ``warm``: the same plan with each device's resident process (``fedlora.deploy.resident``)
+  and the shorter waits (SuperExec poll 0.1 s, SuperNode idle wait 0.2 s), each Flower message's
+  ``flwr-clientapp`` started as Flower starts it (``FEDLORA_CLIENTAPP_FORK=0``);
+* ``fork`` (fedlora's default since 2026-12-03): ``warm`` plus Flower's per-message
   ``flwr-clientapp`` processes forked from a warm parent (``fedlora.deploy.clientapp_fork``).
 
 Reported per round: wall time of each; the END devices' training (max over devices); for
@@ -51,7 +51,8 @@ from edge_processes import rounds_of  # noqa: E402
 STAGES = ("advertise", "share-keys", "masked-input", "unmask")
 # Flower's waits as they were before (cold) -- the environment of every process of that deployment.
 # ``fork``: warm, and Flower's per-message ClientApp processes forked from a warm parent (opt-in).
-MODE_ENV = {"cold": {"FEDLORA_SUPERNODE_POLL_S": "off", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"}, "warm": {},
+MODE_ENV = {"cold": {"FEDLORA_SUPERNODE_POLL_S": "off", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0",
+                     "FEDLORA_CLIENTAPP_FORK": "0"}, "warm": {"FEDLORA_CLIENTAPP_FORK": "0"},
             "fork": {"FEDLORA_CLIENTAPP_FORK": "1"}}
 
 

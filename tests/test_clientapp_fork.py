@@ -82,3 +82,30 @@ def test_shim_hands_over_to_the_fork_server_or_runs_the_real_command(short_dir):
         (out / "stop").touch()
         server.wait(30)
     assert not sock.exists()
+
+
+def test_the_fork_server_is_on_unless_switched_off():
+    assert clientapp_fork.enabled({})
+    assert clientapp_fork.enabled({clientapp_fork.SWITCH: "1"})
+    assert not clientapp_fork.enabled({clientapp_fork.SWITCH: "0"})
+    with pytest.raises(ValueError, match="FEDLORA_CLIENTAPP_FORK='yes please'"):
+        clientapp_fork.enabled({clientapp_fork.SWITCH: "yes please"})
+
+
+def test_a_tier_starts_its_fork_server_again_and_leaves_out_one_that_keeps_dying(tmp_path):
+    from fedlora.deploy.processes import FORK_QUICK_EXITS, ProcessGroup, _keep_fork_servers
+
+    with ProcessGroup(tmp_path) as group:
+        group.start("supernode-fork", [sys.executable, "-c", "raise SystemExit(3)"], {})
+        group.start("supernode", [sys.executable, "-c", "import time; time.sleep(60)"], {})
+        quick: dict[str, int] = {}
+        pids = set()
+        for _ in range(FORK_QUICK_EXITS):
+            proc = group.procs["supernode-fork"]
+            pids.add(proc.pid)
+            proc.wait(30)
+            _keep_fork_servers(group, quick)
+        assert len(pids) == FORK_QUICK_EXITS  # started again after each exit but the last
+        assert "supernode-fork" not in group.procs and quick["supernode-fork"] == FORK_QUICK_EXITS
+        group.check()  # the tier itself goes on (its ClientApps start cold)
+        assert group.procs["supernode"].poll() is None

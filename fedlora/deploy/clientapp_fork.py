@@ -15,7 +15,9 @@ shim runs the real ``flwr-clientapp`` (Flower's behaviour).
 
 This relies on Flower internals (the SuperExec's command name, the entry point's module): pinned
 with :mod:`fedlora.deploy.supernode_poll`'s exact flwr version, and ``tests/test_clientapp_fork.py``
-fails when they move. Off unless ``FEDLORA_CLIENTAPP_FORK=1``.
+fails when they move. On by default; ``FEDLORA_CLIENTAPP_FORK=0`` leaves Flower's own cold start.
+If the fork server dies, the tier starts it again (:mod:`fedlora.deploy.processes`); meanwhile the shim
+runs the real command, so a message is never lost to it.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from pathlib import Path
 
 from fedlora.deploy import channel
 
-SWITCH = "FEDLORA_CLIENTAPP_FORK"  # "1": SuperNodes started by fedlora.deploy.processes use the fork server
+SWITCH = "FEDLORA_CLIENTAPP_FORK"  # "0": SuperNodes started by fedlora.deploy.processes start ClientApps cold
 ENV = "FEDLORA_CLIENTAPP_FORK_SOCKET"  # the fork server's socket, as the shim reads it
 COMMAND = "flwr-clientapp"  # what the SuperExec starts for every ClientApp task (flwr 1.41)
 ENTRY = ("flwr.supernode.cli", "flwr_clientapp")  # the real command's entry point
@@ -56,6 +58,15 @@ if not ok:
     os.execv({real!r}, [{real!r}, *sys.argv[1:]])
 """
 log = logging.getLogger("fedlora")
+
+
+def enabled(environ=os.environ) -> bool:
+    """Whether SuperNodes fork their ClientApps from the warm server (the default; ``FEDLORA_CLIENTAPP_FORK=0``: not)."""
+    value = environ.get(SWITCH, "1").strip().lower()
+    if value not in ("0", "1", "off", "on", "false", "true", ""):
+        raise ValueError(f"{SWITCH}={value!r}: use 1 (fork ClientApps from a warm server, the default) "
+                         "or 0 (Flower's cold start)")
+    return value not in ("0", "off", "false")
 
 
 def write_shim(folder: Path, python: str, real: str) -> Path:

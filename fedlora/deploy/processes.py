@@ -352,7 +352,7 @@ def start_supernode(group: ProcessGroup, name: str, superlink: str, node_config:
     home.mkdir(parents=True, exist_ok=True)
     argv = supernode_command(superlink, node_config, security, port or free_port())
     env = flower_env(home)
-    if os.environ.get(clientapp_fork.SWITCH, "") == "1":  # its ClientApp processes forked warm (opt-in)
+    if clientapp_fork.enabled():  # its ClientApp processes forked warm (FEDLORA_CLIENTAPP_FORK=0: cold)
         sock = home / "clientapp-fork.sock"
         shims = home / "bin"
         clientapp_fork.write_shim(shims, sys.executable, str(BIN / clientapp_fork.COMMAND))
@@ -446,6 +446,7 @@ def _keep_running(group: ProcessGroup, what: str, supernode: str = "supernode", 
     """
     log.info("%s running; stop with Ctrl-C or SIGTERM (logs in %s)", what, group.log_dir)
     quick_exits = 0
+    fork_exits: dict[str, int] = {}
     while True:
         proc = group.procs[supernode]
         if proc.poll() is not None:
@@ -459,8 +460,32 @@ def _keep_running(group: ProcessGroup, what: str, supernode: str = "supernode", 
             group.restart(supernode)
         if watch is not None:  # first: it may start a helper process again that group.check() would report
             watch()
+        _keep_fork_servers(group, fork_exits)
         group.check()
         time.sleep(1.0)
+
+
+FORK_QUICK_EXITS = 5  # a fork server that exits within 10 s of its start this often in a row is left out
+
+
+def _keep_fork_servers(group: ProcessGroup, quick: dict[str, int]) -> None:
+    """A ClientApp fork server that exited is started again; meanwhile its shim starts ClientApps cold
+    (Flower's own way), and one that keeps exiting at once is left out: the tier goes on cold.
+    ``quick``: each fork server's exits within 10 s of its start in a row, kept by the caller."""
+    for name in [n for n in group.procs if n.endswith("-fork")]:
+        proc = group.procs[name]
+        if proc.poll() is None:
+            continue
+        lived = time.time() - group.specs[name][3]
+        quick[name] = quick.get(name, 0) + 1 if lived < 10 else 0
+        if quick[name] >= FORK_QUICK_EXITS:
+            log.warning("%s (the ClientApp fork server) exited at once %d times in a row (see %s); its ClientApps "
+                        "start cold from now on", name, quick[name], group.log_dir / f"{name}.log")
+            del group.procs[name]
+            continue
+        log.warning("%s (the ClientApp fork server) exited with code %s; starting it again", name, proc.returncode)
+        group.restart(name)
+
 
 
 def _refusal(group: ProcessGroup, name: str) -> str:
