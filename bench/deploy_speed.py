@@ -67,7 +67,15 @@ def overrides(args: argparse.Namespace) -> list[str]:
     ]
 
 
-def deployment(cfg, used: list[str], work: Path, *, mode: str, timeout_s: float = 3600) -> dict:
+def device_cores(ends: list[int], pin: bool) -> dict[int, list[str]]:
+    """END client -> the command prefix that pins its processes to one core (client i: core i mod the
+    cores this bench may use), so each device trains with one torch thread on a core it shares in turn,
+    as a device on its own machine trains on its own cores; ``pin`` off: every device on every core."""
+    cores = sorted(os.sched_getaffinity(0))
+    return {c: (["taskset", "-c", str(cores[i % len(cores)])] if pin else []) for i, c in enumerate(ends)}
+
+
+def deployment(cfg, used: list[str], work: Path, *, mode: str, timeout_s: float = 3600, pin: bool = False) -> dict:
     from fedlora.deploy.plan import DeploySettings, write_plan
     from fedlora.deploy.processes import ProcessGroup, free_port_run, placement
 
@@ -80,12 +88,13 @@ def deployment(cfg, used: list[str], work: Path, *, mode: str, timeout_s: float 
                                          runtime_port_base=free_port_run(len(cells) + cfg.federation.num_clients)),
                overrides=used)
     ends = sorted(c for clients in cells.values() for c in clients)
+    pinned = device_cores(ends, pin)
     with ProcessGroup(work / "logs") as group:
         t0 = time.perf_counter()
         for cell, clients in cells.items():
             group.start(f"edge-{cell}", [*fedlora, "edge", "--config", str(plan / f"edge-{cell}")], env)
             for c in clients:
-                group.start(f"end-{c}", [*fedlora, "client", "--config", str(plan / f"end-{c}"),
+                group.start(f"end-{c}", [*pinned[c], *fedlora, "client", "--config", str(plan / f"end-{c}"),
                                          *([] if warm else ["--cold"])], env)
         beats = [plan / f"edge-{cell}" / "spool" / "heartbeat" for cell in cells]
         while not all(b.exists() for b in beats):
@@ -201,6 +210,9 @@ def main() -> None:
     p.add_argument("--modes", default="cold,warm",
                    help="deployments side by side: cold (before), warm (after), fork (warm + forked ClientApps)")
     p.add_argument("--mode-timeout-s", type=float, default=3600, help="a deployment's cloud run longer than this fails")
+    p.add_argument("--pin-devices", action="store_true",
+                   help="each END device's processes on one core (i mod cores): one torch thread per device, "
+                        "not every device's threads on every core (on one machine they oversubscribe it)")
     p.add_argument("--lock", default=DEFAULT_LOCK)
     p.add_argument("--no-lock", action="store_true")
     p.add_argument("--out", default=str(RESULTS / "deploy_speed.json"))
@@ -228,7 +240,8 @@ def main() -> None:
         sim_total = time.perf_counter() - t0
         for mode in modes:
             try:
-                deps[mode] = deployment(cfg, used, base / mode, mode=mode, timeout_s=args.mode_timeout_s)
+                deps[mode] = deployment(cfg, used, base / mode, mode=mode, timeout_s=args.mode_timeout_s,
+                                        pin=args.pin_devices)
             except (SystemExit, Exception) as exc:  # one mode failing must not lose the others' figures
                 failed[mode] = f"{type(exc).__name__}: {exc}"
                 print(f"{mode}: FAILED ({failed[mode]}); logs in {base / mode}")
