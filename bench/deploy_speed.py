@@ -13,7 +13,7 @@ aggregation, 2 local steps), run three ways side by side in ONE invocation:
 * ``warm``: the same plan with each device's resident process (``fedlora.deploy.resident``)
   and the shorter waits (SuperExec poll 0.1 s, SuperNode idle wait 0.2 s), each Flower message's
   ``flwr-clientapp`` started as Flower starts it (``FEDLORA_CLIENTAPP_FORK=0``);
-* ``fork`` (fedlora's default since 2026-12-03): ``warm`` plus Flower's per-message
+* ``fork`` (opt-in): ``warm`` plus Flower's per-message
   ``flwr-clientapp`` processes forked from a warm parent (``fedlora.deploy.clientapp_fork``).
 
 Reported per round: wall time of each; the END devices' training (max over devices); for

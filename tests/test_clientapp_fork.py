@@ -84,8 +84,8 @@ def test_shim_hands_over_to_the_fork_server_or_runs_the_real_command(short_dir):
     assert not sock.exists()
 
 
-def test_the_fork_server_is_on_unless_switched_off():
-    assert clientapp_fork.enabled({})
+def test_the_fork_server_is_off_unless_switched_on():
+    assert not clientapp_fork.enabled({})
     assert clientapp_fork.enabled({clientapp_fork.SWITCH: "1"})
     assert not clientapp_fork.enabled({clientapp_fork.SWITCH: "0"})
     with pytest.raises(ValueError, match="FEDLORA_CLIENTAPP_FORK='yes please'"):

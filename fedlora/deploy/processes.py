@@ -352,7 +352,7 @@ def start_supernode(group: ProcessGroup, name: str, superlink: str, node_config:
     home.mkdir(parents=True, exist_ok=True)
     argv = supernode_command(superlink, node_config, security, port or free_port())
     env = flower_env(home)
-    if clientapp_fork.enabled():  # its ClientApp processes forked warm (FEDLORA_CLIENTAPP_FORK=0: cold)
+    if clientapp_fork.enabled():  # its ClientApp processes forked warm (opt-in: FEDLORA_CLIENTAPP_FORK=1)
         sock = home / "clientapp-fork.sock"
         shims = home / "bin"
         clientapp_fork.write_shim(shims, sys.executable, str(BIN / clientapp_fork.COMMAND))
