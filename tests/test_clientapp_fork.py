@@ -88,6 +88,7 @@ def test_the_fork_server_is_off_unless_switched_on():
     assert not clientapp_fork.enabled({})
     assert clientapp_fork.enabled({clientapp_fork.SWITCH: "1"})
     assert not clientapp_fork.enabled({clientapp_fork.SWITCH: "0"})
+    assert not clientapp_fork.enabled({clientapp_fork.SWITCH: ""})  # set but empty: the default
     with pytest.raises(ValueError, match="FEDLORA_CLIENTAPP_FORK='yes please'"):
         clientapp_fork.enabled({clientapp_fork.SWITCH: "yes please"})
 

@@ -68,7 +68,7 @@ def enabled(environ=os.environ) -> bool:
     if value not in ("0", "1", "off", "on", "false", "true", ""):
         raise ValueError(f"{SWITCH}={value!r}: use 1 (fork ClientApps from a warm server) "
                          "or 0 (Flower's cold start, the default)")
-    return value not in ("0", "off", "false")
+    return value in ("1", "on", "true")  # unset or empty: the default, off
 
 
 def write_shim(folder: Path, python: str, real: str) -> Path:

@@ -487,7 +487,6 @@ def _keep_fork_servers(group: ProcessGroup, quick: dict[str, int]) -> None:
         group.restart(name)
 
 
-
 def _refusal(group: ProcessGroup, name: str) -> str:
     """Why a SuperNode keeps exiting, in words, from the end of its log."""
     path = group.log_dir / f"{name}.log"
