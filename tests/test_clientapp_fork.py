@@ -94,19 +94,40 @@ def test_the_fork_server_is_off_unless_switched_on():
 
 
 def test_a_tier_starts_its_fork_server_again_and_leaves_out_one_that_keeps_dying(tmp_path):
-    from fedlora.deploy.processes import FORK_QUICK_EXITS, ProcessGroup, _keep_fork_servers
+    from fedlora.deploy.processes import QUICK_EXITS, ProcessGroup, _keep_fork_servers
 
     with ProcessGroup(tmp_path) as group:
         group.start("supernode-fork", [sys.executable, "-c", "raise SystemExit(3)"], {})
         group.start("supernode", [sys.executable, "-c", "import time; time.sleep(60)"], {})
         quick: dict[str, int] = {}
         pids = set()
-        for _ in range(FORK_QUICK_EXITS):
+        for _ in range(QUICK_EXITS):
             proc = group.procs["supernode-fork"]
             pids.add(proc.pid)
             proc.wait(30)
             _keep_fork_servers(group, quick)
-        assert len(pids) == FORK_QUICK_EXITS  # started again after each exit but the last
-        assert "supernode-fork" not in group.procs and quick["supernode-fork"] == FORK_QUICK_EXITS
+        assert len(pids) == QUICK_EXITS  # started again after each exit but the last
+        assert "supernode-fork" not in group.procs and quick["supernode-fork"] == QUICK_EXITS
         group.check()  # the tier itself goes on (its ClientApps start cold)
         assert group.procs["supernode"].poll() is None
+
+
+def test_quick_exits_are_counted_in_a_row_per_process_and_a_long_run_resets_them():
+    import time
+    from types import SimpleNamespace
+
+    from fedlora.deploy.processes import QUICK_EXITS, QUICK_S, _exited_at_once
+
+    now = time.time()
+    group = SimpleNamespace(specs={"a": ([], {}, None, now), "b": ([], {}, None, now)})
+    exits: dict[str, int] = {}
+    for n in range(1, QUICK_EXITS):
+        assert _exited_at_once(group, "a", exits)[0] is False and exits["a"] == n
+    assert _exited_at_once(group, "b", exits)[0] is False and exits == {"a": QUICK_EXITS - 1, "b": 1}
+    group.specs["a"] = ([], {}, None, now - QUICK_S - 1)  # this run lived long: the count starts over
+    given_up, lived = _exited_at_once(group, "a", exits)
+    assert not given_up and exits["a"] == 0 and lived > QUICK_S
+    group.specs["a"] = ([], {}, None, time.time())
+    for _ in range(QUICK_EXITS - 1):
+        assert not _exited_at_once(group, "a", exits)[0]
+    assert _exited_at_once(group, "a", exits)[0] is True  # QUICK_EXITS in a row: give up

@@ -445,42 +445,47 @@ def _keep_running(group: ProcessGroup, what: str, supernode: str = "supernode", 
     that registers with the new SuperLink. One that keeps exiting at once is an error.
     """
     log.info("%s running; stop with Ctrl-C or SIGTERM (logs in %s)", what, group.log_dir)
-    quick_exits = 0
-    fork_exits: dict[str, int] = {}
+    exits: dict[str, int] = {}
     while True:
         proc = group.procs[supernode]
         if proc.poll() is not None:
-            lived = time.time() - group.specs[supernode][3]
-            quick_exits = quick_exits + 1 if lived < 10 else 0
-            if quick_exits >= 5:
+            given_up, lived = _exited_at_once(group, supernode, exits)
+            if given_up:
                 raise DeployError(_refusal(group, supernode))
             log.warning("%s exited with code %s after %.0fs (its SuperLink went away?); starting it again",
                         supernode, proc.returncode, lived)
-            time.sleep(min(30.0, 2.0 ** quick_exits))
+            time.sleep(min(30.0, 2.0 ** exits[supernode]))
             group.restart(supernode)
         if watch is not None:  # first: it may start a helper process again that group.check() would report
             watch()
-        _keep_fork_servers(group, fork_exits)
+        _keep_fork_servers(group, exits)
         group.check()
         time.sleep(1.0)
 
 
-FORK_QUICK_EXITS = 5  # a fork server that exits within 10 s of its start this often in a row is left out
+QUICK_S, QUICK_EXITS = 10.0, 5  # a process that exits within QUICK_S of its start QUICK_EXITS times in a row keeps failing
 
 
-def _keep_fork_servers(group: ProcessGroup, quick: dict[str, int]) -> None:
+def _exited_at_once(group: ProcessGroup, name: str, exits: dict[str, int]) -> tuple[bool, float]:
+    """``name`` has exited: counted in ``exits`` (its exits within QUICK_S of their start, in a row; kept
+    by the caller). Returns whether that is now QUICK_EXITS in a row (give up on it) and how long it lived."""
+    lived = time.time() - group.specs[name][3]
+    exits[name] = exits.get(name, 0) + 1 if lived < QUICK_S else 0
+    return exits[name] >= QUICK_EXITS, lived
+
+
+def _keep_fork_servers(group: ProcessGroup, exits: dict[str, int]) -> None:
     """A ClientApp fork server that exited is started again; meanwhile its shim starts ClientApps cold
     (Flower's own way), and one that keeps exiting at once is left out: the tier goes on cold.
-    ``quick``: each fork server's exits within 10 s of its start in a row, kept by the caller."""
+    ``exits``: as :func:`_exited_at_once` keeps them, per process."""
     for name in [n for n in group.procs if n.endswith("-fork")]:
         proc = group.procs[name]
         if proc.poll() is None:
             continue
-        lived = time.time() - group.specs[name][3]
-        quick[name] = quick.get(name, 0) + 1 if lived < 10 else 0
-        if quick[name] >= FORK_QUICK_EXITS:
+        given_up, _ = _exited_at_once(group, name, exits)
+        if given_up:
             log.warning("%s (the ClientApp fork server) exited at once %d times in a row (see %s); its ClientApps "
-                        "start cold from now on", name, quick[name], group.log_dir / f"{name}.log")
+                        "start cold from now on", name, exits[name], group.log_dir / f"{name}.log")
             del group.procs[name]
             continue
         log.warning("%s (the ClientApp fork server) exited with code %s; starting it again", name, proc.returncode)
@@ -543,9 +548,11 @@ def run_edge(cell: str, parent: str, listen: str, work_dir: Path, security: Secu
                 _wait_for_service(group, spool, run_id)
                 log.info("edge %s: SuperLink on %s, service run %d", cell, listen, run_id)
 
+            service = Spool(spool)
+
             def watch() -> None:  # a service run that died is started again
-                if not Spool(spool).alive() and not Spool(spool).stopping():
-                    failure = Spool(spool).failure()
+                if not service.alive() and not service.stopping():
+                    failure = service.failure()
                     log.warning("edge %s: the service run stopped beating%s; starting a new one", cell,
                                 f" (it failed: {failure})" if failure else "")
                     start_service()
@@ -584,15 +591,14 @@ def run_end(partition_id: int, num_partitions: int, edge: str, work_dir: Path, s
     config = {"partition-id": partition_id, "num-partitions": num_partitions, **(node_config or {})}
     port = port or free_port()
     with ProcessGroup(Path(work_dir) / "logs") as group:
-        quick = {"exits": 0}
+        exits: dict[str, int] = {}
 
         def keep_resident() -> None:
             proc = group.procs["resident"]
             if proc.poll() is None:
                 return
-            lived = time.time() - group.specs["resident"][3]
-            quick["exits"] = quick["exits"] + 1 if lived < 10 else 0
-            if quick["exits"] >= 5:
+            given_up, lived = _exited_at_once(group, "resident", exits)
+            if given_up:
                 raise DeployError(f"the resident device process exited at once five times in a row; see "
                                   f"{group.log_dir / 'resident.log'}")
             log.warning("the resident device process exited with code %s after %.0fs; starting it again",
