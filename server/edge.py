@@ -165,12 +165,12 @@ def serve(grid: Grid, cell: str, spool_dir: str | Path, *, connect_timeout_s: fl
     done = threading.Event()
 
     def heartbeat() -> None:  # alive while busy with a long cell round, too
-        while True:
+        while not done.wait(HEARTBEAT_S):
             spool.beat()
-            if done.wait(HEARTBEAT_S):
-                return
 
-    threading.Thread(target=heartbeat, name="edge-heartbeat", daemon=True).start()
+    spool.beat()
+    beating = threading.Thread(target=heartbeat, name="edge-heartbeat", daemon=True)
+    beating.start()
     served = 0
     spool.started()
     try:
@@ -181,6 +181,7 @@ def serve(grid: Grid, cell: str, spool_dir: str | Path, *, connect_timeout_s: fl
         raise
     finally:
         done.set()
+        beating.join()  # its last beat before the heartbeat goes, never after
         (spool.root / "heartbeat").unlink(missing_ok=True)  # waiting relays fail at once
         log.info("edge %s: stopped after %d request(s)", cell, served)
         log.removeHandler(handler)
