@@ -58,3 +58,37 @@ def test_poll_setting(monkeypatch):
     monkeypatch.setenv("FEDLORA_SUPERNODE_POLL_S", "fast")
     with pytest.raises(DeployError, match="seconds"):
         supernode_poll_s()
+
+
+# Flower's own signal handling, with the second SIGINT sent from inside its graceful exit (as when the
+# heartbeat thread's 401 lands while the message loop's 401 is being handled) and a non-daemon thread
+# that never ends (the SuperNode has them): without supernode_poll.run this process never exits.
+TWO_SIGNALS = """
+import os, signal, threading
+from flwr.supercore.exit import add_exit_handler, register_signal_handlers
+from flwr.supercore.telemetry import EventType
+from fedlora.deploy import supernode_poll
+
+def entry():
+    register_signal_handlers(event_type=EventType.RUN_SUPERNODE_LEAVE, exit_message="SuperNode terminated gracefully.")
+    threading.Thread(target=threading.Event().wait).start()
+    add_exit_handler(lambda: os.kill(os.getpid(), signal.SIGINT), run_before_force_exit=True)
+    add_exit_handler(lambda: print("exit handlers ran", flush=True))
+    os.kill(os.getpid(), signal.SIGINT)
+    threading.Event().wait()
+
+supernode_poll.run(entry)
+"""
+
+
+def test_a_second_stop_signal_during_flowers_graceful_exit_still_ends_the_supernode(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0")
+    t0 = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", TWO_SIGNALS], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "interrupted Flower's graceful exit" in done.stderr and "exit handlers ran" in done.stdout, done
+    assert time.monotonic() - t0 < 60

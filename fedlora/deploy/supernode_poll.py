@@ -14,6 +14,13 @@ to the SuperLink every 0.2 s while idle). It does so only for the exact Flower v
 source it was written against (:data:`PINNED`, the module's SHA-256); for any other it logs a
 warning and runs Flower unchanged. ``tests/test_supernode_poll.py`` fails when the pin or
 the source moves, so an upgrade of flwr cannot silently lose (or break) it.
+
+It also mends one Flower exit that hangs (:func:`run`): when the SuperLink refuses the node
+(``401``, e.g. an edge that was restarted), the heartbeat thread and the message loop each send
+the process SIGINT; Flower's handler resets SIGINT to Python's default before its graceful exit,
+so the second signal raises KeyboardInterrupt inside that exit, before its force-exit timer
+starts, and the process waits forever on its non-daemon threads: its launcher never sees it
+exit, so never starts it again, and the device is "not connected" for the rest of the run.
 """
 
 from __future__ import annotations
@@ -22,7 +29,10 @@ import argparse
 import hashlib
 import importlib.util
 import logging
+import os
+import signal
 import sys
+import threading
 import time
 import types
 from importlib import metadata
@@ -31,6 +41,7 @@ from pathlib import Path
 PINNED = ("1.41.0", "d6342f743fdf768f63305b88414ae2654e9a21bda153739da19c608e8d375067")
 IDLE_WAITS = (3, 0.5)  # the literal waits of start_client_internal.py that are capped
 POLL_S = 0.2
+FORCE_EXIT_S = 5.0  # as Flower's own force-exit timer
 log = logging.getLogger("fedlora")
 
 
@@ -90,7 +101,31 @@ def main(argv: list[str] | None = None) -> None:
     from flwr.supernode.cli import flower_supernode
 
     sys.argv = ["flower-supernode", *rest]
-    sys.exit(flower_supernode())
+    run(flower_supernode)
+
+
+def run(entry) -> None:
+    """``sys.exit(entry())``, except that a KeyboardInterrupt which interrupted Flower's graceful exit
+    (a second stop signal while it ran: see the module's doc) ends the process: Flower's exit handlers
+    run once more, bounded by a force-exit timer, then ``os._exit(0)`` (Flower's code for a stop by signal)."""
+    try:
+        code = entry()
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a third 401's signal must not interrupt this exit too
+        logging.basicConfig()
+        log.warning("a second stop signal interrupted Flower's graceful exit (the SuperLink refused this node "
+                    "twice at once?); exiting now")
+        threading.Thread(target=lambda: (time.sleep(FORCE_EXIT_S), os._exit(0)), daemon=True).start()
+        try:
+            from flwr.supercore.exit.exit_handler import trigger_exit_handlers  # Flower is imported by main, not here
+
+            trigger_exit_handlers(run_before_force_exit=True)
+            trigger_exit_handlers(run_before_force_exit=False)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
